@@ -1,0 +1,130 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in this crate.
+///
+/// The enum is `#[non_exhaustive]`: match the variants you handle and keep a catch-all arm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// etcd answered a request with an error, or the request could not be delivered.
+    ///
+    /// The source is the [`etcd_client::Error`]; [`Error::is_transient`] tells whether a
+    /// retry may succeed (member unavailable, connection lost, leader changed).
+    #[error("etcd request failed")]
+    Etcd(#[source] etcd_client::Error),
+
+    /// The session's lease is gone: it expired, was revoked (by [`Session::close`] or by
+    /// someone else), or no keep-alive succeeded for a whole TTL. Keys attached to it are
+    /// (or will shortly be) deleted, so no lock or leadership built on it can be assumed.
+    ///
+    /// [`Session::close`]: crate::Session::close
+    #[error("session lost: its lease expired, was revoked or could not be kept alive")]
+    SessionLost,
+
+    /// A lock's or an election's key is no longer the one this handle created: it was
+    /// deleted (by someone else, or when the lease ended) or re-created by a newer holder.
+    /// A fenced operation (unlock, proclaim, resign) changed nothing.
+    #[error("ownership lost: the key was deleted or now belongs to a newer holder")]
+    OwnershipLost,
+
+    /// An argument was rejected before anything was sent to etcd (empty name, TTL out of
+    /// range, ...). The text says which and why.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// An STM transaction conflicted with concurrent writers on every one of its
+    /// `attempts`; nothing was written.
+    #[error("transaction gave up after {attempts} conflicting attempts")]
+    TooManyConflicts {
+        /// How many times the transaction ran.
+        attempts: u32,
+    },
+
+    /// etcd gave no answer within the time allowed (`after`), typically because no
+    /// endpoint is reachable.
+    #[error("no answer from etcd within {after:?}")]
+    Timeout {
+        /// How long the request was given.
+        after: Duration,
+    },
+}
+
+/// `Result` with this crate's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<etcd_client::Error> for Error {
+    fn from(error: etcd_client::Error) -> Self {
+        Error::Etcd(error)
+    }
+}
+
+impl Error {
+    /// Whether retrying the same request may succeed: the member was unavailable, the
+    /// connection broke, the leader changed, or no answer came in time. A transient error
+    /// from a write leaves its outcome unknown.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Etcd(error) => is_transient(error),
+            Error::Timeout { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether an etcd-client error may go away on retry.
+pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match error {
+        E::GRpcStatus(status) => matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Aborted | Code::DeadlineExceeded
+        ),
+        E::LeaseKeepAliveError(_) => !is_lease_not_found(error),
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) => true,
+        _ => false,
+    }
+}
+
+/// Whether etcd-client reports that a keep-alive found no such lease (expired or revoked).
+pub(crate) fn is_lease_not_found(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::LeaseKeepAliveError(reason) if reason.contains("not found"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_lowercase_and_do_not_repeat_the_source() {
+        let status = tonic::Status::unavailable("etcdserver: leader changed");
+        let error = Error::from(etcd_client::Error::GRpcStatus(status));
+        assert_eq!(error.to_string(), "etcd request failed");
+        assert!(std::error::Error::source(&error).is_some());
+        assert!(error.is_transient());
+        for error in [
+            Error::SessionLost,
+            Error::OwnershipLost,
+            Error::InvalidArgument("x".into()),
+            Error::TooManyConflicts { attempts: 3 },
+            Error::Timeout {
+                after: Duration::from_secs(1),
+            },
+        ] {
+            let text = error.to_string();
+            assert!(text.starts_with(|c: char| c.is_lowercase()), "{text}");
+        }
+    }
+
+    #[test]
+    fn only_delivery_failures_are_transient() {
+        let denied = tonic::Status::permission_denied("etcdserver: permission denied");
+        assert!(!Error::from(etcd_client::Error::GRpcStatus(denied)).is_transient());
+        assert!(!Error::SessionLost.is_transient());
+        let gone = etcd_client::Error::LeaseKeepAliveError("lease not found".into());
+        assert!(is_lease_not_found(&gone));
+        assert!(!Error::from(gone).is_transient());
+    }
+}

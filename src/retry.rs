@@ -1,0 +1,126 @@
+//! Retrying requests that failed for transient reasons, with jittered back-off.
+//!
+//! etcd-client balances requests across endpoints but does not fail over: with one member
+//! down, some requests fail `Unavailable` although the cluster is healthy. Requests whose
+//! outcome is known or idempotent are retried here until a deadline.
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::Client;
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result, is_transient};
+
+/// The first back-off step; steps double up to [`MAX_STEP`].
+const FIRST_STEP: Duration = Duration::from_millis(20);
+const MAX_STEP: Duration = Duration::from_secs(1);
+
+/// Exponential back-off with full jitter: each wait is uniform in `[0, step]`.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    step: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff { step: FIRST_STEP }
+    }
+
+    /// The next wait; the step grows for the one after.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = rand::rng().random_range(Duration::ZERO..=self.step);
+        self.step = (self.step * 2).min(MAX_STEP);
+        delay
+    }
+}
+
+/// Runs `request` (given its own clone of `client`, as etcd-client's calls borrow it
+/// mutably) until it succeeds, fails with a non-transient error, or `limit` has passed.
+/// Each attempt is cut off at the deadline.
+///
+/// Returns the request's answer; the last error if it kept failing (transient or not);
+/// or [`Error::Timeout`] if an attempt got no answer before the deadline.
+pub(crate) async fn retry<T, F, Fut>(client: &Client, limit: Duration, mut request: F) -> Result<T>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut backoff = Backoff::new();
+    loop {
+        match tokio::time::timeout_at(deadline, request(client.clone())).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(error)) => {
+                let delay = backoff.next_delay();
+                if !is_transient(&error) || Instant::now() + delay >= deadline {
+                    return Err(Error::Etcd(error));
+                }
+                tracing::debug!(%error, ?delay, "transient etcd error; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(_) => return Err(Error::Timeout { after: limit }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A client that is never used for a request: connecting is lazy.
+    async fn idle_client() -> Client {
+        Client::connect(["http://127.0.0.1:9"], None).await.unwrap()
+    }
+
+    fn unavailable() -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::unavailable("member down"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_transient_errors_until_success() {
+        let calls = AtomicU32::new(0);
+        let answer = retry(&idle_client().await, Duration::from_secs(5), |_| async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                Err(unavailable())
+            } else {
+                Ok(7)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn returns_permanent_errors_at_once() {
+        let calls = AtomicU32::new(0);
+        let error = retry(&idle_client().await, Duration::from_secs(5), |_| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(etcd_client::Error::GRpcStatus(
+                tonic::Status::permission_denied("no"),
+            ))
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(error, Error::Etcd(_)));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_at_the_deadline() {
+        let client = idle_client().await;
+        let limit = Duration::from_secs(2);
+        let error = retry(&client, limit, |_| async { Err::<(), _>(unavailable()) })
+            .await
+            .unwrap_err();
+        assert!(error.is_transient());
+        let hang = retry(&client, limit, |_| std::future::pending::<Result<(), _>>())
+            .await
+            .unwrap_err();
+        assert!(matches!(hang, Error::Timeout { after } if after == Duration::from_secs(2)));
+    }
+}

@@ -1,0 +1,554 @@
+//! [`Session`]: a lease kept alive in the background, the basis of every lock and election.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use etcd_client::Client;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result, is_lease_not_found};
+use crate::release::spawn_release;
+use crate::retry::{Backoff, retry};
+
+/// The TTL of [`Session::new`], as in Go's `concurrency.NewSession`.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// How long a dropped guard's or session's background release may take.
+pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one request is retried on transient failures before its error is returned.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest TTL etcd grants (its `MaxLeaseTTL`), in seconds.
+const MAX_TTL_SECS: u64 = 9_000_000_000;
+
+/// A lease kept alive in the background: the liveness of one process, to which locks and
+/// elections attach their keys.
+///
+/// Creating a session grants a lease (or resumes one) and starts a task that renews it
+/// every TTL/3. When the process dies, renewals stop, the lease expires after its TTL and
+/// etcd deletes every key attached to it: this is how locks and leadership of a crashed
+/// process are released. Mirrors Go's `concurrency.Session`.
+///
+/// `Session` is a cheap [`Clone`] handle to shared state; all clones share one lease.
+/// When the last handle (including those held by guards) is dropped without
+/// [`close`](Self::close) or [`orphan`](Self::orphan), the keep-alive stops and the lease
+/// is revoked in a background task with its own deadline.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use etcd_concurrency::Session;
+///
+/// # async fn example() -> etcd_concurrency::Result<()> {
+/// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
+/// let session = Session::builder(client).ttl(Duration::from_secs(10)).build().await?;
+/// println!("lease {:x}, TTL {:?}", session.lease_id(), session.ttl());
+/// session.close().await?; // revokes the lease: attached keys go at once
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: Client,
+    lease_id: i64,
+    ttl: Duration,
+    release_timeout: Duration,
+    request_timeout: Duration,
+    runtime: Handle,
+    lost: watch::Sender<bool>,
+    keep_alive: AbortHandle,
+    /// Set by `close` and `orphan`: the lease needs no revoke on drop.
+    ended: AtomicBool,
+    /// One local lock per mutex name, so that two `lock()` calls on this session (which
+    /// share one key in etcd) never both believe they hold it.
+    local_locks: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+/// Configures and creates a [`Session`]; see [`Session::builder`].
+#[derive(Clone)]
+#[must_use = "a builder does nothing until `build().await`"]
+pub struct SessionBuilder {
+    client: Client,
+    ttl: Option<Duration>,
+    lease: Option<i64>,
+    release_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl Session {
+    /// Creates a session with a new lease of [`DEFAULT_TTL`] (60 s). Same as
+    /// `Session::builder(client).build()`; mirrors Go's `concurrency.NewSession(client)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`SessionBuilder::build`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes may leave a granted lease with no
+    /// keep-alive; it expires after its TTL.
+    pub async fn new(client: Client) -> Result<Session> {
+        Session::builder(client).build().await
+    }
+
+    /// A builder for a session with a chosen TTL, an existing lease, or other timeouts.
+    pub fn builder(client: Client) -> SessionBuilder {
+        SessionBuilder {
+            client,
+            ttl: None,
+            lease: None,
+            release_timeout: DEFAULT_RELEASE_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// The lease's id (Go's `Session.Lease()`). Keys of locks and elections end with it in
+    /// lowercase hex.
+    pub fn lease_id(&self) -> i64 {
+        self.shared.lease_id
+    }
+
+    /// The TTL etcd granted, in whole seconds. It can exceed the one asked for: etcd raises
+    /// TTLs below its minimum (1.5 × its election timeout).
+    pub fn ttl(&self) -> Duration {
+        self.shared.ttl
+    }
+
+    /// The client this session talks through (Go's `Session.Client()`).
+    pub fn client(&self) -> &Client {
+        &self.shared.client
+    }
+
+    /// Resolves once the lease can no longer be assumed alive: etcd answered a keep-alive
+    /// with TTL 0 (expired or revoked by anyone), no keep-alive succeeded for a whole TTL,
+    /// or [`close`](Self::close) / [`orphan`](Self::orphan) was called on any handle.
+    /// Resolves at once if that already happened. Like Go's `Session.Done()`.
+    ///
+    /// The "whole TTL" is counted from when the last answered keep-alive was *sent*, so it
+    /// never ends later than etcd's own expiry (which can come later, after a leader change).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future has no effect.
+    pub async fn lost(&self) {
+        let mut lost = self.shared.lost.subscribe();
+        // An error means the sender is gone, which only happens when the session is.
+        let _ = lost.wait_for(|lost| *lost).await;
+    }
+
+    /// Whether [`lost`](Self::lost) has resolved.
+    pub fn is_lost(&self) -> bool {
+        *self.shared.lost.borrow()
+    }
+
+    /// Stops the keep-alive and revokes the lease, so every key attached to it (locks held,
+    /// leadership) is deleted at once. Other handles of this session become lost. Mirrors
+    /// Go's `Session.Close()`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Etcd`] or [`Error::Timeout`] if the revoke could not be delivered within
+    /// the request timeout; the lease then expires after its TTL. A lease that is already
+    /// gone is not an error.
+    ///
+    /// # Cancel safety
+    ///
+    /// The keep-alive stops when `close` is called. If the future is dropped before the
+    /// revoke completes, the lease expires after its TTL instead.
+    pub async fn close(self) -> Result<()> {
+        self.shared.end();
+        revoke(
+            self.shared.client.clone(),
+            self.shared.lease_id,
+            self.shared.request_timeout,
+        )
+        .await
+    }
+
+    /// Stops the keep-alive without revoking the lease: attached keys stay until the lease
+    /// expires, one TTL from its last renewal. Use it to hand the lease over (another
+    /// process resumes it with [`SessionBuilder::lease`]) or to simulate a crash. Mirrors
+    /// Go's `Session.Orphan()`.
+    pub fn orphan(self) {
+        self.shared.end();
+    }
+
+    /// The key this session uses under a lock or election named `name`: `name/` followed
+    /// by the lease id in lowercase hex, as Go and etcdctl write it.
+    pub(crate) fn key_in(&self, name: &[u8]) -> Vec<u8> {
+        let mut key = prefix_of(name);
+        key.extend_from_slice(format!("{:x}", self.shared.lease_id).as_bytes());
+        key
+    }
+
+    pub(crate) fn release_timeout(&self) -> Duration {
+        self.shared.release_timeout
+    }
+
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.shared.request_timeout
+    }
+
+    pub(crate) fn runtime(&self) -> &Handle {
+        &self.shared.runtime
+    }
+
+    /// Marks the session lost (its key vanished with the lease; the keep-alive will see the
+    /// same soon).
+    pub(crate) fn mark_lost(&self) {
+        self.shared.lost.send_replace(true);
+    }
+
+    /// Whether etcd still knows the lease; marks the session lost when it does not.
+    pub(crate) async fn check_lease(&self) -> Result<bool> {
+        let id = self.shared.lease_id;
+        let answer = retry(
+            &self.shared.client,
+            self.shared.request_timeout,
+            |mut c| async move { c.lease_time_to_live(id, None).await },
+        )
+        .await?;
+        let alive = answer.ttl() > 0;
+        if !alive {
+            self.mark_lost();
+        }
+        Ok(alive)
+    }
+
+    /// The in-process lock that serialises `lock()` calls on this session for `name`.
+    pub(crate) fn local_lock(&self, name: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .shared
+            .local_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.retain(|_, lock| lock.strong_count() > 0);
+        if let Some(lock) = locks.get(name).and_then(Weak::upgrade) {
+            return lock;
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(name.to_vec(), Arc::downgrade(&lock));
+        lock
+    }
+}
+
+/// `name` followed by `/`: the prefix under which a lock's or election's keys live. The
+/// slash keeps `a` from matching the keys of `ab` (etcd #6278).
+pub(crate) fn prefix_of(name: &[u8]) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(name.len() + 17);
+    prefix.extend_from_slice(name);
+    prefix.push(b'/');
+    prefix
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("lease_id", &format_args!("{:x}", self.shared.lease_id))
+            .field("ttl", &self.shared.ttl)
+            .field("lost", &self.is_lost())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        self.keep_alive.abort();
+        self.lost.send_replace(true);
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+        if self.ended.load(Ordering::SeqCst) {
+            return;
+        }
+        let client = self.client.clone();
+        let (id, limit) = (self.lease_id, self.request_timeout);
+        spawn_release(
+            &self.runtime,
+            self.release_timeout,
+            "revoking a dropped session's lease",
+            revoke(client, id, limit),
+        );
+    }
+}
+
+impl fmt::Debug for SessionBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionBuilder")
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .field("release_timeout", &self.release_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionBuilder {
+    /// The lease's TTL: whole seconds, at least 1 s (default [`DEFAULT_TTL`], 60 s). A
+    /// crashed holder's locks are released this long after its last renewal. etcd may
+    /// raise TTLs below its minimum; [`Session::ttl`] reports the granted one.
+    pub fn ttl(mut self, ttl: Duration) -> SessionBuilder {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Resumes an existing lease instead of granting one (Go's `concurrency.WithLease`),
+    /// e.g. one handed over with [`Session::orphan`]. Its TTL is the one it was granted
+    /// with, so it cannot be combined with [`ttl`](Self::ttl).
+    pub fn lease(mut self, lease_id: i64) -> SessionBuilder {
+        self.lease = Some(lease_id);
+        self
+    }
+
+    /// How long a guard or session dropped without an explicit release may take to
+    /// release in the background (default [`DEFAULT_RELEASE_TIMEOUT`], 5 s). After that,
+    /// the lease's expiry releases.
+    pub fn release_timeout(mut self, timeout: Duration) -> SessionBuilder {
+        self.release_timeout = timeout;
+        self
+    }
+
+    /// How long one request is retried on transient failures (member down, leader
+    /// change, lost connection) before its error is returned (default
+    /// [`DEFAULT_REQUEST_TIMEOUT`], 5 s). Waiting for a lock is not limited by this.
+    pub fn request_timeout(mut self, timeout: Duration) -> SessionBuilder {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Grants (or resumes) the lease and starts keeping it alive in a task on the current
+    /// Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidArgument`]: the TTL is not a whole number of seconds between 1 and
+    ///   etcd's maximum (9 000 000 000 s); both a TTL and a lease were given; the lease to
+    ///   resume does not exist or has expired.
+    /// - [`Error::Etcd`]: etcd refused the request (e.g. authentication), or kept failing
+    ///   until the request timeout.
+    /// - [`Error::Timeout`]: no answer within the request timeout (no endpoint reachable).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes may leave a granted lease with no
+    /// keep-alive; it expires after its TTL.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    pub async fn build(self) -> Result<Session> {
+        let (lease_id, ttl, renewed) = match (self.lease, self.ttl) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "a resumed lease keeps its own TTL: give either `ttl` or `lease`".into(),
+                ));
+            }
+            (Some(id), None) => self.resume(id).await?,
+            (None, ttl) => {
+                let ttl = validate_ttl(ttl.unwrap_or(DEFAULT_TTL))?;
+                let sent = Instant::now();
+                let answer = retry(&self.client, self.request_timeout, |mut c| async move {
+                    c.lease_grant(ttl, None).await
+                })
+                .await?;
+                (
+                    answer.id(),
+                    secs(answer.ttl()),
+                    Renewed {
+                        at: sent,
+                        stream: None,
+                    },
+                )
+            }
+        };
+        let (lost, _) = watch::channel(false);
+        let keep_alive = tokio::spawn(keep_alive(
+            self.client.clone(),
+            lease_id,
+            ttl,
+            renewed,
+            lost.clone(),
+        ))
+        .abort_handle();
+        Ok(Session {
+            shared: Arc::new(Shared {
+                client: self.client,
+                lease_id,
+                ttl,
+                release_timeout: self.release_timeout,
+                request_timeout: self.request_timeout,
+                runtime: Handle::current(),
+                lost,
+                keep_alive,
+                ended: AtomicBool::new(false),
+                local_locks: Default::default(),
+            }),
+        })
+    }
+
+    /// Checks that lease `id` exists and renews it once: the renewal's send time bounds
+    /// its expiry exactly (its remaining TTL is only reported in whole seconds).
+    async fn resume(&self, id: i64) -> Result<(i64, Duration, Renewed)> {
+        let gone = || Error::InvalidArgument(format!("lease {id:x} does not exist or has expired"));
+        let answer = retry(&self.client, self.request_timeout, |mut c| async move {
+            c.lease_time_to_live(id, None).await
+        })
+        .await?;
+        if answer.ttl() < 0 {
+            return Err(gone());
+        }
+        let sent = Instant::now();
+        let stream = match retry(&self.client, self.request_timeout, |mut c| async move {
+            c.lease_keep_alive(id).await
+        })
+        .await
+        {
+            Err(Error::Etcd(error)) if is_lease_not_found(&error) => return Err(gone()),
+            other => other?,
+        };
+        let renewed = Renewed {
+            at: sent,
+            stream: Some(stream),
+        };
+        Ok((id, secs(answer.granted_ttl()), renewed))
+    }
+}
+
+fn validate_ttl(ttl: Duration) -> Result<i64> {
+    if ttl.subsec_nanos() != 0 || ttl.as_secs() == 0 || ttl.as_secs() > MAX_TTL_SECS {
+        return Err(Error::InvalidArgument(format!(
+            "a lease TTL is a whole number of seconds from 1 to {MAX_TTL_SECS}, not {ttl:?}"
+        )));
+    }
+    Ok(ttl.as_secs() as i64)
+}
+
+fn secs(seconds: i64) -> Duration {
+    Duration::from_secs(seconds.max(0) as u64)
+}
+
+async fn revoke(client: Client, lease_id: i64, limit: Duration) -> Result<()> {
+    let revoked = retry(&client, limit, |mut c| async move {
+        c.lease_revoke(lease_id).await
+    });
+    match revoked.await {
+        Err(Error::Etcd(etcd_client::Error::GRpcStatus(status)))
+            if status.code() == tonic::Code::NotFound =>
+        {
+            Ok(()) // already expired or revoked
+        }
+        other => other.map(drop),
+    }
+}
+
+/// A renewal that has just succeeded: when it was sent, and the keep-alive stream it was
+/// sent on, if any.
+struct Renewed {
+    at: Instant,
+    stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+}
+
+/// Renews the lease every TTL/3 until it is gone, then marks the session lost.
+///
+/// `alive_until` is when the lease expires at the latest without a further renewal: an
+/// answered renewal moves it to (the time that renewal was sent + TTL). The keep-alive
+/// stream is re-opened when it breaks or an answer is overdue (its member may be down),
+/// until `alive_until` passes.
+async fn keep_alive(
+    mut client: Client,
+    lease_id: i64,
+    ttl: Duration,
+    renewed: Renewed,
+    lost: watch::Sender<bool>,
+) {
+    let mut alive_until = renewed.at + ttl;
+    let mut stream = renewed.stream;
+    let mut backoff = Backoff::new();
+    loop {
+        if let Some((mut keeper, mut answers)) = stream.take() {
+            backoff = Backoff::new();
+            if renew(&mut keeper, &mut answers, ttl, &mut alive_until).await == StreamEnd::LeaseGone
+            {
+                break;
+            }
+        }
+        let sent = Instant::now();
+        match tokio::time::timeout_at(alive_until, client.lease_keep_alive(lease_id)).await {
+            Err(_) => break,
+            Ok(Err(error)) if is_lease_not_found(&error) => break,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
+                let delay = backoff.next_delay();
+                if tokio::time::timeout_at(alive_until, tokio::time::sleep(delay))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Ok(Ok(opened)) => {
+                // Opening sent a renewal and etcd-client checked that its answer had TTL > 0.
+                alive_until = sent + ttl;
+                stream = Some(opened);
+            }
+        }
+    }
+    tracing::debug!(lease_id, "lease lost");
+    lost.send_replace(true);
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum StreamEnd {
+    /// Expired, revoked, or not renewed in time.
+    LeaseGone,
+    /// The stream broke or stopped answering: open another.
+    Reopen,
+}
+
+/// Renews through one keep-alive stream until it fails or the lease is gone.
+async fn renew(
+    keeper: &mut etcd_client::LeaseKeeper,
+    answers: &mut etcd_client::LeaseKeepAliveStream,
+    ttl: Duration,
+    alive_until: &mut Instant,
+) -> StreamEnd {
+    let period = (ttl / 3).max(Duration::from_millis(100));
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    let mut pending_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(*alive_until) => return StreamEnd::LeaseGone,
+            _ = ticks.tick() => {
+                if pending_since.is_some_and(|since| since.elapsed() >= period) {
+                    return StreamEnd::Reopen; // overdue: try again, perhaps via another member
+                }
+                if keeper.keep_alive().await.is_err() {
+                    return StreamEnd::Reopen;
+                }
+                pending_since.get_or_insert_with(Instant::now);
+            }
+            answer = answers.message() => match answer {
+                Ok(Some(answer)) if answer.ttl() > 0 => {
+                    if let Some(since) = pending_since.take() {
+                        *alive_until = since + secs(answer.ttl());
+                    }
+                }
+                Ok(Some(_)) => return StreamEnd::LeaseGone,
+                Ok(None) | Err(_) => return StreamEnd::Reopen,
+            },
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! Throwaway etcd clusters of real `etcd` processes on loopback.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions};
+
+/// How long a member may take to become healthy before `start`/`restart` panic.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many times `start` picks fresh ports when another process took one first.
+const PORT_ATTEMPTS: usize = 3;
+/// Raft timing: short enough that the server accepts 1 s leases (its minimum TTL is
+/// 1.5 × the election timeout, rounded up to whole seconds).
+const HEARTBEAT_MS: u32 = 50;
+const ELECTION_TIMEOUT_MS: u32 = 500;
+
+/// A throwaway etcd cluster of 1 or 3 members on free loopback ports, data in tmpfs.
+///
+/// Each member is a real `etcd` process started with `--unsafe-no-fsync`, a 50 ms heartbeat
+/// and a 500 ms election timeout, so leases as short as 1 s are honoured. Dropping the
+/// cluster kills every member and deletes its data, also while a test unwinds from a panic;
+/// members also die with the thread that started them (`PR_SET_PDEATHSIG`), so a killed
+/// test process leaves no etcd behind.
+///
+/// The binary is `etcd` from `PATH`, or `$ETCD_BIN`. Methods that change a member take
+/// `&self`, so a fault schedule can run in its own task while workers use the cluster.
+///
+/// ```no_run
+/// # async fn example() {
+/// use etcd_concurrency::testing::EtcdCluster;
+///
+/// let cluster = EtcdCluster::start(3).await;
+/// let leader = cluster.leader().await.expect("a leader");
+/// cluster.kill(leader);
+/// cluster.restart(leader).await;
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Mutex<Member>>,
+    initial_cluster: String,
+    token: String,
+    // Declared last: the data directory goes only after every process is stopped.
+    dir: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    process: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// Starts a cluster of `members` (1 or 3) and returns once every member answers a
+    /// linearizable read.
+    ///
+    /// # Panics
+    ///
+    /// If `members` is not 1 or 3, if `etcd` is not installed (the message says how to
+    /// install it), or if a member does not become healthy within 30 s (the message holds
+    /// the tail of its log).
+    pub async fn start(members: usize) -> EtcdCluster {
+        assert!(
+            members == 1 || members == 3,
+            "EtcdCluster::start takes 1 or 3 members, not {members}"
+        );
+        let binary = etcd_binary();
+        let mut last_failure = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            let cluster = EtcdCluster::launch(&binary, members);
+            match cluster.wait_all_healthy().await {
+                Ok(()) => return cluster,
+                Err(failure) if failure.contains("address already in use") => {
+                    last_failure = failure;
+                }
+                Err(failure) => panic!("{failure}"),
+            }
+        }
+        panic!("{last_failure}")
+    }
+
+    fn launch(binary: &Path, members: usize) -> EtcdCluster {
+        let dir = data_root();
+        let ports = free_ports(2 * members);
+        let members: Vec<Member> = (0..members)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: ports[2 * i],
+                peer_port: ports[2 * i + 1],
+                process: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("test-{}", rand::random::<u64>());
+        let cluster = EtcdCluster {
+            members: members.into_iter().map(Mutex::new).collect(),
+            initial_cluster,
+            token,
+            dir,
+        };
+        for i in 0..cluster.members.len() {
+            cluster.spawn_member(binary, i);
+        }
+        cluster
+    }
+
+    /// The client URLs of all members, in member order (`http://127.0.0.1:PORT`).
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// The client URL of member `i`.
+    ///
+    /// # Panics
+    ///
+    /// If there is no member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.member(i).client_port)
+    }
+
+    /// How many members the cluster has (running or not).
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Always `false`: a cluster has at least one member.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// A client connected to every member's endpoint (etcd-client balances requests
+    /// across them).
+    ///
+    /// # Panics
+    ///
+    /// If the endpoints cannot be parsed (never for a running cluster).
+    pub async fn client(&self) -> Client {
+        Client::connect(self.endpoints(), None)
+            .await
+            .expect("connect to the test cluster")
+    }
+
+    /// The OS process id of member `i`, or `None` if it is not running.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.member(i).process.as_ref().map(Child::id)
+    }
+
+    /// The index of the member that is the raft leader now, if one answers as such.
+    pub async fn leader(&self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            if self.pid(i).is_none() {
+                continue;
+            }
+            let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(1), async {
+                connect_one(&self.endpoint(i)).await?.status().await
+            })
+            .await
+            else {
+                continue;
+            };
+            if status.leader() != 0
+                && status.leader() == status.header().map_or(0, |h| h.member_id())
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Kills member `i` with SIGKILL (a crash: no clean shutdown) and reaps it. Does
+    /// nothing if it is not running.
+    pub fn kill(&self, i: usize) {
+        let mut member = self.member(i);
+        if let Some(mut process) = member.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// Stops member `i` with SIGSTOP: its connections stay open but nothing is answered,
+    /// as with a long GC pause or a frozen VM.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// Resumes member `i` after [`pause`](Self::pause) (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    /// Starts member `i` again on the same ports and data (killing it first if it runs)
+    /// and returns once it answers a linearizable read.
+    ///
+    /// # Panics
+    ///
+    /// If the member does not become healthy within 30 s (the message holds its log tail).
+    pub async fn restart(&self, i: usize) {
+        self.kill(i);
+        self.spawn_member(&etcd_binary(), i);
+        if let Err(failure) = self.wait_healthy(i).await {
+            panic!("{failure}");
+        }
+    }
+
+    fn signal(&self, i: usize, signal: libc::c_int) {
+        if let Some(pid) = self.pid(i) {
+            // SAFETY: `kill` has no memory-safety preconditions; the pid is our own child,
+            // not yet reaped, so it cannot have been reused.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+
+    fn member(&self, i: usize) -> std::sync::MutexGuard<'_, Member> {
+        self.members[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    fn spawn_member(&self, binary: &Path, i: usize) {
+        let mut member = self.member(i);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&member.name))
+            .expect("create the member's log file");
+        let client_url = format!("http://127.0.0.1:{}", member.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
+        let mut command = Command::new(binary);
+        command
+            .arg("--name")
+            .arg(&member.name)
+            .arg("--data-dir")
+            .arg(self.dir.path().join(&member.name))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &self.token])
+            .arg("--unsafe-no-fsync")
+            .arg(format!("--heartbeat-interval={HEARTBEAT_MS}"))
+            .arg(format!("--election-timeout={ELECTION_TIMEOUT_MS}"))
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log file handle"))
+            .stderr(log);
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // prctl, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let process = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        member.process = Some(process);
+    }
+
+    async fn wait_all_healthy(&self) -> Result<(), String> {
+        for i in 0..self.members.len() {
+            self.wait_healthy(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until member `i` serves a linearizable read (so it has a leader), or fails
+    /// with the tail of its log.
+    async fn wait_healthy(&self, i: usize) -> Result<(), String> {
+        let endpoint = self.endpoint(i);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last_error = String::from("no attempt made");
+        while Instant::now() < deadline {
+            if let Some(status) = self.exit_status(i) {
+                last_error = format!("etcd exited with {status}");
+                break;
+            }
+            let attempt = tokio::time::timeout(Duration::from_secs(1), async {
+                connect_one(&endpoint).await?.get("health", None).await
+            })
+            .await;
+            match attempt {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = "no answer within 1 s".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let name = self.member(i).name.clone();
+        Err(format!(
+            "etcd member {name} ({endpoint}) did not become healthy: {last_error}\n\
+             --- last lines of its log ---\n{}",
+            log_tail(&self.log_path(&name), 30)
+        ))
+    }
+
+    fn exit_status(&self, i: usize) -> Option<std::process::ExitStatus> {
+        let mut member = self.member(i);
+        member.process.as_mut()?.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+async fn connect_one(endpoint: &str) -> Result<Client, etcd_client::Error> {
+    let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1));
+    Client::connect([endpoint], Some(options)).await
+}
+
+fn etcd_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ETCD_BIN") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("etcd"))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "etcd is not installed (not on PATH, and ETCD_BIN is not set): run \
+                 scripts/install-deps, or `apt-get install etcd-server`"
+            )
+        })
+}
+
+/// A fresh directory for member data, in tmpfs when the machine has one.
+fn data_root() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("etcd-test-");
+    if shm.is_dir() {
+        if let Ok(dir) = builder.tempdir_in(shm) {
+            return dir;
+        }
+    }
+    builder.tempdir().expect("create a directory for etcd data")
+}
+
+/// `count` distinct ports that were free a moment ago.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        let _ = file.read_to_string(&mut text);
+    }
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions};
+
+/// Awaits `future`, failing the test if it takes longer than `limit`.
+pub async fn within<F: Future>(limit: Duration, future: F) -> F::Output {
+    match tokio::time::timeout(limit, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("did not finish within {limit:?}"),
+    }
+}
+
+pub fn secs(seconds: u64) -> Duration {
+    Duration::from_secs(seconds)
+}
+
+pub fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// A key prefix no other test uses.
+pub fn unique(name: &str) -> String {
+    format!("/test/{name}/{:08x}", rand::random::<u32>())
+}
+
+/// The keys under `prefix`, as strings.
+pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
+    let answer = client
+        .clone()
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .expect("list keys");
+    answer
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect()
+}
+
+/// Whether `key` exists.
+pub async fn exists(client: &Client, key: impl Into<Vec<u8>>) -> bool {
+    let answer = client.clone().get(key, None).await.expect("get");
+    !answer.kvs().is_empty()
+}
+
+/// A watch for the deletion of a key that exists now.
+pub struct Deletion {
+    watch: etcd_client::WatchStream,
+}
+
+impl Deletion {
+    /// Starts watching `key`, which must exist.
+    pub async fn of(client: &Client, key: &str) -> Deletion {
+        let watch = client.clone().watch(key, None).await.expect("watch");
+        assert!(
+            exists(client, key).await,
+            "{key} should exist before it is deleted"
+        );
+        Deletion { watch }
+    }
+
+    /// Resolves when the key has been deleted.
+    pub async fn happened(mut self) {
+        loop {
+            let answer = self
+                .watch
+                .message()
+                .await
+                .expect("watch answer")
+                .expect("watch open");
+            if answer
+                .events()
+                .iter()
+                .any(|e| e.event_type() == etcd_client::EventType::Delete)
+            {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Session: lease grant, keep-alive, loss detection, close, orphan and resume.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Deletion, exists, millis, secs, unique, within};
+use etcd_client::{Client, PutOptions};
+use etcd_concurrency::testing::{EtcdCluster, Proxy};
+use etcd_concurrency::{Error, Session};
+
+async fn session_with_ttl(client: Client, ttl: u64) -> Session {
+    Session::builder(client)
+        .ttl(secs(ttl))
+        .build()
+        .await
+        .unwrap()
+}
+
+async fn put_on_lease(session: &Session, key: &str) {
+    let options = PutOptions::new().with_lease(session.lease_id());
+    session
+        .client()
+        .clone()
+        .put(key, "v", Some(options))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_ttl_asked_for_is_granted() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let session = session_with_ttl(client.clone(), 5).await;
+    assert_eq!(session.ttl(), secs(5));
+    let lease = client
+        .lease_time_to_live(session.lease_id(), None)
+        .await
+        .unwrap();
+    assert_eq!(lease.granted_ttl(), 5);
+    assert!(
+        (3..=5).contains(&lease.ttl()),
+        "remaining TTL {}",
+        lease.ttl()
+    );
+    assert!(!session.is_lost());
+}
+
+#[tokio::test]
+async fn the_default_ttl_is_sixty_seconds() {
+    let cluster = EtcdCluster::start(1).await;
+    let session = Session::new(cluster.client().await).await.unwrap();
+    assert_eq!(session.ttl(), secs(60));
+    let lease = cluster
+        .client()
+        .await
+        .lease_time_to_live(session.lease_id(), None)
+        .await
+        .unwrap();
+    assert_eq!(lease.granted_ttl(), 60);
+}
+
+#[tokio::test]
+async fn keys_outlive_three_ttls_while_the_session_lives() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let session = session_with_ttl(client.clone(), 1).await;
+    let key = unique("alive");
+    put_on_lease(&session, &key).await;
+    // Observing that nothing happens needs a span of time: three TTLs and a half.
+    tokio::time::sleep(millis(3500)).await;
+    assert!(exists(&client, key.as_str()).await);
+    assert!(!session.is_lost());
+}
+
+#[tokio::test]
+async fn a_revoke_by_another_client_makes_the_session_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut other = cluster.client().await;
+    let session = session_with_ttl(cluster.client().await, 3).await;
+    other.lease_revoke(session.lease_id()).await.unwrap();
+    // Noticed at the next renewal, at most TTL/3 later.
+    within(secs(2), session.lost()).await;
+    assert!(session.is_lost());
+}
+
+#[tokio::test]
+async fn a_client_cut_off_loses_its_session_within_ttl_plus_one_second() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let session = session_with_ttl(client, 2).await;
+    let cut_at = Instant::now();
+    proxy.cut();
+    within(secs(3), session.lost()).await;
+    let after = cut_at.elapsed();
+    assert!(after <= secs(3), "lost only after {after:?}");
+    // Not before etcd itself could have expired the lease.
+    assert!(after >= millis(1000), "lost already after {after:?}");
+}
+
+#[tokio::test]
+async fn close_revokes_the_lease_and_its_keys_at_once() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let session = session_with_ttl(client.clone(), 60).await;
+    let other_handle = session.clone();
+    let key = unique("close");
+    put_on_lease(&session, &key).await;
+    session.close().await.unwrap();
+    assert!(!exists(&client, key.as_str()).await);
+    assert!(other_handle.is_lost());
+    within(millis(100), other_handle.lost()).await;
+}
+
+#[tokio::test]
+async fn orphan_keeps_keys_until_the_lease_expires() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let session = session_with_ttl(client.clone(), 1).await;
+    let key = unique("orphan");
+    put_on_lease(&session, &key).await;
+    let deletion = Deletion::of(&client, &key).await;
+    let orphaned_at = Instant::now();
+    session.orphan();
+    assert!(exists(&client, key.as_str()).await);
+    within(secs(4), deletion.happened()).await;
+    assert!(orphaned_at.elapsed() >= millis(500), "deleted too early");
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_revokes_in_the_background() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let session = session_with_ttl(client.clone(), 60).await;
+    let key = unique("drop");
+    put_on_lease(&session, &key).await;
+    let clone = session.clone();
+    drop(session);
+    assert!(
+        exists(&client, key.as_str()).await,
+        "a live clone keeps the lease"
+    );
+    let deletion = Deletion::of(&client, &key).await;
+    drop(clone);
+    within(secs(2), deletion.happened()).await;
+}
+
+#[tokio::test]
+async fn an_existing_lease_can_be_resumed() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let first = session_with_ttl(client.clone(), 1).await;
+    let key = unique("resume");
+    put_on_lease(&first, &key).await;
+    let lease = first.lease_id();
+    first.orphan();
+    let resumed = Session::builder(client.clone())
+        .lease(lease)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(resumed.lease_id(), lease);
+    assert_eq!(resumed.ttl(), secs(1));
+    tokio::time::sleep(millis(2500)).await;
+    assert!(
+        exists(&client, key.as_str()).await,
+        "the resumed session keeps it alive"
+    );
+    resumed.close().await.unwrap();
+    assert!(!exists(&client, key.as_str()).await);
+}
+
+#[tokio::test]
+async fn bad_ttls_and_leases_are_rejected_before_anything_is_granted() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let too_long = Duration::from_secs(9_000_000_001);
+    for ttl in [Duration::ZERO, millis(500), millis(1500), too_long] {
+        let result = Session::builder(client.clone()).ttl(ttl).build().await;
+        assert!(
+            matches!(result, Err(Error::InvalidArgument(_))),
+            "TTL {ttl:?}: {result:?}"
+        );
+    }
+    let both = Session::builder(client.clone())
+        .ttl(secs(5))
+        .lease(1)
+        .build()
+        .await;
+    assert!(matches!(both, Err(Error::InvalidArgument(_))), "{both:?}");
+    let unknown = Session::builder(client.clone()).lease(0x1234).build().await;
+    assert!(
+        matches!(unknown, Err(Error::InvalidArgument(_))),
+        "{unknown:?}"
+    );
+    assert!(
+        client.leases().await.unwrap().leases().is_empty(),
+        "a lease was granted"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_fails_within_the_request_timeout() {
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", nowhere.local_addr().unwrap());
+    drop(nowhere); // nothing listens there now: connections are refused
+    let client = Client::connect([endpoint], None).await.unwrap();
+    let started = Instant::now();
+    let result = within(
+        secs(5),
+        Session::builder(client).request_timeout(secs(1)).build(),
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert!(matches!(error, Error::Etcd(_)), "{error:?}");
+    assert!(error.is_transient());
+    assert!(started.elapsed() < secs(2));
+}
+
+#[tokio::test]
+async fn a_session_survives_a_restart_of_its_member_within_the_ttl() {
+    let cluster = EtcdCluster::start(3).await;
+    let client = cluster.client().await;
+    let session = session_with_ttl(client.clone(), 3).await;
+    let key = unique("restart");
+    put_on_lease(&session, &key).await;
+    for member in 0..3 {
+        cluster.kill(member);
+        cluster.restart(member).await;
+    }
+    tokio::time::sleep(secs(4)).await;
+    assert!(!session.is_lost());
+    assert!(exists(&client, key.as_str()).await);
+}

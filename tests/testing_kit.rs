@@ -1,0 +1,135 @@
+//! Tests of the test kit itself: clusters that start, die, pause and restart, and the
+//! proxy that cuts one client off.
+
+mod common;
+
+use common::{millis, secs, within};
+use etcd_client::Client;
+use etcd_concurrency::testing::{EtcdCluster, Proxy};
+
+async fn client_of(endpoint: String) -> Client {
+    Client::connect([endpoint], None).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_single_member_serves_reads_and_writes() {
+    let cluster = EtcdCluster::start(1).await;
+    assert_eq!(cluster.endpoints().len(), 1);
+    let mut client = cluster.client().await;
+    client.put("k", "v", None).await.unwrap();
+    let answer = client.get("k", None).await.unwrap();
+    assert_eq!(answer.kvs()[0].value(), b"v");
+    assert_eq!(cluster.leader().await, Some(0));
+}
+
+#[tokio::test]
+async fn three_members_keep_quorum_when_one_dies_and_it_catches_up_on_restart() {
+    let cluster = EtcdCluster::start(3).await;
+    assert_eq!(cluster.len(), 3);
+    cluster.kill(1);
+    assert_eq!(cluster.pid(1), None);
+    let mut survivor = client_of(cluster.endpoint(0)).await;
+    within(secs(10), survivor.put("written-while-down", "yes", None))
+        .await
+        .unwrap();
+    let mut dead = client_of(cluster.endpoint(1)).await;
+    assert!(dead.get("written-while-down", None).await.is_err());
+
+    cluster.restart(1).await;
+    let answer = within(secs(10), dead.get("written-while-down", None))
+        .await
+        .unwrap();
+    assert_eq!(answer.kvs()[0].value(), b"yes");
+}
+
+#[tokio::test]
+async fn the_raft_leader_can_be_found_and_replaced() {
+    let cluster = EtcdCluster::start(3).await;
+    let leader = within(secs(5), cluster.leader()).await.expect("a leader");
+    cluster.kill(leader);
+    let new_leader = within(secs(10), async {
+        loop {
+            if let Some(i) = cluster.leader().await {
+                return i;
+            }
+            tokio::time::sleep(millis(50)).await;
+        }
+    })
+    .await;
+    assert_ne!(new_leader, leader);
+}
+
+#[tokio::test]
+async fn a_paused_member_answers_nothing_until_resumed() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    client.put("k", "v", None).await.unwrap();
+    cluster.pause(0);
+    let stalled = tokio::time::timeout(millis(500), client.get("k", None)).await;
+    assert!(stalled.is_err(), "a paused member must not answer");
+    cluster.resume(0);
+    let answer = within(secs(5), client.get("k", None)).await.unwrap();
+    assert_eq!(answer.kvs().len(), 1);
+}
+
+#[tokio::test]
+async fn dropping_the_cluster_stops_every_process() {
+    let cluster = EtcdCluster::start(3).await;
+    let pids: Vec<u32> = (0..3).map(|i| cluster.pid(i).unwrap()).collect();
+    cluster.pause(2); // a stopped process must be killed too
+    drop(cluster);
+    for pid in pids {
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
+        assert!(!alive, "etcd process {pid} survived the cluster");
+    }
+}
+
+#[tokio::test]
+async fn the_proxy_cuts_and_heals_one_client() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let mut through_proxy = client_of(proxy.endpoint()).await;
+    through_proxy.put("k", "v", None).await.unwrap();
+
+    proxy.cut();
+    let cut = tokio::time::timeout(secs(2), through_proxy.get("k", None)).await;
+    assert!(
+        !matches!(cut, Ok(Ok(_))),
+        "a cut client must not reach etcd"
+    );
+    let mut direct = cluster.client().await;
+    direct.put("k", "v2", None).await.unwrap();
+
+    proxy.heal();
+    let healed = within(secs(10), async {
+        loop {
+            if let Ok(answer) = through_proxy.get("k", None).await {
+                return answer;
+            }
+            tokio::time::sleep(millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(healed.kvs()[0].value(), b"v2");
+}
+
+#[tokio::test]
+async fn a_stalled_proxy_holds_requests_until_healed() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = client_of(proxy.endpoint()).await;
+    client.clone().put("k", "v", None).await.unwrap();
+
+    proxy.stall();
+    let mut held = client.clone();
+    let request = tokio::spawn(async move { held.get("k", None).await });
+    tokio::time::sleep(millis(500)).await;
+    assert!(
+        !request.is_finished(),
+        "a stalled request must not complete"
+    );
+    proxy.heal();
+    let answer = within(secs(5), request).await.unwrap().unwrap();
+    assert_eq!(answer.kvs()[0].value(), b"v");
+}
