@@ -1,37 +1,76 @@
 //! Distributed coordination over etcd: sessions, locks, leader election and software
 //! transactional memory, built client-side from etcd's Txn, Range, Watch and Lease
-//! primitives. The Rust counterpart of etcd's Go package `client/v3/concurrency`.
+//! primitives. The Rust counterpart of etcd's Go package `client/v3/concurrency`, and
+//! wire-compatible with it: Go services, `etcdctl lock` and `etcdctl elect` share locks and
+//! elections with this crate.
 //!
 //! # Quick start
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use etcd_concurrency::Session;
+//! use etcd_client::{Client, Txn, TxnOp};
+//! use etcd_concurrency::{Mutex, Session};
 //!
 //! # async fn example() -> etcd_concurrency::Result<()> {
-//! let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
-//! // A lease kept alive in the background; when this process dies, etcd expires it
-//! // after the TTL and deletes every key attached to it.
-//! let session = Session::builder(client).ttl(Duration::from_secs(10)).build().await?;
+//! let client = Client::connect(["http://127.0.0.1:2379"], None).await?;
+//! // A lease kept alive in the background. If this process dies, etcd expires it after
+//! // the TTL and deletes every key attached to it: its locks are released.
+//! let session = Session::builder(client.clone()).ttl(Duration::from_secs(10)).build().await?;
+//!
+//! let mutex = Mutex::new(&session, "/locks/invoices");
+//! let guard = mutex.lock().await?;
+//! // Writes that must not happen without the lock are fenced by it:
+//! let write = Txn::new()
+//!     .when([guard.ownership_compare()])
+//!     .and_then([TxnOp::put("/invoices/next", "1042", None)]);
+//! let committed = client.clone().txn(write).await?.succeeded();
+//! guard.unlock().await?;
 //! session.close().await?;
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Fencing: why a lock alone is not mutual exclusion
+//!
+//! A distributed lock is a lease: it is yours until etcd stops hearing from you for a TTL.
+//! A process can be paused (a long GC, a frozen VM, SIGSTOP) or cut off from etcd for
+//! longer than that. Its lease expires, another process takes the lock, and when the first
+//! one resumes it still believes it holds the lock: for a while, two processes act as
+//! holder, and nothing on the paused side can prevent it, because it is not running.
+//!
+//! The remedy is to let the *resource* reject writes from a holder that is no longer
+//! current. Every [`MutexGuard`] carries a fencing token, the create revision of its key
+//! in etcd, which grows with every grant of the lock:
+//!
+//! - for data in etcd itself, put [`MutexGuard::ownership_compare`] in the write's Txn (as
+//!   above). etcd evaluates it atomically with the write: once the lease has expired or
+//!   the key was deleted, the Txn does not commit, however late it arrives;
+//! - for other resources, send [`MutexGuard::fencing_token`] along with each write and
+//!   have the resource refuse tokens lower than the highest it has seen.
+//!
+//! [`MutexGuard::lost`] tells a holder that it can no longer assume it holds the lock, so
+//! it can stop early; it is a courtesy, not a guarantee, for the reason above.
 //!
 //! # Features
 //!
 //! - `testing`: [`testing::EtcdCluster`] (throwaway etcd clusters of real processes) and
 //!   [`testing::Proxy`] (cut one client off), for testing code that uses this crate.
 
+mod acquire;
 mod error;
+mod mutex;
+mod ownership;
 mod release;
 mod retry;
 mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod wait;
+mod watcher;
 
 pub use error::{Error, Result};
 pub use etcd_client;
+pub use mutex::{Mutex, MutexGuard};
 pub use session::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, SessionBuilder,
 };

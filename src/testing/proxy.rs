@@ -23,7 +23,7 @@ enum Mode {
 /// Tokio runtime it was started on and stops (dropping every connection) when dropped.
 ///
 /// ```no_run
-/// # async fn example() -> etcd_concurrency::Result<()> {
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 /// use etcd_concurrency::testing::{EtcdCluster, Proxy};
 ///
 /// let cluster = EtcdCluster::start(1).await;

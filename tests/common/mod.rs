@@ -85,3 +85,66 @@ impl Deletion {
         }
     }
 }
+
+/// Waits until `key` exists (watching from before the check, so a creation is not missed).
+pub async fn appears(client: &Client, key: &[u8]) {
+    let mut watch = client.clone().watch(key, None).await.expect("watch");
+    if exists(client, key).await {
+        return;
+    }
+    loop {
+        let answer = watch
+            .message()
+            .await
+            .expect("watch answer")
+            .expect("watch open");
+        if answer
+            .events()
+            .iter()
+            .any(|e| e.event_type() == etcd_client::EventType::Put)
+        {
+            return;
+        }
+    }
+}
+
+/// An `etcdctl` process (v3 API), killed when dropped.
+pub struct Etcdctl {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Etcdctl {
+    pub fn spawn(endpoints: &[String], args: &[&str]) -> Etcdctl {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start etcdctl (scripts/install-deps installs it)");
+        let stdout = child.stdout.take().expect("piped stdout");
+        Etcdctl {
+            child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// The next line it prints, or `None` once its output ends.
+    pub async fn next_line(&mut self) -> Option<String> {
+        self.lines.next_line().await.expect("read etcdctl output")
+    }
+
+    /// Asks it to stop as Ctrl-C would (it then closes its session), and waits for it.
+    pub async fn interrupt(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: signalling our own, not yet reaped child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+        }
+        let _ = self.child.wait().await;
+    }
+}

@@ -1,0 +1,305 @@
+//! [`Mutex`]: a distributed lock with a fenced RAII guard.
+
+use std::fmt;
+use std::sync::Arc;
+
+use etcd_client::{Compare, CompareOp, GetOptions, SortOrder, SortTarget};
+
+use crate::acquire::{Outcome, Request, join};
+use crate::error::{Error, Result};
+use crate::ownership::OwnedKey;
+use crate::session::{Session, prefix_of};
+use crate::wait::wait_for_turn;
+
+/// A distributed lock named by a key prefix, held through a [`Session`]'s lease.
+///
+/// Waiters queue in etcd in the order they asked (FIFO, by the create revision of their
+/// key), and the holder's key is the one with the lowest create revision under `name/`.
+/// The keys are those of Go's `concurrency.Mutex`, etcd's server-side Lock service and
+/// `etcdctl lock`: `name/` followed by the lease id in lowercase hex. Rust and Go processes can therefore share one lock.
+///
+/// If the holder's process dies, its session's lease expires after the TTL and the next
+/// waiter gets the lock. A lock alone cannot stop a paused holder from acting after its
+/// lease expired: guard each write with [`MutexGuard::ownership_compare`] (see the crate
+/// docs on fencing).
+///
+/// `Mutex` is a cheap [`Clone`] handle; clones lock the same lock. Two `lock()` calls
+/// through one session on one name share one key in etcd, so they are serialised in the
+/// process: the second waits until the first guard is released.
+///
+/// # Example
+///
+/// ```no_run
+/// use etcd_concurrency::{Mutex, Session};
+///
+/// # async fn example(client: etcd_client::Client) -> etcd_concurrency::Result<()> {
+/// let session = Session::new(client).await?;
+/// let mutex = Mutex::new(&session, "/locks/reports");
+/// let guard = mutex.lock().await?;
+/// // ... critical section ...
+/// guard.unlock().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Mutex {
+    session: Session,
+    name: Arc<[u8]>,
+}
+
+/// Proof of holding a [`Mutex`]: the holder's key and its fencing token.
+///
+/// Dropping the guard without [`unlock`](Self::unlock) releases the lock in a background
+/// task on the runtime the guard was created on, with the session's release timeout
+/// (default 5 s), so the lock is released even when the holder's future was cancelled or
+/// panicked. If that runtime has shut down, the lease's expiry releases the lock and a
+/// `tracing` warning says so.
+#[must_use = "dropping the guard releases the lock at once (in the background)"]
+pub struct MutexGuard {
+    key: OwnedKey,
+}
+
+impl Mutex {
+    /// A handle on the lock `name` (any bytes, not empty) for `session`. Nothing is sent
+    /// until [`lock`](Self::lock) or [`try_lock`](Self::try_lock). Mirrors Go's
+    /// `concurrency.NewMutex(session, pfx)`, which also appends the `/` to the name.
+    pub fn new(session: &Session, name: impl AsRef<[u8]>) -> Mutex {
+        Mutex {
+            session: session.clone(),
+            name: Arc::from(name.as_ref()),
+        }
+    }
+
+    /// The lock's name, without the trailing `/`.
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// The session whose lease holds the lock's key.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Waits until the lock is held by this session, and returns the guard. Mirrors Go's
+    /// `Mutex.Lock`.
+    ///
+    /// Uncontended, this is one Txn (create this session's key and read the queue). Under
+    /// contention it then watches the queue and returns as soon as every earlier waiter's
+    /// key is gone; no request is made per hand-off.
+    ///
+    /// Waiting has no deadline of its own: to give up after a while, wrap the call in
+    /// [`tokio::time::timeout`] (see the example).
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidArgument`]: the name is empty.
+    /// - [`Error::SessionLost`]: the session is or becomes lost before the lock is held;
+    ///   no guard is ever returned for a key whose lease is gone.
+    /// - [`Error::OwnershipLost`]: this session's waiting key was deleted by someone else.
+    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request or could not be
+    ///   reached within the session's request timeout.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future deletes this session's key in the background (also
+    /// when the Txn creating it was in flight: it is left to finish, then undone), so a
+    /// timed-out waiter leaves nothing in the queue.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// # async fn example(mutex: etcd_concurrency::Mutex) -> etcd_concurrency::Result<()> {
+    /// match tokio::time::timeout(Duration::from_secs(5), mutex.lock()).await {
+    ///     Ok(guard) => {
+    ///         let guard = guard?;
+    ///         // ... critical section ...
+    ///         guard.unlock().await?;
+    ///     }
+    ///     Err(_) => println!("still locked after 5 s; gave up (our key is removed)"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn lock(&self) -> Result<MutexGuard> {
+        self.check()?;
+        let local = self.session.local_lock(&self.name).lock_owned().await;
+        self.check()?;
+        let key = self.session.key_in(&self.name);
+        let request = Request {
+            condition: Compare::create_revision(key, CompareOp::Equal, 0),
+            value: Vec::new(),
+            queue: GetOptions::new().with_keys_only(),
+            release_found: true,
+            local: Some(local),
+        };
+        let joined = match join(&self.session, &self.name, request).await? {
+            Outcome::Joined(joined) => joined,
+            // The condition is "no key yet", so the key exists when it is false.
+            Outcome::NotJoined => return Err(Error::OwnershipLost),
+        };
+        wait_for_turn(&joined.key, &self.name, &joined.queue, joined.revision).await?;
+        if self.session.is_lost() {
+            return Err(Error::SessionLost);
+        }
+        Ok(MutexGuard { key: joined.key })
+    }
+
+    /// Takes the lock if nobody holds it, without waiting: `Some(guard)` if taken, `None`
+    /// if held (by anyone, including another guard of this session). Mirrors Go's
+    /// `Mutex.TryLock`.
+    ///
+    /// One Txn, which creates this session's key only if no key exists under the name, so
+    /// a failed attempt leaves nothing behind (Go creates its key and deletes it again).
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Self::lock), except that nothing is waited for.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: if the future is dropped while the Txn is in flight, a key it created
+    /// is deleted in the background.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn example(mutex: etcd_concurrency::Mutex) -> etcd_concurrency::Result<()> {
+    /// if let Some(guard) = mutex.try_lock().await? {
+    ///     // ... critical section ...
+    ///     guard.unlock().await?;
+    /// } else {
+    ///     println!("busy, try later");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn try_lock(&self) -> Result<Option<MutexGuard>> {
+        self.check()?;
+        let Ok(local) = self.session.local_lock(&self.name).try_lock_owned() else {
+            return Ok(None);
+        };
+        let request = Request {
+            condition: Compare::create_revision(prefix_of(&self.name), CompareOp::Equal, 0)
+                .with_prefix(),
+            value: Vec::new(),
+            queue: GetOptions::new()
+                .with_keys_only()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_limit(1),
+            release_found: true,
+            local: Some(local),
+        };
+        let joined = match join(&self.session, &self.name, request).await? {
+            Outcome::Joined(joined) => joined,
+            Outcome::NotJoined => return Ok(None),
+        };
+        let holder = joined.queue.first().map(|kv| kv.key());
+        if holder == Some(joined.key.key()) {
+            return Ok(Some(MutexGuard { key: joined.key }));
+        }
+        // This session's key from an earlier run waits behind the holder: withdraw it.
+        match joined.key.release().await {
+            Ok(()) | Err(Error::OwnershipLost) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a lock name must not be empty".into(),
+            ));
+        }
+        if self.session.is_lost() {
+            return Err(Error::SessionLost);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Mutex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mutex")
+            .field("name", &String::from_utf8_lossy(&self.name))
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl MutexGuard {
+    /// The holder's key: the lock's name, `/`, and the lease id in lowercase hex (Go's
+    /// `Mutex.Key()`).
+    pub fn key(&self) -> &[u8] {
+        self.key.key()
+    }
+
+    /// The create revision of the holder's key: a number that grows with every grant of
+    /// this lock, to give to resources that must reject writes from older holders
+    /// (Kleppmann's fencing token, Chubby's sequencer). Go's `Mutex.Header().Revision` at
+    /// acquisition, roughly; here it is exact.
+    pub fn fencing_token(&self) -> i64 {
+        self.key.create_revision()
+    }
+
+    /// A [`Compare`] that holds while this guard's key is the holder's incarnation:
+    /// `CreateRevision(key) == fencing_token`. Put it in your own [`etcd_client::Txn`] so
+    /// the write commits only while the lock is held (Go's `Mutex.IsOwner()`).
+    ///
+    /// ```no_run
+    /// use etcd_client::{Txn, TxnOp};
+    /// # async fn example(guard: etcd_concurrency::MutexGuard, mut client: etcd_client::Client)
+    /// # -> etcd_concurrency::Result<()> {
+    /// let txn = Txn::new()
+    ///     .when([guard.ownership_compare()])
+    ///     .and_then([TxnOp::put("/balance", "100", None)]);
+    /// if !client.txn(txn).await?.succeeded() {
+    ///     println!("the lock was lost before the write: nothing written");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn ownership_compare(&self) -> Compare {
+        self.key.ownership_compare()
+    }
+
+    /// Resolves once holding the lock can no longer be assumed: the session is lost
+    /// (lease expired, revoked, or not renewed for a TTL) or the key was deleted. Use it to
+    /// stop work that must only run under the lock (Curator's `LOST`, Consul's lock
+    /// channel). It watches the key while awaited.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe; each call opens its own watch, closed when the future is dropped.
+    pub async fn lost(&self) {
+        self.key.lost().await;
+    }
+
+    /// Releases the lock: deletes the key if it is still this holder's incarnation (a
+    /// fenced delete, one Txn). Mirrors Go's `Mutex.Unlock`, which deletes unconditionally.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::OwnershipLost`]: the key was already gone (lease expired, deleted) or
+    ///   re-created by a newer holder, which is left untouched. The lock was not held
+    ///   when this was called.
+    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd could not be reached within the
+    ///   session's request timeout; the lease's expiry will release the lock.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped before completing, the delete may or may not have been
+    /// applied; it is not retried.
+    pub async fn unlock(self) -> Result<()> {
+        self.key.release().await
+    }
+}
+
+impl fmt::Debug for MutexGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MutexGuard")
+            .field("key", &String::from_utf8_lossy(self.key.key()))
+            .field("fencing_token", &self.key.create_revision())
+            .finish()
+    }
+}

@@ -1,0 +1,109 @@
+//! The waiting primitive shared by the mutex and the election: wait until every key created
+//! before mine under the prefix is gone, or mine is gone.
+//!
+//! The whole queue ahead is known from the join Txn, and one watch on the prefix keeps it
+//! current: a release reaches the next waiter as one watch event, with no further request
+//! (Go re-reads the queue after every deletion of its predecessor, and its watch starts in
+//! the past, so each hand-off also waits for etcd's 100 ms unsynced-watch catch-up).
+//! Watching the whole prefix also shows the waiter's own key: if it is deleted (the lease
+//! expired or was revoked, or someone deleted it), waiting fails at once instead of
+//! granting a lock or leadership that no longer exists (etcd #11456).
+
+use std::collections::HashSet;
+
+use etcd_client::{EventType, GetOptions, KeyValue};
+
+use crate::error::{Error, Result};
+use crate::ownership::OwnedKey;
+use crate::session::prefix_of;
+use crate::watcher::{Follower, Update, revision_of};
+
+/// Waits until no key under `name/` created before `mine` remains, given the `queue`
+/// under that prefix as read at `revision`. Returns the revision at which that was seen.
+///
+/// Errors: [`Error::SessionLost`] when the session is lost or the key vanished with its
+/// lease; [`Error::OwnershipLost`] when the key was deleted while the lease lives;
+/// non-transient etcd errors from watching.
+///
+/// Cancel-safe: dropping the future stops the watch; `mine` is untouched.
+pub(crate) async fn wait_for_turn(
+    mine: &OwnedKey,
+    name: &[u8],
+    queue: &[KeyValue],
+    revision: i64,
+) -> Result<i64> {
+    let token = mine.create_revision();
+    let mut ahead: HashSet<Vec<u8>> = keys_before(queue, token);
+    if ahead.is_empty() {
+        return Ok(revision);
+    }
+    let session = mine.session();
+    let read = GetOptions::new()
+        .with_keys_only()
+        .with_max_create_revision(token);
+    let mut follower = Follower::new(
+        session.client().clone(),
+        prefix_of(name),
+        true,
+        read,
+        revision,
+    );
+    loop {
+        let update = tokio::select! {
+            () = session.lost() => return Err(Error::SessionLost),
+            update = follower.next() => update?,
+        };
+        let (still_mine, seen_at) = match update {
+            Update::Snapshot { kvs, revision } => {
+                ahead = keys_before(&kvs, token);
+                let present = kvs
+                    .iter()
+                    .any(|kv| kv.key() == mine.key() && kv.create_revision() == token);
+                (present, revision)
+            }
+            Update::Events(events) => {
+                let mut present = true;
+                for event in &events {
+                    let Some(kv) = event.kv() else { continue };
+                    if kv.key() == mine.key()
+                        && (event.event_type() == EventType::Delete
+                            || kv.create_revision() != token)
+                    {
+                        present = false;
+                    }
+                    if event.event_type() == EventType::Delete {
+                        ahead.remove(kv.key());
+                    }
+                }
+                (present, events.last().map_or(0, revision_of))
+            }
+        };
+        if !still_mine {
+            return Err(why_gone(mine).await);
+        }
+        if ahead.is_empty() {
+            return Ok(seen_at);
+        }
+    }
+}
+
+/// The keys in `queue` created before `token`.
+fn keys_before(queue: &[KeyValue], token: i64) -> HashSet<Vec<u8>> {
+    queue
+        .iter()
+        .filter(|kv| kv.create_revision() < token)
+        .map(|kv| kv.key().to_vec())
+        .collect()
+}
+
+/// Why a waiter's key vanished: its lease ended, or someone deleted the key.
+async fn why_gone(mine: &OwnedKey) -> Error {
+    match mine.session().check_lease().await {
+        Ok(true) => Error::OwnershipLost,
+        Ok(false) => Error::SessionLost,
+        Err(error) => {
+            tracing::debug!(%error, "cannot tell why a waiting key vanished");
+            Error::OwnershipLost
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Following a key or prefix: a view read once, then kept current by a watch.
+//!
+//! Every watch here starts "now" (start revision 0): etcd registers it at its current
+//! revision `W` and reports `W` in the created response. A watch whose start revision is at
+//! or below the member's current revision would instead be served by etcd's unsynced path,
+//! which catches up only every 100 ms (the "100 ms watch trap"). If the caller's view is
+//! older than `W`, the range is read again (at some revision `G >= W`) and only events
+//! after `G` are applied. Nothing is missed, nothing waits for the unsynced path, and a
+//! compacted history never matters, since no watch starts in the past.
+//!
+//! A broken watch (member killed, connection lost, watch cancelled) is re-opened the same
+//! way, with jittered back-off, for as long as the caller keeps asking.
+
+use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchStream};
+
+use crate::error::{Error, Result};
+use crate::retry::Backoff;
+
+/// What changed since the last update.
+#[derive(Debug)]
+pub(crate) enum Update {
+    /// The range was read again: this is its whole content at `revision`.
+    Snapshot { kvs: Vec<KeyValue>, revision: i64 },
+    /// These events happened after the previous update, in order.
+    Events(Vec<Event>),
+}
+
+/// Keeps a caller's view of a key or prefix current; see the module docs.
+pub(crate) struct Follower {
+    client: Client,
+    key: Vec<u8>,
+    prefix: bool,
+    read_options: GetOptions,
+    /// The caller's view is current up to this revision.
+    revision: i64,
+    watch: Option<WatchStream>,
+    backoff: Backoff,
+}
+
+impl Follower {
+    /// Follows `key` (all keys starting with it if `prefix`), for a caller whose view is
+    /// current as of `revision` (0: no view yet, so the first update is a snapshot).
+    /// Snapshots are read with `read_options` (the range is added here).
+    pub(crate) fn new(
+        client: Client,
+        key: Vec<u8>,
+        prefix: bool,
+        read_options: GetOptions,
+        revision: i64,
+    ) -> Follower {
+        Follower {
+            client,
+            key,
+            prefix,
+            read_options,
+            revision,
+            watch: None,
+            backoff: Backoff::new(),
+        }
+    }
+
+    /// The next change. Transient failures are retried without end (callers bound the
+    /// wait themselves, e.g. by their session's `lost()`).
+    ///
+    /// Errors are the non-transient ones: a watch or read refused by etcd (permissions).
+    ///
+    /// Cancel-safe: a dropped call loses no events.
+    pub(crate) async fn next(&mut self) -> Result<Update> {
+        loop {
+            let Some(watch) = self.watch.as_mut() else {
+                match self.open().await {
+                    Ok(Some(snapshot)) => return Ok(snapshot),
+                    Ok(None) => continue,
+                    Err(error) if error.is_transient() => {
+                        tracing::debug!(%error, "cannot open a watch; retrying");
+                        self.backoff_once().await;
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                }
+            };
+            match watch.message().await {
+                Ok(Some(answer)) if answer.canceled() => {
+                    // Compaction, or the member lost its leader: follow again from now.
+                    tracing::debug!(
+                        reason = answer.cancel_reason(),
+                        "watch cancelled; re-opening"
+                    );
+                    self.watch = None;
+                }
+                Ok(Some(answer)) => {
+                    let events: Vec<Event> = answer
+                        .events()
+                        .iter()
+                        .filter(|event| revision_of(event) > self.revision)
+                        .cloned()
+                        .collect();
+                    if let Some(last) = events.last() {
+                        self.revision = revision_of(last);
+                        self.backoff = Backoff::new();
+                        return Ok(Update::Events(events));
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tracing::debug!("watch stream broke; re-opening");
+                    self.watch = None;
+                    self.backoff_once().await;
+                }
+            }
+        }
+    }
+
+    /// Opens a watch from now; returns a snapshot if the view is older than the watch.
+    async fn open(&mut self) -> Result<Option<Update>> {
+        let mut options = WatchOptions::new();
+        if self.prefix {
+            options = options.with_prefix();
+        }
+        let mut watch = self.client.watch(self.key.clone(), Some(options)).await?;
+        let created = watch
+            .message()
+            .await?
+            .ok_or_else(|| etcd_client::Error::WatchError("watch closed at creation".into()))?;
+        if created.canceled() {
+            return Err(Error::Etcd(etcd_client::Error::WatchError(format!(
+                "watch refused: {}",
+                created.cancel_reason()
+            ))));
+        }
+        let watched_from = created.header().map_or(0, |h| h.revision());
+        if watched_from <= self.revision {
+            self.watch = Some(watch);
+            return Ok(None);
+        }
+        let mut options = self.read_options.clone();
+        if self.prefix {
+            options = options.with_prefix();
+        }
+        let mut answer = self.client.get(self.key.clone(), Some(options)).await?;
+        // Stored only now: a call cancelled during the read must not keep a watch that
+        // skips the events between the old view and the watch's start.
+        self.watch = Some(watch);
+        self.revision = answer.header().map_or(watched_from, |h| h.revision());
+        Ok(Some(Update::Snapshot {
+            kvs: answer.take_kvs(),
+            revision: self.revision,
+        }))
+    }
+
+    async fn backoff_once(&mut self) {
+        tokio::time::sleep(self.backoff.next_delay()).await;
+    }
+}
+
+/// The revision an event happened at (a delete's key-value carries the deletion revision).
+pub(crate) fn revision_of(event: &Event) -> i64 {
+    event.kv().map_or(0, KeyValue::mod_revision)
+}

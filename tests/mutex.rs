@@ -1,0 +1,401 @@
+//! Mutex and MutexGuard against real etcd: exclusion, order, fencing, cancellation,
+//! loss, interoperability with etcdctl and etcd's Lock service, and bad input.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::{Deletion, Etcdctl, appears, exists, keys_under, millis, secs, unique, within};
+use etcd_client::{Client, LockOptions, Txn, TxnOp};
+use etcd_concurrency::testing::EtcdCluster;
+use etcd_concurrency::{Error, Mutex, Session};
+
+async fn session(client: &Client) -> Session {
+    Session::builder(client.clone())
+        .ttl(secs(10))
+        .build()
+        .await
+        .unwrap()
+}
+
+fn hex_key(name: &str, session: &Session) -> Vec<u8> {
+    format!("{name}/{:x}", session.lease_id()).into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_sessions_never_hold_at_once_and_tokens_grow_in_grant_order() {
+    const WORKERS: usize = 6;
+    const ROUNDS: usize = 25;
+    let cluster = EtcdCluster::start(1).await;
+    let name = unique("exclusion");
+    let counter = format!("{name}-counter");
+    let held = Arc::new(AtomicBool::new(false));
+    let grants = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let client = cluster.client().await; // each worker its own connection
+        let session = session(&client).await;
+        let (name, counter) = (name.clone(), counter.clone());
+        let (held, grants) = (held.clone(), grants.clone());
+        workers.push(tokio::spawn(async move {
+            let mutex = Mutex::new(&session, &name);
+            let mut client = client;
+            for _ in 0..ROUNDS {
+                let guard = mutex.lock().await.unwrap();
+                assert!(!held.swap(true, Ordering::SeqCst), "two holders at once");
+                grants.lock().unwrap().push(guard.fencing_token());
+                // A read-modify-write in etcd, fenced by the lock.
+                let value = client.get(counter.as_str(), None).await.unwrap();
+                let n: u64 = value.kvs().first().map_or(0, |kv| {
+                    std::str::from_utf8(kv.value()).unwrap().parse().unwrap()
+                });
+                let write = Txn::new()
+                    .when([guard.ownership_compare()])
+                    .and_then([TxnOp::put(counter.as_str(), (n + 1).to_string(), None)]);
+                assert!(client.txn(write).await.unwrap().succeeded());
+                held.store(false, Ordering::SeqCst);
+                guard.unlock().await.unwrap();
+            }
+            session.close().await.unwrap();
+        }));
+    }
+    within(secs(60), async {
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    })
+    .await;
+    let grants = grants.lock().unwrap().clone();
+    assert_eq!(grants.len(), WORKERS * ROUNDS);
+    assert!(
+        grants.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens not strictly increasing in grant order: {grants:?}"
+    );
+    let client = cluster.client().await;
+    let total = client.clone().get(counter.as_str(), None).await.unwrap();
+    assert_eq!(
+        total.kvs()[0].value(),
+        (WORKERS * ROUNDS).to_string().as_bytes()
+    );
+    assert!(keys_under(&client, &format!("{name}/")).await.is_empty());
+}
+
+#[tokio::test]
+async fn waiters_are_served_in_the_order_they_queued() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("fifo");
+    let holder = session(&client).await;
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut waiters = Vec::new();
+    for i in 0..4 {
+        let waiter = session(&client).await;
+        let (name, order) = (name.clone(), order_tx.clone());
+        let key = hex_key(&name, &waiter);
+        waiters.push(tokio::spawn(async move {
+            let guard = Mutex::new(&waiter, &name).lock().await.unwrap();
+            order.send(i).unwrap();
+            guard.unlock().await.unwrap();
+        }));
+        within(secs(5), appears(&client, &key)).await; // queued before the next one
+    }
+    guard.unlock().await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        order.push(within(secs(5), order_rx.recv()).await.unwrap());
+    }
+    assert_eq!(order, [0, 1, 2, 3]);
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn try_lock_gives_none_while_held_leaves_no_key_and_some_after_release() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("try");
+    let (holder, other) = (session(&client).await, session(&client).await);
+    let guard = Mutex::new(&holder, &name)
+        .try_lock()
+        .await
+        .unwrap()
+        .expect("free");
+    let contender = Mutex::new(&other, &name);
+    assert!(contender.try_lock().await.unwrap().is_none());
+    let keys = keys_under(&client, &format!("{name}/")).await;
+    assert_eq!(keys, [String::from_utf8(guard.key().to_vec()).unwrap()]);
+    // Another guard of the same session is "held" too.
+    assert!(
+        Mutex::new(&holder, &name)
+            .try_lock()
+            .await
+            .unwrap()
+            .is_none()
+    );
+    guard.unlock().await.unwrap();
+    let taken = contender
+        .try_lock()
+        .await
+        .unwrap()
+        .expect("free after release");
+    assert_eq!(taken.key(), hex_key(&name, &other));
+}
+
+#[tokio::test]
+async fn a_cancelled_lock_leaves_no_key() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("cancel");
+    let (holder, waiter) = (session(&client).await, session(&client).await);
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let mutex = Mutex::new(&waiter, &name);
+    let waiting_key = hex_key(&name, &waiter);
+    let attempt = tokio::spawn(async move { mutex.lock().await.map(drop) });
+    within(secs(5), appears(&client, &waiting_key)).await;
+    let deletion = Deletion::of(&client, std::str::from_utf8(&waiting_key).unwrap()).await;
+    attempt.abort(); // the waiting future is dropped
+    within(secs(1), deletion.happened()).await;
+    assert!(exists(&client, guard.key()).await);
+
+    // A deadline through tokio::time::timeout behaves the same.
+    let timed_out = tokio::time::timeout(millis(300), Mutex::new(&waiter, &name).lock()).await;
+    assert!(timed_out.is_err());
+    guard.unlock().await.unwrap();
+    let next = within(secs(5), Mutex::new(&waiter, &name).lock())
+        .await
+        .unwrap();
+    assert_eq!(keys_under(&client, &format!("{name}/")).await.len(), 1);
+    next.unlock().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_guard_dropped_in_an_aborted_task_is_released_within_a_second() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("abort");
+    let holder = session(&client).await;
+    let (key_tx, key_rx) = tokio::sync::oneshot::channel();
+    let mutex = Mutex::new(&holder, &name);
+    let task = tokio::spawn(async move {
+        let guard = mutex.lock().await.unwrap();
+        key_tx.send(guard.key().to_vec()).unwrap();
+        std::future::pending::<()>().await;
+    });
+    let key = String::from_utf8(within(secs(5), key_rx).await.unwrap()).unwrap();
+    let deletion = Deletion::of(&client, &key).await;
+    task.abort();
+    within(secs(1), deletion.happened()).await;
+    let again = within(secs(2), Mutex::new(&holder, &name).lock()).await;
+    again.unwrap().unlock().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stale_unlock_does_not_delete_a_newer_holder() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("stale");
+    let first = session(&client).await;
+    let stale = Mutex::new(&first, &name).lock().await.unwrap();
+    client.delete(stale.key(), None).await.unwrap(); // released behind its back
+    within(secs(2), stale.lost()).await;
+    // The same lease takes the lock again: same key, new incarnation.
+    let resumed = Session::builder(client.clone())
+        .lease(first.lease_id())
+        .build()
+        .await
+        .unwrap();
+    let newer = Mutex::new(&resumed, &name).lock().await.unwrap();
+    assert_eq!(newer.key(), stale.key());
+    assert!(newer.fencing_token() > stale.fencing_token());
+    assert!(matches!(stale.unlock().await, Err(Error::OwnershipLost)));
+    let current = client.get(newer.key(), None).await.unwrap();
+    assert_eq!(current.kvs()[0].create_revision(), newer.fencing_token());
+    newer.unlock().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_waiter_whose_lease_is_revoked_gets_session_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("revoked-waiter");
+    let (holder, waiter) = (session(&client).await, session(&client).await);
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let mutex = Mutex::new(&waiter, &name);
+    let attempt = tokio::spawn(async move { mutex.lock().await });
+    within(secs(5), appears(&client, &hex_key(&name, &waiter))).await;
+    client.lease_revoke(waiter.lease_id()).await.unwrap();
+    let result = within(secs(1), attempt).await.unwrap();
+    assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
+    assert!(waiter.is_lost());
+    assert_eq!(keys_under(&client, &format!("{name}/")).await.len(), 1);
+    guard.unlock().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_holder_whose_lease_is_revoked_sees_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("revoked-holder");
+    let holder = session(&client).await;
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let still_held = tokio::time::timeout(millis(200), guard.lost()).await;
+    assert!(
+        still_held.is_err(),
+        "lost() resolved while the lock is held"
+    );
+    client.lease_revoke(holder.lease_id()).await.unwrap();
+    within(secs(1), guard.lost()).await;
+    assert!(matches!(guard.unlock().await, Err(Error::OwnershipLost)));
+}
+
+#[tokio::test]
+async fn two_locks_through_one_session_are_serialised() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("same-session");
+    let shared = session(&client).await;
+    let first = Mutex::new(&shared, &name).lock().await.unwrap();
+    let second = Mutex::new(&shared, &name);
+    let waiting = tokio::time::timeout(millis(300), second.lock()).await;
+    assert!(
+        waiting.is_err(),
+        "the second lock() must wait for the first guard"
+    );
+    let handle = tokio::spawn(async move { second.lock().await });
+    first.unlock().await.unwrap();
+    let guard = within(secs(5), handle).await.unwrap().unwrap();
+    assert!(exists(&client, guard.key()).await);
+    guard.unlock().await.unwrap();
+}
+
+#[tokio::test]
+async fn etcdctl_lock_and_our_mutex_exclude_each_other() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("etcdctl");
+    let ours = session(&client).await;
+    let mutex = Mutex::new(&ours, &name);
+
+    let mut etcdctl = Etcdctl::spawn(&cluster.endpoints(), &["lock", &name]);
+    let their_key = within(secs(10), etcdctl.next_line())
+        .await
+        .expect("etcdctl holds");
+    assert!(their_key.starts_with(&format!("{name}/")), "{their_key}");
+    assert!(mutex.try_lock().await.unwrap().is_none());
+    let ours_waits = tokio::spawn({
+        let mutex = mutex.clone();
+        async move { mutex.lock().await }
+    });
+    tokio::time::sleep(millis(300)).await;
+    assert!(
+        !ours_waits.is_finished(),
+        "lock() must wait while etcdctl holds"
+    );
+    etcdctl.interrupt().await;
+    let guard = within(secs(5), ours_waits).await.unwrap().unwrap();
+
+    let mut etcdctl = Etcdctl::spawn(&cluster.endpoints(), &["lock", &name]);
+    let waits = tokio::time::timeout(millis(500), etcdctl.next_line()).await;
+    assert!(waits.is_err(), "etcdctl must wait while we hold the lock");
+    guard.unlock().await.unwrap();
+    let line = within(secs(5), etcdctl.next_line())
+        .await
+        .expect("etcdctl holds");
+    assert!(line.starts_with(&format!("{name}/")));
+    etcdctl.interrupt().await;
+}
+
+#[tokio::test]
+async fn etcd_server_side_lock_and_our_mutex_exclude_each_other() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("lock-service");
+    let theirs = session(&client).await; // a kept-alive lease for the server-side lock
+    let with_lease = || Some(LockOptions::new().with_lease(theirs.lease_id()));
+    let held = client.lock(name.as_str(), with_lease()).await.unwrap();
+    let ours = session(&client).await;
+    let mutex = Mutex::new(&ours, &name);
+    assert!(mutex.try_lock().await.unwrap().is_none());
+    assert!(
+        tokio::time::timeout(millis(300), mutex.lock())
+            .await
+            .is_err()
+    );
+    client.unlock(held.key()).await.unwrap();
+    let guard = within(secs(5), mutex.lock()).await.unwrap();
+
+    let mut their_client = client.clone();
+    let name_for_them = name.clone();
+    let lease = theirs.lease_id();
+    let theirs_waits = tokio::spawn(async move {
+        let options = LockOptions::new().with_lease(lease);
+        their_client
+            .lock(name_for_them.as_str(), Some(options))
+            .await
+    });
+    tokio::time::sleep(millis(300)).await;
+    assert!(
+        !theirs_waits.is_finished(),
+        "the Lock service must wait while we hold"
+    );
+    guard.unlock().await.unwrap();
+    let theirs_held = within(secs(5), theirs_waits).await.unwrap().unwrap();
+    client.unlock(theirs_held.key()).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_names_and_stray_keys() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let ours = session(&client).await;
+    let empty = Mutex::new(&ours, "");
+    assert!(matches!(empty.lock().await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        empty.try_lock().await,
+        Err(Error::InvalidArgument(_))
+    ));
+
+    // `a` is a prefix of `ab`, but the locks are independent (etcd #6278).
+    let name = unique("prefix");
+    let short = Mutex::new(&ours, &name).lock().await.unwrap();
+    let other = session(&client).await;
+    let long = within(secs(2), Mutex::new(&other, format!("{name}b")).lock()).await;
+    long.unwrap().unlock().await.unwrap();
+    short.unlock().await.unwrap();
+
+    // A key without a lease under the prefix (etcd #6631) holds the lock until deleted.
+    let name = unique("stray");
+    let stray = format!("{name}/stray");
+    client.put(stray.as_str(), "", None).await.unwrap();
+    let mutex = Mutex::new(&ours, &name);
+    assert!(mutex.try_lock().await.unwrap().is_none());
+    let waiting = tokio::spawn({
+        let mutex = mutex.clone();
+        async move { mutex.lock().await }
+    });
+    tokio::time::sleep(millis(300)).await;
+    assert!(!waiting.is_finished());
+    client.delete(stray.as_str(), None).await.unwrap();
+    within(secs(2), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unlock()
+        .await
+        .unwrap();
+    assert!(keys_under(&client, &format!("{name}/")).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_lost_session_cannot_lock() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let ours = session(&client).await;
+    let mutex = Mutex::new(&ours, unique("lost"));
+    ours.clone().close().await.unwrap();
+    assert!(matches!(mutex.lock().await, Err(Error::SessionLost)));
+    assert!(matches!(mutex.try_lock().await, Err(Error::SessionLost)));
+}
