@@ -78,9 +78,15 @@ pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     use tonic::Code;
     match error {
+        // `Cancelled` is what tonic reports when the connection closes under a request
+        // (its member died); this crate never cancels a call through gRPC itself.
         E::GRpcStatus(status) => matches!(
             status.code(),
-            Code::Unavailable | Code::Unknown | Code::Aborted | Code::DeadlineExceeded
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Aborted
+                | Code::DeadlineExceeded
+                | Code::Cancelled
         ),
         E::LeaseKeepAliveError(_) => !is_lease_not_found(error),
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) => true,

@@ -57,6 +57,7 @@
 //!   [`testing::Proxy`] (cut one client off), for testing code that uses this crate.
 
 mod acquire;
+mod election;
 mod error;
 mod mutex;
 mod ownership;
@@ -68,6 +69,7 @@ pub mod testing;
 mod wait;
 mod watcher;
 
+pub use election::{Election, Leader, Leadership};
 pub use error::{Error, Result};
 pub use etcd_client;
 pub use mutex::{Mutex, MutexGuard};

@@ -1,8 +1,13 @@
 //! Retrying requests that failed for transient reasons, with jittered back-off.
 //!
 //! etcd-client balances requests across endpoints but does not fail over: with one member
-//! down, some requests fail `Unavailable` although the cluster is healthy. Requests whose
-//! outcome is known or idempotent are retried here until a deadline.
+//! down, some requests fail `Unavailable` although the cluster is healthy. And when the
+//! raft leader dies, a write in flight at a follower hangs until etcd's request timeout
+//! (5 s + 2 election timeouts, measured: 6 s) although a new leader is elected within
+//! about one election timeout. So each attempt is cut off after [`ATTEMPT_TIMEOUT`] and
+//! retried until the caller's deadline. Only requests that are safe to apply twice come
+//! here: reads, and writes guarded by a compare that a first application falsifies
+//! (create-if-absent, fenced by create revision).
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,6 +21,8 @@ use crate::error::{Error, Result, is_transient};
 /// The first back-off step; steps double up to [`MAX_STEP`].
 const FIRST_STEP: Duration = Duration::from_millis(20);
 const MAX_STEP: Duration = Duration::from_secs(1);
+/// How long one attempt may go unanswered before it is abandoned and sent again.
+pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Exponential back-off with full jitter: each wait is uniform in `[0, step]`.
 #[derive(Debug)]
@@ -38,10 +45,10 @@ impl Backoff {
 
 /// Runs `request` (given its own clone of `client`, as etcd-client's calls borrow it
 /// mutably) until it succeeds, fails with a non-transient error, or `limit` has passed.
-/// Each attempt is cut off at the deadline.
+/// An attempt unanswered after [`ATTEMPT_TIMEOUT`] is abandoned and sent again.
 ///
 /// Returns the request's answer; the last error if it kept failing (transient or not);
-/// or [`Error::Timeout`] if an attempt got no answer before the deadline.
+/// or [`Error::Timeout`] if the last attempt got no answer before the deadline.
 pub(crate) async fn retry<T, F, Fut>(client: &Client, limit: Duration, mut request: F) -> Result<T>
 where
     F: FnMut(Client) -> Fut,
@@ -50,7 +57,8 @@ where
     let deadline = Instant::now() + limit;
     let mut backoff = Backoff::new();
     loop {
-        match tokio::time::timeout_at(deadline, request(client.clone())).await {
+        let cut_off = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+        match tokio::time::timeout_at(cut_off, request(client.clone())).await {
             Ok(Ok(answer)) => return Ok(answer),
             Ok(Err(error)) => {
                 let delay = backoff.next_delay();
@@ -59,6 +67,9 @@ where
                 }
                 tracing::debug!(%error, ?delay, "transient etcd error; retrying");
                 tokio::time::sleep(delay).await;
+            }
+            Err(_) if cut_off < deadline => {
+                tracing::debug!("no answer within {ATTEMPT_TIMEOUT:?}; sending again");
             }
             Err(_) => return Err(Error::Timeout { after: limit }),
         }
@@ -108,6 +119,25 @@ mod tests {
         .unwrap_err();
         assert!(matches!(error, Error::Etcd(_)));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sends_again_when_an_attempt_hangs() {
+        let calls = AtomicU32::new(0);
+        let answer = retry(&idle_client().await, Duration::from_secs(5), |_| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    std::future::pending().await
+                } else {
+                    Ok("answered")
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, "answered");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]

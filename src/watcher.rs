@@ -9,9 +9,11 @@
 //! compacted history never matters, since no watch starts in the past.
 //!
 //! A broken watch (member killed, connection lost, watch cancelled) is re-opened the same
-//! way, with jittered back-off, for as long as the caller keeps asking.
+//! way, with jittered back-off, for as long as the caller keeps asking. A follower that
+//! must report every change ([`Follower::replaying`]) re-opens from its last revision + 1
+//! instead, and falls back to a re-read only when that history has been compacted.
 
-use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchStream};
+use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream};
 
 use crate::error::{Error, Result};
 use crate::retry::Backoff;
@@ -33,6 +35,11 @@ pub(crate) struct Follower {
     read_options: GetOptions,
     /// The caller's view is current up to this revision.
     revision: i64,
+    /// Re-open broken watches from `revision + 1` (replaying what was missed) rather than
+    /// from now with a re-read.
+    replay: bool,
+    /// The history after `revision` was compacted: the next open reads the range again.
+    history_gone: bool,
     watch: Option<WatchStream>,
     backoff: Backoff,
 }
@@ -54,9 +61,18 @@ impl Follower {
             prefix,
             read_options,
             revision,
+            replay: false,
+            history_gone: false,
             watch: None,
             backoff: Backoff::new(),
         }
+    }
+
+    /// Makes re-opened watches replay the events missed while the watch was broken, so
+    /// that every change is reported, not only the state after it.
+    pub(crate) fn replaying(mut self) -> Follower {
+        self.replay = true;
+        self
     }
 
     /// The next change. Transient failures are retried without end (callers bound the
@@ -81,11 +97,13 @@ impl Follower {
             };
             match watch.message().await {
                 Ok(Some(answer)) if answer.canceled() => {
-                    // Compaction, or the member lost its leader: follow again from now.
+                    // Compaction, or the member lost its leader: follow again.
                     tracing::debug!(
                         reason = answer.cancel_reason(),
+                        compacted = answer.compact_revision(),
                         "watch cancelled; re-opening"
                     );
+                    self.history_gone |= answer.compact_revision() > 0;
                     self.watch = None;
                 }
                 Ok(Some(answer)) => {
@@ -110,23 +128,30 @@ impl Follower {
         }
     }
 
-    /// Opens a watch from now; returns a snapshot if the view is older than the watch.
+    /// Opens a watch: from the last revision + 1 when replaying, otherwise from now,
+    /// with a snapshot if the view is older than the watch.
     async fn open(&mut self) -> Result<Option<Update>> {
         let mut options = WatchOptions::new();
         if self.prefix {
             options = options.with_prefix();
         }
-        let mut watch = self.client.watch(self.key.clone(), Some(options)).await?;
-        let created = watch
-            .message()
-            .await?
-            .ok_or_else(|| etcd_client::Error::WatchError("watch closed at creation".into()))?;
-        if created.canceled() {
-            return Err(Error::Etcd(etcd_client::Error::WatchError(format!(
-                "watch refused: {}",
-                created.cancel_reason()
-            ))));
+        if self.replay && self.revision > 0 && !self.history_gone {
+            let options = options.with_start_revision(self.revision + 1);
+            let (watch, created) = self.watch_with(options).await?;
+            if created.canceled() && created.compact_revision() > 0 {
+                self.history_gone = true;
+            } else if created.canceled() {
+                return Err(refused(&created));
+            } else {
+                self.watch = Some(watch);
+            }
+            return Ok(None);
         }
+        let (watch, created) = self.watch_with(options).await?;
+        if created.canceled() {
+            return Err(refused(&created));
+        }
+        self.history_gone = false;
         let watched_from = created.header().map_or(0, |h| h.revision());
         if watched_from <= self.revision {
             self.watch = Some(watch);
@@ -147,9 +172,26 @@ impl Follower {
         }))
     }
 
+    /// Opens a watch and reads its first answer, which says whether it was created.
+    async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
+        let mut watch = self.client.watch(self.key.clone(), Some(options)).await?;
+        let created = watch
+            .message()
+            .await?
+            .ok_or_else(|| etcd_client::Error::WatchError("watch closed at creation".into()))?;
+        Ok((watch, created))
+    }
+
     async fn backoff_once(&mut self) {
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
+}
+
+fn refused(created: &WatchResponse) -> Error {
+    Error::Etcd(etcd_client::Error::WatchError(format!(
+        "watch refused: {}",
+        created.cancel_reason()
+    )))
 }
 
 /// The revision an event happened at (a delete's key-value carries the deletion revision).

@@ -1,0 +1,463 @@
+//! [`Election`]: leader election with a fenced [`Leadership`] guard and a truthful
+//! observation stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use etcd_client::{
+    Compare, CompareOp, Event, EventType, GetOptions, KeyValue, SortOrder, SortTarget,
+};
+use futures::Stream;
+
+use crate::acquire::{Outcome, Request, join};
+use crate::error::{Error, Result};
+use crate::ownership::OwnedKey;
+use crate::retry::{Backoff, retry};
+use crate::session::{Session, prefix_of};
+use crate::wait::wait_for_turn;
+use crate::watcher::{Follower, Update, revision_of};
+
+/// A leader election named by a key prefix; candidates campaign through a [`Session`].
+///
+/// Each candidate writes `name/` + its lease id in lowercase hex, with its proposal as the
+/// value; the leader is the candidate whose key has the lowest create revision, so
+/// candidates lead in the order they campaigned. These are the keys of Go's
+/// `concurrency.Election`, etcd's server-side Election service and `etcdctl elect`, so
+/// Rust and Go processes can take part in one election.
+///
+/// If the leader's process dies, its lease expires after the TTL and the next candidate
+/// leads. As with locks, a paused leader can outlive its lease: fence writes that only
+/// the leader may make with [`Leadership::ownership_compare`] (see the crate docs).
+///
+/// `Election` is a cheap [`Clone`] handle; nothing is sent until a method is called.
+///
+/// # Example: a leader-only job
+///
+/// ```no_run
+/// use etcd_concurrency::{Election, Session};
+///
+/// # async fn run_job() {}
+/// # async fn example(client: etcd_client::Client) -> etcd_concurrency::Result<()> {
+/// let session = Session::new(client).await?;
+/// let election = Election::new(&session, "/elections/scheduler");
+/// loop {
+///     let leadership = election.campaign("host-a").await?;
+///     // Runs until the job ends or leadership is lost (lease expired, key deleted).
+///     if leadership.while_leading(run_job()).await.is_some() {
+///         leadership.resign().await?;
+///         break;
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Election {
+    session: Session,
+    name: Arc<[u8]>,
+}
+
+/// Proof of leading an [`Election`]: the leader's key and its fencing token.
+///
+/// Dropping it without [`resign`](Self::resign) resigns in a background task on the
+/// runtime it was created on, with the session's release timeout (default 5 s), so
+/// leadership is handed on even when the leader's future was cancelled. If that runtime
+/// has shut down, the lease's expiry ends the leadership and a `tracing` warning says so.
+#[must_use = "dropping the leadership resigns at once (in the background)"]
+pub struct Leadership {
+    key: OwnedKey,
+}
+
+/// A leader as seen by [`Election::leader`] and [`Election::observe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    key: Vec<u8>,
+    value: Vec<u8>,
+    create_revision: i64,
+    lease_id: i64,
+}
+
+impl Election {
+    /// A handle on the election `name` (any bytes, not empty) for `session`. Mirrors Go's
+    /// `concurrency.NewElection(session, pfx)`.
+    pub fn new(session: &Session, name: impl AsRef<[u8]>) -> Election {
+        Election {
+            session: session.clone(),
+            name: Arc::from(name.as_ref()),
+        }
+    }
+
+    /// The election's name, without the trailing `/`.
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// The session whose lease holds this candidate's key.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Becomes a candidate with proposal `value` and waits until elected. Mirrors Go's
+    /// `Election.Campaign`.
+    ///
+    /// One Txn writes the candidate's key and reads the candidates ahead; then one watch
+    /// on the election follows them until the last one is gone, without a request per
+    /// change. If this session already has a key in the election (an earlier campaign, or
+    /// a resumed lease), that key keeps its place and takes the new value, as in Go;
+    /// leaderships that share the key end together.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidArgument`]: the name is empty.
+    /// - [`Error::SessionLost`]: the session is or becomes lost before the election is
+    ///   won; a candidate whose lease died is never told it leads.
+    /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else.
+    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (for instance a
+    ///   value over its request size limit, 1.5 MiB by default) or could not be reached
+    ///   within the session's request timeout.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future withdraws the candidacy (its key is deleted in the
+    /// background, also if the Txn creating it was in flight). A key that this call found
+    /// rather than created is left in place, since a live [`Leadership`] may share it.
+    pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership> {
+        self.check()?;
+        let value = value.into();
+        let key = self.session.key_in(&self.name);
+        let request = Request {
+            condition: Compare::create_revision(key, CompareOp::Equal, 0),
+            value: value.clone(),
+            queue: GetOptions::new().with_keys_only(),
+            release_found: false,
+            local: None,
+        };
+        let mut joined = match join(&self.session, &self.name, request).await? {
+            Outcome::Joined(joined) => joined,
+            // The condition is "no key yet", so the key exists when it is false.
+            Outcome::NotJoined => return Err(Error::OwnershipLost),
+        };
+        if !joined.created {
+            joined.key.set_release_on_drop(false);
+            if joined.value != value {
+                joined.key.put(value).await?;
+            }
+        }
+        wait_for_turn(&joined.key, &self.name, &joined.queue, joined.revision).await?;
+        if self.session.is_lost() {
+            return Err(Error::SessionLost);
+        }
+        joined.key.set_release_on_drop(true);
+        Ok(Leadership { key: joined.key })
+    }
+
+    /// The current leader, or `None` if nobody campaigns. One linearizable read. Mirrors
+    /// Go's `Election.Leader`, which returns `ErrElectionNoLeader` instead of `None`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an empty name; [`Error::Etcd`] / [`Error::Timeout`]
+    /// if etcd could not be read within the session's request timeout.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
+    pub async fn leader(&self) -> Result<Option<Leader>> {
+        if self.name.is_empty() {
+            return Err(empty_name());
+        }
+        let prefix = prefix_of(&self.name);
+        let first = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let answer = retry(
+            self.session.client(),
+            self.session.request_timeout(),
+            |mut c| {
+                let (prefix, first) = (prefix.clone(), first.clone());
+                async move { c.get(prefix, Some(first)).await }
+            },
+        )
+        .await?;
+        Ok(answer.kvs().first().map(Leader::from_kv))
+    }
+
+    /// A stream of the election's leader: first the current one (`None` when nobody
+    /// leads), then every change of leader or of its value, in order. Mirrors Go's
+    /// `Election.Observe`, which never reports that nobody leads and can report a later
+    /// candidate as leader (etcd #18163); here the leader is always the candidate with
+    /// the lowest create revision.
+    ///
+    /// It follows all candidates through one watch. A broken watch (member killed,
+    /// connection lost) is re-opened from the last revision seen + 1, so no change is
+    /// missed; if that history was compacted, the election is read again and the stream
+    /// goes on from there. The stream never ends by itself: it yields an `Err` for an
+    /// error that retrying does not cure (e.g. permission denied), then keeps trying with
+    /// back-off. Drop it to stop.
+    ///
+    /// Observing only reads: it uses the session's client, not its lease.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
+    /// let mut leaders = std::pin::pin!(election.observe());
+    /// while let Some(leader) = leaders.next().await {
+    ///     match leader? {
+    ///         Some(leader) => println!("leader: {}", String::from_utf8_lossy(leader.value())),
+    ///         None => println!("nobody leads"),
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn observe(&self) -> impl Stream<Item = Result<Option<Leader>>> + Send + 'static {
+        let follower = Follower::new(
+            self.session.client().clone(),
+            prefix_of(&self.name),
+            true,
+            GetOptions::new(),
+            0,
+        )
+        .replaying();
+        let observer = Observer {
+            empty_name: self.name.is_empty(),
+            follower,
+            candidates: HashMap::new(),
+            pending: VecDeque::new(),
+            reported: None,
+            failing: None,
+        };
+        futures::stream::unfold(observer, |mut observer| async move {
+            let item = observer.next().await;
+            Some((item, observer))
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.name.is_empty() {
+            return Err(empty_name());
+        }
+        if self.session.is_lost() {
+            return Err(Error::SessionLost);
+        }
+        Ok(())
+    }
+}
+
+fn empty_name() -> Error {
+    Error::InvalidArgument("an election name must not be empty".into())
+}
+
+impl fmt::Debug for Election {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Election")
+            .field("name", &String::from_utf8_lossy(&self.name))
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+/// The state behind [`Election::observe`].
+struct Observer {
+    empty_name: bool,
+    follower: Follower,
+    candidates: HashMap<Vec<u8>, Leader>,
+    /// Events received but not applied yet: they are applied one revision at a time, so
+    /// that each change of leader is reported even when several arrive together.
+    pending: VecDeque<Event>,
+    /// The last leader reported (`None` before the first report).
+    reported: Option<Option<Leader>>,
+    /// Set after yielding an error: wait before trying again.
+    failing: Option<Backoff>,
+}
+
+impl Observer {
+    async fn next(&mut self) -> Result<Option<Leader>> {
+        if self.empty_name {
+            return Err(empty_name());
+        }
+        if let Some(backoff) = self.failing.as_mut() {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        loop {
+            if self.pending.is_empty() {
+                match self.follower.next().await {
+                    Ok(Update::Snapshot { kvs, .. }) => {
+                        self.candidates = kvs
+                            .iter()
+                            .map(|kv| (kv.key().to_vec(), Leader::from_kv(kv)))
+                            .collect();
+                    }
+                    Ok(Update::Events(events)) => self.pending.extend(events),
+                    Err(error) => {
+                        self.failing.get_or_insert_with(Backoff::new);
+                        return Err(error);
+                    }
+                }
+                self.failing = None;
+            }
+            self.apply_one_revision();
+            let leader = self
+                .candidates
+                .values()
+                .min_by_key(|candidate| candidate.create_revision)
+                .cloned();
+            if self.reported.as_ref() != Some(&leader) {
+                self.reported = Some(leader.clone());
+                return Ok(leader);
+            }
+        }
+    }
+
+    /// Applies the pending events of the oldest pending revision.
+    fn apply_one_revision(&mut self) {
+        let Some(revision) = self.pending.front().map(revision_of) else {
+            return;
+        };
+        while self.pending.front().map(revision_of) == Some(revision) {
+            let Some(event) = self.pending.pop_front() else {
+                break;
+            };
+            let Some(kv) = event.kv() else { continue };
+            match event.event_type() {
+                EventType::Put => {
+                    self.candidates
+                        .insert(kv.key().to_vec(), Leader::from_kv(kv));
+                }
+                EventType::Delete => {
+                    self.candidates.remove(kv.key());
+                }
+            }
+        }
+    }
+}
+
+impl Leadership {
+    /// Replaces the leader's proposal with `value`, if this is still the leader: a put
+    /// fenced by the key's create revision. Observers see the new value. Mirrors Go's
+    /// `Election.Proclaim`.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::SessionLost`]: the session is lost; nothing is written.
+    /// - [`Error::OwnershipLost`]: the key is gone or belongs to a newer incarnation (this
+    ///   leader was deposed); nothing is written.
+    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (e.g. a value over
+    ///   its request size limit, 1.5 MiB by default) or could not be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped before completing, the value may or may not have been
+    /// written.
+    pub async fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<()> {
+        if self.key.session().is_lost() {
+            return Err(Error::SessionLost);
+        }
+        self.key.put(value.into()).await
+    }
+
+    /// Gives up leadership: deletes the key if it is still this leader's incarnation, so
+    /// the next candidate leads at once. Mirrors Go's `Election.Resign`.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::OwnershipLost`]: the key was already gone or re-created; nothing is
+    ///   deleted (this leadership had already ended).
+    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd could not be reached; the lease's expiry
+    ///   will end the leadership.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped before completing, the delete may or may not have been
+    /// applied.
+    pub async fn resign(self) -> Result<()> {
+        self.key.release().await
+    }
+
+    /// The leader's key: the election's name, `/`, and the lease id in lowercase hex.
+    pub fn key(&self) -> &[u8] {
+        self.key.key()
+    }
+
+    /// The create revision of the leader's key: it grows with every new leader, so a
+    /// resource can reject writes from earlier leaders.
+    pub fn fencing_token(&self) -> i64 {
+        self.key.create_revision()
+    }
+
+    /// A [`Compare`] that holds while this leadership lasts: `CreateRevision(key) ==
+    /// fencing_token`. Put it in your own Txn so that a write commits only while this
+    /// process leads.
+    pub fn ownership_compare(&self) -> Compare {
+        self.key.ownership_compare()
+    }
+
+    /// Resolves once leading can no longer be assumed: the session is lost or the key was
+    /// deleted or re-created.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe; each call opens its own watch, closed when the future is dropped.
+    pub async fn lost(&self) {
+        self.key.lost().await;
+    }
+
+    /// Runs `work` while leading: returns `Some(output)` if it finished, or `None` if
+    /// leadership was lost first, in which case `work` is dropped (cancelled) at once.
+    /// The leadership is kept either way; resign or drop it when done.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops `work`.
+    pub async fn while_leading<F: Future>(&self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            output = work => Some(output),
+            () = self.lost() => None,
+        }
+    }
+}
+
+impl fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Leadership")
+            .field("key", &String::from_utf8_lossy(self.key.key()))
+            .field("fencing_token", &self.key.create_revision())
+            .finish()
+    }
+}
+
+impl Leader {
+    fn from_kv(kv: &KeyValue) -> Leader {
+        Leader {
+            key: kv.key().to_vec(),
+            value: kv.value().to_vec(),
+            create_revision: kv.create_revision(),
+            lease_id: kv.lease(),
+        }
+    }
+
+    /// The leader's key: the election's name, `/`, and its lease id in lowercase hex.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The leader's proposal, as campaigned with or last proclaimed.
+    pub fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// The create revision of the leader's key (its fencing token).
+    pub fn create_revision(&self) -> i64 {
+        self.create_revision
+    }
+
+    /// The id of the lease the leader's key is attached to (0 for a key without lease).
+    pub fn lease_id(&self) -> i64 {
+        self.lease_id
+    }
+}

@@ -1,0 +1,374 @@
+//! Election, Leadership and observe against real etcd.
+
+mod common;
+
+use std::pin::pin;
+use std::time::Instant;
+
+use common::{Deletion, Etcdctl, appears, exists, keys_under, millis, secs, unique, within};
+use etcd_client::{Client, CompactionOptions};
+use etcd_concurrency::testing::{EtcdCluster, Proxy};
+use etcd_concurrency::{Election, Error, Leader, Session};
+use futures::{Stream, StreamExt};
+
+async fn session(client: &Client, ttl: u64) -> Session {
+    Session::builder(client.clone())
+        .ttl(secs(ttl))
+        .build()
+        .await
+        .unwrap()
+}
+
+fn hex_key(name: &str, session: &Session) -> Vec<u8> {
+    format!("{name}/{:x}", session.lease_id()).into_bytes()
+}
+
+/// The next leader an observer reports, within 5 s.
+async fn next_leader<S>(observer: &mut S) -> Option<Leader>
+where
+    S: Stream<Item = etcd_concurrency::Result<Option<Leader>>> + Unpin,
+{
+    within(secs(5), observer.next())
+        .await
+        .expect("observe never ends")
+        .expect("observe")
+}
+
+fn value_of(leader: &Option<Leader>) -> Option<String> {
+    leader
+        .as_ref()
+        .map(|l| String::from_utf8(l.value().to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn leadership_passes_on_resign_and_observe_shows_every_step() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("handoff");
+    let (a, b) = (session(&client, 10).await, session(&client, 10).await);
+    let watcher = session(&client, 10).await;
+    let mut observer = pin!(Election::new(&watcher, &name).observe());
+    assert_eq!(next_leader(&mut observer).await, None, "nobody leads yet");
+
+    let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("a")
+    );
+    leading_a.proclaim("a2").await.unwrap();
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("a2")
+    );
+
+    let election_b = Election::new(&b, &name);
+    let campaign_b = tokio::spawn(async move { election_b.campaign("b").await });
+    within(secs(5), appears(&client, &hex_key(&name, &b))).await;
+    assert!(!campaign_b.is_finished());
+    let token_a = leading_a.fencing_token();
+    leading_a.resign().await.unwrap();
+    let leading_b = within(secs(5), campaign_b).await.unwrap().unwrap();
+    assert!(leading_b.fencing_token() > token_a);
+    let seen = next_leader(&mut observer).await.expect("b leads");
+    assert_eq!(seen.value(), b"b");
+    assert_eq!(seen.key(), leading_b.key());
+    assert_eq!(seen.create_revision(), leading_b.fencing_token());
+    assert_eq!(seen.lease_id(), b.lease_id());
+    let leader = Election::new(&a, &name).leader().await.unwrap().unwrap();
+    assert_eq!(leader, seen);
+    leading_b.resign().await.unwrap();
+    assert_eq!(
+        next_leader(&mut observer).await,
+        None,
+        "nobody leads after the last resign"
+    );
+}
+
+#[tokio::test]
+async fn a_crashed_leader_is_replaced_within_ttl_plus_one_second() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("failover");
+    let (a, b) = (session(&client, 1).await, session(&client, 10).await);
+    let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
+    let election_b = Election::new(&b, &name);
+    let campaign_b = tokio::spawn(async move { election_b.campaign("b").await });
+    within(secs(5), appears(&client, &hex_key(&name, &b))).await;
+    let crashed_at = Instant::now();
+    std::mem::forget(leading_a); // a crash: no resign
+    a.orphan(); // and no revoke: the lease must expire
+    let leading_b = within(secs(2), campaign_b).await.unwrap().unwrap();
+    let failover = crashed_at.elapsed();
+    assert!(failover <= secs(2), "failover took {failover:?}");
+    assert_eq!(
+        Election::new(&b, &name)
+            .leader()
+            .await
+            .unwrap()
+            .unwrap()
+            .key(),
+        leading_b.key()
+    );
+}
+
+#[tokio::test]
+async fn a_candidate_whose_lease_dies_gets_session_lost_not_leadership() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("dead-candidate");
+    let (a, b) = (session(&client, 10).await, session(&client, 10).await);
+    let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
+    let election_b = Election::new(&b, &name);
+    let campaign_b = tokio::spawn(async move { election_b.campaign("b").await });
+    within(secs(5), appears(&client, &hex_key(&name, &b))).await;
+    client.lease_revoke(b.lease_id()).await.unwrap();
+    let result = within(secs(1), campaign_b).await.unwrap();
+    assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
+    leading_a.resign().await.unwrap();
+    assert!(
+        keys_under(&client, &format!("{name}/")).await.is_empty(),
+        "no phantom leader"
+    );
+}
+
+#[tokio::test]
+async fn observe_replays_changes_missed_while_cut_off_and_survives_compaction() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let name = unique("observe-cut");
+    let (a, watcher) = (session(&client, 10).await, session(&cut_off, 30).await);
+    let leading = Election::new(&a, &name).campaign("v1").await.unwrap();
+    let mut observer = pin!(Election::new(&watcher, &name).observe());
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("v1")
+    );
+
+    // Missed while cut off, then replayed from the last revision seen + 1.
+    proxy.cut();
+    leading.proclaim("v2").await.unwrap();
+    leading.proclaim("v3").await.unwrap();
+    proxy.heal();
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("v2")
+    );
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("v3")
+    );
+
+    // Missed and compacted away: the election is read again.
+    proxy.cut();
+    leading.proclaim("v4").await.unwrap();
+    leading.proclaim("v5").await.unwrap();
+    let revision = client
+        .get("any", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client
+        .compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    proxy.heal();
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("v5")
+    );
+    leading.proclaim("v6").await.unwrap();
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("v6")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_survives_the_death_of_each_member_in_turn() {
+    let cluster = EtcdCluster::start(3).await;
+    let name = unique("observe-kill");
+    let watcher = session(&cluster.client().await, 30).await;
+    let mut observer = pin!(Election::new(&watcher, &name).observe());
+    assert_eq!(next_leader(&mut observer).await, None);
+    let writer = session(&cluster.client().await, 30).await;
+    let leading = Election::new(&writer, &name).campaign("0").await.unwrap();
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("0")
+    );
+    for member in 0..3 {
+        cluster.kill(member);
+        let value = format!("{}", member + 1);
+        within(secs(10), leading.proclaim(value.clone()))
+            .await
+            .unwrap();
+        let seen = within(secs(10), observer.next()).await.unwrap().unwrap();
+        assert_eq!(value_of(&seen), Some(value));
+        cluster.restart(member).await;
+    }
+}
+
+#[tokio::test]
+async fn etcdctl_elect_and_our_election_see_each_other() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("etcdctl-elect");
+    let ours = session(&client, 10).await;
+    let election = Election::new(&ours, &name);
+
+    let mut theirs = Etcdctl::spawn(&cluster.endpoints(), &["elect", &name, "their-proposal"]);
+    let their_key = within(secs(10), theirs.next_line())
+        .await
+        .expect("etcdctl leads");
+    assert!(their_key.starts_with(&format!("{name}/")), "{their_key}");
+    let leader = election.leader().await.unwrap().expect("etcdctl leads");
+    assert_eq!(leader.value(), b"their-proposal");
+    assert_eq!(leader.key(), their_key.as_bytes());
+    let campaign = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign("our-proposal").await }
+    });
+    within(secs(5), appears(&client, &hex_key(&name, &ours))).await;
+    assert!(!campaign.is_finished(), "etcdctl leads: we must wait");
+    theirs.interrupt().await;
+    let leading = within(secs(5), campaign).await.unwrap().unwrap();
+
+    let mut listener = Etcdctl::spawn(&cluster.endpoints(), &["elect", "-l", &name]);
+    let key = within(secs(10), listener.next_line()).await.unwrap();
+    let value = within(secs(5), listener.next_line()).await.unwrap();
+    assert_eq!(key.as_bytes(), leading.key());
+    assert_eq!(value, "our-proposal");
+    leading.proclaim("proclaimed").await.unwrap();
+    let _key = within(secs(5), listener.next_line()).await.unwrap();
+    assert_eq!(
+        within(secs(5), listener.next_line()).await.unwrap(),
+        "proclaimed"
+    );
+    leading.resign().await.unwrap();
+}
+
+#[tokio::test]
+async fn campaigning_again_on_one_session_resumes_the_key_with_the_new_value() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("again");
+    let ours = session(&client, 10).await;
+    let election = Election::new(&ours, &name);
+    let first = election.campaign("first").await.unwrap();
+    let second = within(secs(2), election.campaign("second")).await.unwrap();
+    assert_eq!(second.key(), first.key());
+    assert_eq!(second.fencing_token(), first.fencing_token());
+    let leader = election.leader().await.unwrap().unwrap();
+    assert_eq!(leader.value(), b"second");
+    second.resign().await.unwrap();
+    within(secs(1), first.lost()).await; // they shared the key
+    assert!(matches!(first.resign().await, Err(Error::OwnershipLost)));
+}
+
+#[tokio::test]
+async fn a_deposed_leader_can_neither_proclaim_nor_resign() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("deposed");
+    let (a, b) = (session(&client, 10).await, session(&client, 10).await);
+    let deposed = Election::new(&a, &name).campaign("a").await.unwrap();
+    client.delete(deposed.key(), None).await.unwrap();
+    within(secs(1), deposed.lost()).await;
+    let successor = within(secs(2), Election::new(&b, &name).campaign("b"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        deposed.proclaim("a again").await,
+        Err(Error::OwnershipLost)
+    ));
+    assert!(!exists(&client, deposed.key()).await, "nothing written");
+    assert!(matches!(deposed.resign().await, Err(Error::OwnershipLost)));
+    let leader = Election::new(&b, &name).leader().await.unwrap().unwrap();
+    assert_eq!(leader.key(), successor.key());
+    assert_eq!(leader.value(), b"b");
+
+    // A leader whose session is lost does not write either.
+    let lost = session(&client, 10).await;
+    let election = Election::new(&lost, unique("deposed-lost"));
+    let leading = election.campaign("x").await.unwrap();
+    client.lease_revoke(lost.lease_id()).await.unwrap();
+    within(secs(2), leading.lost()).await;
+    assert!(leading.proclaim("y").await.is_err());
+    assert_eq!(election.leader().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_cancelled_campaign_leaves_no_key_and_a_dropped_leadership_resigns() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("cancel-campaign");
+    let (a, b) = (session(&client, 10).await, session(&client, 10).await);
+    let leading = Election::new(&a, &name).campaign("a").await.unwrap();
+    let election_b = Election::new(&b, &name);
+    let campaign = tokio::spawn(async move { election_b.campaign("b").await.map(drop) });
+    let b_key = hex_key(&name, &b);
+    within(secs(5), appears(&client, &b_key)).await;
+    let deletion = Deletion::of(&client, std::str::from_utf8(&b_key).unwrap()).await;
+    campaign.abort();
+    within(secs(1), deletion.happened()).await;
+
+    let deletion = Deletion::of(&client, std::str::from_utf8(leading.key()).unwrap()).await;
+    drop(leading);
+    within(secs(1), deletion.happened()).await;
+    assert_eq!(Election::new(&a, &name).leader().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn while_leading_stops_the_job_when_leadership_is_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let ours = session(&client, 10).await;
+    let leading = Election::new(&ours, unique("job"))
+        .campaign("me")
+        .await
+        .unwrap();
+    let done = leading.while_leading(async { 42 }).await;
+    assert_eq!(done, Some(42));
+    let job = leading.while_leading(std::future::pending::<()>());
+    let revoke = async {
+        tokio::time::sleep(millis(100)).await;
+        client.lease_revoke(ours.lease_id()).await.unwrap();
+    };
+    let (stopped, ()) = within(secs(2), futures::future::join(job, revoke)).await;
+    assert_eq!(stopped, None);
+}
+
+#[tokio::test]
+async fn bad_names_and_oversized_values_are_refused_and_leave_nothing() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let ours = session(&client, 10).await;
+    let empty = Election::new(&ours, "");
+    assert!(matches!(
+        empty.campaign("x").await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        empty.leader().await,
+        Err(Error::InvalidArgument(_))
+    ));
+    let first = pin!(empty.observe()).next().await.unwrap();
+    assert!(matches!(first, Err(Error::InvalidArgument(_))));
+
+    let name = unique("too-large");
+    let election = Election::new(&ours, &name);
+    let huge = vec![b'x'; 2 * 1024 * 1024];
+    let refused = within(secs(10), election.campaign(huge.clone())).await;
+    assert!(matches!(&refused, Err(Error::Etcd(_))), "{refused:?}");
+    assert!(!refused.unwrap_err().is_transient());
+    assert!(keys_under(&client, &format!("{name}/")).await.is_empty());
+    let leading = election.campaign("small").await.unwrap();
+    let refused = within(secs(10), leading.proclaim(huge)).await;
+    assert!(matches!(refused, Err(Error::Etcd(_))), "{refused:?}");
+    assert_eq!(election.leader().await.unwrap().unwrap().value(), b"small");
+    leading.resign().await.unwrap();
+}
