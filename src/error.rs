@@ -99,6 +99,28 @@ pub(crate) fn is_lease_not_found(error: &etcd_client::Error) -> bool {
     matches!(error, etcd_client::Error::LeaseKeepAliveError(reason) if reason.contains("not found"))
 }
 
+/// Whether etcd rejected a read pinned to a revision the serving member has not applied yet
+/// ("mvcc: required revision is a future revision", etcd #11963).
+pub(crate) fn is_future_revision(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::OutOfRange && status.message().contains("future revision"))
+}
+
+/// Whether a write that failed with `error` was certainly not applied: the connection was
+/// refused, or etcd turned it away before proposing it (no leader, too many requests).
+pub(crate) fn was_not_applied(error: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return false;
+    };
+    let message = status.message();
+    match status.code() {
+        Code::Unavailable => message.contains("tcp connect error") || message.contains("no leader"),
+        Code::ResourceExhausted => message.contains("too many requests"),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +154,11 @@ mod tests {
         let gone = etcd_client::Error::LeaseKeepAliveError("lease not found".into());
         assert!(is_lease_not_found(&gone));
         assert!(!Error::from(gone).is_transient());
+        let future = tonic::Status::out_of_range("mvcc: required revision is a future revision");
+        assert!(is_future_revision(&etcd_client::Error::GRpcStatus(future)));
+        let refused = tonic::Status::unavailable("tcp connect error");
+        assert!(was_not_applied(&etcd_client::Error::GRpcStatus(refused)));
+        let timed_out = tonic::Status::unavailable("etcdserver: request timed out");
+        assert!(!was_not_applied(&etcd_client::Error::GRpcStatus(timed_out)));
     }
 }

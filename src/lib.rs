@@ -64,6 +64,7 @@ mod ownership;
 mod release;
 mod retry;
 mod session;
+mod stm;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod wait;
@@ -76,3 +77,4 @@ pub use mutex::{Mutex, MutexGuard};
 pub use session::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, SessionBuilder,
 };
+pub use stm::{DEFAULT_MAX_ATTEMPTS, Isolation, Stm, StmTxn};

@@ -28,18 +28,29 @@ pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub(crate) struct Backoff {
     step: Duration,
+    max: Duration,
 }
 
 impl Backoff {
+    /// The back-off between attempts of a failed request.
     pub(crate) fn new() -> Backoff {
-        Backoff { step: FIRST_STEP }
+        Backoff::with_steps(FIRST_STEP, MAX_STEP)
+    }
+
+    /// A back-off whose step starts at `first` and doubles up to `max`.
+    pub(crate) fn with_steps(first: Duration, max: Duration) -> Backoff {
+        Backoff { step: first, max }
     }
 
     /// The next wait; the step grows for the one after.
     pub(crate) fn next_delay(&mut self) -> Duration {
         let delay = rand::rng().random_range(Duration::ZERO..=self.step);
-        self.step = (self.step * 2).min(MAX_STEP);
+        self.step = (self.step * 2).min(self.max);
         delay
+    }
+
+    pub(crate) async fn wait(&mut self) {
+        tokio::time::sleep(self.next_delay()).await;
     }
 }
 

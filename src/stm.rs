@@ -1,0 +1,493 @@
+//! Software transactional memory over etcd: [`Stm`] runs a closure as an optimistic
+//! transaction, re-running it on conflict.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+
+use crate::error::{Error, Result, is_future_revision, was_not_applied};
+use crate::retry::{Backoff, retry};
+use crate::session::DEFAULT_REQUEST_TIMEOUT;
+
+/// How many times [`Stm::run`] runs a transaction by default before giving up.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
+/// Back-off between conflicting attempts: jittered, from 2 ms doubling up to 100 ms.
+const CONFLICT_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(2), Duration::from_millis(100));
+
+/// The isolation level of an [`Stm`] transaction: which reads it makes and what its
+/// commit checks. The same four levels as Go's `concurrency.NewSTM`, with the same commit
+/// conditions.
+///
+/// | level | reads | the commit succeeds only if | guarantee |
+/// |---|---|---|---|
+/// | [`SerializableSnapshot`](Self::SerializableSnapshot) (default) | the first read is linearizable; later ones read that revision | every key read is unchanged, and no key written was modified after the first read's revision | serializable; a concurrent write to a key only written here is a conflict too (first committer wins) |
+/// | [`Serializable`](Self::Serializable) | as above | every key read is unchanged | serializable |
+/// | [`RepeatableReads`](Self::RepeatableReads) | each read from any member, at its latest revision | every key read is unchanged | committed transactions are serializable, but one attempt may see values from different revisions (a state that never existed) before its commit fails |
+/// | [`ReadCommitted`](Self::ReadCommitted) | each read from any member, at its latest revision | always | reads see committed data only; concurrent transactions can overwrite each other (lost updates) |
+///
+/// At every level, a key read twice in one attempt gives the same value, and a key written
+/// reads back as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Isolation {
+    /// Go's `SerializableSnapshot`.
+    #[default]
+    SerializableSnapshot,
+    /// Go's `Serializable`.
+    Serializable,
+    /// Go's `RepeatableReads`.
+    RepeatableReads,
+    /// Go's `ReadCommitted`.
+    ReadCommitted,
+}
+
+impl Isolation {
+    /// Whether reads after the first are pinned to its revision.
+    fn snapshot_reads(self) -> bool {
+        matches!(
+            self,
+            Isolation::SerializableSnapshot | Isolation::Serializable
+        )
+    }
+}
+
+/// Runs closures as transactions over etcd keys: optimistic, re-run on conflict. Mirrors
+/// Go's `concurrency.NewSTM`.
+///
+/// The closure reads with [`StmTxn::get`] and buffers writes with [`StmTxn::put`] /
+/// [`StmTxn::delete`]; when it returns `Ok`, one Txn commits the writes if the reads are
+/// still valid for the [`Isolation`] level. If not, the closure runs again with fresh
+/// values (read in the same Txn that failed, so the next attempt starts without a round
+/// trip), after a short jittered back-off.
+///
+/// `Stm` is a cheap [`Clone`] handle holding a client and options.
+///
+/// # Retries
+///
+/// The closure may run several times, and must be idempotent apart from its effect
+/// through the transaction: no side effects that must happen once. Only the last run's
+/// writes are committed, and only its output is returned.
+///
+/// # Example: moving money between accounts
+///
+/// ```no_run
+/// use etcd_concurrency::{Error, Stm};
+///
+/// # async fn example(client: etcd_client::Client) -> Result<(), Error> {
+/// let stm = Stm::new(client);
+/// stm.run(async |tx| {
+///     let from: u64 = parse(tx.get("/accounts/alice").await?);
+///     let to: u64 = parse(tx.get("/accounts/bob").await?);
+///     tx.put("/accounts/alice", (from - 10).to_string());
+///     tx.put("/accounts/bob", (to + 10).to_string());
+///     Ok::<_, Error>(())
+/// })
+/// .await?;
+/// # Ok(())
+/// # }
+/// # fn parse(value: Option<Vec<u8>>) -> u64 {
+/// #     value.map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Stm {
+    client: Client,
+    isolation: Isolation,
+    prefetch: Vec<Vec<u8>>,
+    max_attempts: u32,
+    request_timeout: Duration,
+}
+
+/// One attempt of an [`Stm`] transaction: its reads and buffered writes.
+pub struct StmTxn {
+    client: Client,
+    isolation: Isolation,
+    request_timeout: Duration,
+    /// Keys read in this attempt (the read set).
+    reads: HashMap<Vec<u8>, Read>,
+    /// Fresh values handed over from a failed commit or the prefetch, used on first read.
+    fresh: Fresh,
+    writes: HashMap<Vec<u8>, Write>,
+    /// The revision reads are pinned to, for the snapshot levels.
+    snapshot: Option<i64>,
+}
+
+/// Values read together in one Txn, at `revision`.
+#[derive(Debug, Default)]
+struct Fresh {
+    values: HashMap<Vec<u8>, Read>,
+    revision: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Read {
+    value: Option<Vec<u8>>,
+    /// 0 when the key is absent.
+    mod_revision: i64,
+}
+
+#[derive(Debug, Clone)]
+enum Write {
+    Put(Vec<u8>),
+    Delete,
+}
+
+impl Stm {
+    /// Transactions over `client`, at [`Isolation::SerializableSnapshot`], with at most
+    /// [`DEFAULT_MAX_ATTEMPTS`] (32) attempts. No request is sent until [`run`](Self::run).
+    pub fn new(client: Client) -> Stm {
+        Stm {
+            client,
+            isolation: Isolation::default(),
+            prefetch: Vec::new(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// The isolation level (Go's `WithIsolation`).
+    pub fn isolation(mut self, isolation: Isolation) -> Stm {
+        self.isolation = isolation;
+        self
+    }
+
+    /// Keys to read in one request before the first attempt, when the closure is known to
+    /// read them (Go's `WithPrefetch`): saves a round trip per key. Only keys the closure
+    /// actually reads join the read set.
+    pub fn prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
+        self.prefetch = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How many times the closure may run before [`Error::TooManyConflicts`] (at least 1;
+    /// default [`DEFAULT_MAX_ATTEMPTS`]).
+    pub fn max_attempts(mut self, attempts: u32) -> Stm {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// How long one request is retried on transient failures (member down, leader change)
+    /// before its error is returned (default 5 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Stm {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Runs `apply` as a transaction and returns its output once its writes are committed.
+    ///
+    /// `apply` gets the attempt's [`StmTxn`]; returning `Err` aborts the transaction:
+    /// nothing is written, and the error is returned as is. The error type is yours, as
+    /// long as this crate's [`Error`] converts into it (for `?` on reads).
+    ///
+    /// # Errors
+    ///
+    /// - `apply`'s own error, unchanged; nothing is written.
+    /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
+    ///   nothing is written.
+    /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed, or the
+    ///   commit failed or got no answer. If [`Error::is_transient`] is true for a failed
+    ///   commit, it may or may not have been applied; retrying the whole run may apply it
+    ///   twice. A request over etcd's size limit (1.5 MiB by default) fails here too.
+    ///
+    /// # Retries
+    ///
+    /// See the type's docs: `apply` may run several times.
+    ///
+    /// # In spawned tasks
+    ///
+    /// Today's compiler cannot prove a task `Send` when it calls `run` with an async
+    /// closure that captures references (rust-lang/rust#139475). In a task given to
+    /// `tokio::spawn`, make the closure `async move` and let it own what it uses:
+    ///
+    /// ```no_run
+    /// # use etcd_concurrency::{Error, Stm};
+    /// # fn example(stm: Stm) {
+    /// let key = String::from("/counters/visits");
+    /// tokio::spawn(async move {
+    ///     stm.run(async move |tx| {
+    ///         let visits: u64 = tx.get(&key).await?.map_or(0, |v| v[0].into());
+    ///         tx.put(key.as_str(), vec![(visits + 1) as u8]);
+    ///         Ok::<_, Error>(())
+    ///     })
+    ///     .await
+    /// });
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes abandons the transaction. Nothing is
+    /// written unless the commit request was already sent, in which case it may or may
+    /// not apply.
+    ///
+    /// # Panics
+    ///
+    /// Only if `apply` panics: the panic propagates.
+    pub async fn run<T, E, F>(&self, mut apply: F) -> Result<T, E>
+    where
+        F: AsyncFnMut(&mut StmTxn) -> Result<T, E>,
+        E: From<Error>,
+    {
+        let mut fresh = if self.prefetch.is_empty() {
+            Fresh::default()
+        } else {
+            let keys = self.prefetch.clone();
+            read_many(&self.client, self.request_timeout, keys).await?
+        };
+        let (first, max) = CONFLICT_BACKOFF;
+        let mut backoff = Backoff::with_steps(first, max);
+        for attempt in 1..=self.max_attempts {
+            // Reads pinned to a snapshot use the fresh values' revision, so that an attempt
+            // never mixes them with newer reads.
+            let snapshot =
+                (self.isolation.snapshot_reads() && fresh.revision > 0).then_some(fresh.revision);
+            let mut txn = StmTxn {
+                client: self.client.clone(),
+                isolation: self.isolation,
+                request_timeout: self.request_timeout,
+                reads: HashMap::new(),
+                fresh: std::mem::take(&mut fresh),
+                writes: HashMap::new(),
+                snapshot,
+            };
+            let output = apply(&mut txn).await?;
+            match txn.commit(&self.prefetch).await? {
+                None => return Ok(output),
+                Some(values) => fresh = values,
+            }
+            if attempt < self.max_attempts {
+                tracing::debug!(attempt, "STM conflict; running again");
+                backoff.wait().await;
+            }
+        }
+        Err(Error::TooManyConflicts {
+            attempts: self.max_attempts,
+        }
+        .into())
+    }
+}
+
+impl fmt::Debug for Stm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stm")
+            .field("isolation", &self.isolation)
+            .field("prefetch", &self.prefetch.len())
+            .field("max_attempts", &self.max_attempts)
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StmTxn {
+    /// The value of `key` as this transaction sees it: `None` if absent (an empty value is
+    /// `Some(vec![])`). A key written in this attempt reads back as written; otherwise the
+    /// key joins the read set, and reading it again gives the same value. Go's
+    /// `STM.Get`, which cannot tell absent from empty.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be read within the request
+    /// timeout. A read pinned to a revision that the serving member has not applied yet
+    /// (etcd #11963) is not an error: it is sent again as a linearizable read, which waits
+    /// for that revision.
+    pub async fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
+        let key = key.as_ref();
+        if let Some(write) = self.writes.get(key) {
+            return Ok(match write {
+                Write::Put(value) => Some(value.clone()),
+                Write::Delete => None,
+            });
+        }
+        Ok(self.read(key).await?.value.clone())
+    }
+
+    /// Buffers a write of `value` to `key`, committed with the transaction.
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.writes.insert(key.into(), Write::Put(value.into()));
+    }
+
+    /// Buffers a deletion of `key`, committed with the transaction.
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        self.writes.insert(key.into(), Write::Delete);
+    }
+
+    /// The mod revision of `key` as read by this transaction (0 if absent); the key joins
+    /// the read set. Go's `STM.Rev`.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Self::get).
+    pub async fn mod_revision(&mut self, key: impl AsRef<[u8]>) -> Result<i64> {
+        Ok(self.read(key.as_ref()).await?.mod_revision)
+    }
+
+    /// The read-set entry of `key`, reading it if needed.
+    async fn read(&mut self, key: &[u8]) -> Result<&Read> {
+        if !self.reads.contains_key(key) {
+            let read = match self.fresh.values.remove(key) {
+                Some(read) => read,
+                None => self.fetch(key).await?,
+            };
+            self.reads.insert(key.to_vec(), read);
+        }
+        Ok(&self.reads[key])
+    }
+
+    async fn fetch(&mut self, key: &[u8]) -> Result<Read> {
+        let options = match (self.isolation.snapshot_reads(), self.snapshot) {
+            // The first read of a snapshot level: linearizable; it fixes the snapshot.
+            (true, None) => GetOptions::new(),
+            (true, Some(revision)) => GetOptions::new()
+                .with_revision(revision)
+                .with_serializable(),
+            (false, _) => GetOptions::new().with_serializable(),
+        };
+        let answer = match self.get_with(key, options.clone()).await {
+            // A lagging member: read the same revision through the leader instead.
+            Err(Error::Etcd(error)) if is_future_revision(&error) => {
+                tracing::debug!("pinned read ahead of its member; reading it linearizably");
+                let revision = self.snapshot.unwrap_or_default();
+                self.get_with(key, GetOptions::new().with_revision(revision))
+                    .await?
+            }
+            other => other?,
+        };
+        if self.isolation.snapshot_reads() && self.snapshot.is_none() {
+            self.snapshot = answer.header().map(|h| h.revision());
+        }
+        Ok(Read::from_answer(&answer))
+    }
+
+    async fn get_with(&self, key: &[u8], options: GetOptions) -> Result<GetResponse> {
+        retry(&self.client, self.request_timeout, |mut client| {
+            let (key, options) = (key.to_vec(), options.clone());
+            async move { client.get(key, Some(options)).await }
+        })
+        .await
+    }
+
+    /// Commits the writes if the reads are still valid. Returns `None` when committed
+    /// (or when there is nothing to commit), or the fresh values of the read set (and of
+    /// `prefetch`) read by the failed Txn.
+    async fn commit(self, prefetch: &[Vec<u8>]) -> Result<Option<Fresh>> {
+        if self.writes.is_empty() && self.isolation != Isolation::RepeatableReads {
+            // Read-only: snapshot levels read one revision, which is consistent as it is;
+            // read-committed checks nothing.
+            return Ok(None);
+        }
+        let mut conditions = Vec::new();
+        if self.isolation != Isolation::ReadCommitted {
+            for (key, read) in &self.reads {
+                let current =
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, read.mod_revision);
+                conditions.push(current);
+            }
+        }
+        if self.isolation == Isolation::SerializableSnapshot {
+            if let Some(snapshot) = self.snapshot {
+                for key in self.writes.keys() {
+                    let untouched =
+                        Compare::mod_revision(key.clone(), CompareOp::Less, snapshot + 1);
+                    conditions.push(untouched);
+                }
+            }
+        }
+        let writes: Vec<TxnOp> = self
+            .writes
+            .into_iter()
+            .map(|(key, write)| match write {
+                Write::Put(value) => TxnOp::put(key, value, None),
+                Write::Delete => TxnOp::delete(key, None),
+            })
+            .collect();
+        let mut refresh: Vec<Vec<u8>> = prefetch.to_vec();
+        refresh.extend(self.reads.into_keys().filter(|key| !prefetch.contains(key)));
+        let reads: Vec<TxnOp> = refresh
+            .iter()
+            .map(|key| TxnOp::get(key.clone(), None))
+            .collect();
+        let txn = Txn::new().when(conditions).and_then(writes).or_else(reads);
+        let answer = commit_once(&self.client, self.request_timeout, txn).await?;
+        if answer.succeeded() {
+            return Ok(None);
+        }
+        Ok(Some(read_set(refresh, &answer)))
+    }
+}
+
+impl fmt::Debug for StmTxn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StmTxn")
+            .field("isolation", &self.isolation)
+            .field("reads", &self.reads.len())
+            .field("writes", &self.writes.len())
+            .field("snapshot", &self.snapshot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Read {
+    fn from_answer(answer: &GetResponse) -> Read {
+        match answer.kvs().first() {
+            Some(kv) => Read {
+                value: Some(kv.value().to_vec()),
+                mod_revision: kv.mod_revision(),
+            },
+            None => Read {
+                value: None,
+                mod_revision: 0,
+            },
+        }
+    }
+}
+
+/// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
+/// connection was refused, no leader, too many requests): a commit whose outcome is
+/// unknown is not sent twice.
+async fn commit_once(client: &Client, limit: Duration, txn: Txn) -> Result<TxnResponse> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut backoff = Backoff::new();
+    loop {
+        let answer = tokio::time::timeout_at(deadline, client.clone().txn(txn.clone())).await;
+        match answer {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(error)) if was_not_applied(&error) && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%error, "STM commit not applied; sending again");
+                backoff.wait().await;
+            }
+            Ok(Err(error)) => return Err(Error::Etcd(error)),
+            Err(_) => return Err(Error::Timeout { after: limit }),
+        }
+    }
+}
+
+/// Reads `keys` in one Txn, at one revision.
+async fn read_many(client: &Client, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
+    let reads: Vec<TxnOp> = keys
+        .iter()
+        .map(|key| TxnOp::get(key.clone(), None))
+        .collect();
+    let txn = Txn::new().and_then(reads);
+    let answer = retry(client, limit, |mut client| {
+        let txn = txn.clone();
+        async move { client.txn(txn).await }
+    })
+    .await?;
+    Ok(read_set(keys, &answer))
+}
+
+/// Pairs `keys` with the Get answers of a Txn, in order.
+fn read_set(keys: Vec<Vec<u8>>, answer: &TxnResponse) -> Fresh {
+    let gets = answer.op_responses().into_iter().filter_map(|op| match op {
+        TxnOpResponse::Get(get) => Some(Read::from_answer(&get)),
+        _ => None,
+    });
+    Fresh {
+        values: keys.into_iter().zip(gets).collect(),
+        revision: answer.header().map_or(0, |h| h.revision()),
+    }
+}
