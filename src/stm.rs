@@ -15,7 +15,10 @@ use crate::session::DEFAULT_REQUEST_TIMEOUT;
 
 /// How many times [`Stm::run`] runs a transaction by default before giving up.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
-/// Back-off between conflicting attempts: jittered, from 2 ms doubling up to 100 ms.
+/// Conflicting attempts run again at once with the values the failed commit read, as Go
+/// does; after this many in a row, they back off first (and read those values again).
+const RETRIES_WITHOUT_BACKOFF: u32 = 2;
+/// The back-off then: jittered, from 2 ms doubling up to 100 ms.
 const CONFLICT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(2), Duration::from_millis(100));
 
@@ -60,9 +63,10 @@ impl Isolation {
 ///
 /// The closure reads with [`StmTxn::get`] and buffers writes with [`StmTxn::put`] /
 /// [`StmTxn::delete`]; when it returns `Ok`, one Txn commits the writes if the reads are
-/// still valid for the [`Isolation`] level. If not, the closure runs again with fresh
-/// values (read in the same Txn that failed, so the next attempt starts without a round
-/// trip), after a short jittered back-off.
+/// still valid for the [`Isolation`] level. If not, the closure runs again at once with
+/// fresh values, read in the same Txn that failed, so the next attempt starts without a
+/// round trip. After repeated conflicts, attempts back off (jittered, 2 ms doubling up to
+/// 100 ms) and read the values again after the pause.
 ///
 /// `Stm` is a cheap [`Clone`] handle holding a client and options.
 ///
@@ -259,9 +263,12 @@ impl Stm {
                 None => return Ok(output),
                 Some(values) => fresh = values,
             }
-            if attempt < self.max_attempts {
-                tracing::debug!(attempt, "STM conflict; running again");
+            tracing::debug!(attempt, "STM conflict; running again");
+            if attempt >= RETRIES_WITHOUT_BACKOFF && attempt < self.max_attempts {
+                // Values read before a pause would be stale after it: read them again.
                 backoff.wait().await;
+                let keys = fresh.values.into_keys().collect();
+                fresh = read_many(&self.client, self.request_timeout, keys).await?;
             }
         }
         Err(Error::TooManyConflicts {
