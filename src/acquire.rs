@@ -20,6 +20,7 @@ use crate::ownership::{OwnedKey, fenced_delete};
 use crate::release::spawn_release;
 use crate::retry::retry;
 use crate::session::{Session, prefix_of};
+use crate::wait::QueueWatch;
 
 /// What to send.
 pub(crate) struct Request {
@@ -32,8 +33,8 @@ pub(crate) struct Request {
     /// A mutex's key belongs to one `lock()` at a time, so yes; an election's key may be
     /// shared with a live `Leadership` of the same session, so no.
     pub(crate) release_found: bool,
-    /// The mutex's in-process lock, held until the key is released.
-    pub(crate) local: Option<OwnedMutexGuard<()>>,
+    /// The mutex's in-process queue slot, held until the key is released.
+    pub(crate) local: Option<OwnedMutexGuard<QueueWatch>>,
 }
 
 /// This session's key after the Txn, with the queue as it was at `revision`.
@@ -140,7 +141,7 @@ struct InFlight {
     session: Session,
     key: Vec<u8>,
     release_found: bool,
-    local: Option<OwnedMutexGuard<()>>,
+    local: Option<OwnedMutexGuard<QueueWatch>>,
 }
 
 /// What became of a join Txn.

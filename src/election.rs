@@ -145,7 +145,7 @@ impl Election {
                 joined.key.put(value).await?;
             }
         }
-        wait_for_turn(&joined.key, &self.name, &joined.queue, joined.revision).await?;
+        wait_for_turn(&mut joined.key, &self.name, &joined.queue, joined.revision).await?;
         if self.session.is_lost() {
             return Err(Error::SessionLost);
         }

@@ -9,7 +9,7 @@ use crate::acquire::{Outcome, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
 use crate::session::{Session, prefix_of};
-use crate::wait::wait_for_turn;
+use crate::wait::{QueueWatch, wait_for_turn};
 
 /// A distributed lock named by a key prefix, held through a [`Session`]'s lease.
 ///
@@ -45,6 +45,9 @@ use crate::wait::wait_for_turn;
 pub struct Mutex {
     session: Session,
     name: Arc<[u8]>,
+    /// Shared by every handle on this name and session: serialises their `lock()` calls
+    /// and keeps the queue's watch open between them.
+    queue: Arc<tokio::sync::Mutex<QueueWatch>>,
 }
 
 /// Proof of holding a [`Mutex`]: the holder's key and its fencing token.
@@ -67,6 +70,7 @@ impl Mutex {
         Mutex {
             session: session.clone(),
             name: Arc::from(name.as_ref()),
+            queue: session.queue_slot(name.as_ref()),
         }
     }
 
@@ -123,7 +127,7 @@ impl Mutex {
     /// ```
     pub async fn lock(&self) -> Result<MutexGuard> {
         self.check()?;
-        let local = self.session.local_lock(&self.name).lock_owned().await;
+        let local = self.queue.clone().lock_owned().await;
         self.check()?;
         let key = self.session.key_in(&self.name);
         let request = Request {
@@ -133,12 +137,12 @@ impl Mutex {
             release_found: true,
             local: Some(local),
         };
-        let joined = match join(&self.session, &self.name, request).await? {
+        let mut joined = match join(&self.session, &self.name, request).await? {
             Outcome::Joined(joined) => joined,
             // The condition is "no key yet", so the key exists when it is false.
             Outcome::NotJoined => return Err(Error::OwnershipLost),
         };
-        wait_for_turn(&joined.key, &self.name, &joined.queue, joined.revision).await?;
+        wait_for_turn(&mut joined.key, &self.name, &joined.queue, joined.revision).await?;
         if self.session.is_lost() {
             return Err(Error::SessionLost);
         }
@@ -176,7 +180,7 @@ impl Mutex {
     /// ```
     pub async fn try_lock(&self) -> Result<Option<MutexGuard>> {
         self.check()?;
-        let Ok(local) = self.session.local_lock(&self.name).try_lock_owned() else {
+        let Ok(local) = self.queue.clone().try_lock_owned() else {
             return Ok(None);
         };
         let request = Request {

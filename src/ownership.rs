@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::release::spawn_release;
 use crate::retry::retry;
 use crate::session::Session;
+use crate::wait::QueueWatch;
 use crate::watcher::{Follower, Update};
 
 /// This session's key in a queue, identified by its create revision (the fencing token).
@@ -21,8 +22,8 @@ pub(crate) struct OwnedKey {
     key: Vec<u8>,
     create_revision: i64,
     release_on_drop: bool,
-    /// Held until the key is deleted: the in-process lock of a mutex, if any.
-    local: Option<OwnedMutexGuard<()>>,
+    /// Held until the key is deleted: the in-process slot of a mutex's queue, if any.
+    local: Option<OwnedMutexGuard<QueueWatch>>,
 }
 
 impl OwnedKey {
@@ -30,7 +31,7 @@ impl OwnedKey {
         session: Session,
         key: Vec<u8>,
         create_revision: i64,
-        local: Option<OwnedMutexGuard<()>>,
+        local: Option<OwnedMutexGuard<QueueWatch>>,
     ) -> OwnedKey {
         OwnedKey {
             session,
@@ -56,6 +57,11 @@ impl OwnedKey {
 
     pub(crate) fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// The queue slot held with this key, if it is a mutex's.
+    pub(crate) fn queue_watch(&mut self) -> Option<&mut QueueWatch> {
+        self.local.as_deref_mut()
     }
 
     /// True while the key is this incarnation: `CreateRevision(key) == token`.

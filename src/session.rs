@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use crate::error::{Error, Result, is_lease_not_found};
 use crate::release::spawn_release;
 use crate::retry::{Backoff, retry};
+use crate::wait::QueueWatch;
 
 /// The TTL of [`Session::new`], as in Go's `concurrency.NewSession`.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
@@ -68,9 +69,9 @@ struct Shared {
     keep_alive: AbortHandle,
     /// Set by `close` and `orphan`: the lease needs no revoke on drop.
     ended: AtomicBool,
-    /// One local lock per mutex name, so that two `lock()` calls on this session (which
+    /// One queue slot per mutex name, so that two `lock()` calls on this session (which
     /// share one key in etcd) never both believe they hold it.
-    local_locks: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::Mutex<()>>>>,
+    queues: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::Mutex<QueueWatch>>>>,
 }
 
 /// Configures and creates a [`Session`]; see [`Session::builder`].
@@ -224,20 +225,21 @@ impl Session {
         Ok(alive)
     }
 
-    /// The in-process lock that serialises `lock()` calls on this session for `name`.
-    pub(crate) fn local_lock(&self, name: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self
+    /// The in-process queue slot of the mutex `name` for this session, shared by every
+    /// handle on it; it lives as long as one does.
+    pub(crate) fn queue_slot(&self, name: &[u8]) -> Arc<tokio::sync::Mutex<QueueWatch>> {
+        let mut queues = self
             .shared
-            .local_locks
+            .queues
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        locks.retain(|_, lock| lock.strong_count() > 0);
-        if let Some(lock) = locks.get(name).and_then(Weak::upgrade) {
-            return lock;
+        queues.retain(|_, slot| slot.strong_count() > 0);
+        if let Some(slot) = queues.get(name).and_then(Weak::upgrade) {
+            return slot;
         }
-        let lock = Arc::new(tokio::sync::Mutex::new(()));
-        locks.insert(name.to_vec(), Arc::downgrade(&lock));
-        lock
+        let slot = Arc::new(tokio::sync::Mutex::new(QueueWatch::default()));
+        queues.insert(name.to_vec(), Arc::downgrade(&slot));
+        slot
     }
 }
 
@@ -394,7 +396,7 @@ impl SessionBuilder {
                 lost,
                 keep_alive,
                 ended: AtomicBool::new(false),
-                local_locks: Default::default(),
+                queues: Default::default(),
             }),
         })
     }

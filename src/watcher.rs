@@ -68,6 +68,13 @@ impl Follower {
         }
     }
 
+    /// Starts a new view, current as of `revision` and re-read with `read_options`
+    /// when needed, keeping the open watch: its events up to `revision` are skipped.
+    pub(crate) fn restart_view(&mut self, read_options: GetOptions, revision: i64) {
+        self.read_options = read_options;
+        self.revision = revision;
+    }
+
     /// Makes re-opened watches replay the events missed while the watch was broken, so
     /// that every change is reported, not only the state after it.
     pub(crate) fn replaying(mut self) -> Follower {
