@@ -189,6 +189,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if self.session.has_ended() {
+            return; // nothing to undo: the lease was revoked, or its keys are to stay
+        }
         if let Some(task) = self.task.take() {
             self.spawn_undo(async move {
                 match task.await {

@@ -16,7 +16,8 @@ use crate::watcher::{Follower, Update};
 /// Every write to the key is fenced: it applies only while the key still has that create
 /// revision, so a stale handle never deletes or overwrites a newer incarnation of the key
 /// (etcd #22082). Dropped without [`release`](Self::release), it deletes the key in a
-/// background task with the session's release timeout.
+/// background task with the session's release timeout, unless the session has ended
+/// (closed: the key went with the lease; orphaned: it stays until the lease expires).
 pub(crate) struct OwnedKey {
     session: Session,
     key: Vec<u8>,
@@ -104,7 +105,7 @@ impl OwnedKey {
 
 impl Drop for OwnedKey {
     fn drop(&mut self) {
-        if !self.release_on_drop {
+        if !self.release_on_drop || self.session.has_ended() {
             return;
         }
         let session = self.session.clone();

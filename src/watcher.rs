@@ -194,10 +194,17 @@ impl Follower {
     }
 }
 
+/// etcd refused to create a watch (e.g. permission denied): not worth retrying.
 fn refused(created: &WatchResponse) -> Error {
-    Error::Etcd(etcd_client::Error::WatchError(format!(
-        "watch refused: {}",
-        created.cancel_reason()
+    let reason = created.cancel_reason();
+    let code = if reason.contains("permission denied") {
+        tonic::Code::PermissionDenied
+    } else {
+        tonic::Code::FailedPrecondition
+    };
+    Error::Etcd(etcd_client::Error::GRpcStatus(tonic::Status::new(
+        code,
+        format!("watch refused: {reason}"),
     )))
 }
 

@@ -23,7 +23,8 @@ const ELECTION_TIMEOUT_MS: u32 = 500;
 /// A throwaway etcd cluster of 1 or 3 members on free loopback ports, data in tmpfs.
 ///
 /// Each member is a real `etcd` process started with `--unsafe-no-fsync`, a 50 ms heartbeat
-/// and a 500 ms election timeout, so leases as short as 1 s are honoured. Dropping the
+/// and a 500 ms election timeout, so leases as short as 1 s are honoured, and with
+/// `--grpc-keepalive-min-time=500ms`, so clients may ping it every second. Dropping the
 /// cluster kills every member and deletes its data, also while a test unwinds from a panic;
 /// members also die with the thread that started them (`PR_SET_PDEATHSIG`), so a killed
 /// test process leaves no etcd behind.
@@ -257,6 +258,9 @@ impl EtcdCluster {
             .arg("--unsafe-no-fsync")
             .arg(format!("--heartbeat-interval={HEARTBEAT_MS}"))
             .arg(format!("--election-timeout={ELECTION_TIMEOUT_MS}"))
+            // Let clients detect a frozen member with HTTP/2 pings every second (etcd's
+            // default refuses pings more often than every 5 s).
+            .arg("--grpc-keepalive-min-time=500ms")
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log file handle"))
