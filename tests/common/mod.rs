@@ -1,10 +1,12 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod faults;
+
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::{Client, GetOptions, GetResponse};
 
 /// Awaits `future`, failing the test if it takes longer than `limit`.
 pub async fn within<F: Future>(limit: Duration, future: F) -> F::Output {
@@ -27,16 +29,35 @@ pub fn unique(name: &str) -> String {
     format!("/test/{name}/{:08x}", rand::random::<u32>())
 }
 
+/// A read that retries for up to 5 s: after a member restarts, etcd-client may hand the
+/// next request a stale connection error (the library retries those; tests must too).
+pub async fn read(
+    client: &Client,
+    key: impl Into<Vec<u8>>,
+    options: Option<GetOptions>,
+) -> GetResponse {
+    let key = key.into();
+    let deadline = tokio::time::Instant::now() + secs(5);
+    loop {
+        match client.clone().get(key.clone(), options.clone()).await {
+            Ok(answer) => return answer,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                eprintln!("read failed, retrying: {error}");
+                tokio::time::sleep(millis(50)).await;
+            }
+            Err(error) => panic!("read failed: {error}"),
+        }
+    }
+}
+
 /// The keys under `prefix`, as strings.
 pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
-    let answer = client
-        .clone()
-        .get(
-            prefix,
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await
-        .expect("list keys");
+    let answer = read(
+        client,
+        prefix,
+        Some(GetOptions::new().with_prefix().with_keys_only()),
+    )
+    .await;
     answer
         .kvs()
         .iter()
@@ -46,8 +67,7 @@ pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
 
 /// Whether `key` exists.
 pub async fn exists(client: &Client, key: impl Into<Vec<u8>>) -> bool {
-    let answer = client.clone().get(key, None).await.expect("get");
-    !answer.kvs().is_empty()
+    !read(client, key, None).await.kvs().is_empty()
 }
 
 /// A watch for the deletion of a key that exists now.

@@ -1,0 +1,164 @@
+//! Client-side resilience and cleanliness: every primitive keeps working while any one
+//! member is dead (with a plain client of all endpoints: the crate retries what
+//! etcd-client does not fail over), and nothing is left behind, neither keys nor tasks.
+
+mod common;
+
+use std::pin::pin;
+
+use common::{keys_under, millis, secs, unique, within};
+use etcd_client::{Txn, TxnOp};
+use etcd_concurrency::testing::EtcdCluster;
+use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
+use futures::StreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_primitive_works_while_any_one_member_is_dead() {
+    let cluster = EtcdCluster::start(3).await;
+    let client = cluster.client().await; // default options: no pings, no failover
+    let prefix = unique("resilience");
+    let session = Session::builder(client.clone())
+        .ttl(secs(2))
+        .build()
+        .await
+        .unwrap();
+    let other = Session::builder(client.clone())
+        .ttl(secs(2))
+        .build()
+        .await
+        .unwrap();
+    let mutex = Mutex::new(&session, format!("{prefix}/lock"));
+    let election = Election::new(&session, format!("{prefix}/election"));
+    let mut leaders = pin!(Election::new(&other, format!("{prefix}/election")).observe());
+    assert_eq!(
+        within(secs(5), leaders.next()).await.unwrap().unwrap(),
+        None
+    );
+    let stm = Stm::new(client.clone());
+    let counter = format!("{prefix}/counter");
+
+    for member in 0..3 {
+        cluster.kill(member);
+        let guard = within(secs(10), mutex.lock()).await.unwrap();
+        let write = Txn::new()
+            .when([guard.ownership_compare()])
+            .and_then([TxnOp::put(
+                format!("{prefix}/data"),
+                member.to_string(),
+                None,
+            )]);
+        let mut kv = client.clone();
+        let written = within(secs(10), async {
+            loop {
+                if let Ok(answer) = kv.txn(write.clone()).await {
+                    return answer;
+                }
+                tokio::time::sleep(millis(50)).await;
+            }
+        })
+        .await;
+        assert!(written.succeeded());
+        within(secs(10), guard.unlock()).await.unwrap();
+        let held = within(secs(10), mutex.try_lock())
+            .await
+            .unwrap()
+            .expect("free");
+        within(secs(10), held.unlock()).await.unwrap();
+
+        let value = format!("led while m{member} was dead");
+        let leading = within(secs(10), election.campaign(value.clone()))
+            .await
+            .unwrap();
+        let seen = within(secs(10), leaders.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen.value(), value.as_bytes());
+        let leader = within(secs(10), election.leader()).await.unwrap().unwrap();
+        assert_eq!(leader.key(), leading.key());
+        within(secs(10), leading.resign()).await.unwrap();
+        assert_eq!(
+            within(secs(10), leaders.next()).await.unwrap().unwrap(),
+            None
+        );
+
+        let count = within(
+            secs(10),
+            stm.run(async |tx| {
+                let n: u64 = tx
+                    .get(&counter)
+                    .await?
+                    .map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap());
+                tx.put(counter.as_str(), (n + 1).to_string());
+                Ok::<_, Error>(n + 1)
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(count, member as u64 + 1);
+
+        cluster.restart(member).await;
+    }
+    assert!(
+        !session.is_lost() && !other.is_lost(),
+        "keep-alives must survive each death"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_everything_leaves_no_keys_and_no_tasks() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    client.clone().get("warm-up", None).await.unwrap(); // etcd-client's own tasks
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let prefix = unique("no-leaks");
+    {
+        let (a, b) = (
+            Session::new(client.clone()).await.unwrap(),
+            Session::new(client.clone()).await.unwrap(),
+        );
+        let lock = format!("{prefix}/lock");
+        let held = Mutex::new(&a, &lock).lock().await.unwrap();
+        let waiting = tokio::spawn({
+            let mutex = Mutex::new(&b, &lock);
+            async move { mutex.lock().await.map(drop) }
+        });
+        let _ = tokio::time::timeout(millis(100), held.lost()).await;
+        drop(held); // released in the background; the waiter gets the lock and drops it
+        within(secs(5), waiting).await.unwrap().unwrap();
+
+        let election = Election::new(&a, format!("{prefix}/election"));
+        let mut leaders = pin!(Election::new(&b, format!("{prefix}/election")).observe());
+        let _ = within(secs(5), leaders.next()).await;
+        let leading = election.campaign("x").await.unwrap();
+        let _ = within(secs(5), leaders.next()).await;
+        drop(leading);
+        Stm::new(client.clone())
+            .run(async |tx| {
+                tx.put(format!("{prefix}/stm"), "y");
+                Ok::<_, Error>(())
+            })
+            .await
+            .unwrap();
+        a.close().await.unwrap();
+        // `b` is dropped: its lease is revoked in the background.
+    }
+    within(secs(5), async {
+        while metrics.num_alive_tasks() > baseline {
+            tokio::time::sleep(millis(20)).await;
+        }
+    })
+    .await;
+    let keys = keys_under(&client, &prefix).await;
+    assert_eq!(
+        keys,
+        [format!("{prefix}/stm")],
+        "only the STM's own write remains"
+    );
+    assert!(
+        client.clone().leases().await.unwrap().leases().is_empty(),
+        "a lease leaked"
+    );
+}

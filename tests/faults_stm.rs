@@ -1,0 +1,116 @@
+//! STM transfers under the fault schedule on a 3-member cluster: they go on across member
+//! kills, a paused leader and a client cut off, and the money is conserved.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use common::faults::{Isolation, inflict, resilient_client, schedule};
+use common::{read, secs, unique, within};
+use etcd_client::{Client, GetOptions};
+use etcd_concurrency::testing::EtcdCluster;
+use etcd_concurrency::{Error, Stm};
+use rand::Rng;
+
+const ACCOUNTS: usize = 8;
+const WORKERS: usize = 6;
+const OPENING_BALANCE: u64 = 1000;
+
+#[derive(Default)]
+struct Tally {
+    commits: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn amount(value: Option<Vec<u8>>) -> u64 {
+    value.map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
+}
+
+async fn transfers(client: Client, prefix: String, tally: Arc<Tally>) {
+    let stm = Stm::new(client);
+    while !tally.stop.load(Ordering::SeqCst) {
+        let (from, to) = {
+            let mut rng = rand::rng();
+            let from = rng.random_range(0..ACCOUNTS);
+            (from, (from + rng.random_range(1..ACCOUNTS)) % ACCOUNTS)
+        };
+        let (from, to) = (format!("{prefix}/{from}"), format!("{prefix}/{to}"));
+        let transfer = stm.run(async move |tx| {
+            let from_balance = amount(tx.get(&from).await?);
+            let to_balance = amount(tx.get(&to).await?);
+            let moved = from_balance / 4;
+            tx.put(from.as_str(), (from_balance - moved).to_string());
+            tx.put(to.as_str(), (to_balance + moved).to_string());
+            Ok::<_, Error>(())
+        });
+        match tokio::time::timeout(secs(10), transfer).await {
+            Ok(Ok(())) => tally.commits.fetch_add(1, Ordering::SeqCst),
+            _ => tally.errors.fetch_add(1, Ordering::SeqCst),
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_go_on_through_faults_and_conserve_money() {
+    let cluster = EtcdCluster::start(3).await;
+    let isolation = Isolation::new(&cluster).await;
+    let prefix = unique("faults-stm");
+    let setup = cluster.client().await;
+    for i in 0..ACCOUNTS {
+        let key = format!("{prefix}/{i}");
+        setup
+            .clone()
+            .put(key, OPENING_BALANCE.to_string(), None)
+            .await
+            .unwrap();
+    }
+    let tally = Arc::new(Tally::default());
+    let mut workers = Vec::new();
+    for id in 0..WORKERS {
+        let endpoints = if id == 0 {
+            isolation.endpoints()
+        } else {
+            cluster.endpoints()
+        };
+        let client = resilient_client(&endpoints).await;
+        workers.push(tokio::spawn(transfers(
+            client,
+            prefix.clone(),
+            tally.clone(),
+        )));
+    }
+    let progress = || tally.commits.load(Ordering::SeqCst);
+    let report = inflict(&cluster, Some(&isolation), &schedule(secs(2)), progress, 20).await;
+    tally.stop.store(true, Ordering::SeqCst);
+    within(secs(30), async {
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    })
+    .await;
+    let accounts = read(
+        &setup,
+        format!("{prefix}/"),
+        Some(GetOptions::new().with_prefix()),
+    )
+    .await;
+    let total: u64 = accounts
+        .kvs()
+        .iter()
+        .map(|kv| amount(Some(kv.value().to_vec())))
+        .sum();
+    println!(
+        "commits {}, failed transfers {}, faults {}:\n  {}",
+        tally.commits.load(Ordering::SeqCst),
+        tally.errors.load(Ordering::SeqCst),
+        report.len(),
+        report.join("\n  ")
+    );
+    assert_eq!(
+        total,
+        OPENING_BALANCE * ACCOUNTS as u64,
+        "money was created or destroyed"
+    );
+}
