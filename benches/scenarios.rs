@@ -1,0 +1,434 @@
+//! The benchmark runner of `shared/bench/SCENARIOS.md`: one scenario per run, one JSON
+//! line on stdout with its figures, anything else on stderr.
+//!
+//! ```text
+//! cargo bench --bench scenarios -- --scenario mutex-contended --clients 8 --duration 5s
+//! cargo bench --bench scenarios -- --endpoints 10.0.0.1:2379,10.0.0.2:2379 --scenario stm-transfer
+//! ```
+//!
+//! `--impl etcd-client-rpc` measures etcd-client's own calls to etcd's server-side Lock
+//! and Election services (with a kept-alive lease) for `mutex-uncontended`,
+//! `mutex-contended` and `election-handoff`: what a Rust user would pick without this
+//! crate.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use etcd_client::{Client, GetOptions, LeaderKey, LockOptions, ResignOptions};
+use etcd_concurrency::{Election, Error, Isolation, Leadership, Mutex, Session, Stm};
+use rand::Rng;
+use serde_json::{Value, json};
+
+/// Runs one benchmark scenario against etcd and prints its figures as one JSON line.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Comma-separated etcd endpoints.
+    #[arg(long, default_value = "127.0.0.1:2379", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Scenario::MutexUncontended)]
+    scenario: Scenario,
+    /// Iterations for mutex-uncontended and election-handoff.
+    #[arg(long, default_value_t = 300)]
+    iterations: usize,
+    /// Concurrent clients, each with its own connection and session.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Measured run time for mutex-contended and stm-transfer (Go syntax: 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Accounts for stm-transfer.
+    #[arg(long, default_value_t = 16)]
+    accounts: usize,
+    #[arg(long, value_enum, default_value_t = IsolationLevel::SerializableSnapshot)]
+    isolation: IsolationLevel,
+    /// Key prefix for the run (default: a fresh random one).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// The implementation measured.
+    #[arg(long = "impl", value_enum, default_value_t = Implementation::EtcdConcurrency)]
+    implementation: Implementation,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Scenario {
+    MutexUncontended,
+    MutexContended,
+    ElectionHandoff,
+    StmTransfer,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum IsolationLevel {
+    SerializableSnapshot,
+    Serializable,
+    RepeatableReads,
+    ReadCommitted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Implementation {
+    /// This crate.
+    EtcdConcurrency,
+    /// etcd-client's calls to etcd's server-side Lock and Election services.
+    EtcdClientRpc,
+}
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// The sessions' TTL, as in the Go anchor.
+const TTL: Duration = Duration::from_secs(10);
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let prefix = args
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("/bench/{:016x}/", rand::random::<u64>()));
+    let figures = match (args.scenario, args.implementation) {
+        (Scenario::StmTransfer, Implementation::EtcdClientRpc) => {
+            Err("etcd-client-rpc has no STM; only the lock and election scenarios".into())
+        }
+        (Scenario::MutexUncontended, which) => mutex_uncontended(&args, &prefix, which).await,
+        (Scenario::MutexContended, which) => mutex_contended(&args, &prefix, which).await,
+        (Scenario::ElectionHandoff, which) => election_handoff(&args, &prefix, which).await,
+        (Scenario::StmTransfer, _) => stm_transfer(&args, &prefix).await,
+    };
+    match figures {
+        Ok(mut figures) => {
+            let name = match args.implementation {
+                Implementation::EtcdConcurrency => "etcd-concurrency",
+                Implementation::EtcdClientRpc => "etcd-client-rpc",
+            };
+            figures["impl"] = json!(name);
+            figures["scenario"] = args
+                .scenario
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .into();
+            println!("{figures}");
+        }
+        Err(failure) => {
+            eprintln!("scenarios: {failure}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn connect(args: &Args) -> Result<Client, Failure> {
+    Ok(Client::connect(&args.endpoints, None).await?)
+}
+
+async fn session(client: &Client) -> Result<Session, Failure> {
+    Ok(Session::builder(client.clone()).ttl(TTL).build().await?)
+}
+
+/// A lock held through one of the two implementations.
+enum Locker {
+    Ours(Mutex),
+    Service { session: Session, name: String },
+}
+
+enum Held {
+    Ours(etcd_concurrency::MutexGuard),
+    Service(Vec<u8>),
+}
+
+impl Locker {
+    async fn new(args: &Args, name: String, which: Implementation) -> Result<Locker, Failure> {
+        let session = session(&connect(args).await?).await?;
+        Ok(match which {
+            Implementation::EtcdConcurrency => Locker::Ours(Mutex::new(&session, name)),
+            Implementation::EtcdClientRpc => Locker::Service { session, name },
+        })
+    }
+
+    async fn lock(&mut self) -> Result<Held, Failure> {
+        Ok(match self {
+            Locker::Ours(mutex) => Held::Ours(mutex.lock().await?),
+            Locker::Service { session, name } => {
+                let options = LockOptions::new().with_lease(session.lease_id());
+                let mut client = session.client().clone();
+                let answer = client.lock(name.as_str(), Some(options)).await?;
+                Held::Service(answer.key().to_vec())
+            }
+        })
+    }
+
+    async fn unlock(&mut self, held: Held) -> Result<(), Failure> {
+        match (self, held) {
+            (_, Held::Ours(guard)) => guard.unlock().await?,
+            (Locker::Service { session, .. }, Held::Service(key)) => {
+                session.client().clone().unlock(key).await?;
+            }
+            (Locker::Ours(_), Held::Service(_)) => unreachable!("a lock is held as it was taken"),
+        }
+        Ok(())
+    }
+}
+
+async fn mutex_uncontended(
+    args: &Args,
+    prefix: &str,
+    which: Implementation,
+) -> Result<Value, Failure> {
+    let mut locker = Locker::new(args, format!("{prefix}lock"), which).await?;
+    let mut latencies = Vec::with_capacity(args.iterations);
+    let started = Instant::now();
+    for _ in 0..args.iterations {
+        let t = Instant::now();
+        let held = locker.lock().await?;
+        locker.unlock(held).await?;
+        latencies.push(t.elapsed());
+    }
+    let elapsed = started.elapsed();
+    let (p50, p99) = percentiles(&mut latencies);
+    Ok(json!({
+        "ops_per_s": args.iterations as f64 / elapsed.as_secs_f64(),
+        "p50_ms": p50, "p99_ms": p99, "iterations": args.iterations,
+    }))
+}
+
+async fn mutex_contended(
+    args: &Args,
+    prefix: &str,
+    which: Implementation,
+) -> Result<Value, Failure> {
+    let holders = Arc::new(AtomicI64::new(0));
+    let violations = Arc::new(AtomicU64::new(0));
+    let mut lockers = Vec::new();
+    for _ in 0..args.clients {
+        lockers.push(Locker::new(args, format!("{prefix}lock"), which).await?);
+    }
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let mut workers = Vec::new();
+    for mut locker in lockers {
+        let (holders, violations) = (holders.clone(), violations.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let held = locker.lock().await?;
+                latencies.push(t.elapsed());
+                if holders.fetch_add(1, Ordering::SeqCst) != 0 {
+                    violations.fetch_add(1, Ordering::SeqCst);
+                }
+                holders.fetch_sub(1, Ordering::SeqCst);
+                locker.unlock(held).await?;
+            }
+            Ok::<_, Failure>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    let elapsed = started.elapsed();
+    let acquisitions = latencies.len();
+    let (p50, p99) = percentiles(&mut latencies);
+    Ok(json!({
+        "ops_per_s": acquisitions as f64 / elapsed.as_secs_f64(),
+        "p50_ms": p50, "p99_ms": p99, "clients": args.clients,
+        "acquisitions": acquisitions, "violations": violations.load(Ordering::SeqCst),
+    }))
+}
+
+/// A candidate in one of the two implementations.
+enum Candidate {
+    Ours(Election),
+    Service { session: Session, name: String },
+}
+
+enum Leading {
+    Ours(Leadership),
+    Service(LeaderKey),
+}
+
+impl Candidate {
+    async fn new(args: &Args, name: String, which: Implementation) -> Result<Candidate, Failure> {
+        let session = session(&connect(args).await?).await?;
+        Ok(match which {
+            Implementation::EtcdConcurrency => Candidate::Ours(Election::new(&session, name)),
+            Implementation::EtcdClientRpc => Candidate::Service { session, name },
+        })
+    }
+
+    async fn campaign(&self, value: &str) -> Result<Leading, Failure> {
+        Ok(match self {
+            Candidate::Ours(election) => Leading::Ours(election.campaign(value).await?),
+            Candidate::Service { session, name } => {
+                let mut client = session.client().clone();
+                let answer = client
+                    .campaign(name.as_str(), value, session.lease_id())
+                    .await?;
+                Leading::Service(
+                    answer
+                        .leader()
+                        .cloned()
+                        .ok_or("campaign answered no leader key")?,
+                )
+            }
+        })
+    }
+
+    async fn resign(&self, leading: Leading) -> Result<(), Failure> {
+        match (self, leading) {
+            (_, Leading::Ours(leadership)) => leadership.resign().await?,
+            (Candidate::Service { session, .. }, Leading::Service(key)) => {
+                let options = ResignOptions::new().with_leader(key);
+                session.client().clone().resign(Some(options)).await?;
+            }
+            (Candidate::Ours(_), Leading::Service(_)) => {
+                unreachable!("leadership is given up as it was won")
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn election_handoff(
+    args: &Args,
+    prefix: &str,
+    which: Implementation,
+) -> Result<Value, Failure> {
+    let name = format!("{prefix}election");
+    let mut leader = Arc::new(Candidate::new(args, name.clone(), which).await?);
+    let mut follower = Arc::new(Candidate::new(args, name.clone(), which).await?);
+    let mut counter = connect(args).await?;
+    let mut leading = leader.campaign("a").await?;
+    let mut latencies = Vec::with_capacity(args.iterations);
+    for _ in 0..args.iterations {
+        let candidate = follower.clone();
+        let won = tokio::spawn(async move { candidate.campaign("f").await });
+        // Time the hand-off only: wait until the follower's key is in the queue.
+        let count = GetOptions::new().with_prefix().with_count_only();
+        while counter
+            .get(format!("{name}/"), Some(count.clone()))
+            .await?
+            .count()
+            != 2
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let t = Instant::now();
+        leader.resign(leading).await?;
+        leading = won.await??;
+        latencies.push(t.elapsed());
+        std::mem::swap(&mut leader, &mut follower);
+    }
+    leader.resign(leading).await?;
+    let (p50, p99) = percentiles(&mut latencies);
+    Ok(json!({ "p50_ms": p50, "p99_ms": p99, "iterations": args.iterations }))
+}
+
+async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
+    const OPENING_BALANCE: u64 = 1000;
+    let accounts: Arc<Vec<String>> = Arc::new(
+        (0..args.accounts)
+            .map(|i| format!("{prefix}accounts/{i:04}"))
+            .collect(),
+    );
+    let mut setup = connect(args).await?;
+    for account in accounts.iter() {
+        setup
+            .put(account.as_str(), OPENING_BALANCE.to_string(), None)
+            .await?;
+    }
+    let isolation = match args.isolation {
+        IsolationLevel::SerializableSnapshot => Isolation::SerializableSnapshot,
+        IsolationLevel::Serializable => Isolation::Serializable,
+        IsolationLevel::RepeatableReads => Isolation::RepeatableReads,
+        IsolationLevel::ReadCommitted => Isolation::ReadCommitted,
+    };
+    let attempts = Arc::new(AtomicU64::new(0));
+    let mut stms = Vec::new();
+    for _ in 0..args.clients {
+        stms.push(Stm::new(connect(args).await?).isolation(isolation));
+    }
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let mut workers = Vec::new();
+    for stm in stms {
+        let (accounts, attempts) = (accounts.clone(), attempts.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let (from, to) = two_accounts(accounts.len());
+                let (from, to) = (accounts[from].clone(), accounts[to].clone());
+                let attempts = attempts.clone();
+                let t = Instant::now();
+                stm.run(async move |tx| {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    let from_balance = balance(tx.get(&from).await?);
+                    let to_balance = balance(tx.get(&to).await?);
+                    let amount = from_balance / 4;
+                    tx.put(from.as_str(), (from_balance - amount).to_string());
+                    tx.put(to.as_str(), (to_balance + amount).to_string());
+                    Ok::<_, Error>(())
+                })
+                .await?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, Failure>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    let elapsed = started.elapsed();
+    let commits = latencies.len();
+    let all = setup
+        .get(
+            format!("{prefix}accounts/"),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let total: u64 = all
+        .kvs()
+        .iter()
+        .map(|kv| balance(Some(kv.value().to_vec())))
+        .sum();
+    let (p50, p99) = percentiles(&mut latencies);
+    Ok(json!({
+        "ops_per_s": commits as f64 / elapsed.as_secs_f64(),
+        "p50_ms": p50, "p99_ms": p99, "clients": args.clients, "accounts": args.accounts,
+        "isolation": args.isolation.to_possible_value().map(|v| v.get_name().to_owned()),
+        "commits": commits,
+        "attempts_per_commit": attempts.load(Ordering::Relaxed) as f64 / commits.max(1) as f64,
+        "conserved": total == OPENING_BALANCE * args.accounts as u64,
+        "future_revision_retries": 0,
+    }))
+}
+
+/// Two distinct random account indices below `count`.
+fn two_accounts(count: usize) -> (usize, usize) {
+    let mut rng = rand::rng();
+    let from = rng.random_range(0..count);
+    let to = rng.random_range(0..count - 1);
+    (from, if to >= from { to + 1 } else { to })
+}
+
+fn balance(value: Option<Vec<u8>>) -> u64 {
+    value
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The 50th and 99th percentiles, in milliseconds.
+fn percentiles(latencies: &mut [Duration]) -> (f64, f64) {
+    if latencies.is_empty() {
+        return (0.0, 0.0);
+    }
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: usize| latencies[(latencies.len() * q / 100).min(latencies.len() - 1)];
+    (ms(at(50)), ms(at(99)))
+}
