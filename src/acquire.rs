@@ -76,12 +76,12 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
             TxnOp::get(key.clone(), None),
             TxnOp::get(prefix, Some(queue)),
         ]);
-    let client = session.client().clone();
+    let kv = session.client().kv_client();
     let limit = session.request_timeout();
     let task = session.runtime().spawn(async move {
-        retry(&client, limit, |mut client| {
+        retry(&kv, limit, |mut kv| {
             let txn = txn.clone();
-            async move { client.txn(txn).await }
+            async move { kv.txn(txn).await }
         })
         .await
     });
@@ -219,9 +219,9 @@ async fn undo(session: &Session, key: &[u8], sent: Sent, release_found: bool) ->
                 .when([Compare::lease(key, CompareOp::Equal, session.lease_id())])
                 .and_then([TxnOp::delete(key, None)]);
             let limit = session.request_timeout();
-            return retry(session.client(), limit, |mut client| {
+            return retry(&session.client().kv_client(), limit, |mut kv| {
                 let txn = delete_if_ours.clone();
-                async move { client.txn(txn).await }
+                async move { kv.txn(txn).await }
             })
             .await
             .map(drop);

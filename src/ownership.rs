@@ -148,10 +148,11 @@ pub(crate) async fn fenced(
         .when([Compare::create_revision(key, CompareOp::Equal, revision)])
         .and_then([op]);
     let mut attempts = 0;
-    let answer = retry(session.client(), session.request_timeout(), |mut client| {
+    let kv = session.client().kv_client();
+    let answer = retry(&kv, session.request_timeout(), |mut kv| {
         attempts += 1;
         let txn = txn.clone();
-        async move { client.txn(txn).await }
+        async move { kv.txn(txn).await }
     })
     .await?;
     Ok(match (answer.succeeded(), attempts) {

@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::Client;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -54,22 +53,24 @@ impl Backoff {
     }
 }
 
-/// Runs `request` (given its own clone of `client`, as etcd-client's calls borrow it
-/// mutably) until it succeeds, fails with a non-transient error, or `limit` has passed.
+/// Runs `request` (given its own clone of `handle`, a `Client` or one of its service
+/// clients such as `KvClient`, as etcd-client's calls borrow them mutably) until it
+/// succeeds, fails with a non-transient error, or `limit` has passed.
 /// An attempt unanswered after [`ATTEMPT_TIMEOUT`] is abandoned and sent again.
 ///
 /// Returns the request's answer; the last error if it kept failing (transient or not);
 /// or [`Error::Timeout`] if the last attempt got no answer before the deadline.
-pub(crate) async fn retry<T, F, Fut>(client: &Client, limit: Duration, mut request: F) -> Result<T>
+pub(crate) async fn retry<H, T, F, Fut>(handle: &H, limit: Duration, mut request: F) -> Result<T>
 where
-    F: FnMut(Client) -> Fut,
+    H: Clone,
+    F: FnMut(H) -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
     let deadline = Instant::now() + limit;
     let mut backoff = Backoff::new();
     loop {
         let cut_off = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
-        match tokio::time::timeout_at(cut_off, request(client.clone())).await {
+        match tokio::time::timeout_at(cut_off, request(handle.clone())).await {
             Ok(Ok(answer)) => return Ok(answer),
             Ok(Err(error)) => {
                 let delay = backoff.next_delay();
@@ -93,8 +94,10 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A client that is never used for a request: connecting is lazy.
-    async fn idle_client() -> Client {
-        Client::connect(["http://127.0.0.1:9"], None).await.unwrap()
+    async fn idle_client() -> etcd_client::Client {
+        etcd_client::Client::connect(["http://127.0.0.1:9"], None)
+            .await
+            .unwrap()
     }
 
     fn unavailable() -> etcd_client::Error {

@@ -6,7 +6,8 @@ use std::fmt;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, GetOptions, GetResponse, KvClient, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
 };
 
 use crate::error::{Error, Result, is_future_revision, was_not_applied};
@@ -108,7 +109,7 @@ pub struct Stm {
 
 /// One attempt of an [`Stm`] transaction: its reads and buffered writes.
 pub struct StmTxn {
-    client: Client,
+    kv: KvClient,
     isolation: Isolation,
     request_timeout: Duration,
     /// Keys read in this attempt (the read set).
@@ -236,11 +237,12 @@ impl Stm {
         F: AsyncFnMut(&mut StmTxn) -> Result<T, E>,
         E: From<Error>,
     {
+        let kv = self.client.kv_client();
         let mut fresh = if self.prefetch.is_empty() {
             Fresh::default()
         } else {
             let keys = self.prefetch.clone();
-            read_many(&self.client, self.request_timeout, keys).await?
+            read_many(&kv, self.request_timeout, keys).await?
         };
         let (first, max) = CONFLICT_BACKOFF;
         let mut backoff = Backoff::with_steps(first, max);
@@ -250,7 +252,7 @@ impl Stm {
             let snapshot =
                 (self.isolation.snapshot_reads() && fresh.revision > 0).then_some(fresh.revision);
             let mut txn = StmTxn {
-                client: self.client.clone(),
+                kv: kv.clone(),
                 isolation: self.isolation,
                 request_timeout: self.request_timeout,
                 reads: HashMap::new(),
@@ -268,7 +270,7 @@ impl Stm {
                 // Values read before a pause would be stale after it: read them again.
                 backoff.wait().await;
                 let keys = fresh.values.into_keys().collect();
-                fresh = read_many(&self.client, self.request_timeout, keys).await?;
+                fresh = read_many(&kv, self.request_timeout, keys).await?;
             }
         }
         Err(Error::TooManyConflicts {
@@ -370,9 +372,9 @@ impl StmTxn {
     }
 
     async fn get_with(&self, key: &[u8], options: GetOptions) -> Result<GetResponse> {
-        retry(&self.client, self.request_timeout, |mut client| {
+        retry(&self.kv, self.request_timeout, |mut kv| {
             let (key, options) = (key.to_vec(), options.clone());
-            async move { client.get(key, Some(options)).await }
+            async move { kv.get(key, Some(options)).await }
         })
         .await
     }
@@ -396,7 +398,13 @@ impl StmTxn {
         }
         if self.isolation == Isolation::SerializableSnapshot {
             if let Some(snapshot) = self.snapshot {
-                for key in self.writes.keys() {
+                // A key also read is covered already: its read compare pins a mod revision
+                // at or below the snapshot.
+                let blind = self
+                    .writes
+                    .keys()
+                    .filter(|key| !self.reads.contains_key(*key));
+                for key in blind {
                     let untouched =
                         Compare::mod_revision(key.clone(), CompareOp::Less, snapshot + 1);
                     conditions.push(untouched);
@@ -418,7 +426,7 @@ impl StmTxn {
             .map(|key| TxnOp::get(key.clone(), None))
             .collect();
         let txn = Txn::new().when(conditions).and_then(writes).or_else(reads);
-        let answer = commit_once(&self.client, self.request_timeout, txn).await?;
+        let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
         if answer.succeeded() {
             return Ok(None);
         }
@@ -455,11 +463,11 @@ impl Read {
 /// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
 /// connection was refused, no leader, too many requests): a commit whose outcome is
 /// unknown is not sent twice.
-async fn commit_once(client: &Client, limit: Duration, txn: Txn) -> Result<TxnResponse> {
+async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     let deadline = tokio::time::Instant::now() + limit;
     let mut backoff = Backoff::new();
     loop {
-        let answer = tokio::time::timeout_at(deadline, client.clone().txn(txn.clone())).await;
+        let answer = tokio::time::timeout_at(deadline, kv.clone().txn(txn.clone())).await;
         match answer {
             Ok(Ok(answer)) => return Ok(answer),
             Ok(Err(error)) if was_not_applied(&error) && tokio::time::Instant::now() < deadline => {
@@ -473,15 +481,15 @@ async fn commit_once(client: &Client, limit: Duration, txn: Txn) -> Result<TxnRe
 }
 
 /// Reads `keys` in one Txn, at one revision.
-async fn read_many(client: &Client, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
+async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
     let reads: Vec<TxnOp> = keys
         .iter()
         .map(|key| TxnOp::get(key.clone(), None))
         .collect();
     let txn = Txn::new().and_then(reads);
-    let answer = retry(client, limit, |mut client| {
+    let answer = retry(kv, limit, |mut kv| {
         let txn = txn.clone();
-        async move { client.txn(txn).await }
+        async move { kv.txn(txn).await }
     })
     .await?;
     Ok(read_set(keys, &answer))

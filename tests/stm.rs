@@ -379,3 +379,38 @@ async fn a_value_over_the_request_limit_is_refused_and_nothing_is_written() {
     assert!(!error.is_transient());
     assert!(common::keys_under(&client, &prefix).await.is_empty());
 }
+
+/// Reads `a`, lets another client write `b` (first run only), then writes `b` blind.
+/// Returns how many times the closure ran.
+async fn blind_write_while_someone_writes(client: &Client, isolation: Isolation) -> u32 {
+    let prefix = unique("first-committer");
+    let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
+    client.clone().put(a.as_str(), "0", None).await.unwrap();
+    let runs = AtomicU32::new(0);
+    Stm::new(client.clone())
+        .isolation(isolation)
+        .run(async |tx| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            tx.get(&a).await?;
+            if run == 0 {
+                client.clone().put(b.as_str(), "theirs", None).await.unwrap();
+            }
+            tx.put(b.as_str(), "ours");
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    runs.into_inner()
+}
+
+#[tokio::test]
+async fn only_serializable_snapshot_makes_a_blind_write_conflict() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    // First committer wins: the other client's write of b came after the snapshot.
+    let snapshot = blind_write_while_someone_writes(&client, Isolation::SerializableSnapshot);
+    assert_eq!(snapshot.await, 2);
+    // Serializable checks only what was read: b is overwritten without a conflict.
+    let serializable = blind_write_while_someone_writes(&client, Isolation::Serializable);
+    assert_eq!(serializable.await, 1);
+}
