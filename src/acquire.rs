@@ -10,16 +10,16 @@
 use std::future::Future;
 
 use etcd_client::{
-    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Compare, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::ownership::{OwnedKey, fenced_delete};
+use crate::ownership::{OwnedKey, release_while_session_lives};
 use crate::release::spawn_release;
 use crate::retry::retry;
-use crate::session::{Session, prefix_of};
+use crate::session::{ElectionClaim, Session, WeakSession, prefix_of};
 use crate::wait::QueueWatch;
 
 /// What to send.
@@ -29,12 +29,16 @@ pub(crate) struct Request {
     pub(crate) value: Vec<u8>,
     /// How to read the queue (the name's prefix is added here).
     pub(crate) queue: GetOptions,
-    /// Whether a call dropped mid-flight also deletes a key it found rather than created.
-    /// A mutex's key belongs to one `lock()` at a time, so yes; an election's key may be
-    /// shared with a live `Leadership` of the same session, so no.
+    /// Whether a call dropped mid-flight also deletes a key it found rather than created:
+    /// yes unless another live handle of this session shares the key (an election's
+    /// `Leadership` or campaign; a mutex's key belongs to one `lock()` at a time). A found
+    /// key that nobody else uses is a leftover: from an earlier attempt of this very call
+    /// whose answer was lost, or from an earlier process on the same lease.
     pub(crate) release_found: bool,
     /// The mutex's in-process queue slot, held until the key is released.
     pub(crate) local: Option<OwnedMutexGuard<QueueWatch>>,
+    /// The election claim of this call, held until the key is released.
+    pub(crate) claim: Option<ElectionClaim>,
 }
 
 /// This session's key after the Txn, with the queue as it was at `revision`.
@@ -91,6 +95,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         key: key.clone(),
         release_found: request.release_found,
         local: request.local,
+        claim: request.claim,
     };
     let answer = match in_flight.finish().await {
         Ok(answer) => answer,
@@ -101,7 +106,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
             return Err(lease_gone_is_session_lost(session, error));
         }
     };
-    let local = in_flight.local.take();
+    let (local, claim) = (in_flight.local.take(), in_flight.claim.take());
     let revision = answer.header().map_or(0, |h| h.revision());
     let (own, queue) = split(&answer);
     let (create_revision, value, created) = if answer.succeeded() {
@@ -113,7 +118,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         }
     };
     Ok(Outcome::Joined(Joined {
-        key: OwnedKey::new(session.clone(), key, create_revision, local),
+        key: OwnedKey::new(session.clone(), key, create_revision, local, claim),
         created,
         value,
         revision,
@@ -142,6 +147,7 @@ struct InFlight {
     key: Vec<u8>,
     release_found: bool,
     local: Option<OwnedMutexGuard<QueueWatch>>,
+    claim: Option<ElectionClaim>,
 }
 
 /// What became of a join Txn.
@@ -160,28 +166,33 @@ impl InFlight {
         self.task = None;
         match answer {
             Ok(answer) => answer,
-            Err(join_error) => std::panic::resume_unwind(join_error.into_panic()),
+            Err(join_error) if join_error.is_panic() => {
+                std::panic::resume_unwind(join_error.into_panic())
+            }
+            // Cancelled: the session's runtime shut down, and its keep-alive with it.
+            Err(_) => Err(Error::SessionLost),
         }
     }
 
-    /// Deletes, in the background, what the Txn may have left; the in-process lock is
-    /// held until then.
+    /// Deletes, in the background, what the Txn may have left; the in-process slot and
+    /// election claim are held until then.
     fn undo_in_background(&mut self, sent: Sent) {
         self.spawn_undo(async move { sent });
     }
 
     fn spawn_undo(&mut self, sent: impl Future<Output = Sent> + Send + 'static) {
-        let (session, key) = (self.session.clone(), self.key.clone());
+        let (session, key) = (self.session.downgrade(), self.key.clone());
         let release_found = self.release_found;
-        let local = self.local.take();
+        let held = (self.local.take(), self.claim.take());
         spawn_release(
             self.session.runtime(),
-            self.session.release_timeout(),
             "undoing a cancelled or failed lock or campaign",
             async move {
-                let undone = undo(&session, &key, sent.await, release_found).await;
-                drop(local);
-                undone
+                if let Some(revision) = left_behind(&session, &key, sent.await, release_found).await
+                {
+                    release_while_session_lives(session, &key, revision).await;
+                }
+                drop(held);
             },
         );
     }
@@ -193,44 +204,41 @@ impl Drop for InFlight {
             return; // nothing to undo: the lease was revoked, or its keys are to stay
         }
         if let Some(task) = self.task.take() {
+            // The join Txn is bounded by the request timeout: wait for its outcome.
             self.spawn_undo(async move {
                 match task.await {
                     Ok(Ok(answer)) => Sent::Answered(answer),
-                    Ok(Err(error)) if error.is_transient() => Sent::Unknown,
-                    _ => Sent::Refused,
+                    Ok(Err(error)) if !error.is_transient() => Sent::Refused,
+                    _ => Sent::Unknown,
                 }
             });
         }
     }
 }
 
-/// Deletes what a join Txn left behind for a caller that is gone or failed: the key it
-/// created, the key it found if `release_found`, and, after an unknown outcome and if
-/// `release_found`, whatever key of this lease is there.
-async fn undo(session: &Session, key: &[u8], sent: Sent, release_found: bool) -> Result<()> {
-    let revision = match sent {
-        Sent::Answered(answer) if answer.succeeded() => answer.header().map_or(0, |h| h.revision()),
-        Sent::Answered(answer) => match split(&answer).0 {
-            Some(kv) if release_found => kv.create_revision(),
-            _ => return Ok(()),
-        },
+/// The create revision of the key a join Txn left behind for a caller that is gone or
+/// failed, if it is to be deleted: the key it created, or the key it found if
+/// `release_found`; after an unknown outcome, the key of this lease if there is one.
+async fn left_behind(
+    session: &WeakSession,
+    key: &[u8],
+    sent: Sent,
+    release_found: bool,
+) -> Option<i64> {
+    match sent {
+        Sent::Answered(answer) if answer.succeeded() => answer.header().map(|h| h.revision()),
+        Sent::Answered(answer) if release_found => split(&answer).0.map(|kv| kv.create_revision()),
         Sent::Unknown if release_found => {
-            let delete_if_ours = Txn::new()
-                .when([Compare::lease(key, CompareOp::Equal, session.lease_id())])
-                .and_then([TxnOp::delete(key, None)]);
-            let limit = session.request_timeout();
-            return retry(&session.client().kv_client(), limit, |mut kv| {
-                let txn = delete_if_ours.clone();
-                async move { kv.txn(txn).await }
-            })
-            .await
-            .map(drop);
+            let live = session.upgrade()?;
+            let kv = live.client().kv_client();
+            let read = retry(&kv, live.request_timeout(), |mut kv| {
+                let key = key.to_vec();
+                async move { kv.get(key, None).await }
+            });
+            let found = read.await.ok()?.kvs().first().cloned()?;
+            (found.lease() == live.lease_id()).then_some(found.create_revision())
         }
-        Sent::Unknown | Sent::Refused => return Ok(()),
-    };
-    match fenced_delete(session, key, revision).await {
-        Err(Error::OwnershipLost) => Ok(()),
-        other => other,
+        _ => None,
     }
 }
 

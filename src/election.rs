@@ -62,15 +62,46 @@ pub struct Election {
 /// Proof of leading an [`Election`]: the leader's key and its fencing token.
 ///
 /// Dropping it without [`resign`](Self::resign) resigns in a background task on the
-/// runtime it was created on, with the session's release timeout (default 5 s), so
-/// leadership is handed on even when the leader's future was cancelled. If that runtime
-/// has shut down, the lease's expiry ends the leadership and a `tracing` warning says so.
+/// session's runtime, so leadership is handed on even when the leader's future was
+/// cancelled. Each attempt is bounded by the session's release timeout (default 5 s) and
+/// failures are retried for as long as the session lives (while its lease is renewed,
+/// nothing else would free the key). If that runtime has shut down, the lease's expiry
+/// ends the leadership and a `tracing` warning says so.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
+/// let leadership = election.campaign("host-a").await?;
+/// println!(
+///     "leading as {} (term {})",
+///     String::from_utf8_lossy(leadership.key()),
+///     leadership.fencing_token()
+/// );
+/// leadership.resign().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[must_use = "dropping the leadership resigns at once (in the background)"]
 pub struct Leadership {
     key: OwnedKey,
 }
 
 /// A leader as seen by [`Election::leader`] and [`Election::observe`].
+///
+/// ```no_run
+/// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
+/// if let Some(leader) = election.leader().await? {
+///     println!(
+///         "{} leads since revision {} on lease {:x}",
+///         String::from_utf8_lossy(leader.value()),
+///         leader.create_revision(),
+///         leader.lease_id()
+///     );
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leader {
     key: Vec<u8>,
@@ -82,6 +113,13 @@ pub struct Leader {
 impl Election {
     /// A handle on the election `name` (any bytes, not empty) for `session`. Mirrors Go's
     /// `concurrency.NewElection(session, pfx)`.
+    ///
+    /// ```no_run
+    /// # fn example(session: &etcd_concurrency::Session) {
+    /// let election = etcd_concurrency::Election::new(session, "/elections/scheduler");
+    /// assert_eq!(election.name(), b"/elections/scheduler");
+    /// # }
+    /// ```
     pub fn new(session: &Session, name: impl AsRef<[u8]>) -> Election {
         Election {
             session: session.clone(),
@@ -121,18 +159,36 @@ impl Election {
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future withdraws the candidacy (its key is deleted in the
-    /// background, also if the Txn creating it was in flight). A key that this call found
-    /// rather than created is left in place, since a live [`Leadership`] may share it.
+    /// background, also if the Txn creating it was in flight), unless another live
+    /// campaign or [`Leadership`] of this session shares the key.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
+    /// // Give up the candidacy after a minute (its key is withdrawn).
+    /// match tokio::time::timeout(Duration::from_secs(60), election.campaign("host-a")).await {
+    ///     Ok(leadership) => leadership?.resign().await?,
+    ///     Err(_) => println!("not elected within a minute"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership> {
         self.check()?;
         let value = value.into();
         let key = self.session.key_in(&self.name);
+        // Another live campaign or leadership of this session shares the key: a found key
+        // is then theirs too, and must survive this call's cancellation.
+        let (claim, shared) = self.session.claim_election(&self.name);
         let request = Request {
             condition: Compare::create_revision(key, CompareOp::Equal, 0),
             value: value.clone(),
             queue: GetOptions::new().with_keys_only(),
-            release_found: false,
+            release_found: !shared,
             local: None,
+            claim: Some(claim),
         };
         let mut joined = match join(&self.session, &self.name, request).await? {
             Outcome::Joined(joined) => joined,
@@ -140,7 +196,7 @@ impl Election {
             Outcome::NotJoined => return Err(Error::OwnershipLost),
         };
         if !joined.created {
-            joined.key.set_release_on_drop(false);
+            joined.key.set_release_on_drop(!shared);
             if joined.value != value {
                 joined.key.put(value).await?;
             }
@@ -164,6 +220,18 @@ impl Election {
     /// # Cancel safety
     ///
     /// Cancel-safe: it only reads.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
+    /// match election.leader().await? {
+    ///     Some(leader) => println!("leader: {}", String::from_utf8_lossy(leader.value())),
+    ///     None => println!("nobody leads"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn leader(&self) -> Result<Option<Leader>> {
         if self.name.is_empty() {
             return Err(empty_name());
@@ -354,6 +422,15 @@ impl Leadership {
     ///
     /// If the future is dropped before completing, the value may or may not have been
     /// written.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn example(leadership: etcd_concurrency::Leadership) -> etcd_concurrency::Result<()> {
+    /// leadership.proclaim("host-a: draining").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<()> {
         if self.key.session().is_lost() {
             return Err(Error::SessionLost);
@@ -368,13 +445,22 @@ impl Leadership {
     ///
     /// - [`Error::OwnershipLost`]: the key was already gone or re-created; nothing is
     ///   deleted (this leadership had already ended).
-    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd could not be reached; the lease's expiry
-    ///   will end the leadership.
+    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd could not be reached; resigning goes on
+    ///   in the background for as long as the session lives.
     ///
     /// # Cancel safety
     ///
-    /// If the future is dropped before completing, the delete may or may not have been
-    /// applied.
+    /// Cancel-safe: if the future is dropped before the delete is known to be applied,
+    /// resigning goes on in the background, as for a dropped `Leadership`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn example(leadership: etcd_concurrency::Leadership) -> etcd_concurrency::Result<()> {
+    /// leadership.resign().await?; // the next candidate leads at once
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn resign(self) -> Result<()> {
         self.key.release().await
     }
@@ -393,6 +479,18 @@ impl Leadership {
     /// A [`Compare`] that holds while this leadership lasts: `CreateRevision(key) ==
     /// fencing_token`. Put it in your own Txn so that a write commits only while this
     /// process leads.
+    ///
+    /// ```no_run
+    /// use etcd_client::{Txn, TxnOp};
+    /// # async fn example(leadership: etcd_concurrency::Leadership, mut client: etcd_client::Client)
+    /// # -> etcd_concurrency::Result<()> {
+    /// let txn = Txn::new()
+    ///     .when([leadership.ownership_compare()])
+    ///     .and_then([TxnOp::put("/scheduler/next-run", "12:00", None)]);
+    /// let written = client.txn(txn).await?.succeeded(); // false once deposed
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn ownership_compare(&self) -> Compare {
         self.key.ownership_compare()
     }
@@ -403,6 +501,15 @@ impl Leadership {
     /// # Cancel safety
     ///
     /// Cancel-safe; each call opens its own watch, closed when the future is dropped.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn example(leadership: etcd_concurrency::Leadership) {
+    /// leadership.lost().await;
+    /// println!("no longer leading");
+    /// # }
+    /// ```
     pub async fn lost(&self) {
         self.key.lost().await;
     }
@@ -414,6 +521,18 @@ impl Leadership {
     /// # Cancel safety
     ///
     /// Dropping the future drops `work`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn compact_tables() -> u32 { 0 }
+    /// # async fn example(leadership: etcd_concurrency::Leadership) {
+    /// match leadership.while_leading(compact_tables()).await {
+    ///     Some(tables) => println!("compacted {tables} tables"),
+    ///     None => println!("leadership lost: compaction stopped"),
+    /// }
+    /// # }
+    /// ```
     pub async fn while_leading<F: Future>(&self, work: F) -> Option<F::Output> {
         tokio::select! {
             output = work => Some(output),

@@ -5,6 +5,27 @@ use std::time::Duration;
 /// Everything that can go wrong in this crate.
 ///
 /// The enum is `#[non_exhaustive]`: match the variants you handle and keep a catch-all arm.
+///
+/// ```no_run
+/// use etcd_concurrency::{Error, Mutex};
+/// # async fn example(mutex: Mutex) {
+/// match mutex.lock().await {
+///     Ok(guard) => drop(guard),
+///     Err(Error::SessionLost) => println!("the session's lease is gone: make a new session"),
+///     Err(error) if error.is_transient() => println!("etcd unreachable, try again: {error}"),
+///     Err(error) => {
+///         // Print the whole chain: `Error::Etcd` keeps etcd-client's error as its source.
+///         let mut text = error.to_string();
+///         let mut source = std::error::Error::source(&error);
+///         while let Some(cause) = source {
+///             text += &format!(": {cause}");
+///             source = cause.source();
+///         }
+///         println!("{text}");
+///     }
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -80,14 +101,16 @@ pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
     match error {
         // `Cancelled` is what tonic reports when the connection closes under a request
         // (its member died); this crate never cancels a call through gRPC itself.
-        E::GRpcStatus(status) => matches!(
-            status.code(),
-            Code::Unavailable
-                | Code::Unknown
-                | Code::Aborted
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-        ),
+        E::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::Aborted
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+            ) || is_too_many_requests(status)
+        }
         E::LeaseKeepAliveError(_) => !is_lease_not_found(error),
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) => true,
         _ => false,
@@ -106,6 +129,24 @@ pub(crate) fn is_future_revision(error: &etcd_client::Error) -> bool {
         if status.code() == tonic::Code::OutOfRange && status.message().contains("future revision"))
 }
 
+/// etcd's back-pressure: "too many requests", sent before anything is proposed.
+fn is_too_many_requests(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::ResourceExhausted
+        && status.message().contains("too many requests")
+}
+
+/// Whether a pinned read asked for a revision that compaction removed.
+pub(crate) fn is_compacted(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::OutOfRange && status.message().contains("compacted"))
+}
+
+/// Whether etcd refused to grant a lease because its id is taken.
+pub(crate) fn is_lease_taken(error: &etcd_client::Error) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.message().contains("lease already exists"))
+}
+
 /// Whether a write that failed with `error` was certainly not applied: the connection was
 /// refused, or etcd turned it away before proposing it (no leader, too many requests).
 pub(crate) fn was_not_applied(error: &etcd_client::Error) -> bool {
@@ -116,8 +157,7 @@ pub(crate) fn was_not_applied(error: &etcd_client::Error) -> bool {
     let message = status.message();
     match status.code() {
         Code::Unavailable => message.contains("tcp connect error") || message.contains("no leader"),
-        Code::ResourceExhausted => message.contains("too many requests"),
-        _ => false,
+        _ => is_too_many_requests(status),
     }
 }
 
@@ -160,5 +200,9 @@ mod tests {
         assert!(was_not_applied(&etcd_client::Error::GRpcStatus(refused)));
         let timed_out = tonic::Status::unavailable("etcdserver: request timed out");
         assert!(!was_not_applied(&etcd_client::Error::GRpcStatus(timed_out)));
+        let busy = tonic::Status::resource_exhausted("etcdserver: too many requests");
+        assert!(Error::from(etcd_client::Error::GRpcStatus(busy)).is_transient());
+        let compacted = tonic::Status::out_of_range("mvcc: required revision has been compacted");
+        assert!(is_compacted(&etcd_client::Error::GRpcStatus(compacted)));
     }
 }

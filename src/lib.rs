@@ -78,3 +78,26 @@ pub use session::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, SessionBuilder,
 };
 pub use stm::{DEFAULT_MAX_ATTEMPTS, Isolation, Stm, StmTxn};
+
+#[cfg(test)]
+mod tests {
+    /// The handles are shared between tasks; the guards move into them.
+    #[test]
+    fn handles_are_send_and_sync_and_guards_are_send() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<crate::Session>();
+        send_sync::<crate::Mutex>();
+        send_sync::<crate::Election>();
+        send_sync::<crate::Stm>();
+        send_sync::<crate::Error>();
+        send::<crate::MutexGuard>();
+        send::<crate::Leadership>();
+        send::<crate::StmTxn>();
+    }
+}
+
+/// The README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;

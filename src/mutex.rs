@@ -53,10 +53,26 @@ pub struct Mutex {
 /// Proof of holding a [`Mutex`]: the holder's key and its fencing token.
 ///
 /// Dropping the guard without [`unlock`](Self::unlock) releases the lock in a background
-/// task on the runtime the guard was created on, with the session's release timeout
-/// (default 5 s), so the lock is released even when the holder's future was cancelled or
-/// panicked. If that runtime has shut down, the lease's expiry releases the lock and a
-/// `tracing` warning says so.
+/// task on the session's runtime, so the lock is released even when the holder's future
+/// was cancelled or panicked. Each attempt is bounded by the session's release timeout
+/// (default 5 s) and failures are retried for as long as the session lives (while its
+/// lease is renewed, nothing else would free the key). If that runtime has shut down, the
+/// lease's expiry releases the lock and a `tracing` warning says so.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example(mutex: etcd_concurrency::Mutex) -> etcd_concurrency::Result<()> {
+/// let guard = mutex.lock().await?;
+/// println!(
+///     "holding {} with fencing token {}",
+///     String::from_utf8_lossy(guard.key()),
+///     guard.fencing_token()
+/// );
+/// drop(guard); // released in the background; `guard.unlock().await?` reports errors
+/// # Ok(())
+/// # }
+/// ```
 #[must_use = "dropping the guard releases the lock at once (in the background)"]
 pub struct MutexGuard {
     key: OwnedKey,
@@ -66,6 +82,13 @@ impl Mutex {
     /// A handle on the lock `name` (any bytes, not empty) for `session`. Nothing is sent
     /// until [`lock`](Self::lock) or [`try_lock`](Self::try_lock). Mirrors Go's
     /// `concurrency.NewMutex(session, pfx)`, which also appends the `/` to the name.
+    ///
+    /// ```no_run
+    /// # fn example(session: &etcd_concurrency::Session) {
+    /// let mutex = etcd_concurrency::Mutex::new(session, "/locks/reports");
+    /// assert_eq!(mutex.name(), b"/locks/reports");
+    /// # }
+    /// ```
     pub fn new(session: &Session, name: impl AsRef<[u8]>) -> Mutex {
         Mutex {
             session: session.clone(),
@@ -106,8 +129,8 @@ impl Mutex {
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future deletes this session's key in the background (also
-    /// when the Txn creating it was in flight: it is left to finish, then undone), so a
-    /// timed-out waiter leaves nothing in the queue.
+    /// when the Txn creating it was in flight: it is left to finish, then undone; retried
+    /// while the session lives), so a timed-out waiter leaves nothing in the queue.
     ///
     /// # Example
     ///
@@ -136,6 +159,7 @@ impl Mutex {
             queue: GetOptions::new().with_keys_only(),
             release_found: true,
             local: Some(local),
+            claim: None,
         };
         let mut joined = match join(&self.session, &self.name, request).await? {
             Outcome::Joined(joined) => joined,
@@ -150,7 +174,8 @@ impl Mutex {
     }
 
     /// Takes the lock if nobody holds it, without waiting: `Some(guard)` if taken, `None`
-    /// if held (by anyone, including another guard of this session). Mirrors Go's
+    /// if held by anyone, or busy in this session (another `lock()` of this session is
+    /// waiting for it, or a dropped guard's release is still running). Mirrors Go's
     /// `Mutex.TryLock`.
     ///
     /// One Txn, which creates this session's key only if no key exists under the name, so
@@ -193,6 +218,7 @@ impl Mutex {
                 .with_limit(1),
             release_found: true,
             local: Some(local),
+            claim: None,
         };
         let joined = match join(&self.session, &self.name, request).await? {
             Outcome::Joined(joined) => joined,
@@ -242,6 +268,13 @@ impl MutexGuard {
     /// this lock, to give to resources that must reject writes from older holders
     /// (Kleppmann's fencing token, Chubby's sequencer). Go's `Mutex.Header().Revision` at
     /// acquisition, roughly; here it is exact.
+    ///
+    /// ```no_run
+    /// # async fn example(guard: etcd_concurrency::MutexGuard) {
+    /// // Send the token with each write; the store refuses tokens below the highest seen.
+    /// let request = format!("PUT /report?fencing-token={}", guard.fencing_token());
+    /// # }
+    /// ```
     pub fn fencing_token(&self) -> i64 {
         self.key.create_revision()
     }
@@ -275,6 +308,19 @@ impl MutexGuard {
     /// # Cancel safety
     ///
     /// Cancel-safe; each call opens its own watch, closed when the future is dropped.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn export_reports() {}
+    /// # async fn example(guard: etcd_concurrency::MutexGuard) -> etcd_concurrency::Result<()> {
+    /// tokio::select! {
+    ///     () = export_reports() => guard.unlock().await?,
+    ///     () = guard.lost() => println!("lock lost: export stopped half-way"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn lost(&self) {
         self.key.lost().await;
     }
@@ -288,12 +334,27 @@ impl MutexGuard {
     ///   re-created by a newer holder, which is left untouched. The lock was not held
     ///   when this was called.
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd could not be reached within the
-    ///   session's request timeout; the lease's expiry will release the lock.
+    ///   session's request timeout; releasing goes on in the background for as long as
+    ///   the session lives.
     ///
     /// # Cancel safety
     ///
-    /// If the future is dropped before completing, the delete may or may not have been
-    /// applied; it is not retried.
+    /// Cancel-safe: if the future is dropped before the delete is known to be applied, the
+    /// release goes on in the background, as for a dropped guard.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use etcd_concurrency::Error;
+    /// # async fn example(guard: etcd_concurrency::MutexGuard) -> etcd_concurrency::Result<()> {
+    /// match guard.unlock().await {
+    ///     Ok(()) => {}
+    ///     Err(Error::OwnershipLost) => println!("the lock had already been lost"),
+    ///     Err(error) => return Err(error),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn unlock(self) -> Result<()> {
         self.key.release().await
     }

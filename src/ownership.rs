@@ -4,10 +4,12 @@
 use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, Result, was_not_applied};
 use crate::release::spawn_release;
-use crate::retry::retry;
-use crate::session::Session;
+use crate::retry::{Backoff, retry};
+use crate::session::{ElectionClaim, Session, WeakSession};
 use crate::wait::QueueWatch;
 use crate::watcher::{Follower, Update};
 
@@ -15,9 +17,12 @@ use crate::watcher::{Follower, Update};
 ///
 /// Every write to the key is fenced: it applies only while the key still has that create
 /// revision, so a stale handle never deletes or overwrites a newer incarnation of the key
-/// (etcd #22082). Dropped without [`release`](Self::release), it deletes the key in a
-/// background task with the session's release timeout, unless the session has ended
-/// (closed: the key went with the lease; orphaned: it stays until the lease expires).
+/// (etcd #22082). Dropped before [`release`](Self::release) reached a definite outcome
+/// (never called, cancelled, or failed in transit), it deletes the key in a background
+/// task on the session's runtime, each attempt bounded by the session's release timeout,
+/// retried for as long as the session lives: while its lease is renewed, nothing else
+/// would free the key. Nothing is released once the session has ended (closed: the key
+/// went with the lease; orphaned: it stays until the lease expires) or is lost.
 pub(crate) struct OwnedKey {
     session: Session,
     key: Vec<u8>,
@@ -25,6 +30,8 @@ pub(crate) struct OwnedKey {
     release_on_drop: bool,
     /// Held until the key is deleted: the in-process slot of a mutex's queue, if any.
     local: Option<OwnedMutexGuard<QueueWatch>>,
+    /// Held until the key is deleted: the claim of an election's campaign, if any.
+    claim: Option<ElectionClaim>,
 }
 
 impl OwnedKey {
@@ -33,6 +40,7 @@ impl OwnedKey {
         key: Vec<u8>,
         create_revision: i64,
         local: Option<OwnedMutexGuard<QueueWatch>>,
+        claim: Option<ElectionClaim>,
     ) -> OwnedKey {
         OwnedKey {
             session,
@@ -40,6 +48,7 @@ impl OwnedKey {
             create_revision,
             release_on_drop: true,
             local,
+            claim,
         }
     }
 
@@ -73,10 +82,14 @@ impl OwnedKey {
     /// Deletes the key if it is still this incarnation.
     ///
     /// Errors: [`Error::OwnershipLost`] if it was not (deleted or re-created meanwhile);
-    /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached.
+    /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached, in which case
+    /// the release goes on in the background (as it does when this future is dropped).
     pub(crate) async fn release(mut self) -> Result<()> {
-        self.release_on_drop = false;
-        fenced_delete(&self.session, &self.key, self.create_revision).await
+        let released = fenced_delete(&self.session, &self.key, self.create_revision).await;
+        if !matches!(&released, Err(error) if error.is_transient()) {
+            self.release_on_drop = false;
+        }
+        released
     }
 
     /// Overwrites the key's value (keeping it on the session's lease) if it is still this
@@ -108,23 +121,59 @@ impl Drop for OwnedKey {
         if !self.release_on_drop || self.session.has_ended() {
             return;
         }
-        let session = self.session.clone();
+        let session = self.session.downgrade();
         let key = std::mem::take(&mut self.key);
         let revision = self.create_revision;
-        let local = self.local.take();
+        // The next `lock()` or campaign of this session may go once the key is gone.
+        let held = (self.local.take(), self.claim.take());
         spawn_release(
             self.session.runtime(),
-            self.session.release_timeout(),
             "releasing a dropped lock guard or leadership",
             async move {
-                let released = fenced_delete(&session, &key, revision).await;
-                drop(local); // the next local `lock()` may go once the key is gone
-                match released {
-                    Err(Error::OwnershipLost) => Ok(()), // already gone: nothing to release
-                    other => other,
-                }
+                release_while_session_lives(session, &key, revision).await;
+                drop(held);
             },
         );
+    }
+}
+
+/// Deletes `key` if it still has create revision `revision`, retrying transient failures
+/// with back-off for as long as the session lives and keeps its lease. Holds the session
+/// only during an attempt, so that dropping its last handle still revokes the lease.
+pub(crate) async fn release_while_session_lives(session: WeakSession, key: &[u8], revision: i64) {
+    let mut backoff = Backoff::new();
+    let mut warned = false;
+    loop {
+        let Some(live) = session.upgrade() else {
+            return; // the session is gone: revoking its lease deletes the key
+        };
+        if live.has_ended() || live.is_lost() {
+            return; // the lease is gone, going, or to be kept until it expires
+        }
+        let attempt = fenced_delete(&live, key, revision);
+        let error = match tokio::time::timeout(live.release_timeout(), attempt).await {
+            Ok(Ok(())) | Ok(Err(Error::OwnershipLost)) => return,
+            Ok(Err(error)) if !error.is_transient() => {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    "releasing a dropped guard failed; its key stays until the session ends"
+                );
+                return;
+            }
+            Ok(Err(error)) => error,
+            Err(_) => Error::Timeout {
+                after: live.release_timeout(),
+            },
+        };
+        if !warned {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "releasing a dropped guard failed; retrying while the session lives"
+            );
+            warned = true;
+        }
+        drop(live);
+        backoff.wait().await;
     }
 }
 
@@ -147,18 +196,24 @@ pub(crate) async fn fenced(
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, revision)])
         .and_then([op]);
-    let mut attempts = 0;
+    // Set when an attempt failed in a way that may have applied it.
+    let maybe_applied = AtomicBool::new(false);
     let kv = session.client().kv_client();
     let answer = retry(&kv, session.request_timeout(), |mut kv| {
-        attempts += 1;
-        let txn = txn.clone();
-        async move { kv.txn(txn).await }
+        let (txn, maybe_applied) = (txn.clone(), &maybe_applied);
+        async move {
+            let answer = kv.txn(txn).await;
+            if matches!(&answer, Err(error) if !was_not_applied(error)) {
+                maybe_applied.store(true, Ordering::Relaxed);
+            }
+            answer
+        }
     })
     .await?;
-    Ok(match (answer.succeeded(), attempts) {
+    Ok(match (answer.succeeded(), maybe_applied.into_inner()) {
         (true, _) => Fenced::Applied,
-        (false, 1) => Fenced::Refused,
-        (false, _) => Fenced::RefusedAfterRetry,
+        (false, false) => Fenced::Refused,
+        (false, true) => Fenced::RefusedAfterRetry,
     })
 }
 
@@ -166,7 +221,7 @@ pub(crate) async fn fenced(
 ///
 /// Errors: [`Error::OwnershipLost`] if it had not; a refusal after an attempt with unknown
 /// outcome counts as done (that attempt may have been the one that deleted it).
-pub(crate) async fn fenced_delete(session: &Session, key: &[u8], revision: i64) -> Result<()> {
+async fn fenced_delete(session: &Session, key: &[u8], revision: i64) -> Result<()> {
     match fenced(session, key, revision, TxnOp::delete(key, None)).await? {
         Fenced::Applied | Fenced::RefusedAfterRetry => Ok(()),
         Fenced::Refused => Err(Error::OwnershipLost),

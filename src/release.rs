@@ -1,36 +1,23 @@
 //! Releases that outlive the caller: a guard dropped without `unlock().await`, a session
-//! dropped without `close().await`.
+//! dropped without `close().await`, a cancelled `lock()`.
 //!
-//! The release runs in a task on the runtime the guard or session was created on, with its
-//! own deadline, so it completes even when the caller's future was cancelled. When that
-//! runtime has shut down, the task never runs: the lease's expiry is then the release, and
-//! a warning says so.
+//! The release runs in a task on the session's runtime, so it completes even when the
+//! caller's future was cancelled; each release bounds its own requests and reports its own
+//! failures. When that runtime has shut down, the task never runs: the session's keep-alive
+//! is gone with it, so the lease's expiry is the release, and a warning says so.
 
 use std::future::Future;
-use std::time::Duration;
 
 use tokio::runtime::Handle;
 
-use crate::error::Result;
-
-/// Spawns `release` on `runtime`, cut off after `deadline`. `what` names it in logs.
-pub(crate) fn spawn_release<F>(runtime: &Handle, deadline: Duration, what: &'static str, release: F)
+/// Spawns `release` on `runtime`. `what` names it in the warning given if it never runs.
+pub(crate) fn spawn_release<F>(runtime: &Handle, what: &'static str, release: F)
 where
-    F: Future<Output = Result<()>> + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
 {
     let pending = Pending { what, done: false };
     runtime.spawn(async move {
-        match tokio::time::timeout(deadline, release).await {
-            Ok(Ok(())) => tracing::debug!("{what} done in the background"),
-            Ok(Err(error)) => tracing::warn!(
-                error = &error as &dyn std::error::Error,
-                "{what} failed; the lease's expiry will release instead"
-            ),
-            Err(_) => tracing::warn!(
-                ?deadline,
-                "{what} timed out; the lease's expiry will release instead"
-            ),
-        }
+        release.await;
         pending.finish();
     });
 }

@@ -6,15 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, LeaseGrantOptions};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result, is_lease_not_found};
+use crate::error::{Error, Result, is_lease_not_found, is_lease_taken};
 use crate::release::spawn_release;
-use crate::retry::{Backoff, retry};
+use crate::retry::{ATTEMPT_TIMEOUT, Backoff, retry};
 use crate::wait::QueueWatch;
 
 /// The TTL of [`Session::new`], as in Go's `concurrency.NewSession`.
@@ -35,6 +35,16 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// process are released. etcd looks for expired leases every 500 ms, so the release comes
 /// up to about half a second after the TTL (measured with a 2 s TTL: 2.2-2.4 s). Mirrors
 /// Go's `concurrency.Session`.
+///
+/// # Unreachable and frozen members
+///
+/// Requests that fail in transit are retried (each attempt cut off after 2 s, so a write
+/// stuck behind a dead raft leader is sent again) until the session's request timeout.
+/// Watches that stay silent for 5 s ask their member for a progress notification and are
+/// re-opened if it does not come. For faster detection of a frozen or partitioned member,
+/// configure the client with HTTP/2 pings and `require_leader`:
+/// `ConnectOptions::new().with_keep_alive(interval, timeout).with_require_leader(true)`
+/// (etcd refuses pings more frequent than its `--grpc-keepalive-min-time`, 5 s by default).
 ///
 /// `Session` is a cheap [`Clone`] handle to shared state; all clones share one lease.
 /// When the last handle (including those held by guards) is dropped without
@@ -60,6 +70,16 @@ pub struct Session {
     shared: Arc<Shared>,
 }
 
+/// A [`Session`] that does not keep it alive: background releases hold one, so that
+/// dropping the last handle still revokes the lease.
+pub(crate) struct WeakSession(Weak<Shared>);
+
+impl WeakSession {
+    pub(crate) fn upgrade(&self) -> Option<Session> {
+        self.0.upgrade().map(|shared| Session { shared })
+    }
+}
+
 struct Shared {
     client: Client,
     lease_id: i64,
@@ -74,9 +94,12 @@ struct Shared {
     /// One queue slot per mutex name, so that two `lock()` calls on this session (which
     /// share one key in etcd) never both believe they hold it.
     queues: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::Mutex<QueueWatch>>>>,
+    /// How many campaigns and leaderships of this session are live, per election name:
+    /// they share one key in etcd.
+    elections: std::sync::Mutex<HashMap<Vec<u8>, usize>>,
 }
 
-/// Configures and creates a [`Session`]; see [`Session::builder`].
+/// Configures and creates a [`Session`]; see [`Session::builder`] for an example.
 #[derive(Clone)]
 #[must_use = "a builder does nothing until `build().await`"]
 pub struct SessionBuilder {
@@ -99,11 +122,36 @@ impl Session {
     ///
     /// Dropping the future before it completes may leave a granted lease with no
     /// keep-alive; it expires after its TTL.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn example() -> etcd_concurrency::Result<()> {
+    /// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
+    /// let session = etcd_concurrency::Session::new(client).await?;
+    /// assert_eq!(session.ttl(), std::time::Duration::from_secs(60));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn new(client: Client) -> Result<Session> {
         Session::builder(client).build().await
     }
 
     /// A builder for a session with a chosen TTL, an existing lease, or other timeouts.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// # async fn example(client: etcd_client::Client) -> etcd_concurrency::Result<()> {
+    /// let session = etcd_concurrency::Session::builder(client)
+    ///     .ttl(Duration::from_secs(5)) // a crashed holder's locks go 5 s after its last renewal
+    ///     .release_timeout(Duration::from_secs(2))
+    ///     .build()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder(client: Client) -> SessionBuilder {
         SessionBuilder {
             client,
@@ -142,6 +190,18 @@ impl Session {
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future has no effect.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn work() {}
+    /// # async fn example(session: etcd_concurrency::Session) {
+    /// tokio::select! {
+    ///     () = work() => println!("done"),
+    ///     () = session.lost() => println!("lease lost: stopping, locks can no longer be assumed"),
+    /// }
+    /// # }
+    /// ```
     pub async fn lost(&self) {
         let mut lost = self.shared.lost.subscribe();
         // An error means the sender is gone, which only happens when the session is.
@@ -149,6 +209,14 @@ impl Session {
     }
 
     /// Whether [`lost`](Self::lost) has resolved.
+    ///
+    /// ```no_run
+    /// # fn example(session: etcd_concurrency::Session) {
+    /// if session.is_lost() {
+    ///     println!("lease {:x} is gone", session.lease_id());
+    /// }
+    /// # }
+    /// ```
     pub fn is_lost(&self) -> bool {
         *self.shared.lost.borrow()
     }
@@ -167,6 +235,17 @@ impl Session {
     ///
     /// The keep-alive stops when `close` is called. If the future is dropped before the
     /// revoke completes, the lease expires after its TTL instead.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn example(session: etcd_concurrency::Session) -> etcd_concurrency::Result<()> {
+    /// // Shutting down: release every lock and leadership of this process at once,
+    /// // instead of one TTL later.
+    /// session.close().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn close(self) -> Result<()> {
         self.shared.end();
         revoke(
@@ -181,6 +260,18 @@ impl Session {
     /// expires, one TTL from its last renewal. Use it to hand the lease over (another
     /// process resumes it with [`SessionBuilder::lease`]) or to simulate a crash. Mirrors
     /// Go's `Session.Orphan()`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use etcd_concurrency::Session;
+    /// # async fn example(session: Session, client: etcd_client::Client) -> etcd_concurrency::Result<()> {
+    /// let lease = session.lease_id();
+    /// session.orphan(); // e.g. before handing over to a new process
+    /// let resumed = Session::builder(client).lease(lease).build().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn orphan(self) {
         self.shared.end();
     }
@@ -191,6 +282,10 @@ impl Session {
         let mut key = prefix_of(name);
         key.extend_from_slice(format!("{:x}", self.shared.lease_id).as_bytes());
         key
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakSession {
+        WeakSession(Arc::downgrade(&self.shared))
     }
 
     /// Whether [`close`](Self::close) or [`orphan`](Self::orphan) was called: keys on the
@@ -251,6 +346,50 @@ impl Session {
     }
 }
 
+/// A live campaign or leadership of a session in an election, counted until dropped.
+pub(crate) struct ElectionClaim {
+    session: WeakSession,
+    name: Vec<u8>,
+}
+
+impl Session {
+    /// Counts a campaign (or the leadership it becomes) in election `name`; also says
+    /// whether another one of this session is live there, sharing its key.
+    pub(crate) fn claim_election(&self, name: &[u8]) -> (ElectionClaim, bool) {
+        let mut elections = self
+            .shared
+            .elections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let live = elections.entry(name.to_vec()).or_insert(0);
+        *live += 1;
+        let claim = ElectionClaim {
+            session: self.downgrade(),
+            name: name.to_vec(),
+        };
+        (claim, *live > 1)
+    }
+}
+
+impl Drop for ElectionClaim {
+    fn drop(&mut self) {
+        let Some(session) = self.session.upgrade() else {
+            return;
+        };
+        let mut elections = session
+            .shared
+            .elections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(live) = elections.get_mut(&self.name) {
+            *live -= 1;
+            if *live == 0 {
+                elections.remove(&self.name);
+            }
+        }
+    }
+}
+
 /// `name` followed by `/`: the prefix under which a lock's or election's keys live. The
 /// slash keeps `a` from matching the keys of `ab` (etcd #6278).
 pub(crate) fn prefix_of(name: &[u8]) -> Vec<u8> {
@@ -285,12 +424,25 @@ impl Drop for Shared {
             return;
         }
         let client = self.client.clone();
-        let (id, limit) = (self.lease_id, self.request_timeout);
+        let (id, limit, deadline) = (self.lease_id, self.request_timeout, self.release_timeout);
         spawn_release(
             &self.runtime,
-            self.release_timeout,
             "revoking a dropped session's lease",
-            revoke(client, id, limit),
+            async move {
+                match tokio::time::timeout(deadline, revoke(client, id, limit)).await {
+                    Ok(Ok(())) => {
+                        tracing::debug!(lease_id = id, "revoked a dropped session's lease")
+                    }
+                    Ok(Err(error)) => tracing::warn!(
+                        error = &error as &dyn std::error::Error,
+                        "revoking a dropped session's lease failed; it expires after its TTL"
+                    ),
+                    Err(_) => tracing::warn!(
+                        ?deadline,
+                        "revoking a dropped session's lease timed out; it expires after its TTL"
+                    ),
+                }
+            },
         );
     }
 }
@@ -359,6 +511,20 @@ impl SessionBuilder {
     /// # Panics
     ///
     /// Outside a Tokio runtime.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use etcd_concurrency::{Error, Session};
+    /// # async fn example(client: etcd_client::Client) -> etcd_concurrency::Result<()> {
+    /// match Session::builder(client).ttl(Duration::from_millis(500)).build().await {
+    ///     Err(Error::InvalidArgument(why)) => println!("refused before anything was sent: {why}"),
+    ///     other => drop(other?),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn build(self) -> Result<Session> {
         let (lease_id, ttl, renewed) = match (self.lease, self.ttl) {
             (Some(_), Some(_)) => {
@@ -370,18 +536,12 @@ impl SessionBuilder {
             (None, ttl) => {
                 let ttl = validate_ttl(ttl.unwrap_or(DEFAULT_TTL))?;
                 let sent = Instant::now();
-                let answer = retry(&self.client, self.request_timeout, |mut c| async move {
-                    c.lease_grant(ttl, None).await
-                })
-                .await?;
-                (
-                    answer.id(),
-                    secs(answer.ttl()),
-                    Renewed {
-                        at: sent,
-                        stream: None,
-                    },
-                )
+                let (id, granted) = self.grant(ttl).await?;
+                let renewed = Renewed {
+                    at: sent,
+                    stream: None,
+                };
+                (id, granted, renewed)
             }
         };
         let (lost, _) = watch::channel(false);
@@ -405,8 +565,32 @@ impl SessionBuilder {
                 keep_alive,
                 ended: AtomicBool::new(false),
                 queues: Default::default(),
+                elections: Default::default(),
             }),
         })
+    }
+
+    /// Grants a lease of `ttl` seconds under an id chosen here, so that a retried grant
+    /// whose first attempt was applied finds its lease instead of leaking a second one.
+    /// Returns the id and the granted TTL.
+    async fn grant(&self, ttl: i64) -> Result<(i64, Duration)> {
+        let id = rand::random_range(1..i64::MAX);
+        let options = LeaseGrantOptions::new().with_id(id);
+        let granted = retry(&self.client, self.request_timeout, |mut c| {
+            let options = options.clone();
+            async move { c.lease_grant(ttl, Some(options)).await }
+        });
+        match granted.await {
+            Ok(answer) => Ok((answer.id(), secs(answer.ttl()))),
+            Err(Error::Etcd(error)) if is_lease_taken(&error) => {
+                let answer = retry(&self.client, self.request_timeout, |mut c| async move {
+                    c.lease_time_to_live(id, None).await
+                })
+                .await?;
+                Ok((id, secs(answer.granted_ttl())))
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Checks that lease `id` exists and renews it once: the renewal's send time bounds
@@ -487,27 +671,29 @@ async fn keep_alive(
     let mut alive_until = renewed.at + ttl;
     let mut stream = renewed.stream;
     let mut backoff = Backoff::new();
+    let period = renewal_period(ttl);
     loop {
         if let Some((mut keeper, mut answers)) = stream.take() {
             backoff = Backoff::new();
-            if renew(&mut keeper, &mut answers, ttl, &mut alive_until).await == StreamEnd::LeaseGone
-            {
+            let ended = renew(&mut keeper, &mut answers, period, &mut alive_until).await;
+            if ended == StreamEnd::LeaseGone {
                 break;
             }
         }
         let sent = Instant::now();
-        match tokio::time::timeout_at(alive_until, client.lease_keep_alive(lease_id)).await {
-            Err(_) => break,
+        if sent >= alive_until {
+            break;
+        }
+        // Each attempt gets little time: one sent to a frozen member must not use up the
+        // time left for another member to renew the lease.
+        let cut_off = alive_until.min(sent + answer_due(period));
+        match tokio::time::timeout_at(cut_off, client.lease_keep_alive(lease_id)).await {
+            Err(_) => tracing::debug!(lease_id, "opening the keep-alive stream hangs; retrying"),
             Ok(Err(error)) if is_lease_not_found(&error) => break,
             Ok(Err(error)) => {
                 tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
                 let delay = backoff.next_delay();
-                if tokio::time::timeout_at(alive_until, tokio::time::sleep(delay))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+                tokio::time::sleep_until((Instant::now() + delay).min(alive_until)).await;
             }
             Ok(Ok(opened)) => {
                 // Opening sent a renewal and etcd-client checked that its answer had TTL > 0.
@@ -518,6 +704,17 @@ async fn keep_alive(
     }
     tracing::debug!(lease_id, "lease lost");
     lost.send_replace(true);
+}
+
+/// How often the lease is renewed: a third of its TTL, as Go does.
+fn renewal_period(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(100))
+}
+
+/// How long a renewal may go unanswered before its stream is given up: an answer takes
+/// milliseconds, so at most 2 s, leaving time for several other members before expiry.
+fn answer_due(period: Duration) -> Duration {
+    period.min(ATTEMPT_TIMEOUT)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -532,23 +729,26 @@ enum StreamEnd {
 async fn renew(
     keeper: &mut etcd_client::LeaseKeeper,
     answers: &mut etcd_client::LeaseKeepAliveStream,
-    ttl: Duration,
+    period: Duration,
     alive_until: &mut Instant,
 ) -> StreamEnd {
-    let period = (ttl / 3).max(Duration::from_millis(100));
     let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the renewal awaiting its answer was sent.
     let mut pending_since: Option<Instant> = None;
     loop {
+        let overdue = pending_since.map_or(*alive_until, |since| since + answer_due(period));
         tokio::select! {
             () = tokio::time::sleep_until(*alive_until) => return StreamEnd::LeaseGone,
-            _ = ticks.tick() => {
-                if pending_since.is_some_and(|since| since.elapsed() >= period) {
-                    return StreamEnd::Reopen; // overdue: try again, perhaps via another member
-                }
+            // Unanswered for too long: try again, perhaps through another member.
+            () = tokio::time::sleep_until(overdue), if pending_since.is_some() => {
+                return StreamEnd::Reopen;
+            }
+            _ = ticks.tick(), if pending_since.is_none() => {
                 if keeper.keep_alive().await.is_err() {
                     return StreamEnd::Reopen;
                 }
-                pending_since.get_or_insert_with(Instant::now);
+                pending_since = Some(Instant::now());
             }
             answer = answers.message() => match answer {
                 Ok(Some(answer)) if answer.ttl() > 0 => {

@@ -10,15 +10,15 @@ use etcd_client::{
     TxnResponse,
 };
 
-use crate::error::{Error, Result, is_future_revision, was_not_applied};
+use crate::error::{Error, Result, is_compacted, is_future_revision, was_not_applied};
 use crate::retry::{Backoff, retry};
 use crate::session::DEFAULT_REQUEST_TIMEOUT;
 
 /// How many times [`Stm::run`] runs a transaction by default before giving up.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
-/// Conflicting attempts run again at once with the values the failed commit read, as Go
-/// does; after this many in a row, they back off first (and read those values again).
-const RETRIES_WITHOUT_BACKOFF: u32 = 2;
+/// How many times a conflicting transaction runs again at once, with the values the failed
+/// commit read (as Go does); after that, each retry backs off first and reads them again.
+const IMMEDIATE_RETRIES: u32 = 1;
 /// The back-off then: jittered, from 2 ms doubling up to 100 ms.
 const CONFLICT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(2), Duration::from_millis(100));
@@ -36,6 +36,13 @@ const CONFLICT_BACKOFF: (Duration, Duration) =
 ///
 /// At every level, a key read twice in one attempt gives the same value, and a key written
 /// reads back as written.
+///
+/// ```no_run
+/// use etcd_concurrency::{Isolation, Stm};
+/// # fn example(client: etcd_client::Client) {
+/// let stm = Stm::new(client).isolation(Isolation::Serializable);
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Isolation {
     /// Go's `SerializableSnapshot`.
@@ -108,6 +115,20 @@ pub struct Stm {
 }
 
 /// One attempt of an [`Stm`] transaction: its reads and buffered writes.
+///
+/// ```no_run
+/// use etcd_concurrency::{Error, Stm};
+/// # async fn example(stm: Stm) -> Result<(), Error> {
+/// stm.run(async |tx| {
+///     if tx.get("/config/enabled").await?.is_none() {
+///         tx.put("/config/enabled", "yes"); // later gets read it back as written
+///     }
+///     tx.delete("/config/legacy");
+///     Ok::<_, Error>(())
+/// })
+/// .await
+/// # }
+/// ```
 pub struct StmTxn {
     kv: KvClient,
     isolation: Isolation,
@@ -119,6 +140,9 @@ pub struct StmTxn {
     writes: HashMap<Vec<u8>, Write>,
     /// The revision reads are pinned to, for the snapshot levels.
     snapshot: Option<i64>,
+    /// A pinned read found its revision compacted: this attempt cannot go on and must
+    /// not commit; the next one starts from a fresh read.
+    compacted: bool,
 }
 
 /// Values read together in one Txn, at `revision`.
@@ -144,6 +168,16 @@ enum Write {
 impl Stm {
     /// Transactions over `client`, at [`Isolation::SerializableSnapshot`], with at most
     /// [`DEFAULT_MAX_ATTEMPTS`] (32) attempts. No request is sent until [`run`](Self::run).
+    ///
+    /// ```no_run
+    /// use etcd_concurrency::{Isolation, Stm};
+    /// # fn example(client: etcd_client::Client) {
+    /// let stm = Stm::new(client)
+    ///     .isolation(Isolation::RepeatableReads)
+    ///     .prefetch(["/accounts/alice", "/accounts/bob"])
+    ///     .max_attempts(8);
+    /// # }
+    /// ```
     pub fn new(client: Client) -> Stm {
         Stm {
             client,
@@ -259,14 +293,21 @@ impl Stm {
                 fresh: std::mem::take(&mut fresh),
                 writes: HashMap::new(),
                 snapshot,
+                compacted: false,
             };
-            let output = apply(&mut txn).await?;
+            let output = apply(&mut txn).await;
+            if txn.compacted {
+                // Whatever the closure made of the read's error, run it again afresh.
+                tracing::debug!(attempt, "STM snapshot compacted; running again");
+                continue;
+            }
+            let output = output?;
             match txn.commit(&self.prefetch).await? {
                 None => return Ok(output),
                 Some(values) => fresh = values,
             }
             tracing::debug!(attempt, "STM conflict; running again");
-            if attempt >= RETRIES_WITHOUT_BACKOFF && attempt < self.max_attempts {
+            if attempt > IMMEDIATE_RETRIES && attempt < self.max_attempts {
                 // Values read before a pause would be stale after it: read them again.
                 backoff.wait().await;
                 let keys = fresh.values.into_keys().collect();
@@ -330,6 +371,15 @@ impl StmTxn {
     /// # Errors
     ///
     /// As [`get`](Self::get).
+    ///
+    /// ```no_run
+    /// use etcd_concurrency::{Error, Stm};
+    /// # async fn example(stm: Stm) -> Result<(), Error> {
+    /// let version = stm.run(async |tx| tx.mod_revision("/config").await).await?;
+    /// println!("/config last changed at revision {version}");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn mod_revision(&mut self, key: impl AsRef<[u8]>) -> Result<i64> {
         Ok(self.read(key.as_ref()).await?.mod_revision)
     }
@@ -355,13 +405,20 @@ impl StmTxn {
                 .with_serializable(),
             (false, _) => GetOptions::new().with_serializable(),
         };
-        let answer = match self.get_with(key, options.clone()).await {
+        let answer = match self.get_with(key, options).await {
             // A lagging member: read the same revision through the leader instead.
             Err(Error::Etcd(error)) if is_future_revision(&error) => {
                 tracing::debug!("pinned read ahead of its member; reading it linearizably");
                 let revision = self.snapshot.unwrap_or_default();
                 self.get_with(key, GetOptions::new().with_revision(revision))
-                    .await?
+                    .await
+            }
+            other => other,
+        };
+        let answer = match answer {
+            Err(Error::Etcd(error)) if is_compacted(&error) => {
+                self.compacted = true;
+                return Err(Error::Etcd(error));
             }
             other => other?,
         };

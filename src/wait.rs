@@ -41,7 +41,8 @@ pub(crate) struct QueueWatch {
 /// lease; [`Error::OwnershipLost`] when the key was deleted while the lease lives;
 /// non-transient etcd errors from watching.
 ///
-/// Cancel-safe: dropping the future stops the watch; `mine` is untouched.
+/// Cancel-safe: dropping the future stops waiting (a mutex's watch stays open in its
+/// queue slot for the next `lock()`; any other watch is closed); `mine` is untouched.
 pub(crate) async fn wait_for_turn(
     mine: &mut OwnedKey,
     name: &[u8],

@@ -9,14 +9,24 @@
 //! compacted history never matters, since no watch starts in the past.
 //!
 //! A broken watch (member killed, connection lost, watch cancelled) is re-opened the same
-//! way, with jittered back-off, for as long as the caller keeps asking. A follower that
+//! way, with jittered back-off, for as long as the caller keeps asking. So is a silent one:
+//! after [`LIVENESS_CHECK`] without a message the member is asked for a progress
+//! notification, and if that goes unanswered too (a frozen member keeps its connection
+//! open but answers nothing) the watch is re-opened, perhaps through another member. A follower that
 //! must report every change ([`Follower::replaying`]) re-opens from its last revision + 1
 //! instead, and falls back to a re-read only when that history has been compacted.
 
+use std::time::Duration;
+
 use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream};
 
+use tokio::time::Instant;
+
 use crate::error::{Error, Result};
-use crate::retry::Backoff;
+use crate::retry::{ATTEMPT_TIMEOUT, Backoff};
+
+/// How long a watch may stay silent before its member is asked whether it is alive.
+const LIVENESS_CHECK: Duration = Duration::from_secs(5);
 
 /// What changed since the last update.
 #[derive(Debug)]
@@ -41,7 +51,17 @@ pub(crate) struct Follower {
     /// The history after `revision` was compacted: the next open reads the range again.
     history_gone: bool,
     watch: Option<WatchStream>,
+    /// When the watch last said anything (or was opened, or asked for progress).
+    heard_at: Instant,
+    /// A progress notification was asked for and has not come yet.
+    progress_asked: bool,
     backoff: Backoff,
+}
+
+/// What a live watch said, or that it said nothing for too long.
+enum Heard {
+    Message(Result<Option<WatchResponse>, etcd_client::Error>),
+    Silence,
 }
 
 impl Follower {
@@ -64,6 +84,8 @@ impl Follower {
             replay: false,
             history_gone: false,
             watch: None,
+            heard_at: Instant::now(),
+            progress_asked: false,
             backoff: Backoff::new(),
         }
     }
@@ -102,7 +124,30 @@ impl Follower {
                     Err(error) => return Err(error),
                 }
             };
-            match watch.message().await {
+            let heard = tokio::select! {
+                biased;
+                message = watch.message() => Heard::Message(message),
+                () = tokio::time::sleep_until(self.heard_at + LIVENESS_CHECK) => Heard::Silence,
+            };
+            let message = match heard {
+                Heard::Message(message) => message,
+                Heard::Silence if self.progress_asked => {
+                    tracing::debug!("watch silent after a progress request; re-opening");
+                    self.watch = None;
+                    continue;
+                }
+                Heard::Silence => {
+                    self.progress_asked = watch.request_progress().await.is_ok();
+                    self.heard_at = Instant::now();
+                    if !self.progress_asked {
+                        self.watch = None;
+                    }
+                    continue;
+                }
+            };
+            self.heard_at = Instant::now();
+            self.progress_asked = false;
+            match message {
                 Ok(Some(answer)) if answer.canceled() => {
                     // Compaction, or the member lost its leader: follow again.
                     tracing::debug!(
@@ -168,7 +213,13 @@ impl Follower {
         if self.prefix {
             options = options.with_prefix();
         }
-        let mut answer = self.client.get(self.key.clone(), Some(options)).await?;
+        let read = tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            self.client.get(self.key.clone(), Some(options)),
+        );
+        let mut answer = read.await.map_err(|_| Error::Timeout {
+            after: ATTEMPT_TIMEOUT,
+        })??;
         // Stored only now: a call cancelled during the read must not keep a watch that
         // skips the events between the old view and the watch's start.
         self.watch = Some(watch);
@@ -179,14 +230,25 @@ impl Follower {
         }))
     }
 
-    /// Opens a watch and reads its first answer, which says whether it was created.
+    /// Opens a watch and reads its first answer, which says whether it was created; gives
+    /// up after [`ATTEMPT_TIMEOUT`] (a frozen member would never answer).
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
-        let mut watch = self.client.watch(self.key.clone(), Some(options)).await?;
-        let created = watch
-            .message()
-            .await?
-            .ok_or_else(|| etcd_client::Error::WatchError("watch closed at creation".into()))?;
-        Ok((watch, created))
+        let opening = async {
+            let mut watch = self.client.watch(self.key.clone(), Some(options)).await?;
+            let created = watch
+                .message()
+                .await?
+                .ok_or_else(|| etcd_client::Error::WatchError("watch closed at creation".into()))?;
+            self.heard_at = Instant::now();
+            self.progress_asked = false;
+            Ok::<_, etcd_client::Error>((watch, created))
+        };
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, opening).await {
+            Ok(opened) => Ok(opened?),
+            Err(_) => Err(Error::Timeout {
+                after: ATTEMPT_TIMEOUT,
+            }),
+        }
     }
 
     async fn backoff_once(&mut self) {

@@ -372,3 +372,73 @@ async fn bad_names_and_oversized_values_are_refused_and_leave_nothing() {
     assert_eq!(election.leader().await.unwrap().unwrap().value(), b"small");
     leading.resign().await.unwrap();
 }
+
+#[tokio::test]
+async fn cancelling_one_of_two_waiting_campaigns_keeps_the_shared_candidacy() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("shared-key");
+    let (other, ours) = (session(&client, 10).await, session(&client, 10).await);
+    let leading = Election::new(&other, &name)
+        .campaign("other")
+        .await
+        .unwrap();
+    let election = Election::new(&ours, &name);
+    let first = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign("ours").await }
+    });
+    let our_key = hex_key(&name, &ours);
+    within(secs(5), appears(&client, &our_key)).await;
+    // A second campaign of the same session shares the waiting key; cancelling it must
+    // not withdraw the first one's candidacy.
+    let second = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign("ours").await.map(drop) }
+    });
+    tokio::time::sleep(millis(200)).await;
+    second.abort();
+    tokio::time::sleep(millis(300)).await; // a wrongly spawned release would have run
+    assert!(
+        exists(&client, our_key.as_slice()).await,
+        "the shared candidacy was withdrawn"
+    );
+    leading.resign().await.unwrap();
+    let ours_leads = within(secs(5), first).await.unwrap().unwrap();
+    assert_eq!(ours_leads.key(), our_key.as_slice());
+    ours_leads.resign().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("leftover");
+    let (other, earlier) = (session(&client, 10).await, session(&client, 10).await);
+    let leading = Election::new(&other, &name)
+        .campaign("other")
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let election = Election::new(&earlier, &name);
+        async move { election.campaign("earlier").await.map(drop) }
+    });
+    let key = hex_key(&name, &earlier);
+    within(secs(5), appears(&client, &key)).await;
+    // The earlier process hands its lease over and exits while its candidacy waits.
+    waiting.abort();
+    let lease = earlier.lease_id();
+    earlier.orphan();
+    let later = Session::builder(client.clone())
+        .lease(lease)
+        .build()
+        .await
+        .unwrap();
+    assert!(exists(&client, key.as_slice()).await);
+    let deletion = Deletion::of(&client, std::str::from_utf8(&key).unwrap()).await;
+    let election = Election::new(&later, &name);
+    let campaign = tokio::time::timeout(millis(300), election.campaign("later"));
+    assert!(campaign.await.is_err(), "still waiting behind the leader");
+    within(secs(1), deletion.happened()).await;
+    leading.resign().await.unwrap();
+}

@@ -233,4 +233,6 @@ async fn a_holder_cut_off_knows_it_lost_the_lock_before_another_gets_it() {
         "the cut-off holder's fenced write must be rejected"
     );
     next.unlock().await.unwrap();
+    let left = keys_under(&client, &format!("{name}/")).await;
+    assert!(left.is_empty(), "lock keys left behind: {left:?}");
 }

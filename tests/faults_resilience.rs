@@ -7,8 +7,8 @@ mod common;
 use std::pin::pin;
 
 use common::{keys_under, millis, secs, unique, within};
-use etcd_client::{Txn, TxnOp};
-use etcd_concurrency::testing::EtcdCluster;
+use etcd_client::{Client, Txn, TxnOp};
+use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
 use futures::StreamExt;
 
@@ -161,4 +161,49 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
         client.clone().leases().await.unwrap().leases().is_empty(),
         "a lease leaked"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
+    let cluster = EtcdCluster::start(3).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    // The waiter's session and watch go through the proxy, its only endpoint at first.
+    let waiter_client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    // A plain client keeps sending about half its requests to the frozen connection (no
+    // HTTP/2 pings evict it): give requests time for several attempts.
+    let waiter = Session::builder(waiter_client.clone())
+        .ttl(secs(30))
+        .request_timeout(secs(25))
+        .build()
+        .await
+        .unwrap();
+    let client = cluster.client().await;
+    let holder = Session::builder(client.clone())
+        .ttl(secs(30))
+        .build()
+        .await
+        .unwrap();
+    let name = unique("frozen");
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let mutex = Mutex::new(&waiter, &name);
+    let waiting = tokio::spawn(async move { mutex.lock().await });
+    let key = format!("{name}/{:x}", waiter.lease_id());
+    within(secs(5), common::appears(&client, key.as_bytes())).await;
+
+    // Like a frozen member: the connection stays open and nothing comes back. The client
+    // also knows a healthy member now.
+    proxy.stall();
+    waiter_client
+        .add_endpoint(cluster.endpoint(1))
+        .await
+        .unwrap();
+    guard.unlock().await.unwrap();
+    // Watch liveness notices the silence within 10 s; each re-open or read that lands on
+    // the frozen connection again costs a 2 s cut-off, hence the generous bound.
+    let held = within(secs(60), waiting).await.unwrap().unwrap();
+    assert!(
+        !waiter.is_lost(),
+        "the session must survive through the healthy member"
+    );
+    within(secs(30), held.unlock()).await.unwrap();
 }

@@ -399,3 +399,18 @@ async fn a_lost_session_cannot_lock() {
     assert!(matches!(mutex.lock().await, Err(Error::SessionLost)));
     assert!(matches!(mutex.try_lock().await, Err(Error::SessionLost)));
 }
+
+#[tokio::test]
+async fn a_dropped_unlock_still_releases() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("dropped-unlock");
+    let holder = session(&client).await;
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let key = String::from_utf8(guard.key().to_vec()).unwrap();
+    let deletion = Deletion::of(&client, &key).await;
+    // Cancelled before its delete could be sent: the release goes on in the background.
+    let cut_short = tokio::time::timeout(std::time::Duration::ZERO, guard.unlock()).await;
+    assert!(cut_short.is_err());
+    within(secs(1), deletion.happened()).await;
+}

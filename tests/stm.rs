@@ -393,7 +393,11 @@ async fn blind_write_while_someone_writes(client: &Client, isolation: Isolation)
             let run = runs.fetch_add(1, Ordering::SeqCst);
             tx.get(&a).await?;
             if run == 0 {
-                client.clone().put(b.as_str(), "theirs", None).await.unwrap();
+                client
+                    .clone()
+                    .put(b.as_str(), "theirs", None)
+                    .await
+                    .unwrap();
             }
             tx.put(b.as_str(), "ours");
             Ok::<_, Error>(())
