@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::faults::{Isolation, inflict, resilient_client, schedule};
-use common::{read, secs, unique, within};
+use common::{amount, read, secs, two_accounts, unique, within};
 use etcd_client::{Client, GetOptions};
 use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Stm};
-use rand::Rng;
 
 const ACCOUNTS: usize = 8;
 const WORKERS: usize = 6;
@@ -24,18 +23,10 @@ struct Tally {
     stop: AtomicBool,
 }
 
-fn amount(value: Option<Vec<u8>>) -> u64 {
-    value.map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
-}
-
 async fn transfers(client: Client, prefix: String, tally: Arc<Tally>) {
     let stm = Stm::new(client);
     while !tally.stop.load(Ordering::SeqCst) {
-        let (from, to) = {
-            let mut rng = rand::rng();
-            let from = rng.random_range(0..ACCOUNTS);
-            (from, (from + rng.random_range(1..ACCOUNTS)) % ACCOUNTS)
-        };
+        let (from, to) = two_accounts(ACCOUNTS);
         let (from, to) = (format!("{prefix}/{from}"), format!("{prefix}/{to}"));
         let transfer = stm.run(async move |tx| {
             let from_balance = amount(tx.get(&from).await?);

@@ -5,11 +5,10 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{secs, unique, within};
+use common::{amount, secs, two_accounts, unique, within};
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Isolation, Stm};
-use rand::Rng;
 
 const ACCOUNTS: usize = 5;
 const WORKERS: usize = 6;
@@ -18,10 +17,6 @@ const OPENING_BALANCE: u64 = 1000;
 
 fn account(prefix: &str, i: usize) -> String {
     format!("{prefix}/account-{i}")
-}
-
-fn amount(value: Option<Vec<u8>>) -> u64 {
-    value.map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
 }
 
 async fn total(client: &Client, prefix: &str) -> u64 {
@@ -52,11 +47,7 @@ async fn transfers_conserve_money(cluster: &EtcdCluster, isolation: Isolation) -
         let (prefix, runs) = (prefix.clone(), runs.clone());
         workers.push(tokio::spawn(async move {
             for _ in 0..TRANSFERS {
-                let (from, to) = {
-                    let mut rng = rand::rng();
-                    let from = rng.random_range(0..ACCOUNTS);
-                    (from, (from + rng.random_range(1..ACCOUNTS)) % ACCOUNTS)
-                };
+                let (from, to) = two_accounts(ACCOUNTS);
                 let (from, to) = (account(&prefix, from), account(&prefix, to));
                 let runs = runs.clone();
                 // Spawned: the closure owns what it uses (rust-lang/rust#139475).

@@ -24,6 +24,19 @@ pub fn millis(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
 
+/// An account balance stored as decimal text (absent: 0).
+pub fn amount(value: Option<Vec<u8>>) -> u64 {
+    value.map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
+}
+
+/// Two distinct random indices below `count`: the accounts of a transfer.
+pub fn two_accounts(count: usize) -> (usize, usize) {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let from = rng.random_range(0..count);
+    (from, (from + rng.random_range(1..count)) % count)
+}
+
 /// A key prefix no other test uses.
 pub fn unique(name: &str) -> String {
     format!("/test/{name}/{:08x}", rand::random::<u32>())
@@ -88,20 +101,20 @@ impl Deletion {
 
     /// Resolves when the key has been deleted.
     pub async fn happened(mut self) {
-        loop {
-            let answer = self
-                .watch
-                .message()
-                .await
-                .expect("watch answer")
-                .expect("watch open");
-            if answer
-                .events()
-                .iter()
-                .any(|e| e.event_type() == etcd_client::EventType::Delete)
-            {
-                return;
-            }
+        next_event(&mut self.watch, etcd_client::EventType::Delete).await;
+    }
+}
+
+/// Waits for an event of type `kind` on `watch`.
+async fn next_event(watch: &mut etcd_client::WatchStream, kind: etcd_client::EventType) {
+    loop {
+        let answer = watch
+            .message()
+            .await
+            .expect("watch answer")
+            .expect("watch open");
+        if answer.events().iter().any(|e| e.event_type() == kind) {
+            return;
         }
     }
 }
@@ -112,20 +125,7 @@ pub async fn appears(client: &Client, key: &[u8]) {
     if exists(client, key).await {
         return;
     }
-    loop {
-        let answer = watch
-            .message()
-            .await
-            .expect("watch answer")
-            .expect("watch open");
-        if answer
-            .events()
-            .iter()
-            .any(|e| e.event_type() == etcd_client::EventType::Put)
-        {
-            return;
-        }
-    }
+    next_event(&mut watch, etcd_client::EventType::Put).await;
 }
 
 /// An `etcdctl` process (v3 API), killed when dropped.
