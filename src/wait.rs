@@ -13,24 +13,61 @@
 //! while the queue is busy races with writes in etcd (it reads its current revision before
 //! registering the watch, and a write in between puts the watch on the 100 ms unsynced
 //! path), which delayed about 6% of contended hand-offs by 100 ms when every `lock()`
-//! opened its own.
+//! opened its own. Between calls the watch is read by a small task and its events
+//! dropped: left unread, a busy queue's events would pile up until h2 closed the whole
+//! connection. The next `lock()` takes it back, and reads the queue again if the task
+//! dropped events it needs.
 
 use std::collections::HashSet;
 
 use etcd_client::{EventType, GetOptions, KeyValue};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
+
 use crate::session::Session;
 use crate::session::prefix_of;
 use crate::watcher::{Follower, Update, revision_of};
 
 /// The in-process slot of a lock's queue for one session: it serialises that session's
-/// `lock()` calls (which share one key in etcd), and keeps the queue's watch open between
-/// them.
+/// `lock()` calls (which share one key in etcd), and keeps the queue's watch open, and
+/// read, between them.
 #[derive(Default)]
 pub(crate) struct QueueWatch {
-    follower: Option<Follower>,
+    parked: Option<Parked>,
+}
+
+/// A follower read by a task until it is wanted back.
+struct Parked {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Option<Follower>>,
+}
+
+impl QueueWatch {
+    /// The kept follower, taken back from the task that reads it, if there is one.
+    async fn take(&mut self) -> Option<Follower> {
+        let parked = self.parked.take()?;
+        let _ = parked.stop.send(());
+        parked.task.await.ok().flatten()
+    }
+
+    /// Keeps `follower` open and read until the next [`take`](Self::take).
+    fn park(&mut self, follower: Follower, runtime: &Handle) {
+        let (stop, stopped) = oneshot::channel();
+        let task = runtime.spawn(follower.drain(stopped));
+        self.parked = Some(Parked { stop, task });
+    }
+}
+
+impl Drop for QueueWatch {
+    fn drop(&mut self) {
+        if let Some(parked) = self.parked.take() {
+            parked.task.abort();
+        }
+    }
 }
 
 /// Waits until no key under `name/` created before `mine` remains, given the `queue`
@@ -41,8 +78,8 @@ pub(crate) struct QueueWatch {
 /// lease; [`Error::OwnershipLost`] when the key was deleted while the lease lives;
 /// non-transient etcd errors from watching.
 ///
-/// Cancel-safe: dropping the future stops waiting (a mutex's watch stays open in its
-/// queue slot for the next `lock()`; any other watch is closed); `mine` is untouched.
+/// Cancel-safe: dropping the future stops waiting and closes the watch (a mutex's next
+/// `lock()` opens another); `mine` is untouched.
 pub(crate) async fn wait_for_turn(
     mine: &mut OwnedKey,
     name: &[u8],
@@ -50,7 +87,7 @@ pub(crate) async fn wait_for_turn(
     revision: i64,
 ) -> Result<i64> {
     let token = mine.create_revision();
-    let mut ahead: HashSet<Vec<u8>> = keys_before(queue, token);
+    let ahead: HashSet<Vec<u8>> = keys_before(queue, token);
     if ahead.is_empty() {
         return Ok(revision);
     }
@@ -59,28 +96,56 @@ pub(crate) async fn wait_for_turn(
     let read = GetOptions::new()
         .with_keys_only()
         .with_max_create_revision(token);
-    let mut own_follower = None;
-    let slot = match mine.queue_watch() {
-        Some(queue_watch) => &mut queue_watch.follower,
-        None => &mut own_follower,
+    let kept = match mine.queue_watch() {
+        Some(queue_watch) => queue_watch.take().await,
+        None => None,
     };
-    let follower = match slot {
-        Some(follower) => {
+    let mut follower = match kept {
+        Some(mut follower) => {
             follower.restart_view(read, revision);
             follower
         }
-        None => slot.insert(Follower::new(
+        None => Follower::new(
             session.client().clone(),
             prefix_of(name),
             true,
             read,
             revision,
-        )),
+        ),
     };
+    let waited = follow_until_turn(&mut follower, &session, &key, token, ahead).await;
+    if let Some(queue_watch) = mine.queue_watch() {
+        queue_watch.park(follower, session.runtime());
+    }
+    match waited {
+        Ok(seen_at) => Ok(seen_at),
+        Err(Gone) => Err(why_gone(&session).await),
+        Err(Failed(error)) => Err(error),
+    }
+}
+
+/// Why waiting ended without the turn.
+enum NotMyTurn {
+    /// The waiter's own key was deleted.
+    Gone,
+    /// The session was lost, or etcd refused the watch.
+    Failed(Error),
+}
+use NotMyTurn::{Failed, Gone};
+
+/// Applies the queue's changes until nothing is `ahead` of the key with create revision
+/// `token`; returns the revision at which that was seen.
+async fn follow_until_turn(
+    follower: &mut Follower,
+    session: &Session,
+    key: &[u8],
+    token: i64,
+    mut ahead: HashSet<Vec<u8>>,
+) -> Result<i64, NotMyTurn> {
     loop {
         let update = tokio::select! {
-            () = session.lost() => return Err(Error::SessionLost),
-            update = follower.next() => update?,
+            () = session.lost() => return Err(Failed(Error::SessionLost)),
+            update = follower.next() => update.map_err(Failed)?,
         };
         let (still_mine, seen_at) = match update {
             Update::Snapshot { kvs, revision } => {
@@ -108,7 +173,7 @@ pub(crate) async fn wait_for_turn(
             }
         };
         if !still_mine {
-            return Err(why_gone(&session).await);
+            return Err(Gone);
         }
         if ahead.is_empty() {
             return Ok(seen_at);

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream};
 
+use futures::FutureExt;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
@@ -27,6 +28,8 @@ use crate::retry::{ATTEMPT_TIMEOUT, Backoff};
 
 /// How long a watch may stay silent before its member is asked whether it is alive.
 const LIVENESS_CHECK: Duration = Duration::from_secs(5);
+/// How often a kept watch that nobody waits on is read.
+const DRAIN_PERIOD: Duration = Duration::from_millis(100);
 
 /// What changed since the last update.
 #[derive(Debug)]
@@ -50,6 +53,8 @@ pub(crate) struct Follower {
     replay: bool,
     /// The history after `revision` was compacted: the next open reads the range again.
     history_gone: bool,
+    /// Events after `revision` were read and dropped: the view must be read again.
+    stale: bool,
     watch: Option<WatchStream>,
     /// When the watch last said anything (or was opened, or asked for progress).
     heard_at: Instant,
@@ -83,6 +88,7 @@ impl Follower {
             revision,
             replay: false,
             history_gone: false,
+            stale: false,
             watch: None,
             heard_at: Instant::now(),
             progress_asked: false,
@@ -91,10 +97,36 @@ impl Follower {
     }
 
     /// Starts a new view, current as of `revision` and re-read with `read_options`
-    /// when needed, keeping the open watch: its events up to `revision` are skipped.
+    /// when needed, keeping the open watch: its events up to `revision` are skipped. If
+    /// events after `revision` were already read (and dropped, by [`drain`](Self::drain)),
+    /// the next update is a snapshot.
     pub(crate) fn restart_view(&mut self, read_options: GetOptions, revision: i64) {
         self.read_options = read_options;
+        self.stale = self.revision > revision;
         self.revision = revision;
+    }
+
+    /// Reads the watch and drops what it says, every [`DRAIN_PERIOD`], until `stop` fires
+    /// (then hands the follower back) or the watch fails for good. An open watch must be
+    /// read: its unread messages hold HTTP/2 flow-control windows, and a few such watches
+    /// freeze the whole connection. Reading in batches costs a wake-up per period, not
+    /// per event.
+    pub(crate) async fn drain(
+        mut self,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> Option<Follower> {
+        loop {
+            tokio::select! {
+                _ = &mut stop => return Some(self),
+                () = tokio::time::sleep(DRAIN_PERIOD) => {}
+            }
+            // Whatever has arrived; a read that would wait (or re-open) is left for later.
+            while let Some(update) = self.advance(false).now_or_never() {
+                if update.is_err() {
+                    return None;
+                }
+            }
+        }
     }
 
     /// Makes re-opened watches replay the events missed while the watch was broken, so
@@ -111,7 +143,23 @@ impl Follower {
     ///
     /// Cancel-safe: a dropped call loses no events.
     pub(crate) async fn next(&mut self) -> Result<Update> {
+        self.advance(true).await
+    }
+
+    /// [`next`](Self::next), with the events themselves only if `keep_events` (a draining
+    /// read needs only the revision they bring the view to).
+    async fn advance(&mut self, keep_events: bool) -> Result<Update> {
         loop {
+            if self.stale && self.watch.is_some() {
+                return match self.read_snapshot().await {
+                    Ok(snapshot) => Ok(snapshot),
+                    Err(error) if error.is_transient() => {
+                        self.watch = None; // re-opening reads a snapshot too
+                        continue;
+                    }
+                    Err(error) => Err(error),
+                };
+            }
             let Some(watch) = self.watch.as_mut() else {
                 match self.open().await {
                     Ok(Some(snapshot)) => return Ok(snapshot),
@@ -159,14 +207,16 @@ impl Follower {
                     self.watch = None;
                 }
                 Ok(Some(answer)) => {
-                    let events: Vec<Event> = answer
-                        .events()
-                        .iter()
-                        .filter(|event| revision_of(event) > self.revision)
-                        .cloned()
-                        .collect();
-                    if let Some(last) = events.last() {
-                        self.revision = revision_of(last);
+                    // Events come in revision order.
+                    let newest = answer.events().last().map_or(0, revision_of);
+                    if newest > self.revision {
+                        let events = if keep_events {
+                            let fresh = |event: &&Event| revision_of(event) > self.revision;
+                            answer.events().iter().filter(fresh).cloned().collect()
+                        } else {
+                            Vec::new()
+                        };
+                        self.revision = newest;
                         self.backoff = Backoff::new();
                         return Ok(Update::Events(events));
                     }
@@ -205,10 +255,20 @@ impl Follower {
         }
         self.history_gone = false;
         let watched_from = created.header().map_or(0, |h| h.revision());
-        if watched_from <= self.revision {
+        if watched_from <= self.revision && !self.stale {
             self.watch = Some(watch);
             return Ok(None);
         }
+        // The watch is stored only after the read: a call cancelled during the read must
+        // not keep a watch that skips the events between the old view and its start.
+        let snapshot = self.read_snapshot().await?;
+        self.watch = Some(watch);
+        Ok(Some(snapshot))
+    }
+
+    /// Reads the whole range (linearizably, so at or after everything the watch has
+    /// delivered) and makes it the view.
+    async fn read_snapshot(&mut self) -> Result<Update> {
         let mut options = self.read_options.clone();
         if self.prefix {
             options = options.with_prefix();
@@ -220,14 +280,12 @@ impl Follower {
         let mut answer = read.await.map_err(|_| Error::Timeout {
             after: ATTEMPT_TIMEOUT,
         })??;
-        // Stored only now: a call cancelled during the read must not keep a watch that
-        // skips the events between the old view and the watch's start.
-        self.watch = Some(watch);
-        self.revision = answer.header().map_or(watched_from, |h| h.revision());
-        Ok(Some(Update::Snapshot {
+        self.revision = answer.header().map_or(self.revision, |h| h.revision());
+        self.stale = false;
+        Ok(Update::Snapshot {
             kvs: answer.take_kvs(),
             revision: self.revision,
-        }))
+        })
     }
 
     /// Opens a watch and reads its first answer, which says whether it was created; gives

@@ -414,3 +414,78 @@ async fn a_dropped_unlock_still_releases() {
     assert!(cut_short.is_err());
     within(secs(1), deletion.happened()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_mutexes_do_not_let_queue_events_pile_up_in_the_connection() {
+    const LOCKS: usize = 3;
+    const CYCLES: usize = 1000;
+    let cluster = EtcdCluster::start(1).await;
+    let shared = cluster.client().await; // the application's one connection
+    let others = cluster.client().await;
+    let (ours, busy) = (session(&shared).await, session(&others).await);
+    // Unread watch messages hold HTTP/2 flow-control windows (measured: three unread
+    // watches froze a connection after 6 MB). Kilobyte-long names make that quick.
+    let base = unique("idle");
+    let names: Vec<String> = (0..LOCKS)
+        .map(|i| format!("{base}-{i}-{}", "x".repeat(1024)))
+        .collect();
+    let mut idle = Vec::new();
+    for name in &names {
+        // One contended lock() each keeps that queue's watch open for the next one.
+        let held = Mutex::new(&busy, name).lock().await.unwrap();
+        let mutex = Mutex::new(&ours, name);
+        let waiting = tokio::spawn({
+            let mutex = mutex.clone();
+            async move { mutex.lock().await.unwrap().unlock().await }
+        });
+        within(secs(5), appears(&others, &hex_key(name, &ours))).await;
+        held.unlock().await.unwrap();
+        within(secs(5), waiting).await.unwrap().unwrap();
+        idle.push(mutex);
+    }
+
+    // The application's own watch, on the same connection.
+    let probe = format!("{base}-probe");
+    let mut watch = shared.clone().watch(probe.as_str(), None).await.unwrap();
+    // Others use every lock while ours sit idle: 2 000 events (2 MB) on each queue.
+    within(secs(120), async {
+        for _ in 0..CYCLES {
+            for name in &names {
+                Mutex::new(&busy, name)
+                    .lock()
+                    .await
+                    .unwrap()
+                    .unlock()
+                    .await
+                    .unwrap();
+            }
+        }
+    })
+    .await;
+    others
+        .clone()
+        .put(probe.as_str(), "still connected?", None)
+        .await
+        .unwrap();
+    let answer = within(secs(5), async {
+        loop {
+            let answer = watch.message().await.expect("the connection was closed");
+            if let Some(answer) = answer.filter(|a| !a.events().is_empty()) {
+                return answer;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        answer.events()[0].kv().unwrap().value(),
+        b"still connected?"
+    );
+    for mutex in &idle {
+        within(secs(5), mutex.lock())
+            .await
+            .unwrap()
+            .unlock()
+            .await
+            .unwrap();
+    }
+}
