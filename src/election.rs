@@ -266,7 +266,10 @@ impl Election {
     /// error that retrying does not cure (e.g. permission denied), then keeps trying with
     /// back-off. Drop it to stop.
     ///
-    /// Observing only reads: it uses the session's client, not its lease.
+    /// Observing only reads: it uses the session's client, not its lease. Poll the stream
+    /// steadily, or drop it: while it is not polled its events wait unread in the
+    /// connection, where they hold HTTP/2 flow-control windows (a few such watches on busy
+    /// elections can stall every request on the connection).
     ///
     /// # Example
     ///

@@ -107,7 +107,8 @@ impl OwnedKey {
 
     /// Resolves once ownership can no longer be assumed: the session is lost, or the key is
     /// deleted or re-created. Also resolves if the key cannot be watched at all (a
-    /// permission error), since ownership can then not be confirmed.
+    /// permission error), since ownership can then not be confirmed. The watch exists
+    /// while the future is polled; it sees one key, so it stays small when left unread.
     pub(crate) async fn lost(&self) {
         tokio::select! {
             () = self.session.lost() => {}
