@@ -58,8 +58,9 @@ impl Backoff {
 /// succeeds, fails with a non-transient error, or `limit` has passed.
 /// An attempt unanswered after [`ATTEMPT_TIMEOUT`] is abandoned and sent again.
 ///
-/// Returns the request's answer; the last error if it kept failing (transient or not);
-/// or [`Error::Timeout`] if the last attempt got no answer before the deadline.
+/// Returns the request's answer; the last error if it kept failing (transient or not),
+/// also when the deadline cut off a later attempt; or [`Error::Timeout`] if no attempt
+/// got an answer at all.
 pub(crate) async fn retry<H, T, F, Fut>(handle: &H, limit: Duration, mut request: F) -> Result<T>
 where
     H: Clone,
@@ -68,6 +69,7 @@ where
 {
     let deadline = Instant::now() + limit;
     let mut backoff = Backoff::new();
+    let mut last_error = None;
     loop {
         let cut_off = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
         match tokio::time::timeout_at(cut_off, request(handle.clone())).await {
@@ -78,12 +80,16 @@ where
                     return Err(Error::Etcd(error));
                 }
                 tracing::debug!(%error, ?delay, "transient etcd error; retrying");
+                last_error = Some(error);
                 tokio::time::sleep(delay).await;
             }
             Err(_) if cut_off < deadline => {
                 tracing::debug!("no answer within {ATTEMPT_TIMEOUT:?}; sending again");
             }
-            Err(_) => return Err(Error::Timeout { after: limit }),
+            // The last error says more than "no answer" (e.g. connection refused).
+            Err(_) => {
+                return Err(last_error.map_or(Error::Timeout { after: limit }, Error::Etcd));
+            }
         }
     }
 }
@@ -162,6 +168,22 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.is_transient());
+        let calls = AtomicU32::new(0);
+        let fails_then_hangs = retry(&client, limit, |_| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    return Err::<(), _>(unavailable());
+                }
+                std::future::pending().await
+            }
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(fails_then_hangs, Error::Etcd(_)),
+            "{fails_then_hangs:?}"
+        );
         let hang = retry(&client, limit, |_| std::future::pending::<Result<(), _>>())
             .await
             .unwrap_err();
