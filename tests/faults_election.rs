@@ -97,12 +97,7 @@ async fn leaders_never_overlap_and_observers_end_on_the_true_leader() {
 
     let mut candidates = Vec::new();
     for id in 0..CANDIDATES {
-        let endpoints = if id == 0 {
-            isolation.endpoints()
-        } else {
-            cluster.endpoints()
-        };
-        let client = resilient_client(&endpoints).await;
+        let client = isolation.worker_client(&cluster, id).await;
         candidates.push(tokio::spawn(candidate(
             id,
             client,

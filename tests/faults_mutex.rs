@@ -87,13 +87,7 @@ async fn fenced_writes_are_neither_lost_nor_doubled_under_faults() {
     let tally = Arc::new(Tally::default());
     let mut workers = Vec::new();
     for id in 0..WORKERS {
-        // Worker 0 goes through proxies that the schedule cuts.
-        let endpoints = if id == 0 {
-            isolation.endpoints()
-        } else {
-            cluster.endpoints()
-        };
-        let client = resilient_client(&endpoints).await;
+        let client = isolation.worker_client(&cluster, id).await;
         workers.push(tokio::spawn(worker(
             id,
             client,

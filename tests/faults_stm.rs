@@ -6,11 +6,11 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use common::faults::{Isolation, inflict, resilient_client, schedule};
-use common::{amount, read, secs, two_accounts, unique, within};
+use common::faults::{Isolation, inflict, schedule};
+use common::{amount, move_a_quarter, read, secs, two_accounts, unique, within};
 use etcd_client::{Client, GetOptions};
+use etcd_concurrency::Stm;
 use etcd_concurrency::testing::EtcdCluster;
-use etcd_concurrency::{Error, Stm};
 
 const ACCOUNTS: usize = 8;
 const WORKERS: usize = 6;
@@ -28,14 +28,7 @@ async fn transfers(client: Client, prefix: String, tally: Arc<Tally>) {
     while !tally.stop.load(Ordering::SeqCst) {
         let (from, to) = two_accounts(ACCOUNTS);
         let (from, to) = (format!("{prefix}/{from}"), format!("{prefix}/{to}"));
-        let transfer = stm.run(async move |tx| {
-            let from_balance = amount(tx.get(&from).await?);
-            let to_balance = amount(tx.get(&to).await?);
-            let moved = from_balance / 4;
-            tx.put(from.as_str(), (from_balance - moved).to_string());
-            tx.put(to.as_str(), (to_balance + moved).to_string());
-            Ok::<_, Error>(())
-        });
+        let transfer = stm.run(async move |tx| move_a_quarter(tx, &from, &to).await);
         match tokio::time::timeout(secs(10), transfer).await {
             Ok(Ok(())) => tally.commits.fetch_add(1, Ordering::SeqCst),
             _ => tally.errors.fetch_add(1, Ordering::SeqCst),
@@ -60,12 +53,7 @@ async fn transfers_go_on_through_faults_and_conserve_money() {
     let tally = Arc::new(Tally::default());
     let mut workers = Vec::new();
     for id in 0..WORKERS {
-        let endpoints = if id == 0 {
-            isolation.endpoints()
-        } else {
-            cluster.endpoints()
-        };
-        let client = resilient_client(&endpoints).await;
+        let client = isolation.worker_client(&cluster, id).await;
         workers.push(tokio::spawn(transfers(
             client,
             prefix.clone(),

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{amount, secs, two_accounts, unique, within};
+use common::{amount, move_a_quarter, secs, two_accounts, unique, within};
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Isolation, Stm};
@@ -53,12 +53,7 @@ async fn transfers_conserve_money(cluster: &EtcdCluster, isolation: Isolation) -
                 // Spawned: the closure owns what it uses (rust-lang/rust#139475).
                 stm.run(async move |tx| {
                     runs.fetch_add(1, Ordering::SeqCst);
-                    let from_balance = amount(tx.get(&from).await?);
-                    let to_balance = amount(tx.get(&to).await?);
-                    let moved = from_balance / 4;
-                    tx.put(from.as_str(), (from_balance - moved).to_string());
-                    tx.put(to.as_str(), (to_balance + moved).to_string());
-                    Ok::<_, Error>(())
+                    move_a_quarter(tx, &from, &to).await
                 })
                 .await
                 .expect("a transfer failed");

@@ -40,6 +40,17 @@ impl Isolation {
         self.proxies.iter().map(Proxy::endpoint).collect()
     }
 
+    /// The client of worker `id` of a fault test: worker 0 goes through the proxies (the
+    /// schedule cuts it off), the others connect to the members directly.
+    pub async fn worker_client(&self, cluster: &EtcdCluster, id: usize) -> Client {
+        let endpoints = if id == 0 {
+            self.endpoints()
+        } else {
+            cluster.endpoints()
+        };
+        resilient_client(&endpoints).await
+    }
+
     pub fn cut(&self) {
         self.proxies.iter().for_each(Proxy::cut);
     }

@@ -29,6 +29,20 @@ pub fn amount(value: Option<Vec<u8>>) -> u64 {
     value.map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
 }
 
+/// Moves a quarter of `from`'s balance to `to`, in `tx`.
+pub async fn move_a_quarter(
+    tx: &mut etcd_concurrency::StmTxn,
+    from: &str,
+    to: &str,
+) -> etcd_concurrency::Result<()> {
+    let from_balance = amount(tx.get(from).await?);
+    let to_balance = amount(tx.get(to).await?);
+    let moved = from_balance / 4;
+    tx.put(from, (from_balance - moved).to_string());
+    tx.put(to, (to_balance + moved).to_string());
+    Ok(())
+}
+
 /// Two distinct random indices below `count`: the accounts of a transfer.
 pub fn two_accounts(count: usize) -> (usize, usize) {
     use rand::Rng;
