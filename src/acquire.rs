@@ -10,22 +10,30 @@
 use std::future::Future;
 
 use etcd_client::{
-    Compare, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, is_lease_gone};
 use crate::ownership::{OwnedKey, release_while_session_lives};
 use crate::release::spawn_release;
 use crate::retry::retry;
 use crate::session::{ElectionClaim, Session, WeakSession, prefix_of};
 use crate::wait::QueueWatch;
 
+/// When the join Txn creates this session's key.
+pub(crate) enum Create {
+    /// Unless it exists: join the queue (`lock`, `campaign`).
+    IfAbsent,
+    /// Only if the queue is empty: take the lock or nothing (`try_lock`).
+    IfQueueEmpty,
+}
+
 /// What to send.
 pub(crate) struct Request {
-    /// When true, the key is created with `value`; otherwise it is only looked up.
-    pub(crate) condition: Compare,
+    /// When the key is created with `value`; otherwise it is only looked up.
+    pub(crate) create: Create,
     pub(crate) value: Vec<u8>,
     /// How to read the queue (the name's prefix is added here).
     pub(crate) queue: GetOptions,
@@ -70,8 +78,14 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let prefix = prefix_of(name);
     let lease = PutOptions::new().with_lease(session.lease_id());
     let queue = request.queue.with_prefix();
+    let condition = match request.create {
+        Create::IfAbsent => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+        Create::IfQueueEmpty => {
+            Compare::create_revision(prefix.clone(), CompareOp::Equal, 0).with_prefix()
+        }
+    };
     let txn = Txn::new()
-        .when([request.condition])
+        .when([condition])
         .and_then([
             TxnOp::put(key.clone(), request.value.clone(), Some(lease)),
             TxnOp::get(prefix.clone(), Some(queue.clone())),
@@ -246,9 +260,7 @@ async fn left_behind(
 /// lost session, and the session is told so.
 fn lease_gone_is_session_lost(session: &Session, error: Error) -> Error {
     match &error {
-        Error::Etcd(etcd_client::Error::GRpcStatus(status))
-            if status.code() == tonic::Code::NotFound && status.message().contains("lease") =>
-        {
+        Error::Etcd(etcd) if is_lease_gone(etcd) => {
             session.mark_lost();
             Error::SessionLost
         }

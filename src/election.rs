@@ -6,12 +6,10 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use etcd_client::{
-    Compare, CompareOp, Event, EventType, GetOptions, KeyValue, SortOrder, SortTarget,
-};
+use etcd_client::{Compare, Event, EventType, GetOptions, KeyValue, SortOrder, SortTarget};
 use futures::Stream;
 
-use crate::acquire::{Outcome, Request, join};
+use crate::acquire::{Create, Outcome, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
 use crate::retry::{Backoff, retry};
@@ -178,12 +176,11 @@ impl Election {
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership> {
         self.check()?;
         let value = value.into();
-        let key = self.session.key_in(&self.name);
         // Another live campaign or leadership of this session shares the key: a found key
         // is then theirs too, and must survive this call's cancellation.
         let (claim, shared) = self.session.claim_election(&self.name);
         let request = Request {
-            condition: Compare::create_revision(key, CompareOp::Equal, 0),
+            create: Create::IfAbsent,
             value: value.clone(),
             queue: GetOptions::new().with_keys_only(),
             release_found: !shared,

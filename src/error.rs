@@ -109,7 +109,7 @@ pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
                     | Code::Aborted
                     | Code::DeadlineExceeded
                     | Code::Cancelled
-            ) || is_too_many_requests(status)
+            ) || etcd_says(error, Code::ResourceExhausted, TOO_MANY_REQUESTS)
         }
         E::LeaseKeepAliveError(_) => !is_lease_not_found(error),
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) => true,
@@ -122,29 +122,39 @@ pub(crate) fn is_lease_not_found(error: &etcd_client::Error) -> bool {
     matches!(error, etcd_client::Error::LeaseKeepAliveError(reason) if reason.contains("not found"))
 }
 
+/// etcd's back-pressure, sent before anything is proposed.
+const TOO_MANY_REQUESTS: &str = "too many requests";
+
+/// Whether `error` is etcd's gRPC status `code` with a message containing `text` (etcd's
+/// errors are told apart by their message; see its `rpctypes`).
+fn etcd_says(error: &etcd_client::Error, code: tonic::Code, text: &str) -> bool {
+    matches!(error, etcd_client::Error::GRpcStatus(status)
+        if status.code() == code && status.message().contains(text))
+}
+
 /// Whether etcd rejected a read pinned to a revision the serving member has not applied yet
 /// ("mvcc: required revision is a future revision", etcd #11963).
 pub(crate) fn is_future_revision(error: &etcd_client::Error) -> bool {
-    matches!(error, etcd_client::Error::GRpcStatus(status)
-        if status.code() == tonic::Code::OutOfRange && status.message().contains("future revision"))
-}
-
-/// etcd's back-pressure: "too many requests", sent before anything is proposed.
-fn is_too_many_requests(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::ResourceExhausted
-        && status.message().contains("too many requests")
+    etcd_says(error, tonic::Code::OutOfRange, "future revision")
 }
 
 /// Whether a pinned read asked for a revision that compaction removed.
 pub(crate) fn is_compacted(error: &etcd_client::Error) -> bool {
-    matches!(error, etcd_client::Error::GRpcStatus(status)
-        if status.code() == tonic::Code::OutOfRange && status.message().contains("compacted"))
+    etcd_says(error, tonic::Code::OutOfRange, "compacted")
 }
 
 /// Whether etcd refused to grant a lease because its id is taken.
 pub(crate) fn is_lease_taken(error: &etcd_client::Error) -> bool {
-    matches!(error, etcd_client::Error::GRpcStatus(status)
-        if status.message().contains("lease already exists"))
+    etcd_says(
+        error,
+        tonic::Code::FailedPrecondition,
+        "lease already exists",
+    )
+}
+
+/// Whether etcd no longer knows the lease a request named ("requested lease not found").
+pub(crate) fn is_lease_gone(error: &etcd_client::Error) -> bool {
+    etcd_says(error, tonic::Code::NotFound, "lease not found")
 }
 
 /// Whether a write that failed with `error` was certainly not applied: the connection was
@@ -157,7 +167,7 @@ pub(crate) fn was_not_applied(error: &etcd_client::Error) -> bool {
     let message = status.message();
     match status.code() {
         Code::Unavailable => message.contains("tcp connect error") || message.contains("no leader"),
-        _ => is_too_many_requests(status),
+        _ => etcd_says(error, Code::ResourceExhausted, TOO_MANY_REQUESTS),
     }
 }
 
@@ -204,5 +214,9 @@ mod tests {
         assert!(Error::from(etcd_client::Error::GRpcStatus(busy)).is_transient());
         let compacted = tonic::Status::out_of_range("mvcc: required revision has been compacted");
         assert!(is_compacted(&etcd_client::Error::GRpcStatus(compacted)));
+        let gone = tonic::Status::not_found("etcdserver: requested lease not found");
+        assert!(is_lease_gone(&etcd_client::Error::GRpcStatus(gone)));
+        let taken = tonic::Status::failed_precondition("etcdserver: lease already exists");
+        assert!(is_lease_taken(&etcd_client::Error::GRpcStatus(taken)));
     }
 }

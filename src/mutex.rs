@@ -3,12 +3,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use etcd_client::{Compare, CompareOp, GetOptions, SortOrder, SortTarget};
+use etcd_client::{Compare, GetOptions, SortOrder, SortTarget};
 
-use crate::acquire::{Outcome, Request, join};
+use crate::acquire::{Create, Outcome, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
-use crate::session::{Session, prefix_of};
+use crate::session::Session;
 use crate::wait::{QueueWatch, wait_for_turn};
 
 /// A distributed lock named by a key prefix, held through a [`Session`]'s lease.
@@ -152,9 +152,8 @@ impl Mutex {
         self.check()?;
         let local = self.queue.clone().lock_owned().await;
         self.check()?;
-        let key = self.session.key_in(&self.name);
         let request = Request {
-            condition: Compare::create_revision(key, CompareOp::Equal, 0),
+            create: Create::IfAbsent,
             value: Vec::new(),
             queue: GetOptions::new().with_keys_only(),
             release_found: true,
@@ -209,8 +208,7 @@ impl Mutex {
             return Ok(None);
         };
         let request = Request {
-            condition: Compare::create_revision(prefix_of(&self.name), CompareOp::Equal, 0)
-                .with_prefix(),
+            create: Create::IfQueueEmpty,
             value: Vec::new(),
             queue: GetOptions::new()
                 .with_keys_only()

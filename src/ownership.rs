@@ -1,10 +1,10 @@
 //! A key this session holds in a lock's or election's queue: fenced operations on it, loss
 //! detection, and its release when dropped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
 use tokio::sync::OwnedMutexGuard;
-
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result, was_not_applied};
 use crate::release::spawn_release;
@@ -179,7 +179,7 @@ pub(crate) async fn release_while_session_lives(session: WeakSession, key: &[u8]
 }
 
 /// The outcome of a fenced write.
-pub(crate) enum Fenced {
+enum Fenced {
     Applied,
     /// The key was not this incarnation.
     Refused,
@@ -188,12 +188,7 @@ pub(crate) enum Fenced {
 }
 
 /// Applies `op` if `key` still has create revision `revision`, retrying transient failures.
-pub(crate) async fn fenced(
-    session: &Session,
-    key: &[u8],
-    revision: i64,
-    op: TxnOp,
-) -> Result<Fenced> {
+async fn fenced(session: &Session, key: &[u8], revision: i64, op: TxnOp) -> Result<Fenced> {
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, revision)])
         .and_then([op]);

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result, is_lease_not_found, is_lease_taken};
+use crate::error::{Error, Result, is_lease_gone, is_lease_not_found, is_lease_taken};
 use crate::release::spawn_release;
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff, retry};
 use crate::wait::QueueWatch;
@@ -639,11 +639,7 @@ async fn revoke(client: Client, lease_id: i64, limit: Duration) -> Result<()> {
         c.lease_revoke(lease_id).await
     });
     match revoked.await {
-        Err(Error::Etcd(etcd_client::Error::GRpcStatus(status)))
-            if status.code() == tonic::Code::NotFound =>
-        {
-            Ok(()) // already expired or revoked
-        }
+        Err(Error::Etcd(error)) if is_lease_gone(&error) => Ok(()), // expired or revoked
         other => other.map(drop),
     }
 }
