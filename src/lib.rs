@@ -61,6 +61,7 @@ mod election;
 mod error;
 mod mutex;
 mod ownership;
+mod read_cache;
 mod release;
 mod retry;
 mod session;
@@ -74,6 +75,7 @@ pub use election::{Election, Leader, Leadership};
 pub use error::{Error, Result};
 pub use etcd_client;
 pub use mutex::{Mutex, MutexGuard};
+pub use read_cache::ReadCache;
 pub use session::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, SessionBuilder,
 };
@@ -90,6 +92,7 @@ mod tests {
         send_sync::<crate::Mutex>();
         send_sync::<crate::Election>();
         send_sync::<crate::Stm>();
+        send_sync::<crate::ReadCache>();
         send_sync::<crate::Error>();
         send::<crate::MutexGuard>();
         send::<crate::Leadership>();

@@ -11,6 +11,7 @@ use etcd_client::{
 };
 
 use crate::error::{Error, Result, is_compacted, is_future_revision, was_not_applied};
+use crate::read_cache::{ReadCache, View};
 use crate::retry::{Backoff, retry};
 use crate::session::DEFAULT_REQUEST_TIMEOUT;
 
@@ -36,6 +37,12 @@ const CONFLICT_BACKOFF: (Duration, Duration) =
 ///
 /// At every level, a key read twice in one attempt gives the same value, and a key written
 /// reads back as written.
+///
+/// With a [`ReadCache`] ([`Stm::read_cache`]), an attempt whose first read is of a cached
+/// key reads every cached key from one revision of the copy instead; at the snapshot
+/// levels its commit, even a read-only one, then checks those reads against etcd, so the
+/// guarantees above hold and what a committed transaction read was current when it
+/// committed.
 ///
 /// ```no_run
 /// use etcd_concurrency::{Isolation, Stm};
@@ -76,7 +83,8 @@ impl Isolation {
 /// round trip. After repeated conflicts, attempts back off (jittered, 2 ms doubling up to
 /// 100 ms) and read the values again after the pause.
 ///
-/// `Stm` is a cheap [`Clone`] handle holding a client and options.
+/// `Stm` is a cheap [`Clone`] handle holding a client and options. To read a hot key range
+/// without round trips, give it a [`ReadCache`].
 ///
 /// # Retries
 ///
@@ -112,6 +120,7 @@ pub struct Stm {
     prefetch: Vec<Vec<u8>>,
     max_attempts: u32,
     request_timeout: Duration,
+    cache: Option<ReadCache>,
 }
 
 /// One attempt of an [`Stm`] transaction: its reads and buffered writes.
@@ -143,6 +152,9 @@ pub struct StmTxn {
     /// A pinned read found its revision compacted: this attempt cannot go on and must
     /// not commit; the next one starts from a fresh read.
     compacted: bool,
+    cache: Option<ReadCache>,
+    /// The cache as this attempt took it, at its first read of a key the cache holds.
+    view: Option<View>,
 }
 
 /// Values read together in one Txn, at `revision`.
@@ -185,6 +197,7 @@ impl Stm {
             prefetch: Vec::new(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            cache: None,
         }
     }
 
@@ -199,6 +212,19 @@ impl Stm {
     /// actually reads join the read set.
     pub fn prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
         self.prefetch = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Reads keys under the cache's prefix from `cache` instead of etcd: no round trip per
+    /// read. Commits still check every key read against etcd, so a stale copy costs a
+    /// conflict, never a wrong commit; see [`ReadCache`] for when it pays.
+    ///
+    /// An attempt reads from the cache only if its snapshot is not pinned yet (its first
+    /// read is of a cached key), and then reads every cached key from that one revision;
+    /// a retry after a conflict uses the values read by the failed commit, as without a
+    /// cache.
+    pub fn read_cache(mut self, cache: ReadCache) -> Stm {
+        self.cache = Some(cache);
         self
     }
 
@@ -294,6 +320,8 @@ impl Stm {
                 writes: HashMap::new(),
                 snapshot,
                 compacted: false,
+                cache: self.cache.clone(),
+                view: None,
             };
             let output = apply(&mut txn).await;
             if txn.compacted {
@@ -308,10 +336,16 @@ impl Stm {
             }
             tracing::debug!(attempt, "STM conflict; running again");
             if attempt > IMMEDIATE_RETRIES && attempt < self.max_attempts {
-                // Values read before a pause would be stale after it: read them again.
+                // Values read before a pause would be stale after it: read them again, or
+                // take them from the cache, which kept up meanwhile.
                 backoff.wait().await;
-                let keys = fresh.values.into_keys().collect();
-                fresh = read_many(&kv, self.request_timeout, keys).await?;
+                fresh = match self.cache {
+                    Some(_) => Fresh::default(),
+                    None => {
+                        let keys = fresh.values.into_keys().collect();
+                        read_many(&kv, self.request_timeout, keys).await?
+                    }
+                };
             }
         }
         Err(Error::TooManyConflicts {
@@ -389,11 +423,35 @@ impl StmTxn {
         if !self.reads.contains_key(key) {
             let read = match self.fresh.values.remove(key) {
                 Some(read) => read,
-                None => self.fetch(key).await?,
+                None => match self.read_cached(key) {
+                    Some(read) => read,
+                    None => self.fetch(key).await?,
+                },
             };
             self.reads.insert(key.to_vec(), read);
         }
         Ok(&self.reads[key])
+    }
+
+    /// `key` from the attempt's view of the cache, if the cache holds it and the
+    /// attempt's snapshot (if any) is that view's revision.
+    fn read_cached(&mut self, key: &[u8]) -> Option<Read> {
+        let cache = self.cache.as_ref().filter(|cache| cache.covers(key))?;
+        if self.view.is_none() {
+            if self.isolation.snapshot_reads() && self.snapshot.is_some() {
+                return None; // pinned already, by a read from etcd
+            }
+            let view = cache.view()?;
+            if self.isolation.snapshot_reads() {
+                self.snapshot = Some(view.revision);
+            }
+            self.view = Some(view);
+        }
+        let (value, mod_revision) = self.view.as_ref()?.get(key);
+        Some(Read {
+            value,
+            mod_revision,
+        })
     }
 
     async fn fetch(&mut self, key: &[u8]) -> Result<Read> {
@@ -440,9 +498,14 @@ impl StmTxn {
     /// (or when there is nothing to commit), or the fresh values of the read set (and of
     /// `prefetch`) read by the failed Txn.
     async fn commit(self, prefetch: &[Vec<u8>]) -> Result<Option<Fresh>> {
-        if self.writes.is_empty() && self.isolation != Isolation::RepeatableReads {
-            // Read-only: snapshot levels read one revision, which is consistent as it is;
-            // read-committed checks nothing.
+        let checked_anyway = match self.isolation {
+            Isolation::RepeatableReads => true,
+            Isolation::ReadCommitted => false,
+            // One revision, consistent as it is, and current if read from etcd; a cached
+            // one may be behind, so the check makes it current.
+            Isolation::SerializableSnapshot | Isolation::Serializable => self.view.is_some(),
+        };
+        if self.writes.is_empty() && !checked_anyway {
             return Ok(None);
         }
         let mut conditions = Vec::new();

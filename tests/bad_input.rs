@@ -11,7 +11,7 @@ use std::pin::pin;
 use common::{keys_under, secs, unique, within};
 use etcd_client::{Client, ConnectOptions, Permission};
 use etcd_concurrency::testing::EtcdCluster;
-use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
+use etcd_concurrency::{Election, Error, Mutex, ReadCache, Session, Stm};
 use futures::StreamExt;
 
 /// Enables authentication with `root`/`root-secret` and a user `reader`/`reader-secret`
@@ -76,6 +76,10 @@ async fn a_wrong_password_and_missing_permissions_give_clear_errors() {
         denied(&first.map(drop)),
         "observe must report the refusal, not retry forever"
     );
+    let cached = within(secs(5), ReadCache::watch(reader.clone(), name.as_str()))
+        .await
+        .map(drop);
+    assert!(denied(&cached), "{cached:?}");
     let stm = Stm::new(reader.clone());
     let ran = within(secs(5), stm.run(async |tx| tx.get(&name).await.map(drop))).await;
     assert!(denied(&ran), "{ran:?}");

@@ -1,0 +1,218 @@
+//! `ReadCache`: STM reads from a watched copy of a prefix, against real etcd.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use common::{amount, millis, move_a_quarter, secs, two_accounts, unique, within};
+use etcd_client::Client;
+use etcd_concurrency::testing::{EtcdCluster, Proxy};
+use etcd_concurrency::{Error, Isolation, ReadCache, Stm};
+
+async fn put(client: &Client, key: &str, value: &str) -> i64 {
+    let answer = client.clone().put(key, value, None).await.unwrap();
+    answer.header().unwrap().revision()
+}
+
+async fn value(client: &Client, key: &str) -> Option<Vec<u8>> {
+    let answer = client.clone().get(key, None).await.unwrap();
+    answer.kvs().first().map(|kv| kv.value().to_vec())
+}
+
+/// Waits until `cache` has applied every change up to `revision`.
+async fn caught_up(cache: &ReadCache, revision: i64) {
+    within(secs(5), async {
+        while cache.revision() < revision {
+            tokio::time::sleep(millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// A cache whose connection goes through a proxy that is then stalled: it keeps the copy
+/// it had, and nothing after.
+async fn frozen_cache(cluster: &EtcdCluster, prefix: &str) -> (ReadCache, Proxy) {
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let cache = ReadCache::watch(client, prefix).await.unwrap();
+    proxy.stall();
+    (cache, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_transfers_conserve_money_at_every_level() {
+    const ACCOUNTS: usize = 4;
+    const WORKERS: usize = 4;
+    const TRANSFERS: usize = 25;
+    let cluster = EtcdCluster::start(1).await;
+    let setup = cluster.client().await;
+    for isolation in [
+        Isolation::SerializableSnapshot,
+        Isolation::Serializable,
+        Isolation::RepeatableReads,
+    ] {
+        let prefix = unique("cached-bank");
+        let account = |i: usize| format!("{prefix}/{i}");
+        for i in 0..ACCOUNTS {
+            put(&setup, &account(i), "1000").await;
+        }
+        let mut workers = Vec::new();
+        for _ in 0..WORKERS {
+            let client = cluster.client().await;
+            let cache = ReadCache::watch(client.clone(), prefix.as_str())
+                .await
+                .unwrap();
+            let stm = Stm::new(client).isolation(isolation).read_cache(cache);
+            let accounts: Vec<String> = (0..ACCOUNTS).map(account).collect();
+            workers.push(tokio::spawn(async move {
+                for _ in 0..TRANSFERS {
+                    let (from, to) = two_accounts(ACCOUNTS);
+                    let (from, to) = (accounts[from].clone(), accounts[to].clone());
+                    stm.run(async move |tx| move_a_quarter(tx, &from, &to).await)
+                        .await
+                        .expect("a transfer failed");
+                }
+            }));
+        }
+        within(secs(60), async {
+            for worker in workers {
+                worker.await.unwrap();
+            }
+        })
+        .await;
+        let mut total = 0;
+        for i in 0..ACCOUNTS {
+            total += amount(value(&setup, &account(i)).await);
+        }
+        assert_eq!(total, 1000 * ACCOUNTS as u64, "{isolation:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_follows_puts_and_deletes() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("followed");
+    let (kept, gone, later) = (
+        format!("{prefix}/kept"),
+        format!("{prefix}/gone"),
+        format!("{prefix}/later"),
+    );
+    put(&client, &kept, "1").await;
+    put(&client, &gone, "2").await;
+    let cache = ReadCache::watch(client.clone(), prefix.as_str())
+        .await
+        .unwrap();
+    assert_eq!(cache.prefix(), prefix.as_bytes());
+    put(&client, &later, "3").await;
+    let deleted = client.clone().delete(gone.as_str(), None).await.unwrap();
+    caught_up(&cache, deleted.header().unwrap().revision()).await;
+
+    // A read-only transaction whose reads all hit a current cache needs one run.
+    let runs = AtomicU32::new(0);
+    let stm = Stm::new(client.clone()).read_cache(cache.clone());
+    let seen = stm
+        .run(async |tx| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>((
+                tx.get(&kept).await?,
+                tx.get(&gone).await?,
+                tx.get(&later).await?,
+            ))
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, (Some(b"1".to_vec()), None, Some(b"3".to_vec())));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cache_costs_a_conflict_never_a_lost_update() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("stale");
+    let (from, to) = (format!("{prefix}/from"), format!("{prefix}/to"));
+    put(&client, &from, "100").await;
+    put(&client, &to, "0").await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    put(&client, &from, "40").await; // the cache still says 100
+
+    let runs = AtomicU32::new(0);
+    let stm = Stm::new(client.clone()).read_cache(cache);
+    within(
+        secs(10),
+        stm.run(async |tx| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            move_a_quarter(tx, &from, &to).await
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "stale values must conflict");
+    assert_eq!(value(&client, &from).await, Some(b"30".to_vec()));
+    assert_eq!(value(&client, &to).await, Some(b"10".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_transaction_on_a_stale_cache_returns_the_current_value() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("stale-read");
+    let key = format!("{prefix}/key");
+    put(&client, &key, "old").await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    put(&client, &key, "new").await;
+
+    for isolation in [Isolation::SerializableSnapshot, Isolation::Serializable] {
+        let stm = Stm::new(client.clone())
+            .isolation(isolation)
+            .read_cache(cache.clone());
+        let read = within(secs(10), stm.run(async |tx| tx.get(&key).await)).await;
+        assert_eq!(read.unwrap(), Some(b"new".to_vec()), "{isolation:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_watch_task() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    client.clone().get("warm-up", None).await.unwrap(); // etcd-client's own tasks
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let cache = ReadCache::watch(client.clone(), unique("dropped"))
+        .await
+        .unwrap();
+    let stm = Stm::new(client).read_cache(cache.clone());
+    assert!(metrics.num_alive_tasks() > baseline, "the cache has a task");
+    drop(cache);
+    assert!(
+        metrics.num_alive_tasks() > baseline,
+        "the Stm holds a handle"
+    );
+    drop(stm);
+    within(secs(5), async {
+        while metrics.num_alive_tasks() > baseline {
+            tokio::time::sleep(millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_empty_prefix_is_refused() {
+    let cluster = EtcdCluster::start(1).await;
+    let made = ReadCache::watch(cluster.client().await, "").await;
+    assert!(matches!(made, Err(Error::InvalidArgument(_))), "{made:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_cluster_gives_a_timeout() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    cluster.kill(0);
+    let made = within(secs(7), ReadCache::watch(client, unique("unreachable"))).await;
+    assert!(
+        matches!(&made, Err(error @ Error::Timeout { .. }) if error.is_transient()),
+        "{made:?}"
+    );
+}
