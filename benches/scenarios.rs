@@ -9,7 +9,7 @@
 //! `--impl etcd-client-rpc` measures etcd-client's own calls to etcd's server-side Lock
 //! and Election services (with a kept-alive lease) for `mutex-uncontended`,
 //! `mutex-contended` and `election-handoff`: what a Rust user would pick without this
-//! crate.
+//! crate. `--read-cache` gives each `stm-transfer` client a `ReadCache` of the accounts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use etcd_client::{Client, GetOptions, LeaderKey, LockOptions, ResignOptions};
-use etcd_concurrency::{Election, Error, Isolation, Leadership, Mutex, Session, Stm};
+use etcd_concurrency::{Election, Error, Isolation, Leadership, Mutex, ReadCache, Session, Stm};
 use rand::Rng;
 use serde_json::{Value, json};
 
@@ -49,6 +49,10 @@ struct Args {
     /// The implementation measured.
     #[arg(long = "impl", value_enum, default_value_t = Implementation::EtcdConcurrency)]
     implementation: Implementation,
+    /// stm-transfer: each client's `Stm` reads the accounts from its own `ReadCache` of
+    /// their prefix (reported as `etcd-concurrency-read-cache`).
+    #[arg(long)]
+    read_cache: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -103,9 +107,10 @@ async fn main() {
     };
     match figures {
         Ok(mut figures) => {
-            let name = match args.implementation {
-                Implementation::EtcdConcurrency => "etcd-concurrency",
-                Implementation::EtcdClientRpc => "etcd-client-rpc",
+            let name = match (args.implementation, args.read_cache) {
+                (Implementation::EtcdConcurrency, false) => "etcd-concurrency",
+                (Implementation::EtcdConcurrency, true) => "etcd-concurrency-read-cache",
+                (Implementation::EtcdClientRpc, _) => "etcd-client-rpc",
             };
             figures["impl"] = json!(name);
             figures["scenario"] = args
@@ -351,7 +356,12 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
     let attempts = Arc::new(AtomicU64::new(0));
     let mut stms = Vec::new();
     for _ in 0..args.clients {
-        stms.push(Stm::new(connect(args).await?).isolation(isolation));
+        let client = connect(args).await?;
+        let mut stm = Stm::new(client.clone()).isolation(isolation);
+        if args.read_cache {
+            stm = stm.read_cache(ReadCache::watch(client, format!("{prefix}accounts/")).await?);
+        }
+        stms.push(stm);
     }
     let started = Instant::now();
     let deadline = started + args.duration;
