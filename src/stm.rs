@@ -306,6 +306,7 @@ impl Stm {
         };
         let (first, max) = CONFLICT_BACKOFF;
         let mut backoff = Backoff::with_steps(first, max);
+        let mut cache = self.cache.clone();
         for attempt in 1..=self.max_attempts {
             // Reads pinned to a snapshot use the fresh values' revision, so that an attempt
             // never mixes them with newer reads.
@@ -320,11 +321,16 @@ impl Stm {
                 writes: HashMap::new(),
                 snapshot,
                 compacted: false,
-                cache: self.cache.clone(),
+                cache: cache.clone(),
                 view: None,
             };
             let output = apply(&mut txn).await;
             if txn.compacted {
+                if txn.view.is_some() {
+                    // The cache's revision is compacted (it lags, its watch broken): it
+                    // would pin the next attempt there again.
+                    cache = None;
+                }
                 // Whatever the closure made of the read's error, run it again afresh.
                 tracing::debug!(attempt, "STM snapshot compacted; running again");
                 continue;
@@ -339,7 +345,7 @@ impl Stm {
                 // Values read before a pause would be stale after it: read them again, or
                 // take them from the cache, which kept up meanwhile.
                 backoff.wait().await;
-                fresh = match self.cache {
+                fresh = match cache {
                     Some(_) => Fresh::default(),
                     None => {
                         let keys = fresh.values.into_keys().collect();

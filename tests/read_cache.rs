@@ -173,6 +173,31 @@ async fn a_read_only_transaction_on_a_stale_cache_returns_the_current_value() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_behind_a_compaction_is_left_for_the_rest_of_the_run() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("compacted");
+    let (cached, outside) = (format!("{prefix}/cached"), unique("outside"));
+    put(&client, &cached, "1").await;
+    put(&client, &outside, "a").await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    put(&client, &cached, "2").await;
+    let now = put(&client, &outside, "b").await;
+    client.clone().compact(now, None).await.unwrap();
+
+    // The first read pins the frozen copy's revision; the second, from etcd, finds it
+    // compacted. The next attempt must not pin it again.
+    let stm = Stm::new(client.clone()).read_cache(cache).max_attempts(3);
+    let read = within(
+        secs(10),
+        stm.run(async |tx| Ok::<_, Error>((tx.get(&cached).await?, tx.get(&outside).await?))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(read, (Some(b"2".to_vec()), Some(b"b".to_vec())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_last_handle_stops_the_watch_task() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
