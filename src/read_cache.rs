@@ -11,6 +11,8 @@ use etcd_client::{Client, Event, EventType, GetOptions, KeyValue};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+#[cfg(doc)]
+use crate::Isolation;
 use crate::error::{Error, Result};
 use crate::watcher::{Follower, Update};
 
@@ -19,12 +21,22 @@ use crate::watcher::{Follower, Update};
 ///
 /// A transaction that reads a key under the prefix takes the copy as it stands (one
 /// revision of etcd, never a mix of two) and reads every such key from it. Its commit
-/// still checks every key read against etcd, exactly as without a cache, so a copy that
-/// lags behind etcd never lets a transaction commit on stale values: it only costs a
-/// conflict, and the next attempt runs with fresh values. At the snapshot isolation
-/// levels a read-only transaction that used the copy also ends with that check (one
-/// read-only Txn, which etcd answers without a raft write), so what it returns was
-/// current when `run` returned.
+/// still checks every key read against etcd, exactly as without a cache, so at the
+/// serializable and repeatable-read levels a copy that lags behind etcd never lets a
+/// transaction commit on stale values: it only costs a conflict, and the next attempt
+/// runs with the values the failed commit read. At the snapshot isolation levels a
+/// read-only transaction that used the copy also ends with that check (one read-only
+/// Txn, which etcd answers without a raft write), so what it returns was current at that
+/// check. At [`Isolation::ReadCommitted`], which checks nothing, cached reads are simply
+/// reads of committed data that may be a little old, like its reads from any member.
+///
+/// The copy's [`revision`](Self::revision) moves only when something under the prefix
+/// changes. An attempt that takes its snapshot from the copy pins it to that revision, so
+/// at [`Isolation::SerializableSnapshot`] a key *outside* the prefix that it writes
+/// without reading conflicts if the key changed after the copy's revision, and a key
+/// outside the prefix that it reads is read at that revision (if etcd has compacted it,
+/// the rest of the run reads from etcd). Transactions that keep to the prefix have
+/// neither cost.
 ///
 /// Worth it for a small, hot range read by many transactions (the account balances of
 /// the bank example): each transaction saves one round trip per key read, and etcd
@@ -34,8 +46,10 @@ use crate::watcher::{Follower, Update};
 /// The watch starts "now" and is re-opened after failures (member killed, connection
 /// lost or frozen, compaction) with a fresh read of the range, so nothing is missed.
 /// While it is broken, transactions go on reading the last copy (and conflict if it is
-/// stale). If etcd refuses the watch for good (permissions revoked), a warning is logged
-/// and transactions read from etcd again.
+/// stale; after a second conflict and its back-off, an attempt reads from etcd unless the
+/// copy has caught up with the values the failed commit read). If etcd refuses the watch
+/// for good (permissions revoked), a warning is logged and transactions read from etcd
+/// again.
 ///
 /// `ReadCache` is a cheap [`Clone`] handle. The watch and its task stop when the last
 /// handle (including those held by [`Stm`]s) is dropped. Memory: the keys and values
@@ -104,10 +118,17 @@ impl ReadCache {
     /// - [`Error::Etcd`] if etcd refuses the read or the watch (e.g. permission denied).
     /// - [`Error::Timeout`] if the copy could not be made within 5 s (no member
     ///   reachable).
+    /// - [`Error::Etcd`] if the range is larger than the client accepts in one answer
+    ///   (etcd-client's default limit is 4 MiB). A range that grows past it later stops
+    ///   the cache, as a refused watch does.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes cancels the watch; nothing is left running.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime (the watch is read by a spawned task).
     pub async fn watch(client: Client, prefix: impl Into<Vec<u8>>) -> Result<ReadCache> {
         const FIRST_COPY_LIMIT: Duration = Duration::from_secs(5);
         let prefix = prefix.into();
@@ -122,10 +143,9 @@ impl ReadCache {
             .map_err(|_| Error::Timeout {
                 after: FIRST_COPY_LIMIT,
             })??;
-        let mut view = View::default();
-        view.apply(first);
-        let (publish, subscribed) = watch::channel(view);
-        let follower = tokio::spawn(keep_current(follower, publish));
+        let (view, subscribed) = watch::channel(View::default());
+        publish(&view, first);
+        let follower = tokio::spawn(keep_current(follower, view));
         Ok(ReadCache {
             shared: Arc::new(Shared {
                 prefix,
@@ -141,7 +161,9 @@ impl ReadCache {
     }
 
     /// The revision the copy is current as of: every change under the prefix up to this
-    /// revision has been applied. 0 if the cache has stopped (etcd refused its watch).
+    /// revision has been applied. It moves only when something under the prefix changes
+    /// (or the range is read again), so it can be far behind etcd's revision while the
+    /// prefix is quiet. 0 if the cache has stopped (etcd refused its watch).
     pub fn revision(&self) -> i64 {
         self.shared.view.borrow().revision
     }
@@ -176,20 +198,14 @@ impl View {
         }
     }
 
-    fn apply(&mut self, update: Update) {
-        match update {
-            Update::Snapshot { kvs, revision } => {
-                self.entries = kvs
-                    .iter()
-                    .map(|kv| (kv.key().to_vec(), Entry::of(kv)))
-                    .collect();
-                self.revision = revision;
-            }
-            Update::Events(events) => {
-                for event in &events {
-                    self.apply_event(event);
-                }
-            }
+    /// The view made of a range read at `revision`.
+    fn of(kvs: &[KeyValue], revision: i64) -> View {
+        View {
+            revision,
+            entries: kvs
+                .iter()
+                .map(|kv| (kv.key().to_vec(), Entry::of(kv)))
+                .collect(),
         }
     }
 
@@ -216,12 +232,27 @@ impl Entry {
     }
 }
 
+/// Publishes the view `update` makes. A new range is made into a view before it
+/// replaces the old one, so readers never wait while it is built.
+fn publish(view: &watch::Sender<View>, update: Update) {
+    match update {
+        Update::Snapshot { kvs, revision } => {
+            view.send_replace(View::of(&kvs, revision));
+        }
+        Update::Events(events) => view.send_modify(|view| {
+            for event in &events {
+                view.apply_event(event);
+            }
+        }),
+    }
+}
+
 /// Applies every update of `follower` to the published view, until etcd refuses the
 /// watch for good (then the view is marked stopped) or the cache is dropped.
 async fn keep_current(mut follower: Follower, view: watch::Sender<View>) {
     loop {
         match follower.next().await {
-            Ok(update) => view.send_modify(|view| view.apply(update)),
+            Ok(update) => publish(&view, update),
             Err(error) => {
                 tracing::warn!(%error, "read cache stopped; transactions read from etcd");
                 view.send_modify(|view| *view = View::default());

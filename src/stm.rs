@@ -220,9 +220,12 @@ impl Stm {
     /// conflict, never a wrong commit; see [`ReadCache`] for when it pays.
     ///
     /// An attempt reads from the cache only if its snapshot is not pinned yet (its first
-    /// read is of a cached key), and then reads every cached key from that one revision;
-    /// a retry after a conflict uses the values read by the failed commit, as without a
-    /// cache.
+    /// read is of a cached key), and then reads every cached key from that one revision.
+    /// The retry right after a conflict uses the values read by the failed commit, as
+    /// without a cache; after later conflicts and their back-off, attempts read from the
+    /// cache again if it has caught up with those values, and from etcd if not.
+    ///
+    /// Nothing in Go's `concurrency` package does this; see [`ReadCache`].
     pub fn read_cache(mut self, cache: ReadCache) -> Stm {
         self.cache = Some(cache);
         self
@@ -342,12 +345,12 @@ impl Stm {
             }
             tracing::debug!(attempt, "STM conflict; running again");
             if attempt > IMMEDIATE_RETRIES && attempt < self.max_attempts {
-                // Values read before a pause would be stale after it: read them again, or
-                // take them from the cache, which kept up meanwhile.
+                // Values read before a pause would be stale after it: take them from the
+                // cache if it has caught up with them meanwhile, or read them again.
                 backoff.wait().await;
-                fresh = match cache {
-                    Some(_) => Fresh::default(),
-                    None => {
+                fresh = match &cache {
+                    Some(cache) if fresh.seen_by(cache) => Fresh::default(),
+                    _ => {
                         let keys = fresh.values.into_keys().collect();
                         read_many(&kv, self.request_timeout, keys).await?
                     }
@@ -568,6 +571,23 @@ impl fmt::Debug for StmTxn {
             .field("writes", &self.writes.len())
             .field("snapshot", &self.snapshot)
             .finish_non_exhaustive()
+    }
+}
+
+impl Fresh {
+    /// Whether `cache` has applied every change these values show for the keys it holds
+    /// (a key now absent may have been deleted as late as these values' revision).
+    fn seen_by(&self, cache: &ReadCache) -> bool {
+        let newest = self
+            .values
+            .iter()
+            .filter(|(key, _)| cache.covers(key))
+            .map(|(_, read)| match read.value {
+                Some(_) => read.mod_revision,
+                None => self.revision,
+            })
+            .max();
+        newest.is_none_or(|newest| cache.revision() >= newest)
     }
 }
 

@@ -154,6 +154,57 @@ async fn a_stale_cache_costs_a_conflict_never_a_lost_update() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_repeated_conflicts_a_cache_that_fell_behind_is_not_read_again() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("behind");
+    let (from, to) = (format!("{prefix}/from"), format!("{prefix}/to"));
+    put(&client, &from, "100").await;
+    put(&client, &to, "0").await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    put(&client, &from, "40").await; // the cache still says 100
+
+    // Run 1 reads the frozen copy and conflicts; run 2 reads what that commit read, but
+    // another writer changes `from` first, so it conflicts too. After the back-off the
+    // copy is still behind: run 3 must read etcd, not the copy.
+    let runs = AtomicU32::new(0);
+    let stm = Stm::new(client.clone()).read_cache(cache).max_attempts(6);
+    within(
+        secs(10),
+        stm.run(async |tx| {
+            if runs.fetch_add(1, Ordering::SeqCst) == 1 {
+                put(&client, &from, "80").await;
+            }
+            move_a_quarter(tx, &from, &to).await
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    assert_eq!(value(&client, &from).await, Some(b"60".to_vec()));
+    assert_eq!(value(&client, &to).await, Some(b"20".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_come_from_the_copy_without_asking_etcd() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("no-round-trip");
+    let key = format!("{prefix}/key");
+    put(&client, &key, "cached").await;
+    let cache = ReadCache::watch(client, prefix.as_str()).await.unwrap();
+    // The transactions' own connection forwards nothing: only the copy can answer.
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    proxy.stall();
+    let stm = Stm::new(cut_off)
+        .isolation(Isolation::ReadCommitted) // checks nothing at commit
+        .read_cache(cache);
+    let read = within(secs(5), stm.run(async |tx| tx.get(&key).await)).await;
+    assert_eq!(read.unwrap(), Some(b"cached".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_transaction_on_a_stale_cache_returns_the_current_value() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
