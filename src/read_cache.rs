@@ -30,6 +30,9 @@ use crate::watcher::{Follower, Update};
 /// check. At [`Isolation::ReadCommitted`], which checks nothing, cached reads are simply
 /// reads of committed data that may be a little old, like its reads from any member.
 ///
+/// A [`Stm`] reads its own writes: after it commits a write under the prefix, its next
+/// attempt waits (briefly) for the copy to show that commit before reading it.
+///
 /// The copy's [`revision`](Self::revision) moves only when something under the prefix
 /// changes. An attempt that takes its snapshot from the copy pins it to that revision, so
 /// at [`Isolation::SerializableSnapshot`] a key *outside* the prefix that it writes
@@ -171,6 +174,17 @@ impl ReadCache {
     /// Whether `key` is under this cache's prefix.
     pub(crate) fn covers(&self, key: &[u8]) -> bool {
         key.starts_with(&self.shared.prefix)
+    }
+
+    /// Waits until the copy is current as of `revision` (or the cache has stopped), for at
+    /// most `limit`.
+    pub(crate) async fn caught_up(&self, revision: i64, limit: Duration) {
+        if self.revision() >= revision {
+            return;
+        }
+        let mut view = self.shared.view.clone();
+        let reached = view.wait_for(|view| view.revision >= revision || view.revision == 0);
+        let _ = tokio::time::timeout(limit, reached).await;
     }
 
     /// The copy as it stands, or `None` if the cache has stopped.

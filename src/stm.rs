@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -20,6 +22,10 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
 /// How many times a conflicting transaction runs again at once, with the values the failed
 /// commit read (as Go does); after that, each retry backs off first and reads them again.
 const IMMEDIATE_RETRIES: u32 = 1;
+/// How long an attempt waits for the cache to show this Stm's own last write before
+/// reading it anyway (reading it stale costs a conflict). The write is an event under the
+/// cache's prefix, so only a broken watch makes the wait run out.
+const CATCH_UP_LIMIT: Duration = Duration::from_millis(100);
 /// The back-off then: jittered, from 2 ms doubling up to 100 ms.
 const CONFLICT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(2), Duration::from_millis(100));
@@ -121,6 +127,9 @@ pub struct Stm {
     max_attempts: u32,
     request_timeout: Duration,
     cache: Option<ReadCache>,
+    /// The revision of the latest commit through this handle (or its clones) that wrote
+    /// under the cache's prefix: attempts wait briefly for the cache to show it.
+    wrote_at: Arc<AtomicI64>,
 }
 
 /// One attempt of an [`Stm`] transaction: its reads and buffered writes.
@@ -155,6 +164,8 @@ pub struct StmTxn {
     cache: Option<ReadCache>,
     /// The cache as this attempt took it, at its first read of a key the cache holds.
     view: Option<View>,
+    /// Wait for the cache to reach this revision (this Stm's last write) before taking it.
+    wait_for: i64,
 }
 
 /// Values read together in one Txn, at `revision`.
@@ -198,6 +209,7 @@ impl Stm {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             cache: None,
+            wrote_at: Arc::default(),
         }
     }
 
@@ -224,6 +236,10 @@ impl Stm {
     /// The retry right after a conflict uses the values read by the failed commit, as
     /// without a cache; after later conflicts and their back-off, attempts read from the
     /// cache again if it has caught up with those values, and from etcd if not.
+    ///
+    /// Reads your writes: before taking the cache, an attempt waits (at most 100 ms, which
+    /// only a broken watch uses up) until the cache shows the latest commit made through
+    /// this `Stm` or its clones that wrote under the cache's prefix.
     ///
     /// Nothing in Go's `concurrency` package does this; see [`ReadCache`].
     pub fn read_cache(mut self, cache: ReadCache) -> Stm {
@@ -326,6 +342,7 @@ impl Stm {
                 compacted: false,
                 cache: cache.clone(),
                 view: None,
+                wait_for: self.wrote_at.load(Ordering::Relaxed),
             };
             let output = apply(&mut txn).await;
             if txn.compacted {
@@ -340,8 +357,11 @@ impl Stm {
             }
             let output = output?;
             match txn.commit(&self.prefetch).await? {
-                None => return Ok(output),
-                Some(values) => fresh = values,
+                Ok(wrote_at) => {
+                    self.wrote_at.fetch_max(wrote_at, Ordering::Relaxed);
+                    return Ok(output);
+                }
+                Err(values) => fresh = values,
             }
             tracing::debug!(attempt, "STM conflict; running again");
             if attempt > IMMEDIATE_RETRIES && attempt < self.max_attempts {
@@ -432,7 +452,7 @@ impl StmTxn {
         if !self.reads.contains_key(key) {
             let read = match self.fresh.values.remove(key) {
                 Some(read) => read,
-                None => match self.read_cached(key) {
+                None => match self.read_cached(key).await {
                     Some(read) => read,
                     None => self.fetch(key).await?,
                 },
@@ -444,12 +464,13 @@ impl StmTxn {
 
     /// `key` from the attempt's view of the cache, if the cache holds it and the
     /// attempt's snapshot (if any) is that view's revision.
-    fn read_cached(&mut self, key: &[u8]) -> Option<Read> {
+    async fn read_cached(&mut self, key: &[u8]) -> Option<Read> {
         let cache = self.cache.as_ref().filter(|cache| cache.covers(key))?;
         if self.view.is_none() {
             if self.isolation.snapshot_reads() && self.snapshot.is_some() {
                 return None; // pinned already, by a read from etcd
             }
+            cache.caught_up(self.wait_for, CATCH_UP_LIMIT).await;
             let view = cache.view()?;
             if self.isolation.snapshot_reads() {
                 self.snapshot = Some(view.revision);
@@ -503,10 +524,11 @@ impl StmTxn {
         .await
     }
 
-    /// Commits the writes if the reads are still valid. Returns `None` when committed
-    /// (or when there is nothing to commit), or the fresh values of the read set (and of
+    /// Commits the writes if the reads are still valid. Returns `Ok` when committed (or
+    /// when there is nothing to commit) with the commit's revision if it wrote under the
+    /// cache's prefix (0 if not), or `Err` with the fresh values of the read set (and of
     /// `prefetch`) read by the failed Txn.
-    async fn commit(self, prefetch: &[Vec<u8>]) -> Result<Option<Fresh>> {
+    async fn commit(self, prefetch: &[Vec<u8>]) -> Result<std::result::Result<i64, Fresh>> {
         let checked_anyway = match self.isolation {
             Isolation::RepeatableReads => true,
             Isolation::ReadCommitted => false,
@@ -515,8 +537,12 @@ impl StmTxn {
             Isolation::SerializableSnapshot | Isolation::Serializable => self.view.is_some(),
         };
         if self.writes.is_empty() && !checked_anyway {
-            return Ok(None);
+            return Ok(Ok(0));
         }
+        let cached_writes = self
+            .cache
+            .as_ref()
+            .is_some_and(|cache| self.writes.keys().any(|key| cache.covers(key)));
         let mut conditions = Vec::new();
         if self.isolation != Isolation::ReadCommitted {
             for (key, read) in &self.reads {
@@ -557,9 +583,10 @@ impl StmTxn {
         let txn = Txn::new().when(conditions).and_then(writes).or_else(reads);
         let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
         if answer.succeeded() {
-            return Ok(None);
+            let revision = answer.header().map_or(0, |h| h.revision());
+            return Ok(Ok(if cached_writes { revision } else { 0 }));
         }
-        Ok(Some(read_set(refresh, &answer)))
+        Ok(Err(read_set(refresh, &answer)))
     }
 }
 
