@@ -4,6 +4,10 @@
 //! wire-compatible with it: Go services, `etcdctl lock` and `etcdctl elect` share locks and
 //! elections with this crate.
 //!
+//! [`Session`] holds a lease; [`Mutex`] and [`Election`] queue keys under it; [`Stm`] runs
+//! optimistic transactions, and a [`ReadCache`] lets them read a hot key range without
+//! round trips.
+//!
 //! # Quick start
 //!
 //! ```no_run
