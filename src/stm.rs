@@ -391,6 +391,7 @@ impl fmt::Debug for Stm {
             .field("prefetch", &self.prefetch.len())
             .field("max_attempts", &self.max_attempts)
             .field("request_timeout", &self.request_timeout)
+            .field("read_cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
