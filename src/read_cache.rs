@@ -179,9 +179,6 @@ impl ReadCache {
     /// Waits until the copy is current as of `revision` (or the cache has stopped), for at
     /// most `limit`.
     pub(crate) async fn caught_up(&self, revision: i64, limit: Duration) {
-        if self.revision() >= revision {
-            return;
-        }
         let mut view = self.shared.view.clone();
         let reached = view.wait_for(|view| view.revision >= revision || view.revision == 0);
         let _ = tokio::time::timeout(limit, reached).await;

@@ -168,6 +168,16 @@ pub struct StmTxn {
     wait_for: i64,
 }
 
+/// How a commit ended.
+enum Outcome {
+    /// Committed, or nothing to commit. `cached_writes_at` is the commit's revision if it
+    /// wrote under the cache's prefix, 0 if not.
+    Committed { cached_writes_at: i64 },
+    /// The reads were no longer valid: the fresh values of the read set (and of the
+    /// prefetch keys), read by the failed Txn.
+    Conflict(Fresh),
+}
+
 /// Values read together in one Txn, at `revision`.
 #[derive(Debug, Default)]
 struct Fresh {
@@ -357,11 +367,11 @@ impl Stm {
             }
             let output = output?;
             match txn.commit(&self.prefetch).await? {
-                Ok(wrote_at) => {
-                    self.wrote_at.fetch_max(wrote_at, Ordering::Relaxed);
+                Outcome::Committed { cached_writes_at } => {
+                    self.wrote_at.fetch_max(cached_writes_at, Ordering::Relaxed);
                     return Ok(output);
                 }
-                Err(values) => fresh = values,
+                Outcome::Conflict(values) => fresh = values,
             }
             tracing::debug!(attempt, "STM conflict; running again");
             if attempt > IMMEDIATE_RETRIES && attempt < self.max_attempts {
@@ -525,11 +535,8 @@ impl StmTxn {
         .await
     }
 
-    /// Commits the writes if the reads are still valid. Returns `Ok` when committed (or
-    /// when there is nothing to commit) with the commit's revision if it wrote under the
-    /// cache's prefix (0 if not), or `Err` with the fresh values of the read set (and of
-    /// `prefetch`) read by the failed Txn.
-    async fn commit(self, prefetch: &[Vec<u8>]) -> Result<std::result::Result<i64, Fresh>> {
+    /// Commits the writes if the reads are still valid; see [`Outcome`].
+    async fn commit(self, prefetch: &[Vec<u8>]) -> Result<Outcome> {
         let checked_anyway = match self.isolation {
             Isolation::RepeatableReads => true,
             Isolation::ReadCommitted => false,
@@ -538,7 +545,9 @@ impl StmTxn {
             Isolation::SerializableSnapshot | Isolation::Serializable => self.view.is_some(),
         };
         if self.writes.is_empty() && !checked_anyway {
-            return Ok(Ok(0));
+            return Ok(Outcome::Committed {
+                cached_writes_at: 0,
+            });
         }
         let cached_writes = self
             .cache
@@ -585,9 +594,11 @@ impl StmTxn {
         let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
         if answer.succeeded() {
             let revision = answer.header().map_or(0, |h| h.revision());
-            return Ok(Ok(if cached_writes { revision } else { 0 }));
+            return Ok(Outcome::Committed {
+                cached_writes_at: if cached_writes { revision } else { 0 },
+            });
         }
-        Ok(Err(read_set(refresh, &answer)))
+        Ok(Outcome::Conflict(read_set(refresh, &answer)))
     }
 }
 
