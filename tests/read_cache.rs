@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{amount, millis, move_a_quarter, secs, two_accounts, unique, within};
+use common::{amount, millis, move_a_quarter, read, secs, two_accounts, unique, within};
 use etcd_client::Client;
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Error, Isolation, ReadCache, Stm};
@@ -15,7 +15,7 @@ async fn put(client: &Client, key: &str, value: &str) -> i64 {
 }
 
 async fn value(client: &Client, key: &str) -> Option<Vec<u8>> {
-    let answer = client.clone().get(key, None).await.unwrap();
+    let answer = read(client, key, None).await;
     answer.kvs().first().map(|kv| kv.value().to_vec())
 }
 
@@ -37,6 +37,21 @@ async fn frozen_cache(cluster: &EtcdCluster, prefix: &str) -> (ReadCache, Proxy)
     let cache = ReadCache::watch(client, prefix).await.unwrap();
     proxy.stall();
     (cache, proxy)
+}
+
+/// Two accounts under a fresh prefix, `from` and `to`, with a frozen cache that says 100
+/// and 0 while etcd says 40 and 0.
+async fn accounts_behind_a_frozen_cache(
+    cluster: &EtcdCluster,
+    client: &Client,
+) -> (String, String, ReadCache, Proxy) {
+    let prefix = unique("stale");
+    let (from, to) = (format!("{prefix}/from"), format!("{prefix}/to"));
+    put(client, &from, "100").await;
+    put(client, &to, "0").await;
+    let (cache, proxy) = frozen_cache(cluster, &prefix).await;
+    put(client, &from, "40").await;
+    (from, to, cache, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,12 +172,7 @@ async fn a_transaction_reads_the_writes_of_the_previous_one_from_the_copy() {
 async fn a_stale_cache_costs_a_conflict_never_a_lost_update() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let prefix = unique("stale");
-    let (from, to) = (format!("{prefix}/from"), format!("{prefix}/to"));
-    put(&client, &from, "100").await;
-    put(&client, &to, "0").await;
-    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
-    put(&client, &from, "40").await; // the cache still says 100
+    let (from, to, cache, _proxy) = accounts_behind_a_frozen_cache(&cluster, &client).await;
 
     let runs = AtomicU32::new(0);
     let stm = Stm::new(client.clone()).read_cache(cache);
@@ -184,12 +194,7 @@ async fn a_stale_cache_costs_a_conflict_never_a_lost_update() {
 async fn after_repeated_conflicts_a_cache_that_fell_behind_is_not_read_again() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let prefix = unique("behind");
-    let (from, to) = (format!("{prefix}/from"), format!("{prefix}/to"));
-    put(&client, &from, "100").await;
-    put(&client, &to, "0").await;
-    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
-    put(&client, &from, "40").await; // the cache still says 100
+    let (from, to, cache, _proxy) = accounts_behind_a_frozen_cache(&cluster, &client).await;
 
     // Run 1 reads the frozen copy and conflicts; run 2 reads what that commit read, but
     // another writer changes `from` first, so it conflicts too. After the back-off the
