@@ -6,7 +6,7 @@ mod common;
 
 use std::pin::pin;
 
-use common::{keys_under, millis, secs, unique, within};
+use common::{keys_under, millis, secs, tasks_back_to, unique, within};
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
@@ -145,12 +145,7 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
         a.close().await.unwrap();
         // `b` is dropped: its lease is revoked in the background.
     }
-    within(secs(5), async {
-        while metrics.num_alive_tasks() > baseline {
-            tokio::time::sleep(millis(20)).await;
-        }
-    })
-    .await;
+    tasks_back_to(baseline).await;
     let keys = keys_under(&client, &prefix).await;
     assert_eq!(
         keys,

@@ -4,7 +4,9 @@ mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{amount, millis, move_a_quarter, read, secs, two_accounts, unique, within};
+use common::{
+    amount, millis, move_a_quarter, read, secs, tasks_back_to, two_accounts, unique, within,
+};
 use etcd_client::Client;
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Error, Isolation, ReadCache, Stm};
@@ -298,12 +300,7 @@ async fn dropping_the_last_handle_stops_the_watch_task() {
         "the Stm holds a handle"
     );
     drop(stm);
-    within(secs(5), async {
-        while metrics.num_alive_tasks() > baseline {
-            tokio::time::sleep(millis(10)).await;
-        }
-    })
-    .await;
+    tasks_back_to(baseline).await;
 }
 
 #[tokio::test]

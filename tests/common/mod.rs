@@ -77,6 +77,18 @@ pub async fn read(
     }
 }
 
+/// Waits (at most 5 s) until no more tasks are alive on this runtime than `baseline`:
+/// background work has ended and nothing leaked.
+pub async fn tasks_back_to(baseline: usize) {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    within(secs(5), async {
+        while metrics.num_alive_tasks() > baseline {
+            tokio::time::sleep(millis(10)).await;
+        }
+    })
+    .await;
+}
+
 /// The keys under `prefix`, as strings.
 pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
     let answer = read(
