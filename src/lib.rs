@@ -57,8 +57,8 @@
 //!
 //! # Features
 //!
-//! - `testing`: [`testing::EtcdCluster`] (throwaway etcd clusters of real processes) and
-//!   [`testing::Proxy`] (cut one client off), for testing code that uses this crate.
+//! - `testing`: `testing::EtcdCluster` (throwaway etcd clusters of real processes) and
+//!   `testing::Proxy` (cut one client off), for testing code that uses this crate.
 
 mod acquire;
 mod election;
