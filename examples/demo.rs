@@ -1,5 +1,6 @@
-//! The demo behind `scripts/demo`: runs the three examples in turn on one throwaway
-//! 3-member etcd cluster, and sums up their verdicts.
+//! The demo behind `scripts/demo`: runs the three examples in turn (`bank_transfer` twice,
+//! plain and with `--read-cache`) on one throwaway 3-member etcd cluster, and sums up their
+//! verdicts.
 //!
 //! The examples' executables sit next to this one (`target/release/examples/`), so build
 //! them all first:
@@ -23,27 +24,53 @@ use tokio::time::Instant;
 
 use common::{Relayed, Result};
 
-/// The examples, in the order they run, with what each shows.
-const EXAMPLES: [(&str, &str); 3] = [
-    (
-        "critical_section",
-        "4 processes take one Mutex 10 times each; writes fenced by the lock",
-    ),
-    (
-        "leader_job",
-        "3 candidates campaign; the leader's job is fenced; SIGKILL the leader, watch failover",
-    ),
-    (
-        "bank_transfer",
-        "8 workers move money between 16 accounts with Stm at serializable-snapshot",
-    ),
+/// One run of an example: its executable, its arguments (besides `--endpoints`) and what
+/// it shows.
+struct Example {
+    name: &'static str,
+    args: &'static [&'static str],
+    shows: &'static str,
+}
+
+/// The runs, in order.
+const EXAMPLES: [Example; 4] = [
+    Example {
+        name: "critical_section",
+        args: &[],
+        shows: "4 processes take one Mutex 10 times each; writes fenced by the lock",
+    },
+    Example {
+        name: "leader_job",
+        args: &[],
+        shows: "3 candidates campaign; the leader's job is fenced; SIGKILL the leader, watch failover",
+    },
+    Example {
+        name: "bank_transfer",
+        args: &[],
+        shows: "8 workers move money between 16 accounts with Stm at serializable-snapshot",
+    },
+    Example {
+        name: "bank_transfer",
+        args: &["--read-cache"],
+        shows: "the same, each worker reading the balances from its own ReadCache",
+    },
 ];
 /// How long one example may run before it is killed and counted as failed.
 const EXAMPLE_LIMIT: Duration = Duration::from_secs(120);
 
-/// How one example ended.
+impl Example {
+    /// The command line without `--endpoints`, as the summary names the run.
+    fn label(&self) -> String {
+        std::iter::once(self.name)
+            .chain(self.args.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// How one run ended.
 struct Outcome {
-    name: &'static str,
+    label: String,
     ok: bool,
     verdict: String,
     took: Duration,
@@ -68,7 +95,7 @@ async fn run() -> Result<bool> {
     let directory = executable
         .parent()
         .ok_or("the demo's executable has no parent directory")?;
-    for (name, _) in EXAMPLES {
+    for Example { name, .. } in EXAMPLES {
         if !directory.join(name).is_file() {
             return Err(format!(
                 "{name} is not built next to the demo in {}: run `cargo build --release --examples`",
@@ -81,10 +108,10 @@ async fn run() -> Result<bool> {
     let endpoints = cluster.endpoints().join(",");
 
     let mut outcomes = Vec::new();
-    for (name, what) in EXAMPLES {
+    for example in &EXAMPLES {
         println!();
-        println!("=== {name}: {what}");
-        outcomes.push(run_example(directory, name, &endpoints).await);
+        println!("=== {}: {}", example.label(), example.shows);
+        outcomes.push(run_example(directory, example, &endpoints).await);
     }
     drop(cluster);
     println!();
@@ -94,27 +121,31 @@ async fn run() -> Result<bool> {
     println!("=== summary");
     for outcome in &outcomes {
         println!(
-            "{:<17} {:>5.1} s  {}",
-            outcome.name,
+            "{:<26} {:>5.1} s  {}",
+            outcome.label,
             outcome.took.as_secs_f64(),
             outcome.verdict
         );
     }
     let all_ok = outcomes.iter().all(|outcome| outcome.ok);
     if all_ok {
-        println!("OK: all {} examples passed", outcomes.len());
+        println!("OK: all {} runs passed", outcomes.len());
     } else {
-        let failed: Vec<&str> = outcomes.iter().filter(|o| !o.ok).map(|o| o.name).collect();
+        let failed: Vec<&str> = outcomes
+            .iter()
+            .filter(|o| !o.ok)
+            .map(|o| o.label.as_str())
+            .collect();
         println!("FAILED: {}", failed.join(", "));
     }
     Ok(all_ok)
 }
 
 /// Runs one example against `endpoints`, relaying its output indented.
-async fn run_example(directory: &Path, name: &'static str, endpoints: &str) -> Outcome {
+async fn run_example(directory: &Path, example: &Example, endpoints: &str) -> Outcome {
     let started = Instant::now();
-    let mut command = Command::new(directory.join(name));
-    command.args(["--endpoints", endpoints]);
+    let mut command = Command::new(directory.join(example.name));
+    command.args(["--endpoints", endpoints]).args(example.args);
     let ended = match Relayed::spawn(command, "  ") {
         Ok(example) => example.wait(EXAMPLE_LIMIT).await,
         Err(error) => Err(error),
@@ -132,7 +163,7 @@ async fn run_example(directory: &Path, name: &'static str, endpoints: &str) -> O
         Err(error) => (false, format!("FAILED: {}", common::describe(&*error))),
     };
     Outcome {
-        name,
+        label: example.label(),
         ok,
         verdict,
         took: started.elapsed(),
