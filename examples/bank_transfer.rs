@@ -23,9 +23,9 @@
 //! cargo run --release --example bank_transfer -- --read-cache
 //! ```
 //!
-//! With `--read-cache` each worker reads the balances from its own [`ReadCache`] of the
-//! accounts, kept current by a watch, instead of asking etcd: no round trip per read, and
-//! the commit still checks both balances against etcd.
+//! With `--read-cache` the workers read the balances from one [`ReadCache`] of the
+//! accounts, kept current by a watch that they share, instead of asking etcd: no round
+//! trip per read, and each commit still checks both balances against etcd.
 //!
 //! Without `--endpoints` (or `ETCD_ENDPOINTS`) it starts a throwaway 3-member cluster.
 //! It ends with a line beginning `OK` (exit code 0) or `FAILED` (exit code 1).
@@ -71,7 +71,7 @@ struct Args {
     /// How many transfers each worker makes, instead of running for --duration
     #[arg(long)]
     transfers: Option<u64>,
-    /// Each worker reads the balances from its own ReadCache of the accounts
+    /// The workers read the balances from one shared ReadCache of the accounts
     #[arg(long)]
     read_cache: bool,
 }
@@ -169,14 +169,18 @@ async fn run(args: Args) -> Result<Verdict> {
         }
     };
 
+    let cache = if args.read_cache {
+        Some(ReadCache::watch(client.clone(), format!("{prefix}/accounts/")).await?)
+    } else {
+        None
+    };
     let stats = Arc::new(Stats::default());
     let mut workers = Vec::new();
     for _ in 0..args.workers {
         let connection = common::connect(&etcd.endpoints).await?;
-        let mut stm = Stm::new(connection.clone()).isolation(args.isolation.into());
-        if args.read_cache {
-            let cache = ReadCache::watch(connection, format!("{prefix}/accounts/")).await?;
-            stm = stm.read_cache(cache);
+        let mut stm = Stm::new(connection).isolation(args.isolation.into());
+        if let Some(cache) = &cache {
+            stm = stm.read_cache(cache.clone());
         }
         let work = transfer_until(stm, until, accounts.clone(), stats.clone());
         workers.push(tokio::spawn(work));

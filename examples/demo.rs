@@ -52,7 +52,7 @@ const EXAMPLES: [Example; 4] = [
     Example {
         name: "bank_transfer",
         args: &["--read-cache"],
-        shows: "the same, each worker reading the balances from its own ReadCache",
+        shows: "the same, the workers reading the balances from one shared ReadCache",
     },
 ];
 /// How long one example may run before it is killed and counted as failed.

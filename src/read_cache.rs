@@ -54,9 +54,11 @@ use crate::watcher::{Follower, Update};
 /// for good (permissions revoked), a warning is logged and transactions read from etcd
 /// again.
 ///
-/// `ReadCache` is a cheap [`Clone`] handle. The watch and its task stop when the last
-/// handle (including those held by [`Stm`]s) is dropped. Memory: the keys and values
-/// under the prefix.
+/// `ReadCache` is a cheap [`Clone`] handle: within one process, give every [`Stm`] a
+/// clone of one cache rather than a cache each, as etcd sends every change to every
+/// watch (with eight caches instead of one, etcd committed 22% fewer Txns per second in
+/// this crate's benchmark). The watch and its task stop when the last handle (including
+/// those held by [`Stm`]s) is dropped. Memory: the keys and values under the prefix.
 ///
 /// Mirrors nothing in Go's `concurrency` package; the nearest is the `leasing` KV of
 /// etcd's Go client, which caches keys under leases instead of validating at commit.
