@@ -34,12 +34,15 @@ use crate::watcher::{Follower, Update};
 /// attempt waits (briefly) for the copy to show that commit before reading it.
 ///
 /// The copy's [`revision`](Self::revision) moves only when something under the prefix
-/// changes. An attempt that takes its snapshot from the copy pins it to that revision, so
-/// at [`Isolation::SerializableSnapshot`] a key *outside* the prefix that it writes
-/// without reading conflicts if the key changed after the copy's revision, and a key
-/// outside the prefix that it reads is read at that revision (if etcd has compacted it,
-/// the rest of the run reads from etcd). Transactions that keep to the prefix have
-/// neither cost.
+/// changes. An attempt that takes its snapshot from the copy pins it to the copy's
+/// revision or, if newer, to the newest revision at which etcd answered a commit of the
+/// same [`Stm`] (or a clone); the commit checks every cached read, so either is a valid
+/// snapshot. So at [`Isolation::SerializableSnapshot`] a key *outside* the prefix that it
+/// writes without reading conflicts if the key changed after that revision (which a
+/// write by the same `Stm` never does), and a key outside the prefix that it reads is
+/// read at that revision (if etcd has compacted it, the rest of the run reads from etcd).
+/// Only a `Stm` that has not committed lately, with a quiet prefix, pins an old revision;
+/// transactions that keep to the prefix are not affected at all.
 ///
 /// Worth it for a small, hot range read by many transactions (the account balances of
 /// the bank example): each transaction saves one round trip per key read, and etcd

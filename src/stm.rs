@@ -130,6 +130,9 @@ pub struct Stm {
     /// The revision of the latest commit through this handle (or its clones) that wrote
     /// under the cache's prefix: attempts wait briefly for the cache to show it.
     wrote_at: Arc<AtomicI64>,
+    /// The newest revision a commit Txn through this handle (or its clones) was answered
+    /// at, committed or not.
+    seen: Arc<AtomicI64>,
 }
 
 /// One attempt of an [`Stm`] transaction: its reads and buffered writes.
@@ -166,13 +169,16 @@ pub struct StmTxn {
     view: Option<View>,
     /// Wait for the cache to reach this revision (this Stm's last write) before taking it.
     wait_for: i64,
+    /// The newest revision this Stm had seen when the attempt began: a snapshot taken from
+    /// the cache is pinned no lower.
+    seen: i64,
 }
 
 /// How a commit ended.
 enum Outcome {
-    /// Committed, or nothing to commit. `cached_writes_at` is the commit's revision if it
-    /// wrote under the cache's prefix, 0 if not.
-    Committed { cached_writes_at: i64 },
+    /// Committed at `revision` (0 if there was nothing to commit); `cached_writes` if it
+    /// wrote under the cache's prefix.
+    Committed { revision: i64, cached_writes: bool },
     /// The reads were no longer valid: the fresh values of the read set (and of the
     /// prefetch keys), read by the failed Txn.
     Conflict(Fresh),
@@ -220,6 +226,7 @@ impl Stm {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             cache: None,
             wrote_at: Arc::default(),
+            seen: Arc::default(),
         }
     }
 
@@ -353,6 +360,7 @@ impl Stm {
                 cache: cache.clone(),
                 view: None,
                 wait_for: self.wrote_at.load(Ordering::Relaxed),
+                seen: self.seen.load(Ordering::Relaxed),
             };
             let output = apply(&mut txn).await;
             if txn.compacted {
@@ -367,11 +375,20 @@ impl Stm {
             }
             let output = output?;
             match txn.commit(&self.prefetch).await? {
-                Outcome::Committed { cached_writes_at } => {
-                    self.wrote_at.fetch_max(cached_writes_at, Ordering::Relaxed);
+                Outcome::Committed {
+                    revision,
+                    cached_writes,
+                } => {
+                    self.seen.fetch_max(revision, Ordering::Relaxed);
+                    if cached_writes {
+                        self.wrote_at.fetch_max(revision, Ordering::Relaxed);
+                    }
                     return Ok(output);
                 }
-                Outcome::Conflict(values) => fresh = values,
+                Outcome::Conflict(values) => {
+                    self.seen.fetch_max(values.revision, Ordering::Relaxed);
+                    fresh = values;
+                }
             }
             tracing::debug!(attempt, "STM conflict; running again");
             if attempt > IMMEDIATE_RETRIES && attempt < self.max_attempts {
@@ -484,7 +501,12 @@ impl StmTxn {
             cache.caught_up(self.wait_for, CATCH_UP_LIMIT).await;
             let view = cache.view()?;
             if self.isolation.snapshot_reads() {
-                self.snapshot = Some(view.revision);
+                // The copy's revision only moves with changes under its prefix. A newer
+                // revision seen from etcd is as valid a snapshot: the commit checks that
+                // every cached read is unchanged since the copy's revision, so through it
+                // too. Pinned there, keys read from etcd are current, and keys written
+                // that this Stm last wrote do not count as written concurrently.
+                self.snapshot = Some(view.revision.max(self.seen));
             }
             self.view = Some(view);
         }
@@ -546,7 +568,8 @@ impl StmTxn {
         };
         if self.writes.is_empty() && !checked_anyway {
             return Ok(Outcome::Committed {
-                cached_writes_at: 0,
+                revision: 0,
+                cached_writes: false,
             });
         }
         let cached_writes = self
@@ -593,9 +616,9 @@ impl StmTxn {
         let txn = Txn::new().when(conditions).and_then(writes).or_else(reads);
         let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
         if answer.succeeded() {
-            let revision = answer.header().map_or(0, |h| h.revision());
             return Ok(Outcome::Committed {
-                cached_writes_at: if cached_writes { revision } else { 0 },
+                revision: answer.header().map_or(0, |h| h.revision()),
+                cached_writes,
             });
         }
         Ok(Outcome::Conflict(read_set(refresh, &answer)))

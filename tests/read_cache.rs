@@ -171,6 +171,40 @@ async fn a_transaction_reads_the_writes_of_the_previous_one_from_the_copy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_copy_does_not_make_its_own_blind_writes_conflict() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("quiet");
+    let (config, status) = (format!("{prefix}/config"), unique("status"));
+    put(&client, &config, "on").await;
+    let cache = ReadCache::watch(client.clone(), prefix.as_str())
+        .await
+        .unwrap();
+    // Nothing changes under the prefix, so the copy's revision stays put while each run
+    // writes the key outside it: the next run's snapshot must still be newer than that
+    // write, or first-committer-wins sees it as a concurrent one.
+    let stm = Stm::new(client.clone()).read_cache(cache);
+    let runs = AtomicU32::new(0);
+    for i in 1..=5 {
+        let written = i.to_string();
+        within(
+            secs(10),
+            stm.run(async |tx| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                if tx.get(&config).await?.as_deref() == Some(b"on".as_slice()) {
+                    tx.put(status.as_str(), written.as_str());
+                }
+                Ok::<_, Error>(())
+            }),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(value(&client, &status).await, Some(b"5".to_vec()));
+    assert_eq!(runs.load(Ordering::SeqCst), 5, "one attempt per run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_cache_costs_a_conflict_never_a_lost_update() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
