@@ -34,15 +34,15 @@ use crate::watcher::{Follower, Update};
 /// attempt waits (briefly) for the copy to show that commit before reading it.
 ///
 /// The copy's [`revision`](Self::revision) moves only when something under the prefix
-/// changes. An attempt that takes its snapshot from the copy pins it to the copy's
-/// revision or, if newer, to the newest revision at which etcd answered a commit of the
-/// same [`Stm`] (or a clone); the commit checks every cached read, so either is a valid
-/// snapshot. So at [`Isolation::SerializableSnapshot`] a key *outside* the prefix that it
-/// writes without reading conflicts if the key changed after that revision (which a
-/// write by the same `Stm` never does), and a key outside the prefix that it reads is
-/// read at that revision (if etcd has compacted it, the rest of the run reads from etcd).
-/// Only a `Stm` that has not committed lately, with a quiet prefix, pins an old revision;
-/// transactions that keep to the prefix are not affected at all.
+/// changes. An attempt that takes its snapshot from the copy pins its reads to that
+/// revision, so a key *outside* the prefix that it reads is read at that revision (if
+/// etcd has compacted it, the rest of the run reads from etcd). At
+/// [`Isolation::SerializableSnapshot`], a key outside the prefix that it writes without
+/// reading must be unchanged since that revision or, if newer, since the newest revision
+/// at which etcd answered a commit of the same [`Stm`] (or a clone). Either is sound, as
+/// the commit checks that every read is still current; the newer one keeps a quiet prefix
+/// from turning the `Stm`'s own earlier writes into conflicts. Transactions that keep to
+/// the prefix are not affected.
 ///
 /// Worth it for a small, hot range read by many transactions (the account balances of
 /// the bank example): each transaction saves one round trip per key read, and etcd

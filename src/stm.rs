@@ -169,8 +169,8 @@ pub struct StmTxn {
     view: Option<View>,
     /// Wait for the cache to reach this revision (this Stm's last write) before taking it.
     wait_for: i64,
-    /// The newest revision this Stm had seen when the attempt began: a snapshot taken from
-    /// the cache is pinned no lower.
+    /// The newest revision this Stm had seen when the attempt began: an attempt that read
+    /// the cache checks its blind writes from no earlier.
     seen: i64,
 }
 
@@ -501,12 +501,7 @@ impl StmTxn {
             cache.caught_up(self.wait_for, CATCH_UP_LIMIT).await;
             let view = cache.view()?;
             if self.isolation.snapshot_reads() {
-                // The copy's revision only moves with changes under its prefix. A newer
-                // revision seen from etcd is as valid a snapshot: the commit checks that
-                // every cached read is unchanged since the copy's revision, so through it
-                // too. Pinned there, keys read from etcd are current, and keys written
-                // that this Stm last wrote do not count as written concurrently.
-                self.snapshot = Some(view.revision.max(self.seen));
+                self.snapshot = Some(view.revision);
             }
             self.view = Some(view);
         }
@@ -586,6 +581,15 @@ impl StmTxn {
         }
         if self.isolation == Isolation::SerializableSnapshot {
             if let Some(snapshot) = self.snapshot {
+                // The copy's revision moves only with changes under its prefix, so it may
+                // be older than this Stm's own last commit. Any revision from the snapshot
+                // to the commit will do here, as the commit checks every read through it:
+                // take the newest this Stm has seen, so that its own earlier writes do not
+                // count as concurrent ones.
+                let since = match self.view {
+                    Some(_) => snapshot.max(self.seen),
+                    None => snapshot,
+                };
                 // A key also read is covered already: its read compare pins a mod revision
                 // at or below the snapshot.
                 let blind = self
@@ -593,8 +597,7 @@ impl StmTxn {
                     .keys()
                     .filter(|key| !self.reads.contains_key(*key));
                 for key in blind {
-                    let untouched =
-                        Compare::mod_revision(key.clone(), CompareOp::Less, snapshot + 1);
+                    let untouched = Compare::mod_revision(key.clone(), CompareOp::Less, since + 1);
                     conditions.push(untouched);
                 }
             }

@@ -205,6 +205,50 @@ async fn a_quiet_copy_does_not_make_its_own_blind_writes_conflict() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stay_at_the_copys_revision_when_the_stm_has_seen_newer_ones() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("one-revision");
+    let (cached, outside, other) = (
+        format!("{prefix}/cached"),
+        unique("outside"),
+        unique("other"),
+    );
+    put(&client, &cached, "1").await;
+    put(&client, &outside, "1").await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    // Both keys move together, after the copy froze.
+    let both = etcd_client::Txn::new().and_then([
+        etcd_client::TxnOp::put(cached.as_str(), "2", None),
+        etcd_client::TxnOp::put(outside.as_str(), "2", None),
+    ]);
+    client.clone().txn(both).await.unwrap();
+    // A commit of this Stm after that shows it a revision newer than the copy's.
+    let stm = Stm::new(client.clone()).read_cache(cache);
+    stm.run(async |tx| {
+        tx.put(other.as_str(), "x");
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+
+    let read = within(
+        secs(10),
+        stm.run(async |tx| {
+            let (a, b) = (tx.get(&cached).await?, tx.get(&outside).await?);
+            if a != b {
+                return Err(Error::InvalidArgument(format!(
+                    "read a state that never existed: {a:?} and {b:?}"
+                )));
+            }
+            Ok(a)
+        }),
+    )
+    .await;
+    assert_eq!(read.unwrap(), Some(b"2".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_cache_costs_a_conflict_never_a_lost_update() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
