@@ -6,7 +6,7 @@ mod common;
 
 use std::pin::pin;
 
-use common::{keys_under, millis, secs, tasks_back_to, unique, within};
+use common::{keys_under, millis, secs, task_baseline, tasks_back_to, unique, within};
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
@@ -110,9 +110,7 @@ async fn every_primitive_works_while_any_one_member_is_dead() {
 async fn closing_everything_leaves_no_keys_and_no_tasks() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    client.clone().get("warm-up", None).await.unwrap(); // etcd-client's own tasks
-    let metrics = tokio::runtime::Handle::current().metrics();
-    let baseline = metrics.num_alive_tasks();
+    let baseline = task_baseline(&client).await;
     let prefix = unique("no-leaks");
     {
         let (a, b) = (

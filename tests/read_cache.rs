@@ -5,7 +5,8 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use common::{
-    amount, millis, move_a_quarter, read, secs, tasks_back_to, two_accounts, unique, within,
+    millis, move_a_quarter, read, secs, task_baseline, tasks_back_to, total, transfer_concurrently,
+    unique, within,
 };
 use etcd_client::Client;
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -73,35 +74,18 @@ async fn cached_transfers_conserve_money_at_every_level() {
         for i in 0..ACCOUNTS {
             put(&setup, &account(i), "1000").await;
         }
-        let mut workers = Vec::new();
+        let mut stms = Vec::new();
         for _ in 0..WORKERS {
             let client = cluster.client().await;
             let cache = ReadCache::watch(client.clone(), prefix.as_str())
                 .await
                 .unwrap();
-            let stm = Stm::new(client).isolation(isolation).read_cache(cache);
-            let accounts: Vec<String> = (0..ACCOUNTS).map(account).collect();
-            workers.push(tokio::spawn(async move {
-                for _ in 0..TRANSFERS {
-                    let (from, to) = two_accounts(ACCOUNTS);
-                    let (from, to) = (accounts[from].clone(), accounts[to].clone());
-                    stm.run(async move |tx| move_a_quarter(tx, &from, &to).await)
-                        .await
-                        .expect("a transfer failed");
-                }
-            }));
+            stms.push(Stm::new(client).isolation(isolation).read_cache(cache));
         }
-        within(secs(60), async {
-            for worker in workers {
-                worker.await.unwrap();
-            }
-        })
-        .await;
-        let mut total = 0;
-        for i in 0..ACCOUNTS {
-            total += amount(value(&setup, &account(i)).await);
-        }
-        assert_eq!(total, 1000 * ACCOUNTS as u64, "{isolation:?}");
+        let accounts: Vec<String> = (0..ACCOUNTS).map(account).collect();
+        transfer_concurrently(stms, &accounts, TRANSFERS, secs(60)).await;
+        let sum = total(&setup, &accounts).await;
+        assert_eq!(sum, 1000 * ACCOUNTS as u64, "{isolation:?}");
     }
 }
 
@@ -364,9 +348,8 @@ async fn a_cache_behind_a_compaction_is_left_for_the_rest_of_the_run() {
 async fn dropping_the_last_handle_stops_the_watch_task() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    client.clone().get("warm-up", None).await.unwrap(); // etcd-client's own tasks
+    let baseline = task_baseline(&client).await;
     let metrics = tokio::runtime::Handle::current().metrics();
-    let baseline = metrics.num_alive_tasks();
     let cache = ReadCache::watch(client.clone(), unique("dropped"))
         .await
         .unwrap();

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{amount, move_a_quarter, secs, two_accounts, unique, within};
+use common::{amount, secs, total, transfer_concurrently, unique, within};
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Isolation, Stm};
@@ -17,15 +17,6 @@ const OPENING_BALANCE: u64 = 1000;
 
 fn account(prefix: &str, i: usize) -> String {
     format!("{prefix}/account-{i}")
-}
-
-async fn total(client: &Client, prefix: &str) -> u64 {
-    let mut sum = 0;
-    for i in 0..ACCOUNTS {
-        let answer = client.clone().get(account(prefix, i), None).await.unwrap();
-        sum += amount(answer.kvs().first().map(|kv| kv.value().to_vec()));
-    }
-    sum
 }
 
 /// `WORKERS` clients each make `TRANSFERS` transfers of a quarter of one account's balance
@@ -40,37 +31,16 @@ async fn transfers_conserve_money(cluster: &EtcdCluster, isolation: Isolation) -
             .await
             .unwrap();
     }
-    let runs = Arc::new(AtomicU32::new(0));
-    let mut workers = Vec::new();
+    let mut stms = Vec::new();
     for _ in 0..WORKERS {
-        let stm = Stm::new(cluster.client().await).isolation(isolation);
-        let (prefix, runs) = (prefix.clone(), runs.clone());
-        workers.push(tokio::spawn(async move {
-            for _ in 0..TRANSFERS {
-                let (from, to) = two_accounts(ACCOUNTS);
-                let (from, to) = (account(&prefix, from), account(&prefix, to));
-                let runs = runs.clone();
-                // Spawned: the closure owns what it uses (rust-lang/rust#139475).
-                stm.run(async move |tx| {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    move_a_quarter(tx, &from, &to).await
-                })
-                .await
-                .expect("a transfer failed");
-            }
-        }));
+        stms.push(Stm::new(cluster.client().await).isolation(isolation));
     }
-    within(secs(120), async {
-        for worker in workers {
-            worker.await.unwrap();
-        }
-    })
-    .await;
+    let accounts: Vec<String> = (0..ACCOUNTS).map(|i| account(&prefix, i)).collect();
+    let runs = transfer_concurrently(stms, &accounts, TRANSFERS, secs(120)).await;
     assert_eq!(
-        total(&setup, &prefix).await,
+        total(&setup, &accounts).await,
         ACCOUNTS as u64 * OPENING_BALANCE
     );
-    let runs = runs.load(Ordering::SeqCst);
     assert!(runs >= (WORKERS * TRANSFERS) as u32);
     runs
 }

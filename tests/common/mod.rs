@@ -4,9 +4,12 @@
 pub mod faults;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, GetResponse};
+use etcd_concurrency::Stm;
 
 /// Awaits `future`, failing the test if it takes longer than `limit`.
 pub async fn within<F: Future>(limit: Duration, future: F) -> F::Output {
@@ -43,6 +46,54 @@ pub async fn move_a_quarter(
     Ok(())
 }
 
+/// Each of `stms`, on its own task, makes `transfers` transfers of a quarter of one random
+/// account's balance to another, all at once; fails the test if a transfer fails or all
+/// take longer than `limit`. Returns how many closure runs they took.
+pub async fn transfer_concurrently(
+    stms: Vec<Stm>,
+    accounts: &[String],
+    transfers: usize,
+    limit: Duration,
+) -> u32 {
+    let accounts: Arc<[String]> = accounts.into();
+    let runs = Arc::new(AtomicU32::new(0));
+    let mut workers = Vec::new();
+    for stm in stms {
+        let (accounts, runs) = (accounts.clone(), runs.clone());
+        workers.push(tokio::spawn(async move {
+            for _ in 0..transfers {
+                let (from, to) = two_accounts(accounts.len());
+                let (from, to) = (accounts[from].clone(), accounts[to].clone());
+                let runs = runs.clone();
+                // Spawned: the closure owns what it uses (rust-lang/rust#139475).
+                stm.run(async move |tx| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    move_a_quarter(tx, &from, &to).await
+                })
+                .await
+                .expect("a transfer failed");
+            }
+        }));
+    }
+    within(limit, async {
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    })
+    .await;
+    runs.load(Ordering::SeqCst)
+}
+
+/// The sum of the balances of `accounts`.
+pub async fn total(client: &Client, accounts: &[String]) -> u64 {
+    let mut sum = 0;
+    for account in accounts {
+        let answer = read(client, account.as_str(), None).await;
+        sum += amount(answer.kvs().first().map(|kv| kv.value().to_vec()));
+    }
+    sum
+}
+
 /// Two distinct random indices below `count`: the accounts of a transfer.
 pub fn two_accounts(count: usize) -> (usize, usize) {
     use rand::Rng;
@@ -75,6 +126,15 @@ pub async fn read(
             Err(error) => panic!("read failed: {error}"),
         }
     }
+}
+
+/// How many tasks are alive on this runtime once `client` has started etcd-client's own
+/// (it spawns them on first use): the baseline for [`tasks_back_to`].
+pub async fn task_baseline(client: &Client) -> usize {
+    client.clone().get("warm-up", None).await.unwrap();
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
 }
 
 /// Waits (at most 5 s) until no more tasks are alive on this runtime than `baseline`:
