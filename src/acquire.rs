@@ -37,12 +37,6 @@ pub(crate) struct Request {
     pub(crate) value: Vec<u8>,
     /// How to read the queue (the name's prefix is added here).
     pub(crate) queue: GetOptions,
-    /// Whether a call dropped mid-flight also deletes a key it found rather than created:
-    /// yes unless another live handle of this session shares the key (an election's
-    /// `Leadership` or campaign; a mutex's key belongs to one `lock()` at a time). A found
-    /// key that nobody else uses is a leftover: from an earlier attempt of this very call
-    /// whose answer was lost, or from an earlier process on the same lease.
-    pub(crate) release_found: bool,
     /// The mutex's in-process queue slot, held until the key is released.
     pub(crate) local: Option<OwnedMutexGuard<QueueWatch>>,
     /// The election claim of this call, held until the key is released.
@@ -107,7 +101,6 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         task: Some(task),
         session: session.clone(),
         key: key.clone(),
-        release_found: request.release_found,
         local: request.local,
         claim: request.claim,
     };
@@ -159,7 +152,6 @@ struct InFlight {
     task: Option<JoinHandle<Result<TxnResponse>>>,
     session: Session,
     key: Vec<u8>,
-    release_found: bool,
     local: Option<OwnedMutexGuard<QueueWatch>>,
     claim: Option<ElectionClaim>,
 }
@@ -189,21 +181,25 @@ impl InFlight {
     }
 
     /// Deletes, in the background, what the Txn may have left; the in-process slot and
-    /// election claim are held until then.
+    /// election claim are held until then. Nothing is deleted while another campaign or
+    /// leadership of the session shares the election's key: it is theirs.
     fn undo_in_background(&mut self, sent: Sent) {
         self.spawn_undo(async move { sent });
     }
 
     fn spawn_undo(&mut self, sent: impl Future<Output = Sent> + Send + 'static) {
+        let claim = match self.claim.take().map(ElectionClaim::into_exclusive) {
+            Some(None) => return,
+            Some(exclusive) => exclusive,
+            None => None,
+        };
         let (session, key) = (self.session.downgrade(), self.key.clone());
-        let release_found = self.release_found;
-        let held = (self.local.take(), self.claim.take());
+        let held = (self.local.take(), claim);
         spawn_release(
             self.session.runtime(),
             "undoing a cancelled or failed lock or campaign",
             async move {
-                if let Some(revision) = left_behind(&session, &key, sent.await, release_found).await
-                {
+                if let Some(revision) = left_behind(&session, &key, sent.await).await {
                     release_while_session_lives(session, &key, revision).await;
                 }
                 drop(held);
@@ -231,18 +227,15 @@ impl Drop for InFlight {
 }
 
 /// The create revision of the key a join Txn left behind for a caller that is gone or
-/// failed, if it is to be deleted: the key it created, or the key it found if
-/// `release_found`; after an unknown outcome, the key of this lease if there is one.
-async fn left_behind(
-    session: &WeakSession,
-    key: &[u8],
-    sent: Sent,
-    release_found: bool,
-) -> Option<i64> {
+/// failed: the key it created or found (a found key that no other handle of the session
+/// uses is a leftover, from an earlier attempt of this very call whose answer was lost or
+/// from an earlier process on the same lease); after an unknown outcome, the key of this
+/// lease if there is one.
+async fn left_behind(session: &WeakSession, key: &[u8], sent: Sent) -> Option<i64> {
     match sent {
         Sent::Answered(answer) if answer.succeeded() => answer.header().map(|h| h.revision()),
-        Sent::Answered(answer) if release_found => split(&answer).0.map(|kv| kv.create_revision()),
-        Sent::Unknown if release_found => {
+        Sent::Answered(answer) => split(&answer).0.map(|kv| kv.create_revision()),
+        Sent::Unknown => {
             let live = session.upgrade()?;
             let kv = live.client().kv_client();
             let read = retry(&kv, live.request_timeout(), |mut kv| {

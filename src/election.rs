@@ -61,7 +61,8 @@ pub struct Election {
 ///
 /// Dropping it without [`resign`](Self::resign) resigns in a background task on the
 /// session's runtime, so leadership is handed on even when the leader's future was
-/// cancelled. Each attempt is bounded by the session's release timeout (default 5 s) and
+/// cancelled; unless another campaign or leadership of this session shares its key, which
+/// then stays theirs. Each attempt is bounded by the session's release timeout (default 5 s) and
 /// failures are retried for as long as the session lives (while its lease is renewed,
 /// nothing else would free the key). If that runtime has shut down, the lease's expiry
 /// ends the leadership and a `tracing` warning says so.
@@ -141,8 +142,10 @@ impl Election {
     /// One Txn writes the candidate's key and reads the candidates ahead; then one watch
     /// on the election follows them until the last one is gone, without a request per
     /// change. If this session already has a key in the election (an earlier campaign, or
-    /// a resumed lease), that key keeps its place and takes the new value, as in Go;
-    /// leaderships that share the key end together.
+    /// a resumed lease), that key keeps its place and takes the new value, as in Go. The
+    /// leaderships that share it end together when one resigns; dropping one leaves the key
+    /// to the others. A campaign that starts while a dropped leadership's key is being
+    /// deleted waits for that delete, so it never joins a key about to vanish.
     ///
     /// # Errors
     ///
@@ -176,14 +179,12 @@ impl Election {
     pub async fn campaign(&self, value: impl Into<Vec<u8>>) -> Result<Leadership> {
         self.check()?;
         let value = value.into();
-        // Another live campaign or leadership of this session shares the key: a found key
-        // is then theirs too, and must survive this call's cancellation.
-        let (claim, shared) = self.session.claim_election(&self.name);
+        // Waits while the session's key is being deleted (a dropped leadership).
+        let claim = self.session.claim_election(&self.name).await;
         let request = Request {
             create: Create::IfAbsent,
             value: value.clone(),
             queue: GetOptions::new().with_keys_only(),
-            release_found: !shared,
             local: None,
             claim: Some(claim),
         };
@@ -192,17 +193,13 @@ impl Election {
             // The condition is "no key yet", so the key exists when it is false.
             Outcome::NotJoined => return Err(Error::OwnershipLost),
         };
-        if !joined.created {
-            joined.key.set_release_on_drop(!shared);
-            if joined.value != value {
-                joined.key.put(value).await?;
-            }
+        if !joined.created && joined.value != value {
+            joined.key.put(value).await?;
         }
         wait_for_turn(&mut joined.key, &self.name, &joined.queue, joined.revision).await?;
         if self.session.is_lost() {
             return Err(Error::SessionLost);
         }
-        joined.key.set_release_on_drop(true);
         Ok(Leadership { key: joined.key })
     }
 

@@ -156,7 +156,6 @@ impl Mutex {
             create: Create::IfAbsent,
             value: Vec::new(),
             queue: GetOptions::new().with_keys_only(),
-            release_found: true,
             local: Some(local),
             claim: None,
         };
@@ -214,7 +213,6 @@ impl Mutex {
                 .with_keys_only()
                 .with_sort(SortTarget::Create, SortOrder::Ascend)
                 .with_limit(1),
-            release_found: true,
             local: Some(local),
             claim: None,
         };

@@ -22,7 +22,8 @@ use crate::watcher::{Follower, Update};
 /// task on the session's runtime, each attempt bounded by the session's release timeout,
 /// retried for as long as the session lives: while its lease is renewed, nothing else
 /// would free the key. Nothing is released once the session has ended (closed: the key
-/// went with the lease; orphaned: it stays until the lease expires) or is lost.
+/// went with the lease; orphaned: it stays until the lease expires) or is lost, nor while
+/// another campaign or leadership of the session shares an election's key.
 pub(crate) struct OwnedKey {
     session: Session,
     key: Vec<u8>,
@@ -50,11 +51,6 @@ impl OwnedKey {
             local,
             claim,
         }
-    }
-
-    /// Whether dropping this handle deletes the key (default: yes).
-    pub(crate) fn set_release_on_drop(&mut self, release: bool) {
-        self.release_on_drop = release;
     }
 
     pub(crate) fn key(&self) -> &[u8] {
@@ -122,11 +118,16 @@ impl Drop for OwnedKey {
         if !self.release_on_drop || self.session.has_ended() {
             return;
         }
+        let claim = match self.claim.take().map(ElectionClaim::into_exclusive) {
+            Some(None) => return, // another campaign or leadership of the session uses it
+            Some(exclusive) => exclusive,
+            None => None,
+        };
         let session = self.session.downgrade();
         let key = std::mem::take(&mut self.key);
         let revision = self.create_revision;
         // The next `lock()` or campaign of this session may go once the key is gone.
-        let held = (self.local.take(), self.claim.take());
+        let held = (self.local.take(), claim);
         spawn_release(
             self.session.runtime(),
             "releasing a dropped lock guard or leadership",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, LeaseGrantOptions};
 use tokio::runtime::Handle;
-use tokio::sync::watch;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -94,9 +94,9 @@ struct Shared {
     /// One queue slot per mutex name, so that two `lock()` calls on this session (which
     /// share one key in etcd) never both believe they hold it.
     queues: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::Mutex<QueueWatch>>>>,
-    /// How many campaigns and leaderships of this session are live, per election name:
-    /// they share one key in etcd.
-    elections: std::sync::Mutex<HashMap<Vec<u8>, usize>>,
+    /// One claim slot per election name: this session's campaigns and leaderships there
+    /// share one key in etcd.
+    elections: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::RwLock<()>>>>,
 }
 
 /// Configures and creates a [`Session`]; see [`Session::builder`] for an example.
@@ -346,47 +346,47 @@ impl Session {
     }
 }
 
-/// A live campaign or leadership of a session in an election, counted until dropped.
+/// A campaign's (or the leadership it becomes) claim on this session's key in an
+/// election. The session's campaigns and leaderships there share that key in etcd, so each
+/// holds the claim shared; the last one to go takes it exclusive while it deletes the key,
+/// and a campaign starting meanwhile waits for the delete instead of joining a key that is
+/// about to vanish.
 pub(crate) struct ElectionClaim {
-    session: WeakSession,
-    name: Vec<u8>,
+    slot: Arc<tokio::sync::RwLock<()>>,
+    shared: OwnedRwLockReadGuard<()>,
 }
 
 impl Session {
-    /// Counts a campaign (or the leadership it becomes) in election `name`; also says
-    /// whether another one of this session is live there, sharing its key.
-    pub(crate) fn claim_election(&self, name: &[u8]) -> (ElectionClaim, bool) {
-        let mut elections = self
-            .shared
-            .elections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let live = elections.entry(name.to_vec()).or_insert(0);
-        *live += 1;
-        let claim = ElectionClaim {
-            session: self.downgrade(),
-            name: name.to_vec(),
+    /// Claims this session's key in election `name` for a campaign, once no delete of that
+    /// key is in flight.
+    pub(crate) async fn claim_election(&self, name: &[u8]) -> ElectionClaim {
+        let slot = {
+            let mut elections = self
+                .shared
+                .elections
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            elections.retain(|_, slot| slot.strong_count() > 0);
+            match elections.get(name).and_then(Weak::upgrade) {
+                Some(slot) => slot,
+                None => {
+                    let slot = Arc::new(tokio::sync::RwLock::new(()));
+                    elections.insert(name.to_vec(), Arc::downgrade(&slot));
+                    slot
+                }
+            }
         };
-        (claim, *live > 1)
+        let shared = slot.clone().read_owned().await;
+        ElectionClaim { slot, shared }
     }
 }
 
-impl Drop for ElectionClaim {
-    fn drop(&mut self) {
-        let Some(session) = self.session.upgrade() else {
-            return;
-        };
-        let mut elections = session
-            .shared
-            .elections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(live) = elections.get_mut(&self.name) {
-            *live -= 1;
-            if *live == 0 {
-                elections.remove(&self.name);
-            }
-        }
+impl ElectionClaim {
+    /// The claim of the one who may delete the key, held until it is deleted; `None` if
+    /// another campaign or leadership of this session still uses the key (it is theirs).
+    pub(crate) fn into_exclusive(self) -> Option<OwnedRwLockWriteGuard<()>> {
+        drop(self.shared);
+        self.slot.try_write_owned().ok()
     }
 }
 

@@ -34,6 +34,36 @@ where
         .expect("observe")
 }
 
+/// Waits until `key` holds `value` (watching from before the check, so a write is not
+/// missed).
+async fn holds(client: &Client, key: &[u8], value: &[u8]) {
+    let mut watch = client.clone().watch(key, None).await.expect("watch");
+    let now = client.clone().get(key, None).await.expect("get");
+    if now.kvs().first().is_some_and(|kv| kv.value() == value) {
+        return;
+    }
+    loop {
+        let answer = watch
+            .message()
+            .await
+            .expect("watch answer")
+            .expect("watch open");
+        if answer
+            .events()
+            .iter()
+            .any(|e| e.kv().is_some_and(|kv| kv.value() == value))
+        {
+            return;
+        }
+    }
+}
+
+/// The create revision of `key`, if it exists.
+async fn create_revision(client: &Client, key: &[u8]) -> Option<i64> {
+    let answer = client.clone().get(key, None).await.expect("get");
+    answer.kvs().first().map(|kv| kv.create_revision())
+}
+
 fn value_of(leader: &Option<Leader>) -> Option<String> {
     leader
         .as_ref()
@@ -407,6 +437,83 @@ async fn cancelling_one_of_two_waiting_campaigns_keeps_the_shared_candidacy() {
     let ours_leads = within(secs(5), first).await.unwrap().unwrap();
     assert_eq!(ours_leads.key(), our_key.as_slice());
     ours_leads.resign().await.unwrap();
+}
+
+#[tokio::test]
+async fn cancelling_the_campaign_that_created_a_shared_key_leaves_it_to_the_other() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("shared-first");
+    let (other, ours) = (session(&client, 10).await, session(&client, 10).await);
+    let leading = Election::new(&other, &name)
+        .campaign("other")
+        .await
+        .unwrap();
+    let election = Election::new(&ours, &name);
+    let first = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign("first").await.map(drop) }
+    });
+    let our_key = hex_key(&name, &ours);
+    within(secs(5), holds(&client, &our_key, b"first")).await;
+    // The second campaign finds the key the first one created and gives it its value.
+    let second = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign("second").await }
+    });
+    within(secs(5), holds(&client, &our_key, b"second")).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    leading.resign().await.unwrap();
+    let ours_leads = within(secs(5), second).await.unwrap().unwrap();
+    assert_eq!(
+        create_revision(&client, &our_key).await,
+        Some(ours_leads.fencing_token()),
+        "the second campaign leads with a key that is gone"
+    );
+    ours_leads.resign().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_campaign_waits_for_the_delete_of_a_dropped_leadership_instead_of_joining_its_key() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = cluster.client().await;
+    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let ours = Session::builder(cut_off)
+        .ttl(secs(10))
+        .release_timeout(millis(300))
+        .build()
+        .await
+        .unwrap();
+    let election = Election::new(&ours, unique("redo"));
+    let old = election.campaign("old").await.unwrap();
+    let old_token = old.fencing_token();
+    let key = old.key().to_vec();
+    // The release of the dropped leadership cannot reach etcd: it keeps timing out and
+    // backing off while the next campaign starts.
+    proxy.stall();
+    drop(old);
+    let again = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign("new").await }
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    proxy.heal();
+    let new = within(secs(10), again).await.unwrap().unwrap();
+    assert_ne!(
+        new.fencing_token(),
+        old_token,
+        "joined the key being deleted"
+    );
+    assert_eq!(
+        create_revision(&client, &key).await,
+        Some(new.fencing_token()),
+        "leads with a key that is gone"
+    );
+    new.resign().await.unwrap();
 }
 
 #[tokio::test]
