@@ -1,14 +1,12 @@
 //! A key this session holds in a lock's or election's queue: fenced operations on it, loss
 //! detection, and its release when dropped.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::error::{Error, Result, was_not_applied};
+use crate::error::{Error, Result};
 use crate::release::spawn_release;
-use crate::retry::{Backoff, retry};
+use crate::retry::{Backoff, retry_write};
 use crate::session::{ElectionClaim, Session, WeakSession};
 use crate::wait::QueueWatch;
 use crate::watcher::{Follower, Update};
@@ -193,21 +191,13 @@ async fn fenced(session: &Session, key: &[u8], revision: i64, op: TxnOp) -> Resu
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, revision)])
         .and_then([op]);
-    // Set when an attempt failed in a way that may have applied it.
-    let maybe_applied = AtomicBool::new(false);
     let kv = session.client().kv_client();
-    let answer = retry(&kv, session.request_timeout(), |mut kv| {
-        let (txn, maybe_applied) = (txn.clone(), &maybe_applied);
-        async move {
-            let answer = kv.txn(txn).await;
-            if matches!(&answer, Err(error) if !was_not_applied(error)) {
-                maybe_applied.store(true, Ordering::Relaxed);
-            }
-            answer
-        }
+    let (answer, maybe_applied) = retry_write(&kv, session.request_timeout(), |mut kv| {
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
     })
     .await?;
-    Ok(match (answer.succeeded(), maybe_applied.into_inner()) {
+    Ok(match (answer.succeeded(), maybe_applied) {
         (true, _) => Fenced::Applied,
         (false, false) => Fenced::Refused,
         (false, true) => Fenced::RefusedAfterRetry,

@@ -10,18 +10,28 @@
 //! (create-if-absent, fenced by create revision).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result, is_transient};
+use crate::error::{Error, Result, is_transient, was_not_applied};
 
 /// The first back-off step; steps double up to [`MAX_STEP`].
 const FIRST_STEP: Duration = Duration::from_millis(20);
 const MAX_STEP: Duration = Duration::from_secs(1);
 /// How long one attempt may go unanswered before it is abandoned and sent again.
 pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Stands in for a deadline too far away to compute (about 30 years).
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+
+/// `limit` from now; a limit too long to add (say `Duration::MAX`, for "no limit") gives a
+/// deadline about 30 years away.
+pub(crate) fn deadline_after(limit: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(limit).unwrap_or(now + FAR_FUTURE)
+}
 
 /// Exponential back-off with full jitter: each wait is uniform in `[0, step]`.
 #[derive(Debug)]
@@ -67,7 +77,7 @@ where
     F: FnMut(H) -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
-    let deadline = Instant::now() + limit;
+    let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
     let mut last_error = None;
     loop {
@@ -94,10 +104,46 @@ where
     }
 }
 
+/// [`retry`] for a write: also says whether an attempt that did not succeed may have been
+/// applied all the same, because it failed in transit or went unanswered until it was cut
+/// off. Only a refusal that etcd certainly did not apply ([`was_not_applied`]) rules that
+/// out.
+pub(crate) async fn retry_write<H, T, F, Fut>(
+    handle: &H,
+    limit: Duration,
+    mut request: F,
+) -> Result<(T, bool)>
+where
+    H: Clone,
+    F: FnMut(H) -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let in_flight = AtomicBool::new(false);
+    let maybe_applied = AtomicBool::new(false);
+    let answer = retry(handle, limit, |handle| {
+        let attempt = request(handle);
+        let (in_flight, maybe_applied) = (&in_flight, &maybe_applied);
+        async move {
+            // Still set: the previous attempt was cut off before its answer came.
+            if in_flight.swap(true, Ordering::Relaxed) {
+                maybe_applied.store(true, Ordering::Relaxed);
+            }
+            let answer = attempt.await;
+            in_flight.store(false, Ordering::Relaxed);
+            if matches!(&answer, Err(error) if !was_not_applied(error)) {
+                maybe_applied.store(true, Ordering::Relaxed);
+            }
+            answer
+        }
+    })
+    .await?;
+    Ok((answer, maybe_applied.into_inner()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::AtomicU32;
 
     /// A client that is never used for a request: connecting is lazy.
     async fn idle_client() -> etcd_client::Client {
@@ -188,5 +234,44 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(hang, Error::Timeout { after } if after == Duration::from_secs(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_limit_is_a_limit_far_away() {
+        let answer = retry(&idle_client().await, Duration::MAX, |_| async { Ok(1) }).await;
+        assert_eq!(answer.unwrap(), 1);
+    }
+
+    /// A write whose first attempt ends as `first`, and whose second succeeds: whether
+    /// `retry_write` says the first may have applied.
+    async fn first_may_have_applied(first: Option<etcd_client::Error>) -> bool {
+        let mut first = Some(first);
+        let (answer, maybe_applied) =
+            retry_write(&idle_client().await, Duration::from_secs(5), |_| {
+                let outcome = first.take();
+                async move {
+                    match outcome {
+                        Some(Some(error)) => Err(error),
+                        Some(None) => std::future::pending().await,
+                        None => Ok("applied"),
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(answer, "applied");
+        maybe_applied
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_cut_off_unanswered_or_failed_in_transit_may_have_applied() {
+        assert!(first_may_have_applied(None).await, "cut off unanswered");
+        assert!(
+            first_may_have_applied(Some(unavailable())).await,
+            "failed in transit"
+        );
+        let refused = tonic::Status::unavailable("tcp connect error: connection refused");
+        let refused = etcd_client::Error::GRpcStatus(refused);
+        assert!(!first_may_have_applied(Some(refused)).await, "never sent");
     }
 }

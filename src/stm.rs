@@ -14,7 +14,7 @@ use etcd_client::{
 
 use crate::error::{Error, Result, is_compacted, is_future_revision, was_not_applied};
 use crate::read_cache::{ReadCache, View};
-use crate::retry::{Backoff, retry};
+use crate::retry::{Backoff, deadline_after, retry};
 use crate::session::DEFAULT_REQUEST_TIMEOUT;
 
 /// How many times [`Stm::run`] runs a transaction by default before giving up.
@@ -675,7 +675,7 @@ impl Read {
 /// connection was refused, no leader, too many requests): a commit whose outcome is
 /// unknown is not sent twice.
 async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
-    let deadline = tokio::time::Instant::now() + limit;
+    let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
     loop {
         let answer = tokio::time::timeout_at(deadline, kv.clone().txn(txn.clone())).await;
