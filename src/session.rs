@@ -312,7 +312,9 @@ impl Session {
         self.shared.lost.send_replace(true);
     }
 
-    /// Whether etcd still knows the lease; marks the session lost when it does not.
+    /// Whether etcd still knows the lease; marks the session lost when it does not. etcd
+    /// rounds the remaining TTL down to whole seconds, so a live lease with less than a
+    /// second left reports 0; only an unknown one reports -1.
     pub(crate) async fn check_lease(&self) -> Result<bool> {
         let id = self.shared.lease_id;
         let answer = retry(
@@ -321,7 +323,7 @@ impl Session {
             |mut c| async move { c.lease_time_to_live(id, None).await },
         )
         .await?;
-        let alive = answer.ttl() > 0;
+        let alive = answer.ttl() >= 0;
         if !alive {
             self.mark_lost();
         }
@@ -475,9 +477,10 @@ impl SessionBuilder {
         self
     }
 
-    /// How long a guard or session dropped without an explicit release may take to
-    /// release in the background (default [`DEFAULT_RELEASE_TIMEOUT`], 5 s). After that,
-    /// the lease's expiry releases.
+    /// How long a background release may take (default [`DEFAULT_RELEASE_TIMEOUT`], 5 s;
+    /// not zero): each attempt to delete the key of a guard dropped without an explicit
+    /// release (retried for as long as the session lives), and the revoke of a session
+    /// dropped without [`Session::close`] (after which the lease's expiry releases).
     pub fn release_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.release_timeout = timeout;
         self
@@ -485,7 +488,8 @@ impl SessionBuilder {
 
     /// How long one request is retried on transient failures (member down, leader
     /// change, lost connection) before its error is returned (default
-    /// [`DEFAULT_REQUEST_TIMEOUT`], 5 s). Waiting for a lock is not limited by this.
+    /// [`DEFAULT_REQUEST_TIMEOUT`], 5 s). Waiting for a lock is not limited by this. Not
+    /// zero; `Duration::MAX` retries for as long as it takes.
     pub fn request_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.request_timeout = timeout;
         self
@@ -498,7 +502,7 @@ impl SessionBuilder {
     ///
     /// - [`Error::InvalidArgument`]: the TTL is not a whole number of seconds between 1 and
     ///   etcd's maximum (9 000 000 000 s); both a TTL and a lease were given; the lease to
-    ///   resume does not exist or has expired.
+    ///   resume does not exist or has expired; the release or request timeout is zero.
     /// - [`Error::Etcd`]: etcd refused the request (e.g. authentication), or kept failing
     ///   until the request timeout.
     /// - [`Error::Timeout`]: no answer within the request timeout (no endpoint reachable).
@@ -526,6 +530,11 @@ impl SessionBuilder {
     /// # }
     /// ```
     pub async fn build(self) -> Result<Session> {
+        if self.release_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err(Error::InvalidArgument(
+                "a release or request timeout of zero would fail every attempt".into(),
+            ));
+        }
         let (lease_id, ttl, renewed) = match (self.lease, self.ttl) {
             (Some(_), Some(_)) => {
                 return Err(Error::InvalidArgument(

@@ -235,6 +235,36 @@ async fn a_waiter_whose_lease_is_revoked_gets_session_lost() {
 }
 
 #[tokio::test]
+async fn a_waiter_whose_key_is_deleted_gets_ownership_lost_even_on_a_one_second_lease() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("deleted-waiter");
+    let holder = session(&client).await;
+    // Under a second is always left on a 1 s lease, which etcd reports as TTL 0.
+    let waiter = Session::builder(client.clone())
+        .ttl(secs(1))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(waiter.ttl(), secs(1), "the test cluster grants 1 s leases");
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let mutex = Mutex::new(&waiter, &name);
+    let attempt = tokio::spawn({
+        let mutex = mutex.clone();
+        async move { mutex.lock().await.map(drop) }
+    });
+    let waiter_key = hex_key(&name, &waiter);
+    within(secs(5), appears(&client, &waiter_key)).await;
+    client.delete(waiter_key, None).await.unwrap();
+    let result = within(secs(5), attempt).await.unwrap();
+    assert!(matches!(result, Err(Error::OwnershipLost)), "{result:?}");
+    assert!(!waiter.is_lost(), "a live lease was taken for a lost one");
+    guard.unlock().await.unwrap();
+    let again = within(secs(5), mutex.lock()).await.unwrap();
+    again.unlock().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_holder_whose_lease_is_revoked_sees_lost() {
     let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;

@@ -172,7 +172,7 @@ async fn an_existing_lease_can_be_resumed() {
 }
 
 #[tokio::test]
-async fn bad_ttls_and_leases_are_rejected_before_anything_is_granted() {
+async fn bad_ttls_leases_and_timeouts_are_rejected_before_anything_is_granted() {
     let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;
     let too_long = Duration::from_secs(9_000_000_001);
@@ -194,6 +194,17 @@ async fn bad_ttls_and_leases_are_rejected_before_anything_is_granted() {
         matches!(unknown, Err(Error::InvalidArgument(_))),
         "{unknown:?}"
     );
+    let builder = Session::builder(client.clone());
+    for zero in [
+        builder.clone().release_timeout(Duration::ZERO),
+        builder.clone().request_timeout(Duration::ZERO),
+    ] {
+        let result = zero.build().await;
+        assert!(
+            matches!(result, Err(Error::InvalidArgument(_))),
+            "{result:?}"
+        );
+    }
     assert!(
         client.leases().await.unwrap().leases().is_empty(),
         "a lease was granted"
