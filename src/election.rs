@@ -258,7 +258,8 @@ impl Election {
     /// missed; if that history was compacted, the election is read again and the stream
     /// goes on from there. The stream never ends by itself: it yields an `Err` for an
     /// error that retrying does not cure (e.g. permission denied), then keeps trying with
-    /// back-off. Drop it to stop.
+    /// back-off. Drop it to stop. Only for an empty name does it yield one
+    /// [`Error::InvalidArgument`] and end.
     ///
     /// Observing only reads: it uses the session's client, not its lease. Poll the stream
     /// steadily, or drop it: while it is not polled its events wait unread in the
@@ -297,9 +298,12 @@ impl Election {
             reported: None,
             failing: None,
         };
-        futures::stream::unfold(observer, |mut observer| async move {
+        futures::stream::unfold(Some(observer), |observer| async move {
+            let mut observer = observer?;
             let item = observer.next().await;
-            Some((item, observer))
+            // No retry makes an empty name valid: the stream ends after saying so.
+            let going_on = (!observer.empty_name).then_some(observer);
+            Some((item, going_on))
         })
     }
 

@@ -386,8 +386,13 @@ async fn bad_names_and_oversized_values_are_refused_and_leave_nothing() {
         empty.leader().await,
         Err(Error::InvalidArgument(_))
     ));
-    let first = pin!(empty.observe()).next().await.unwrap();
+    let mut observer = pin!(empty.observe());
+    let first = observer.next().await.unwrap();
     assert!(matches!(first, Err(Error::InvalidArgument(_))));
+    assert!(
+        observer.next().await.is_none(),
+        "the stream goes on with an empty name"
+    );
 
     let name = unique("too-large");
     let election = Election::new(&ours, &name);
