@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, Event, EventType, GetOptions, KeyValue};
@@ -30,8 +31,9 @@ use crate::watcher::{Follower, Update};
 /// check. At [`Isolation::ReadCommitted`], which checks nothing, cached reads are simply
 /// reads of committed data that may be a little old, like its reads from any member.
 ///
-/// A [`Stm`] reads its own writes: after it commits a write under the prefix, its next
-/// attempt waits (briefly) for the copy to show that commit before reading it.
+/// Transactions read the writes made through the cache: after a commit of a [`Stm`]
+/// reading this cache changes a key under the prefix, the next attempt of every such
+/// [`Stm`] waits (briefly) for the copy to show that commit before reading it.
 ///
 /// The copy's [`revision`](Self::revision) moves only when something under the prefix
 /// changes. An attempt that takes its snapshot from the copy pins its reads to that
@@ -93,6 +95,9 @@ struct Shared {
     prefix: Vec<u8>,
     view: watch::Receiver<View>,
     follower: JoinHandle<()>,
+    /// The revision of the newest commit that changed a key under the prefix, made by an
+    /// `Stm` reading this cache.
+    written: AtomicI64,
 }
 
 impl Drop for Shared {
@@ -159,6 +164,7 @@ impl ReadCache {
                 prefix,
                 view: subscribed,
                 follower,
+                written: AtomicI64::new(0),
             }),
         })
     }
@@ -179,6 +185,16 @@ impl ReadCache {
     /// Whether `key` is under this cache's prefix.
     pub(crate) fn covers(&self, key: &[u8]) -> bool {
         key.starts_with(&self.shared.prefix)
+    }
+
+    /// Notes a commit at `revision` that changed a key under the prefix.
+    pub(crate) fn wrote(&self, revision: i64) {
+        self.shared.written.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    /// The revision of the newest commit noted by [`wrote`](Self::wrote).
+    pub(crate) fn written(&self) -> i64 {
+        self.shared.written.load(Ordering::Relaxed)
     }
 
     /// Waits until the copy is current as of `revision` (or the cache has stopped), for at

@@ -22,10 +22,13 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
 /// How many times a conflicting transaction runs again at once, with the values the failed
 /// commit read (as Go does); after that, each retry backs off first and reads them again.
 const IMMEDIATE_RETRIES: u32 = 1;
-/// How long an attempt waits for the cache to show this Stm's own last write before
+/// How long an attempt waits for the cache to show the last write made through it before
 /// reading it anyway (reading it stale costs a conflict). The write is an event under the
 /// cache's prefix, so only a broken watch makes the wait run out.
 const CATCH_UP_LIMIT: Duration = Duration::from_millis(100);
+/// etcd's default `--max-txn-ops`: the most compares, or operations per branch, one Txn may
+/// hold.
+const ETCD_MAX_TXN_OPS: usize = 128;
 /// The back-off then: jittered, from 2 ms doubling up to 100 ms.
 const CONFLICT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(2), Duration::from_millis(100));
@@ -127,9 +130,6 @@ pub struct Stm {
     max_attempts: u32,
     request_timeout: Duration,
     cache: Option<ReadCache>,
-    /// The revision of the latest commit through this handle (or its clones) that wrote
-    /// under the cache's prefix: attempts wait briefly for the cache to show it.
-    wrote_at: Arc<AtomicI64>,
     /// The newest revision a commit Txn through this handle (or its clones) was answered
     /// at, committed or not.
     seen: Arc<AtomicI64>,
@@ -161,14 +161,12 @@ pub struct StmTxn {
     writes: HashMap<Vec<u8>, Write>,
     /// The revision reads are pinned to, for the snapshot levels.
     snapshot: Option<i64>,
-    /// A pinned read found its revision compacted: this attempt cannot go on and must
-    /// not commit; the next one starts from a fresh read.
-    compacted: bool,
+    /// A pinned read found its revision compacted (etcd's answer): this attempt cannot go
+    /// on and must not commit; the next one starts from a fresh read.
+    compacted: Option<tonic::Status>,
     cache: Option<ReadCache>,
     /// The cache as this attempt took it, at its first read of a key the cache holds.
     view: Option<View>,
-    /// Wait for the cache to reach this revision (this Stm's last write) before taking it.
-    wait_for: i64,
     /// The newest revision this Stm had seen when the attempt began: an attempt that read
     /// the cache checks its blind writes from no earlier.
     seen: i64,
@@ -176,9 +174,8 @@ pub struct StmTxn {
 
 /// How a commit ended.
 enum Outcome {
-    /// Committed at `revision` (0 if there was nothing to commit); `cached_writes` if it
-    /// wrote under the cache's prefix.
-    Committed { revision: i64, cached_writes: bool },
+    /// Committed at `revision` (0 if there was nothing to commit).
+    Committed { revision: i64 },
     /// The reads were no longer valid: the fresh values of the read set (and of the
     /// prefetch keys), read by the failed Txn.
     Conflict(Fresh),
@@ -225,7 +222,6 @@ impl Stm {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             cache: None,
-            wrote_at: Arc::default(),
             seen: Arc::default(),
         }
     }
@@ -238,7 +234,8 @@ impl Stm {
 
     /// Keys to read in one request before the first attempt, when the closure is known to
     /// read them (Go's `WithPrefetch`): saves a round trip per key. Only keys the closure
-    /// actually reads join the read set.
+    /// actually reads join the read set. They are read in one Txn: at most etcd's
+    /// `--max-txn-ops` (128 by default) keys, or every run fails with etcd's error.
     pub fn prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
         self.prefetch = keys.into_iter().map(Into::into).collect();
         self
@@ -255,8 +252,8 @@ impl Stm {
     /// cache again if it has caught up with those values, and from etcd if not.
     ///
     /// Reads your writes: before taking the cache, an attempt waits (at most 100 ms, which
-    /// only a broken watch uses up) until the cache shows the latest commit made through
-    /// this `Stm` or its clones that wrote under the cache's prefix.
+    /// only a broken watch uses up) until the cache shows the latest commit that changed a
+    /// key under its prefix, made through any `Stm` reading that cache.
     ///
     /// Nothing in Go's `concurrency` package does this; see [`ReadCache`].
     pub fn read_cache(mut self, cache: ReadCache) -> Stm {
@@ -264,8 +261,9 @@ impl Stm {
         self
     }
 
-    /// How many times the closure may run before [`Error::TooManyConflicts`] (at least 1;
-    /// default [`DEFAULT_MAX_ATTEMPTS`]).
+    /// How many times the closure may run into a conflict before [`Error::TooManyConflicts`]
+    /// (at least 1; default [`DEFAULT_MAX_ATTEMPTS`]). A run whose snapshot etcd compacted
+    /// (see [`StmTxn::get`]) does not count.
     pub fn max_attempts(mut self, attempts: u32) -> Stm {
         self.max_attempts = attempts.max(1);
         self
@@ -292,7 +290,12 @@ impl Stm {
     /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed, or the
     ///   commit failed or got no answer. If [`Error::is_transient`] is true for a failed
     ///   commit, it may or may not have been applied; retrying the whole run may apply it
-    ///   twice. A request over etcd's size limit (1.5 MiB by default) fails here too.
+    ///   twice. A request over etcd's size limit (1.5 MiB by default) fails here too, and
+    ///   so does a commit of more than etcd's `--max-txn-ops` (128 by default) compares
+    ///   or writes: it compares each key read (and, at the default level, each key only
+    ///   written), as Go's does. A read-only transaction may read any number of keys.
+    /// - [`Error::Etcd`] (converted into `E`) with etcd's "compacted" error: the snapshot
+    ///   was compacted in more runs in a row than `max_attempts`.
     ///
     /// # Retries
     ///
@@ -343,7 +346,8 @@ impl Stm {
         let (first, max) = CONFLICT_BACKOFF;
         let mut backoff = Backoff::with_steps(first, max);
         let mut cache = self.cache.clone();
-        for attempt in 1..=self.max_attempts {
+        let (mut conflicts, mut compactions) = (0, 0);
+        loop {
             // Reads pinned to a snapshot use the fresh values' revision, so that an attempt
             // never mixes them with newer reads.
             let snapshot =
@@ -356,33 +360,30 @@ impl Stm {
                 fresh: std::mem::take(&mut fresh),
                 writes: HashMap::new(),
                 snapshot,
-                compacted: false,
+                compacted: None,
                 cache: cache.clone(),
                 view: None,
-                wait_for: self.wrote_at.load(Ordering::Relaxed),
                 seen: self.seen.load(Ordering::Relaxed),
             };
             let output = apply(&mut txn).await;
-            if txn.compacted {
+            if let Some(compaction) = txn.compacted {
+                compactions += 1;
+                if compactions > self.max_attempts {
+                    return Err(Error::Etcd(etcd_client::Error::GRpcStatus(compaction)).into());
+                }
                 if txn.view.is_some() {
                     // The cache's revision is compacted (it lags, its watch broken): it
                     // would pin the next attempt there again.
                     cache = None;
                 }
                 // Whatever the closure made of the read's error, run it again afresh.
-                tracing::debug!(attempt, "STM snapshot compacted; running again");
+                tracing::debug!(compactions, "STM snapshot compacted; running again");
                 continue;
             }
             let output = output?;
             match txn.commit(&self.prefetch).await? {
-                Outcome::Committed {
-                    revision,
-                    cached_writes,
-                } => {
+                Outcome::Committed { revision } => {
                     self.seen.fetch_max(revision, Ordering::Relaxed);
-                    if cached_writes {
-                        self.wrote_at.fetch_max(revision, Ordering::Relaxed);
-                    }
                     return Ok(output);
                 }
                 Outcome::Conflict(values) => {
@@ -390,8 +391,15 @@ impl Stm {
                     fresh = values;
                 }
             }
-            tracing::debug!(attempt, "STM conflict; running again");
-            if attempt > IMMEDIATE_RETRIES && attempt < self.max_attempts {
+            conflicts += 1;
+            if conflicts == self.max_attempts {
+                return Err(Error::TooManyConflicts {
+                    attempts: self.max_attempts,
+                }
+                .into());
+            }
+            tracing::debug!(conflicts, "STM conflict; running again");
+            if conflicts > IMMEDIATE_RETRIES {
                 // Values read before a pause would be stale after it: take them from the
                 // cache if it has caught up with them meanwhile, or read them again.
                 backoff.wait().await;
@@ -404,10 +412,6 @@ impl Stm {
                 };
             }
         }
-        Err(Error::TooManyConflicts {
-            attempts: self.max_attempts,
-        }
-        .into())
     }
 }
 
@@ -434,7 +438,10 @@ impl StmTxn {
     /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be read within the request
     /// timeout. A read pinned to a revision that the serving member has not applied yet
     /// (etcd #11963) is not an error: it is sent again as a linearizable read, which waits
-    /// for that revision.
+    /// for that revision. A read pinned to a revision etcd has compacted (an old copy of a
+    /// quiet [`ReadCache`] prefix, or a long attempt) gives [`Error::Etcd`] with etcd's
+    /// "compacted" error: return it (with `?`), and the closure runs again from a fresh
+    /// snapshot, which does not count as a conflict; nothing it did in that run commits.
     pub async fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
         let key = key.as_ref();
         if let Some(write) = self.writes.get(key) {
@@ -498,7 +505,7 @@ impl StmTxn {
             if self.isolation.snapshot_reads() && self.snapshot.is_some() {
                 return None; // pinned already, by a read from etcd
             }
-            cache.caught_up(self.wait_for, CATCH_UP_LIMIT).await;
+            cache.caught_up(cache.written(), CATCH_UP_LIMIT).await;
             let view = cache.view()?;
             if self.isolation.snapshot_reads() {
                 self.snapshot = Some(view.revision);
@@ -533,7 +540,9 @@ impl StmTxn {
         };
         let answer = match answer {
             Err(Error::Etcd(error)) if is_compacted(&error) => {
-                self.compacted = true;
+                if let etcd_client::Error::GRpcStatus(status) = &error {
+                    self.compacted = Some(status.clone());
+                }
                 return Err(Error::Etcd(error));
             }
             other => other?,
@@ -554,30 +563,22 @@ impl StmTxn {
 
     /// Commits the writes if the reads are still valid; see [`Outcome`].
     async fn commit(self, prefetch: &[Vec<u8>]) -> Result<Outcome> {
-        let checked_anyway = match self.isolation {
-            Isolation::RepeatableReads => true,
-            Isolation::ReadCommitted => false,
-            // One revision, consistent as it is, and current if read from etcd; a cached
-            // one may be behind, so the check makes it current.
-            Isolation::SerializableSnapshot | Isolation::Serializable => self.view.is_some(),
-        };
-        if self.writes.is_empty() && !checked_anyway {
-            return Ok(Outcome::Committed {
-                revision: 0,
-                cached_writes: false,
-            });
+        if self.writes.is_empty() {
+            let checked_anyway = match self.isolation {
+                Isolation::RepeatableReads => true,
+                Isolation::ReadCommitted => false,
+                // One revision, consistent as it is, and current if read from etcd; a
+                // cached one may be behind, so the check makes it current.
+                Isolation::SerializableSnapshot | Isolation::Serializable => self.view.is_some(),
+            };
+            return match checked_anyway {
+                true => self.check_reads(prefetch).await,
+                false => Ok(Outcome::Committed { revision: 0 }),
+            };
         }
-        let cached_writes = self
-            .cache
-            .as_ref()
-            .is_some_and(|cache| self.writes.keys().any(|key| cache.covers(key)));
         let mut conditions = Vec::new();
         if self.isolation != Isolation::ReadCommitted {
-            for (key, read) in &self.reads {
-                let current =
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, read.mod_revision);
-                conditions.push(current);
-            }
+            conditions.extend(self.reads.iter().map(|(key, read)| unchanged(key, read)));
         }
         if self.isolation == Isolation::SerializableSnapshot {
             if let Some(snapshot) = self.snapshot {
@@ -602,30 +603,102 @@ impl StmTxn {
                 }
             }
         }
-        let writes: Vec<TxnOp> = self
+        let (writes, cached): (Vec<TxnOp>, Vec<bool>) = self
             .writes
             .into_iter()
-            .map(|(key, write)| match write {
-                Write::Put(value) => TxnOp::put(key, value, None),
-                Write::Delete => TxnOp::delete(key, None),
+            .map(|(key, write)| {
+                let cached = self.cache.as_ref().is_some_and(|cache| cache.covers(&key));
+                let op = match write {
+                    Write::Put(value) => TxnOp::put(key, value, None),
+                    Write::Delete => TxnOp::delete(key, None),
+                };
+                (op, cached)
             })
-            .collect();
-        let mut refresh: Vec<Vec<u8>> = prefetch.to_vec();
-        refresh.extend(self.reads.into_keys().filter(|key| !prefetch.contains(key)));
-        let reads: Vec<TxnOp> = refresh
-            .iter()
-            .map(|key| TxnOp::get(key.clone(), None))
-            .collect();
-        let txn = Txn::new().when(conditions).and_then(writes).or_else(reads);
+            .unzip();
+        let refresh = refresh_keys(self.reads.keys(), prefetch);
+        let txn = Txn::new()
+            .when(conditions)
+            .and_then(writes)
+            .or_else(gets(&refresh));
         let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
-        if answer.succeeded() {
-            return Ok(Outcome::Committed {
-                revision: answer.header().map_or(0, |h| h.revision()),
-                cached_writes,
-            });
+        if !answer.succeeded() {
+            return Ok(Outcome::Conflict(read_set(refresh, &answer)));
         }
-        Ok(Outcome::Conflict(read_set(refresh, &answer)))
+        let revision = answer.header().map_or(0, |h| h.revision());
+        if let Some(cache) = &self.cache {
+            // Only a write that changed a key under the prefix shows in the copy: not the
+            // delete of an absent key.
+            let changed = answer
+                .op_responses()
+                .into_iter()
+                .zip(cached)
+                .any(|(op, cached)| {
+                    cached
+                        && match op {
+                            TxnOpResponse::Put(_) => true,
+                            TxnOpResponse::Delete(deleted) => deleted.deleted() > 0,
+                            _ => false,
+                        }
+                });
+            if changed {
+                cache.wrote(revision);
+            }
+        }
+        Ok(Outcome::Committed { revision })
     }
+
+    /// Checks that a read-only attempt's reads are still current, in read-only Txns (which
+    /// etcd answers without a raft write) of at most [`ETCD_MAX_TXN_OPS`] keys. If every
+    /// check passes, every key read was unchanged when the first was answered (a key
+    /// unchanged through a later check was unchanged through that one too): the reads were
+    /// current then.
+    async fn check_reads(self, prefetch: &[Vec<u8>]) -> Result<Outcome> {
+        let reads: Vec<(Vec<u8>, Read)> = self.reads.into_iter().collect();
+        let mut revision = 0;
+        for chunk in reads.chunks(ETCD_MAX_TXN_OPS) {
+            let refresh = refresh_keys(chunk.iter().map(|(key, _)| key), prefetch);
+            let conditions: Vec<Compare> = chunk
+                .iter()
+                .map(|(key, read)| unchanged(key, read))
+                .collect();
+            let txn = Txn::new().when(conditions).or_else(gets(&refresh));
+            let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
+            if !answer.succeeded() {
+                return Ok(Outcome::Conflict(read_set(refresh, &answer)));
+            }
+            revision = revision.max(answer.header().map_or(0, |h| h.revision()));
+        }
+        Ok(Outcome::Committed { revision })
+    }
+}
+
+/// The compare that `key` still has the mod revision it was read with.
+fn unchanged(key: &[u8], read: &Read) -> Compare {
+    Compare::mod_revision(key, CompareOp::Equal, read.mod_revision)
+}
+
+/// The keys a failed commit reads for the next attempt: those read, then the prefetch keys
+/// not read, as many as one Txn may hold.
+fn refresh_keys<'a>(
+    reads: impl Iterator<Item = &'a Vec<u8>>,
+    prefetch: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
+    let mut keys: Vec<Vec<u8>> = reads.cloned().collect();
+    let unread: Vec<Vec<u8>> = prefetch
+        .iter()
+        .filter(|key| !keys.contains(key))
+        .cloned()
+        .collect();
+    keys.extend(unread);
+    keys.truncate(ETCD_MAX_TXN_OPS);
+    keys
+}
+
+/// A Get of each of `keys`, in order.
+fn gets(keys: &[Vec<u8>]) -> Vec<TxnOp> {
+    keys.iter()
+        .map(|key| TxnOp::get(key.clone(), None))
+        .collect()
 }
 
 impl fmt::Debug for StmTxn {
@@ -693,11 +766,7 @@ async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResp
 
 /// Reads `keys` in one Txn, at one revision.
 async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
-    let reads: Vec<TxnOp> = keys
-        .iter()
-        .map(|key| TxnOp::get(key.clone(), None))
-        .collect();
-    let txn = Txn::new().and_then(reads);
+    let txn = Txn::new().and_then(gets(&keys));
     let answer = retry(kv, limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }
