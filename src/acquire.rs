@@ -107,9 +107,11 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let answer = match in_flight.finish().await {
         Ok(answer) => answer,
         Err(error) => {
-            if error.is_transient() {
-                in_flight.undo_in_background(Sent::Unknown);
-            }
+            let sent = match error.is_transient() {
+                true => Sent::Unknown,
+                false => Sent::Refused,
+            };
+            in_flight.undo_in_background(sent);
             return Err(lease_gone_is_session_lost(session, error));
         }
     };
@@ -182,7 +184,9 @@ impl InFlight {
 
     /// Deletes, in the background, what the Txn may have left; the in-process slot and
     /// election claim are held until then. Nothing is deleted while another campaign or
-    /// leadership of the session shares the election's key: it is theirs.
+    /// leadership of the session shares the election's key: it is theirs. The last claim
+    /// on it deletes it whatever became of this Txn, as an earlier holder may have left it
+    /// to this call.
     fn undo_in_background(&mut self, sent: Sent) {
         self.spawn_undo(async move { sent });
     }
@@ -193,13 +197,18 @@ impl InFlight {
             Some(exclusive) => exclusive,
             None => None,
         };
+        let last_claim = claim.is_some();
         let (session, key) = (self.session.downgrade(), self.key.clone());
         let held = (self.local.take(), claim);
         spawn_release(
             self.session.runtime(),
             "undoing a cancelled or failed lock or campaign",
             async move {
-                if let Some(revision) = left_behind(&session, &key, sent.await).await {
+                let sent = match sent.await {
+                    Sent::Refused if last_claim => Sent::Unknown,
+                    sent => sent,
+                };
+                if let Some(revision) = left_behind(&session, &key, sent).await {
                     release_while_session_lives(session, &key, revision).await;
                 }
                 drop(held);

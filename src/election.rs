@@ -180,7 +180,10 @@ impl Election {
         self.check()?;
         let value = value.into();
         // Waits while the session's key is being deleted (a dropped leadership).
-        let claim = self.session.claim_election(&self.name).await;
+        let claim = tokio::select! {
+            claim = self.session.claim_election(&self.name) => claim,
+            () = self.session.lost() => return Err(Error::SessionLost),
+        };
         let request = Request {
             create: Create::IfAbsent,
             value: value.clone(),

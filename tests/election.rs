@@ -522,6 +522,47 @@ async fn a_campaign_waits_for_the_delete_of_a_dropped_leadership_instead_of_join
 }
 
 #[tokio::test]
+async fn a_key_left_to_a_campaign_that_is_then_refused_is_withdrawn() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = cluster.client().await;
+    let name = unique("left-to-refused");
+    let other = session(&client, 10).await;
+    let leading = Election::new(&other, &name)
+        .campaign("other")
+        .await
+        .unwrap();
+    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let ours = session(&through_proxy, 10).await;
+    let election = Election::new(&ours, &name);
+    let first = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign("first").await.map(drop) }
+    });
+    let our_key = hex_key(&name, &ours);
+    within(secs(5), appears(&client, &our_key)).await;
+    let withdrawn = Deletion::of(&client, &String::from_utf8(our_key.clone()).unwrap()).await;
+    // The second campaign claims the key but cannot send its join yet; the first one,
+    // cancelled meanwhile, leaves the key to it. Then etcd refuses the second's join.
+    proxy.stall();
+    let huge = vec![b'x'; 2 * 1024 * 1024];
+    let second = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign(huge).await.map(drop) }
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    proxy.heal();
+    let refused = within(secs(10), second).await.unwrap();
+    assert!(matches!(refused, Err(Error::Etcd(_))), "{refused:?}");
+    within(secs(5), withdrawn.happened()).await;
+    leading.resign().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
