@@ -164,7 +164,11 @@ pub struct StmTxn {
     /// A pinned read found its revision compacted (etcd's answer): this attempt cannot go
     /// on and must not commit; the next one starts from a fresh read.
     compacted: Option<tonic::Status>,
+    /// The cache this attempt may read: none once a compaction left it behind.
     cache: Option<ReadCache>,
+    /// The `Stm`'s cache, told of a commit that changes a key under its prefix even when
+    /// this attempt does not read it (after a compaction).
+    noted_in: Option<ReadCache>,
     /// The cache as this attempt took it, at its first read of a key the cache holds.
     view: Option<View>,
     /// The newest revision this Stm had seen when the attempt began: an attempt that read
@@ -341,7 +345,7 @@ impl Stm {
             Fresh::default()
         } else {
             let keys = self.prefetch.clone();
-            read_many(&kv, self.request_timeout, keys).await?
+            read_many(&kv, self.request_timeout, keys, None).await?
         };
         let (first, max) = CONFLICT_BACKOFF;
         let mut backoff = Backoff::with_steps(first, max);
@@ -362,6 +366,7 @@ impl Stm {
                 snapshot,
                 compacted: None,
                 cache: cache.clone(),
+                noted_in: self.cache.clone(),
                 view: None,
                 seen: self.seen.load(Ordering::Relaxed),
             };
@@ -391,6 +396,7 @@ impl Stm {
                     fresh = values;
                 }
             }
+            compactions = 0;
             conflicts += 1;
             if conflicts == self.max_attempts {
                 return Err(Error::TooManyConflicts {
@@ -407,7 +413,7 @@ impl Stm {
                     Some(cache) if fresh.seen_by(cache) => Fresh::default(),
                     _ => {
                         let keys = fresh.values.into_keys().collect();
-                        read_many(&kv, self.request_timeout, keys).await?
+                        read_many(&kv, self.request_timeout, keys, None).await?
                     }
                 };
             }
@@ -607,7 +613,10 @@ impl StmTxn {
             .writes
             .into_iter()
             .map(|(key, write)| {
-                let cached = self.cache.as_ref().is_some_and(|cache| cache.covers(&key));
+                let cached = self
+                    .noted_in
+                    .as_ref()
+                    .is_some_and(|cache| cache.covers(&key));
                 let op = match write {
                     Write::Put(value) => TxnOp::put(key, value, None),
                     Write::Delete => TxnOp::delete(key, None),
@@ -619,13 +628,13 @@ impl StmTxn {
         let txn = Txn::new()
             .when(conditions)
             .and_then(writes)
-            .or_else(gets(&refresh));
+            .or_else(gets(&refresh, None));
         let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
         }
         let revision = answer.header().map_or(0, |h| h.revision());
-        if let Some(cache) = &self.cache {
+        if let Some(cache) = &self.noted_in {
             // Only a write that changed a key under the prefix shows in the copy: not the
             // delete of an absent key.
             let changed = answer
@@ -647,26 +656,33 @@ impl StmTxn {
         Ok(Outcome::Committed { revision })
     }
 
-    /// Checks that a read-only attempt's reads are still current, in read-only Txns (which
-    /// etcd answers without a raft write) of at most [`ETCD_MAX_TXN_OPS`] keys. If every
-    /// check passes, every key read was unchanged when the first was answered (a key
-    /// unchanged through a later check was unchanged through that one too): the reads were
-    /// current then.
+    /// Checks that a read-only attempt's reads are still current, with read-only Txns
+    /// (which etcd answers without a raft write): one that compares up to
+    /// [`ETCD_MAX_TXN_OPS`] keys, and for any further keys, reads at the revision it was
+    /// answered at, compared here. If all match, the reads were current at that revision.
     async fn check_reads(self, prefetch: &[Vec<u8>]) -> Result<Outcome> {
         let reads: Vec<(Vec<u8>, Read)> = self.reads.into_iter().collect();
-        let mut revision = 0;
-        for chunk in reads.chunks(ETCD_MAX_TXN_OPS) {
-            let refresh = refresh_keys(chunk.iter().map(|(key, _)| key), prefetch);
-            let conditions: Vec<Compare> = chunk
+        let (compared, rest) = reads.split_at(reads.len().min(ETCD_MAX_TXN_OPS));
+        let refresh = refresh_keys(compared.iter().map(|(key, _)| key), prefetch);
+        let conditions: Vec<Compare> = compared
+            .iter()
+            .map(|(key, read)| unchanged(key, read))
+            .collect();
+        let txn = Txn::new().when(conditions).or_else(gets(&refresh, None));
+        let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
+        if !answer.succeeded() {
+            return Ok(Outcome::Conflict(read_set(refresh, &answer)));
+        }
+        let revision = answer.header().map_or(0, |h| h.revision());
+        for chunk in rest.chunks(ETCD_MAX_TXN_OPS) {
+            let keys = chunk.iter().map(|(key, _)| key.clone()).collect();
+            let now = read_many(&self.kv, self.request_timeout, keys, Some(revision)).await?;
+            let moved = chunk
                 .iter()
-                .map(|(key, read)| unchanged(key, read))
-                .collect();
-            let txn = Txn::new().when(conditions).or_else(gets(&refresh));
-            let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
-            if !answer.succeeded() {
-                return Ok(Outcome::Conflict(read_set(refresh, &answer)));
+                .any(|(key, read)| now.values[key].mod_revision != read.mod_revision);
+            if moved {
+                return Ok(Outcome::Conflict(now));
             }
-            revision = revision.max(answer.header().map_or(0, |h| h.revision()));
         }
         Ok(Outcome::Committed { revision })
     }
@@ -694,10 +710,11 @@ fn refresh_keys<'a>(
     keys
 }
 
-/// A Get of each of `keys`, in order.
-fn gets(keys: &[Vec<u8>]) -> Vec<TxnOp> {
+/// A Get of each of `keys`, in order, at `revision` if given.
+fn gets(keys: &[Vec<u8>], revision: Option<i64>) -> Vec<TxnOp> {
+    let options = revision.map(|revision| GetOptions::new().with_revision(revision));
     keys.iter()
-        .map(|key| TxnOp::get(key.clone(), None))
+        .map(|key| TxnOp::get(key.clone(), options.clone()))
         .collect()
 }
 
@@ -764,15 +781,24 @@ async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResp
     }
 }
 
-/// Reads `keys` in one Txn, at one revision.
-async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
-    let txn = Txn::new().and_then(gets(&keys));
+/// Reads `keys` in one Txn, at one revision: `at`, or the latest.
+async fn read_many(
+    kv: &KvClient,
+    limit: Duration,
+    keys: Vec<Vec<u8>>,
+    at: Option<i64>,
+) -> Result<Fresh> {
+    let txn = Txn::new().and_then(gets(&keys, at));
     let answer = retry(kv, limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }
     })
     .await?;
-    Ok(read_set(keys, &answer))
+    let mut fresh = read_set(keys, &answer);
+    if let Some(at) = at {
+        fresh.revision = at;
+    }
+    Ok(fresh)
 }
 
 /// Pairs `keys` with the Get answers of a Txn, in order.

@@ -372,6 +372,42 @@ async fn a_read_only_transaction_may_read_more_cached_keys_than_one_txn_may_comp
 }
 
 #[tokio::test]
+async fn a_change_to_any_of_many_keys_read_is_caught_by_the_read_only_check() {
+    const KEYS: usize = 300;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("many-changed");
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("{prefix}/{i:03}")).collect();
+    for key in &keys {
+        put(&client, key, "1").await;
+    }
+    let cache = ReadCache::watch(client.clone(), prefix).await.unwrap();
+    let stm = Stm::new(client.clone()).read_cache(cache);
+    // Each run changes one more key while its first attempt is under way: wherever that
+    // key falls among the checks, the attempt must not commit what it read.
+    for changed in 0..10 {
+        let attempts = AtomicU32::new(0);
+        let sum = within(
+            secs(10),
+            stm.run(async |tx| {
+                let mut sum = 0;
+                for key in &keys {
+                    sum += common::amount(tx.get(key).await?);
+                }
+                if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                    put(&client, &keys[changed * 29], "2").await;
+                }
+                Ok::<_, Error>(sum)
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(sum, (KEYS + changed + 1) as u64, "run {changed}");
+        assert_eq!(attempts.load(Ordering::SeqCst), 2, "run {changed}");
+    }
+}
+
+#[tokio::test]
 async fn deleting_an_absent_cached_key_does_not_stall_the_next_reads() {
     const RUNS: usize = 20;
     let cluster = EtcdCluster::start(1).await;
