@@ -157,6 +157,10 @@ impl Election {
     ///   value over its request size limit, 1.5 MiB by default) or could not be reached
     ///   within the session's request timeout.
     ///
+    /// A campaign that fails, like one cancelled, withdraws this session's key in the
+    /// election (one left by an earlier process on the same lease included), unless
+    /// another campaign or [`Leadership`] of this session uses it.
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future withdraws the candidacy (its key is deleted in the

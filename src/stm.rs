@@ -345,7 +345,7 @@ impl Stm {
             Fresh::default()
         } else {
             let keys = self.prefetch.clone();
-            read_many(&kv, self.request_timeout, keys, None).await?
+            read_many(&kv, self.request_timeout, keys).await?
         };
         let (first, max) = CONFLICT_BACKOFF;
         let mut backoff = Backoff::with_steps(first, max);
@@ -413,7 +413,7 @@ impl Stm {
                     Some(cache) if fresh.seen_by(cache) => Fresh::default(),
                     _ => {
                         let keys = fresh.values.into_keys().collect();
-                        read_many(&kv, self.request_timeout, keys, None).await?
+                        read_many(&kv, self.request_timeout, keys).await?
                     }
                 };
             }
@@ -628,7 +628,7 @@ impl StmTxn {
         let txn = Txn::new()
             .when(conditions)
             .and_then(writes)
-            .or_else(gets(&refresh, None));
+            .or_else(gets(&refresh));
         let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
@@ -658,8 +658,9 @@ impl StmTxn {
 
     /// Checks that a read-only attempt's reads are still current, with read-only Txns
     /// (which etcd answers without a raft write): one that compares up to
-    /// [`ETCD_MAX_TXN_OPS`] keys, and for any further keys, reads at the revision it was
-    /// answered at, compared here. If all match, the reads were current at that revision.
+    /// [`ETCD_MAX_TXN_OPS`] keys, and for any further keys, reads of their mod revisions
+    /// at the revision it was answered at, compared here. If all match, the reads were
+    /// current at that revision.
     async fn check_reads(self, prefetch: &[Vec<u8>]) -> Result<Outcome> {
         let reads: Vec<(Vec<u8>, Read)> = self.reads.into_iter().collect();
         let (compared, rest) = reads.split_at(reads.len().min(ETCD_MAX_TXN_OPS));
@@ -668,20 +669,28 @@ impl StmTxn {
             .iter()
             .map(|(key, read)| unchanged(key, read))
             .collect();
-        let txn = Txn::new().when(conditions).or_else(gets(&refresh, None));
+        let txn = Txn::new().when(conditions).or_else(gets(&refresh));
         let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
         }
         let revision = answer.header().map_or(0, |h| h.revision());
         for chunk in rest.chunks(ETCD_MAX_TXN_OPS) {
-            let keys = chunk.iter().map(|(key, _)| key.clone()).collect();
-            let now = read_many(&self.kv, self.request_timeout, keys, Some(revision)).await?;
-            let moved = chunk
+            let keys = chunk.iter().map(|(key, _)| key.as_slice());
+            let now = match mod_revisions_at(&self.kv, self.request_timeout, keys, revision).await {
+                Ok(now) => now,
+                // Compacted meanwhile: a fresh attempt checks again.
+                Err(Error::Etcd(error)) if is_compacted(&error) => {
+                    return Ok(Outcome::Conflict(Fresh::default()));
+                }
+                Err(error) => return Err(error),
+            };
+            if chunk
                 .iter()
-                .any(|(key, read)| now.values[key].mod_revision != read.mod_revision);
-            if moved {
-                return Ok(Outcome::Conflict(now));
+                .zip(now)
+                .any(|((_, read), now)| now != read.mod_revision)
+            {
+                return Ok(Outcome::Conflict(Fresh::default()));
             }
         }
         Ok(Outcome::Committed { revision })
@@ -710,11 +719,10 @@ fn refresh_keys<'a>(
     keys
 }
 
-/// A Get of each of `keys`, in order, at `revision` if given.
-fn gets(keys: &[Vec<u8>], revision: Option<i64>) -> Vec<TxnOp> {
-    let options = revision.map(|revision| GetOptions::new().with_revision(revision));
+/// A Get of each of `keys`, in order.
+fn gets(keys: &[Vec<u8>]) -> Vec<TxnOp> {
     keys.iter()
-        .map(|key| TxnOp::get(key.clone(), options.clone()))
+        .map(|key| TxnOp::get(key.clone(), None))
         .collect()
 }
 
@@ -781,24 +789,38 @@ async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResp
     }
 }
 
-/// Reads `keys` in one Txn, at one revision: `at`, or the latest.
-async fn read_many(
-    kv: &KvClient,
-    limit: Duration,
-    keys: Vec<Vec<u8>>,
-    at: Option<i64>,
-) -> Result<Fresh> {
-    let txn = Txn::new().and_then(gets(&keys, at));
+/// Reads `keys` in one Txn, at one revision.
+async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
+    let txn = Txn::new().and_then(gets(&keys));
     let answer = retry(kv, limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }
     })
     .await?;
-    let mut fresh = read_set(keys, &answer);
-    if let Some(at) = at {
-        fresh.revision = at;
-    }
-    Ok(fresh)
+    Ok(read_set(keys, &answer))
+}
+
+/// The mod revisions of `keys` at `revision` (0 for an absent key), in one Txn, without
+/// their values.
+async fn mod_revisions_at<'a>(
+    kv: &KvClient,
+    limit: Duration,
+    keys: impl Iterator<Item = &'a [u8]>,
+    revision: i64,
+) -> Result<Vec<i64>> {
+    let at = GetOptions::new().with_revision(revision).with_keys_only();
+    let gets: Vec<TxnOp> = keys.map(|key| TxnOp::get(key, Some(at.clone()))).collect();
+    let txn = Txn::new().and_then(gets);
+    let answer = retry(kv, limit, |mut kv| {
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
+    })
+    .await?;
+    let revisions = answer.op_responses().into_iter().filter_map(|op| match op {
+        TxnOpResponse::Get(get) => Some(get.kvs().first().map_or(0, |kv| kv.mod_revision())),
+        _ => None,
+    });
+    Ok(revisions.collect())
 }
 
 /// Pairs `keys` with the Get answers of a Txn, in order.

@@ -374,3 +374,36 @@ async fn only_serializable_snapshot_makes_a_blind_write_conflict() {
     let serializable = blind_write_while_someone_writes(&client, Isolation::Serializable);
     assert_eq!(serializable.await, 1);
 }
+
+#[tokio::test]
+async fn a_read_only_check_of_many_large_values_stays_within_one_answer() {
+    // 256 values of 40 KiB: checking the 128 that one Txn cannot compare by reading them
+    // back whole would take a 5 MiB answer, over the client's 4 MiB limit.
+    const KEYS: usize = 256;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("large");
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("{prefix}/{i:03}")).collect();
+    let value = vec![b'7'; 40 * 1024];
+    for key in &keys {
+        client
+            .clone()
+            .put(key.as_str(), value.clone(), None)
+            .await
+            .unwrap();
+    }
+    let stm = Stm::new(client).isolation(Isolation::RepeatableReads);
+    let read = within(
+        secs(20),
+        stm.run(async |tx| {
+            let mut bytes = 0;
+            for key in &keys {
+                bytes += tx.get(key).await?.map_or(0, |value| value.len());
+            }
+            Ok::<_, Error>(bytes)
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(read, KEYS * value.len());
+}
