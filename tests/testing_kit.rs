@@ -91,6 +91,29 @@ async fn dropping_the_cluster_stops_every_process() {
 }
 
 #[tokio::test]
+async fn data_left_by_a_killed_process_is_deleted_when_a_cluster_starts() {
+    // The id of a process that has exited and been reaped.
+    let gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    let mut gone = gone;
+    gone.wait().unwrap();
+    let parent = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let orphan = parent.join(format!("etcd-test-{pid}-left"));
+    std::fs::create_dir_all(orphan.join("member/wal")).unwrap();
+    let ours = parent.join(format!("etcd-test-{}-kept", std::process::id()));
+    std::fs::create_dir_all(&ours).unwrap();
+    let cluster = EtcdCluster::start(1).await;
+    assert!(!orphan.exists(), "{} was left", orphan.display());
+    assert!(ours.exists(), "a running process's data was deleted");
+    std::fs::remove_dir_all(ours).unwrap();
+    drop(cluster);
+}
+
+#[tokio::test]
 async fn the_proxy_cuts_and_heals_one_client() {
     let cluster = EtcdCluster::start(1).await;
     let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();

@@ -27,7 +27,10 @@ const ELECTION_TIMEOUT_MS: u32 = 500;
 /// `--grpc-keepalive-min-time=500ms`, so clients may ping it every second. Dropping the
 /// cluster kills every member and deletes its data, also while a test unwinds from a panic;
 /// members also die with the thread that started them (`PR_SET_PDEATHSIG`), so a killed
-/// test process leaves no etcd behind.
+/// test process leaves no etcd behind, and the data it leaves is deleted when the next
+/// cluster starts. So a cluster must not outlive the thread that started it (or restarted
+/// one of its members): share one between tests through a handle each test owns, not a
+/// `static` started by whichever test runs first.
 ///
 /// The binary is `etcd` from `PATH`, or `$ETCD_BIN`. Methods that change a member take
 /// `&self`, so a fault schedule can run in its own task while workers use the cluster.
@@ -354,17 +357,49 @@ fn etcd_binary() -> PathBuf {
         })
 }
 
-/// A fresh directory for member data, in tmpfs when the machine has one.
+/// The start of the name of every member data directory, followed by the id of the
+/// process that made it.
+const DATA_PREFIX: &str = "etcd-test-";
+
+/// A fresh directory for member data, in tmpfs when the machine has one. Directories left
+/// there by processes that are gone (killed before dropping their clusters) are deleted
+/// first: in tmpfs they would hold memory until the next reboot.
 fn data_root() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
+    let prefix = format!("{DATA_PREFIX}{}-", std::process::id());
     let mut builder = tempfile::Builder::new();
-    builder.prefix("etcd-test-");
+    builder.prefix(&prefix);
     if shm.is_dir() {
+        delete_orphans(shm);
         if let Ok(dir) = builder.tempdir_in(shm) {
             return dir;
         }
     }
-    builder.tempdir().expect("create a directory for etcd data")
+    let temp = std::env::temp_dir();
+    delete_orphans(&temp);
+    builder
+        .tempdir_in(temp)
+        .expect("create a directory for etcd data")
+}
+
+/// Deletes the member data directories in `parent` whose process no longer runs.
+fn delete_orphans(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let owner = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(DATA_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = owner {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// `count` distinct ports that were free a moment ago.
