@@ -79,7 +79,15 @@ struct Outcome {
 #[tokio::main]
 async fn main() -> ExitCode {
     common::init_tracing();
-    match run().await {
+    // On Ctrl-C, `run` is dropped, and with it the cluster: its members and their data.
+    let finished = tokio::select! {
+        finished = run() => finished,
+        _ = tokio::signal::ctrl_c() => {
+            println!("interrupted: stopped the etcd cluster");
+            return ExitCode::from(130);
+        }
+    };
+    match finished {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
