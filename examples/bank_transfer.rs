@@ -223,6 +223,12 @@ async fn run(args: Args) -> Result<Verdict> {
         failures.is_empty(),
         format!("workers that failed: {}", failures.len()),
     );
+    // Otherwise a total left untouched would pass for a conserved one.
+    let gave_up = stats.gave_up.load(Ordering::Relaxed);
+    checks.check(
+        commits > gave_up,
+        format!("transfers committed: {commits}, given up after too many conflicts: {gave_up}"),
+    );
     checks.check(
         balances.len() == accounts.len(),
         format!("accounts found: {} of {}", balances.len(), accounts.len()),
