@@ -143,6 +143,15 @@ pub(crate) fn is_compacted(error: &etcd_client::Error) -> bool {
     etcd_says(error, tonic::Code::OutOfRange, "compacted")
 }
 
+/// Whether an answer was over the client's size limit (tonic's 4 MiB by default).
+pub(crate) fn is_answer_too_large(error: &etcd_client::Error) -> bool {
+    etcd_says(
+        error,
+        tonic::Code::OutOfRange,
+        "decoded message length too large",
+    )
+}
+
 /// Whether etcd refused to grant a lease because its id is taken.
 pub(crate) fn is_lease_taken(error: &etcd_client::Error) -> bool {
     etcd_says(

@@ -23,7 +23,7 @@ use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchRespon
 use futures::FutureExt;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, is_answer_too_large};
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff};
 
 /// How long a watch may stay silent before its member is asked whether it is alive.
@@ -51,7 +51,8 @@ pub(crate) struct Follower {
     /// Re-open broken watches from `revision + 1` (replaying what was missed) rather than
     /// from now with a re-read.
     replay: bool,
-    /// The history after `revision` was compacted: the next open reads the range again.
+    /// The history after `revision` was compacted (or is too large to replay in one
+    /// answer): the next open reads the range again.
     history_gone: bool,
     /// Events after `revision` were read and dropped: the view must be read again.
     stale: bool,
@@ -115,6 +116,11 @@ impl Follower {
         mut self,
         mut stop: tokio::sync::oneshot::Receiver<()>,
     ) -> Option<Follower> {
+        if self.stale {
+            // Its view is read again on the next use, as it would be after re-opening:
+            // the watch is not worth keeping, and reading it would read that view first.
+            self.watch = None;
+        }
         loop {
             tokio::select! {
                 _ = &mut stop => return Some(self),
@@ -220,6 +226,12 @@ impl Follower {
                         self.backoff = Backoff::new();
                         return Ok(Update::Events(events));
                     }
+                }
+                Err(error) if is_answer_too_large(&error) => {
+                    // Replaying the same revisions would bring the same answer again.
+                    tracing::debug!(%error, "watch answer too large; reading the range");
+                    self.history_gone = true;
+                    self.watch = None;
                 }
                 Ok(None) | Err(_) => {
                     tracing::debug!("watch stream broke; re-opening");

@@ -217,6 +217,40 @@ async fn observe_replays_changes_missed_while_cut_off_and_survives_compaction() 
     );
 }
 
+#[tokio::test]
+async fn observe_reads_the_election_when_the_changes_it_missed_are_too_large_to_replay() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let name = unique("observe-large");
+    let (a, watcher) = (session(&client, 10).await, session(&cut_off, 30).await);
+    let leading = Election::new(&a, &name).campaign("small").await.unwrap();
+    let mut observer = pin!(Election::new(&watcher, &name).observe());
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some("small")
+    );
+    // Three values of 1.4 MiB missed: replayed, they would come as one answer of 4.2 MiB,
+    // over the client's 4 MiB limit.
+    proxy.cut();
+    for fill in [b'x', b'y', b'z'] {
+        leading.proclaim(vec![fill; 1400 * 1024]).await.unwrap();
+    }
+    proxy.heal();
+    let latest = within(secs(15), async {
+        loop {
+            let leader = next_leader(&mut observer).await.expect("a leader");
+            if leader.value().first() == Some(&b'z') {
+                return leader;
+            }
+        }
+    })
+    .await;
+    assert_eq!(latest.value().len(), 1400 * 1024);
+    leading.resign().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_survives_the_death_of_each_member_in_turn() {
     let cluster = EtcdCluster::start(3).await;
