@@ -71,7 +71,10 @@ async fn a_paused_member_answers_nothing_until_resumed() {
     client.put("k", "v", None).await.unwrap();
     cluster.pause(0);
     let stalled = tokio::time::timeout(millis(500), client.get("k", None)).await;
-    assert!(stalled.is_err(), "a paused member must not answer");
+    assert!(
+        stalled.is_err(),
+        "a paused member must not answer: {stalled:?}"
+    );
     cluster.resume(0);
     let answer = within(secs(5), client.get("k", None)).await.unwrap();
     assert_eq!(answer.kvs().len(), 1);

@@ -295,6 +295,11 @@ impl EtcdCluster {
     /// with the tail of its log.
     async fn wait_healthy(&self, i: usize) -> Result<(), String> {
         let endpoint = self.endpoint(i);
+        let (name, peer_url) = {
+            let member = self.member(i);
+            let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
+            (member.name.clone(), peer_url)
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         let mut last_error = String::from("no attempt made");
         while Instant::now() < deadline {
@@ -303,17 +308,29 @@ impl EtcdCluster {
                 break;
             }
             let attempt = tokio::time::timeout(Duration::from_secs(1), async {
-                connect_one(&endpoint).await?.get("health", None).await
+                let mut client = connect_one(&endpoint).await?;
+                client.get("health", None).await?;
+                client.member_list().await
             })
             .await;
             match attempt {
-                Ok(Ok(_)) => return Ok(()),
+                // Another cluster's member may have taken the port first (this member
+                // then exits, and the cluster starts again on other ports): it is ours
+                // only if it has our peer URL.
+                Ok(Ok(list)) => {
+                    let ours = list.members().iter().any(|member| {
+                        member.name() == name && member.peer_urls().contains(&peer_url)
+                    });
+                    if ours {
+                        return Ok(());
+                    }
+                    last_error = format!("another etcd answers on {endpoint}");
+                }
                 Ok(Err(e)) => last_error = e.to_string(),
                 Err(_) => last_error = "no answer within 1 s".into(),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let name = self.member(i).name.clone();
         Err(format!(
             "etcd member {name} ({endpoint}) did not become healthy: {last_error}\n\
              --- last lines of its log ---\n{}",
