@@ -274,7 +274,8 @@ impl Stm {
     }
 
     /// How long one request is retried on transient failures (member down, leader change)
-    /// before its error is returned (default 5 s).
+    /// before its error is returned (default 5 s; not zero, which [`run`](Self::run)
+    /// refuses).
     pub fn request_timeout(mut self, timeout: Duration) -> Stm {
         self.request_timeout = timeout;
         self
@@ -289,6 +290,8 @@ impl Stm {
     /// # Errors
     ///
     /// - `apply`'s own error, unchanged; nothing is written.
+    /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout is zero;
+    ///   `apply` does not run.
     /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
     ///   nothing is written.
     /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed, or the
@@ -340,6 +343,10 @@ impl Stm {
         F: AsyncFnMut(&mut StmTxn) -> Result<T, E>,
         E: From<Error>,
     {
+        if self.request_timeout.is_zero() {
+            let why = "a request timeout of zero would fail every request".into();
+            return Err(Error::InvalidArgument(why).into());
+        }
         let kv = self.client.kv_client();
         let mut fresh = if self.prefetch.is_empty() {
             Fresh::default()

@@ -4,6 +4,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use common::{amount, secs, total, transfer_concurrently, unique, within};
 use etcd_client::{Client, Txn, TxnOp};
@@ -334,6 +335,24 @@ async fn a_value_over_the_request_limit_is_refused_and_nothing_is_written() {
     assert!(matches!(error, Error::Etcd(_)), "{error:?}");
     assert!(!error.is_transient());
     assert!(common::keys_under(&client, &prefix).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_zero_request_timeout_is_refused_before_the_closure_runs() {
+    let cluster = EtcdCluster::start(1).await;
+    let stm = Stm::new(cluster.client().await).request_timeout(Duration::ZERO);
+    let runs = AtomicU32::new(0);
+    let result = stm
+        .run(async |_| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(())
+        })
+        .await;
+    assert!(
+        matches!(result, Err(Error::InvalidArgument(_))),
+        "{result:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
 /// Reads `a`, lets another client write `b` (first run only), then writes `b` blind.
