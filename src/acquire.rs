@@ -16,7 +16,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result, is_lease_gone};
-use crate::ownership::{OwnedKey, release_while_session_lives};
+use crate::ownership::{OwnedKey, lease_key, release_while_session_lives};
 use crate::release::spawn_release;
 use crate::retry::retry;
 use crate::session::{ElectionClaim, Session, WeakSession, prefix_of};
@@ -244,16 +244,7 @@ async fn left_behind(session: &WeakSession, key: &[u8], sent: Sent) -> Option<i6
     match sent {
         Sent::Answered(answer) if answer.succeeded() => answer.header().map(|h| h.revision()),
         Sent::Answered(answer) => split(&answer).0.map(|kv| kv.create_revision()),
-        Sent::Unknown => {
-            let live = session.upgrade()?;
-            let kv = live.client().kv_client();
-            let read = retry(&kv, live.request_timeout(), |mut kv| {
-                let key = key.to_vec();
-                async move { kv.get(key, None).await }
-            });
-            let found = read.await.ok()?.kvs().first().cloned()?;
-            (found.lease() == live.lease_id()).then_some(found.create_revision())
-        }
+        Sent::Unknown => lease_key(session, key).await,
         _ => None,
     }
 }

@@ -451,8 +451,10 @@ impl Leadership {
     ///
     /// # Errors
     ///
-    /// - [`Error::OwnershipLost`]: the key was already gone or re-created; nothing is
-    ///   deleted (this leadership had already ended).
+    /// - [`Error::OwnershipLost`]: the key was already gone or re-created; this leadership
+    ///   had already ended. If no other campaign or leadership of this session is in the
+    ///   election, a newer key of its lease there (made by a campaign since cancelled) is
+    ///   withdrawn in the background.
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd could not be reached; resigning goes on
     ///   in the background for as long as the session lives.
     ///

@@ -6,7 +6,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
 use crate::release::spawn_release;
-use crate::retry::{Backoff, retry_write};
+use crate::retry::{Backoff, retry, retry_write};
 use crate::session::{ElectionClaim, Session, WeakSession};
 use crate::wait::QueueWatch;
 use crate::watcher::{Follower, Update};
@@ -80,8 +80,12 @@ impl OwnedKey {
     /// the release goes on in the background (as it does when this future is dropped).
     pub(crate) async fn release(mut self) -> Result<()> {
         let released = fenced_delete(&self.session, &self.key, self.create_revision).await;
-        if !matches!(&released, Err(error) if error.is_transient()) {
-            self.release_on_drop = false;
+        match &released {
+            Err(error) if error.is_transient() => {}
+            // A newer incarnation of an election's key, made by a campaign since gone, may
+            // be left: the drop looks for it.
+            Err(Error::OwnershipLost) if self.claim.is_some() => {}
+            _ => self.release_on_drop = false,
         }
         released
     }
@@ -121,6 +125,7 @@ impl Drop for OwnedKey {
             Some(exclusive) => exclusive,
             None => None,
         };
+        let last_claim = claim.is_some();
         let session = self.session.downgrade();
         let key = std::mem::take(&mut self.key);
         let revision = self.create_revision;
@@ -130,7 +135,14 @@ impl Drop for OwnedKey {
             self.session.runtime(),
             "releasing a dropped lock guard or leadership",
             async move {
-                release_while_session_lives(session, &key, revision).await;
+                let superseded = release_while_session_lives(session.clone(), &key, revision);
+                // The last claim on an election's key: a newer incarnation (made by a
+                // campaign since gone, after a resign ended this one) is nobody's.
+                if superseded.await && last_claim {
+                    if let Some(newer) = lease_key(&session, &key).await {
+                        release_while_session_lives(session, &key, newer).await;
+                    }
+                }
                 drop(held);
             },
         );
@@ -140,25 +152,31 @@ impl Drop for OwnedKey {
 /// Deletes `key` if it still has create revision `revision`, retrying transient failures
 /// with back-off for as long as the session lives and keeps its lease. Holds the session
 /// only during an attempt, so that dropping its last handle still revokes the lease.
-pub(crate) async fn release_while_session_lives(session: WeakSession, key: &[u8], revision: i64) {
+/// Returns whether the key had no longer that create revision (gone, or re-created).
+pub(crate) async fn release_while_session_lives(
+    session: WeakSession,
+    key: &[u8],
+    revision: i64,
+) -> bool {
     let mut backoff = Backoff::new();
     let mut warned = false;
     loop {
         let Some(live) = session.upgrade() else {
-            return; // the session is gone: revoking its lease deletes the key
+            return false; // the session is gone: revoking its lease deletes the key
         };
         if live.has_ended() || live.is_lost() {
-            return; // the lease is gone, going, or to be kept until it expires
+            return false; // the lease is gone, going, or to be kept until it expires
         }
         let attempt = fenced_delete(&live, key, revision);
         let error = match tokio::time::timeout(live.release_timeout(), attempt).await {
-            Ok(Ok(())) | Ok(Err(Error::OwnershipLost)) => return,
+            Ok(Ok(())) => return false,
+            Ok(Err(Error::OwnershipLost)) => return true,
             Ok(Err(error)) if !error.is_transient() => {
                 tracing::warn!(
                     error = &error as &dyn std::error::Error,
                     "releasing a dropped guard failed; its key stays until the session ends"
                 );
-                return;
+                return false;
             }
             Ok(Err(error)) => error,
             Err(_) => Error::Timeout {
@@ -175,6 +193,18 @@ pub(crate) async fn release_while_session_lives(session: WeakSession, key: &[u8]
         drop(live);
         backoff.wait().await;
     }
+}
+
+/// The create revision of `key` if it exists on the session's lease.
+pub(crate) async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
+    let live = session.upgrade()?;
+    let kv = live.client().kv_client();
+    let read = retry(&kv, live.request_timeout(), |mut kv| {
+        let key = key.to_vec();
+        async move { kv.get(key, None).await }
+    });
+    let found = read.await.ok()?.kvs().first().cloned()?;
+    (found.lease() == live.lease_id()).then_some(found.create_revision())
 }
 
 /// The outcome of a fenced write.

@@ -72,6 +72,7 @@ pub struct Session {
 
 /// A [`Session`] that does not keep it alive: background releases hold one, so that
 /// dropping the last handle still revokes the lease.
+#[derive(Clone)]
 pub(crate) struct WeakSession(Weak<Shared>);
 
 impl WeakSession {

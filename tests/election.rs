@@ -597,6 +597,38 @@ async fn a_key_left_to_a_campaign_that_is_then_refused_is_withdrawn() {
 }
 
 #[tokio::test]
+async fn the_last_leadership_withdraws_a_key_left_by_a_campaign_cancelled_after_a_resign() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("after-resign");
+    let (ours, other) = (session(&client, 10).await, session(&client, 10).await);
+    let election = Election::new(&ours, &name);
+    let first = election.campaign("a").await.unwrap();
+    let second = election.campaign("b").await.unwrap(); // the same key
+    let waiting = tokio::spawn({
+        let election = Election::new(&other, &name);
+        async move { election.campaign("other").await }
+    });
+    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
+    first.resign().await.unwrap(); // ends both leaderships: the key is deleted
+    let other_leads = within(secs(5), waiting).await.unwrap().unwrap();
+    // A third campaign makes a new key, then is cancelled while the stale second
+    // leadership still holds its claim.
+    let third = tokio::spawn({
+        let election = election.clone();
+        async move { election.campaign("c").await.map(drop) }
+    });
+    let our_key = hex_key(&name, &ours);
+    within(secs(5), holds(&client, &our_key, b"c")).await;
+    let withdrawn = Deletion::of(&client, &String::from_utf8(our_key).unwrap()).await;
+    third.abort();
+    assert!(third.await.unwrap_err().is_cancelled());
+    assert!(matches!(second.resign().await, Err(Error::OwnershipLost)));
+    within(secs(5), withdrawn.happened()).await;
+    other_leads.resign().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
