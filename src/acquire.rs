@@ -192,10 +192,8 @@ impl InFlight {
     }
 
     fn spawn_undo(&mut self, sent: impl Future<Output = Sent> + Send + 'static) {
-        let claim = match self.claim.take().map(ElectionClaim::into_exclusive) {
-            Some(None) => return,
-            Some(exclusive) => exclusive,
-            None => None,
+        let Some(claim) = ElectionClaim::for_release(self.claim.take()) else {
+            return;
         };
         let last_claim = claim.is_some();
         let (session, key) = (self.session.downgrade(), self.key.clone());

@@ -120,10 +120,8 @@ impl Drop for OwnedKey {
         if !self.release_on_drop || self.session.has_ended() {
             return;
         }
-        let claim = match self.claim.take().map(ElectionClaim::into_exclusive) {
-            Some(None) => return, // another campaign or leadership of the session uses it
-            Some(exclusive) => exclusive,
-            None => None,
+        let Some(claim) = ElectionClaim::for_release(self.claim.take()) else {
+            return; // another campaign or leadership of the session uses it
         };
         let last_claim = claim.is_some();
         let session = self.session.downgrade();

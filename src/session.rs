@@ -334,19 +334,26 @@ impl Session {
     /// The in-process queue slot of the mutex `name` for this session, shared by every
     /// handle on it; it lives as long as one does.
     pub(crate) fn queue_slot(&self, name: &[u8]) -> Arc<tokio::sync::Mutex<QueueWatch>> {
-        let mut queues = self
-            .shared
-            .queues
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        queues.retain(|_, slot| slot.strong_count() > 0);
-        if let Some(slot) = queues.get(name).and_then(Weak::upgrade) {
-            return slot;
-        }
-        let slot = Arc::new(tokio::sync::Mutex::new(QueueWatch::default()));
-        queues.insert(name.to_vec(), Arc::downgrade(&slot));
-        slot
+        shared_slot(&self.shared.queues, name)
     }
+}
+
+/// The slot of `name` in `slots`, made if no handle holds it any more; slots nobody holds
+/// are removed on the way.
+fn shared_slot<T: Default>(
+    slots: &std::sync::Mutex<HashMap<Vec<u8>, Weak<T>>>,
+    name: &[u8],
+) -> Arc<T> {
+    let mut slots = slots
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    slots.retain(|_, slot| slot.strong_count() > 0);
+    if let Some(slot) = slots.get(name).and_then(Weak::upgrade) {
+        return slot;
+    }
+    let slot = Arc::new(T::default());
+    slots.insert(name.to_vec(), Arc::downgrade(&slot));
+    slot
 }
 
 /// A campaign's (or the leadership it becomes) claim on this session's key in an
@@ -363,33 +370,24 @@ impl Session {
     /// Claims this session's key in election `name` for a campaign, once no delete of that
     /// key is in flight.
     pub(crate) async fn claim_election(&self, name: &[u8]) -> ElectionClaim {
-        let slot = {
-            let mut elections = self
-                .shared
-                .elections
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            elections.retain(|_, slot| slot.strong_count() > 0);
-            match elections.get(name).and_then(Weak::upgrade) {
-                Some(slot) => slot,
-                None => {
-                    let slot = Arc::new(tokio::sync::RwLock::new(()));
-                    elections.insert(name.to_vec(), Arc::downgrade(&slot));
-                    slot
-                }
-            }
-        };
+        let slot = shared_slot(&self.shared.elections, name);
         let shared = slot.clone().read_owned().await;
         ElectionClaim { slot, shared }
     }
 }
 
 impl ElectionClaim {
-    /// The claim of the one who may delete the key, held until it is deleted; `None` if
-    /// another campaign or leadership of this session still uses the key (it is theirs).
-    pub(crate) fn into_exclusive(self) -> Option<OwnedRwLockWriteGuard<()>> {
-        drop(self.shared);
-        self.slot.try_write_owned().ok()
+    /// What the release of a key that holds `claim` (a mutex's key holds none) keeps until
+    /// the key is deleted: the claim made exclusive. `None` if another campaign or
+    /// leadership of this session still uses the election's key: it is theirs, and stays.
+    pub(crate) fn for_release(
+        claim: Option<ElectionClaim>,
+    ) -> Option<Option<OwnedRwLockWriteGuard<()>>> {
+        let Some(claim) = claim else {
+            return Some(None);
+        };
+        drop(claim.shared);
+        claim.slot.try_write_owned().ok().map(Some)
     }
 }
 

@@ -796,14 +796,19 @@ async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResp
     }
 }
 
-/// Reads `keys` in one Txn, at one revision.
-async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
-    let txn = Txn::new().and_then(gets(&keys));
-    let answer = retry(kv, limit, |mut kv| {
+/// Sends `reads` in one read-only Txn, retrying transient failures.
+async fn read_txn(kv: &KvClient, limit: Duration, reads: Vec<TxnOp>) -> Result<TxnResponse> {
+    let txn = Txn::new().and_then(reads);
+    retry(kv, limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }
     })
-    .await?;
+    .await
+}
+
+/// Reads `keys` in one Txn, at one revision.
+async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
+    let answer = read_txn(kv, limit, gets(&keys)).await?;
     Ok(read_set(keys, &answer))
 }
 
@@ -816,13 +821,8 @@ async fn mod_revisions_at<'a>(
     revision: i64,
 ) -> Result<Vec<i64>> {
     let at = GetOptions::new().with_revision(revision).with_keys_only();
-    let gets: Vec<TxnOp> = keys.map(|key| TxnOp::get(key, Some(at.clone()))).collect();
-    let txn = Txn::new().and_then(gets);
-    let answer = retry(kv, limit, |mut kv| {
-        let txn = txn.clone();
-        async move { kv.txn(txn).await }
-    })
-    .await?;
+    let gets = keys.map(|key| TxnOp::get(key, Some(at.clone()))).collect();
+    let answer = read_txn(kv, limit, gets).await?;
     let revisions = answer.op_responses().into_iter().filter_map(|op| match op {
         TxnOpResponse::Get(get) => Some(get.kvs().first().map_or(0, |kv| kv.mod_revision())),
         _ => None,
