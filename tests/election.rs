@@ -2,13 +2,15 @@
 
 mod common;
 
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::time::Instant;
 
-use common::{Deletion, Etcdctl, appears, exists, keys_under, millis, secs, unique, within};
+use common::{
+    Deletion, Etcdctl, appears, exists, holds, keys_under, millis, read, secs, unique, within,
+};
 use etcd_client::{Client, CompactionOptions};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
-use etcd_concurrency::{Election, Error, Leader, Session};
+use etcd_concurrency::{Election, Error, Leader, Leadership, Session};
 use futures::{Stream, StreamExt};
 
 async fn session(client: &Client, ttl: u64) -> Session {
@@ -34,34 +36,45 @@ where
         .expect("observe")
 }
 
-/// Waits until `key` holds `value` (watching from before the check, so a write is not
-/// missed).
-async fn holds(client: &Client, key: &[u8], value: &[u8]) {
-    let mut watch = client.clone().watch(key, None).await.expect("watch");
-    let now = client.clone().get(key, None).await.expect("get");
-    if now.kvs().first().is_some_and(|kv| kv.value() == value) {
-        return;
-    }
-    loop {
-        let answer = watch
-            .message()
-            .await
-            .expect("watch answer")
-            .expect("watch open");
-        if answer
-            .events()
-            .iter()
-            .any(|e| e.kv().is_some_and(|kv| kv.value() == value))
-        {
-            return;
-        }
-    }
-}
-
 /// The create revision of `key`, if it exists.
 async fn create_revision(client: &Client, key: &[u8]) -> Option<i64> {
-    let answer = client.clone().get(key, None).await.expect("get");
+    let answer = read(client, key, None).await;
     answer.kvs().first().map(|kv| kv.create_revision())
+}
+
+/// An election led with the value `first`, observed through a proxy that can cut the
+/// observer off.
+struct Observed {
+    _cluster: EtcdCluster,
+    /// Connected to the member directly.
+    client: Client,
+    proxy: Proxy,
+    leading: Leadership,
+    _watcher: Session,
+    observer: Pin<Box<dyn Stream<Item = etcd_concurrency::Result<Option<Leader>>> + Send>>,
+}
+
+/// Starts a one-member cluster and returns once the observer has reported `first`.
+async fn observed_through_a_proxy(name: &str, first: &str) -> Observed {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (leader, watcher) = (session(&client, 10).await, session(&cut_off, 30).await);
+    let leading = Election::new(&leader, name).campaign(first).await.unwrap();
+    let mut observer = Box::pin(Election::new(&watcher, name).observe());
+    assert_eq!(
+        value_of(&next_leader(&mut observer).await).as_deref(),
+        Some(first)
+    );
+    Observed {
+        _cluster: cluster,
+        client,
+        proxy,
+        leading,
+        _watcher: watcher,
+        observer,
+    }
 }
 
 fn value_of(leader: &Option<Leader>) -> Option<String> {
@@ -163,18 +176,14 @@ async fn a_candidate_whose_lease_dies_gets_session_lost_not_leadership() {
 
 #[tokio::test]
 async fn observe_replays_changes_missed_while_cut_off_and_survives_compaction() {
-    let cluster = EtcdCluster::start(1).await;
-    let mut client = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
-    let name = unique("observe-cut");
-    let (a, watcher) = (session(&client, 10).await, session(&cut_off, 30).await);
-    let leading = Election::new(&a, &name).campaign("v1").await.unwrap();
-    let mut observer = pin!(Election::new(&watcher, &name).observe());
-    assert_eq!(
-        value_of(&next_leader(&mut observer).await).as_deref(),
-        Some("v1")
-    );
+    let Observed {
+        mut client,
+        proxy,
+        leading,
+        mut observer,
+        _cluster,
+        _watcher,
+    } = observed_through_a_proxy(&unique("observe-cut"), "v1").await;
 
     // Missed while cut off, then replayed from the last revision seen + 1.
     proxy.cut();
@@ -219,18 +228,14 @@ async fn observe_replays_changes_missed_while_cut_off_and_survives_compaction() 
 
 #[tokio::test]
 async fn observe_reads_the_election_when_the_changes_it_missed_are_too_large_to_replay() {
-    let cluster = EtcdCluster::start(1).await;
-    let client = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
-    let name = unique("observe-large");
-    let (a, watcher) = (session(&client, 10).await, session(&cut_off, 30).await);
-    let leading = Election::new(&a, &name).campaign("small").await.unwrap();
-    let mut observer = pin!(Election::new(&watcher, &name).observe());
-    assert_eq!(
-        value_of(&next_leader(&mut observer).await).as_deref(),
-        Some("small")
-    );
+    let Observed {
+        client: _,
+        proxy,
+        leading,
+        mut observer,
+        _cluster,
+        _watcher,
+    } = observed_through_a_proxy(&unique("observe-large"), "small").await;
     // Three values of 1.4 MiB missed: replayed, they would come as one answer of 4.2 MiB,
     // over the client's 4 MiB limit.
     proxy.cut();

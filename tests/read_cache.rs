@@ -5,12 +5,12 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use common::{
-    millis, move_a_quarter, read, secs, task_baseline, tasks_back_to, total, transfer_concurrently,
-    unique, within,
+    amount, millis, move_a_quarter, put_many, read, secs, task_baseline, tasks_back_to, total,
+    transfer_concurrently, unique, within,
 };
 use etcd_client::Client;
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
-use etcd_concurrency::{Error, Isolation, ReadCache, Stm};
+use etcd_concurrency::{Error, Isolation, ReadCache, Stm, StmTxn};
 
 async fn put(client: &Client, key: &str, value: &str) -> i64 {
     let answer = client.clone().put(key, value, None).await.unwrap();
@@ -20,6 +20,21 @@ async fn put(client: &Client, key: &str, value: &str) -> i64 {
 async fn value(client: &Client, key: &str) -> Option<Vec<u8>> {
     let answer = read(client, key, None).await;
     answer.kvs().first().map(|kv| kv.value().to_vec())
+}
+
+/// An `Stm` reading the keys under `prefix` from a `ReadCache` of its own.
+async fn cached_stm(client: &Client, prefix: &str) -> Stm {
+    let cache = ReadCache::watch(client.clone(), prefix).await.unwrap();
+    Stm::new(client.clone()).read_cache(cache)
+}
+
+/// The sum of the amounts under `keys`, read in `tx`.
+async fn sum(tx: &mut StmTxn, keys: &[String]) -> Result<u64, Error> {
+    let mut sum = 0;
+    for key in keys {
+        sum += amount(tx.get(key).await?);
+    }
+    Ok(sum)
 }
 
 /// Waits until `cache` has applied every change up to `revision`.
@@ -133,14 +148,11 @@ async fn a_transaction_reads_the_writes_of_the_previous_one_from_the_copy() {
     let client = cluster.client().await;
     let prefix = unique("own-writes");
     let key = format!("{prefix}/key");
-    let cache = ReadCache::watch(client.clone(), prefix.as_str())
-        .await
-        .unwrap();
     // Read-committed checks nothing at commit: a read-only run returns what the copy
     // says, so only waiting for the copy to show the write makes it read that write.
-    let stm = Stm::new(client)
-        .isolation(Isolation::ReadCommitted)
-        .read_cache(cache);
+    let stm = cached_stm(&client, &prefix)
+        .await
+        .isolation(Isolation::ReadCommitted);
     for i in 1..=20 {
         let written = i.to_string();
         stm.run(async |tx| {
@@ -161,13 +173,10 @@ async fn a_quiet_copy_does_not_make_its_own_blind_writes_conflict() {
     let prefix = unique("quiet");
     let (config, status) = (format!("{prefix}/config"), unique("status"));
     put(&client, &config, "on").await;
-    let cache = ReadCache::watch(client.clone(), prefix.as_str())
-        .await
-        .unwrap();
     // Nothing changes under the prefix, so the copy's revision stays put while each run
     // writes the key outside it: the next run's snapshot must still be newer than that
     // write, or first-committer-wins sees it as a concurrent one.
-    let stm = Stm::new(client.clone()).read_cache(cache);
+    let stm = cached_stm(&client, &prefix).await;
     let runs = AtomicU32::new(0);
     for i in 1..=5 {
         let written = i.to_string();
@@ -350,24 +359,11 @@ async fn a_read_only_transaction_may_read_more_cached_keys_than_one_txn_may_comp
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("many");
-    let keys: Vec<String> = (0..KEYS).map(|i| format!("{prefix}/{i:03}")).collect();
-    for key in &keys {
-        put(&client, key, "1").await;
-    }
-    let cache = ReadCache::watch(client.clone(), prefix).await.unwrap();
-    let stm = Stm::new(client.clone()).read_cache(cache);
-    let sum = within(
-        secs(10),
-        stm.run(async |tx| {
-            let mut sum = 0;
-            for key in &keys {
-                sum += common::amount(tx.get(key).await?);
-            }
-            Ok::<_, Error>(sum)
-        }),
-    )
-    .await
-    .unwrap();
+    let keys = put_many(&client, &prefix, KEYS, b"1").await;
+    let stm = cached_stm(&client, &prefix).await;
+    let sum = within(secs(10), stm.run(async |tx| sum(tx, &keys).await))
+        .await
+        .unwrap();
     assert_eq!(sum, KEYS as u64);
 }
 
@@ -377,12 +373,8 @@ async fn a_change_to_any_of_many_keys_read_is_caught_by_the_read_only_check() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("many-changed");
-    let keys: Vec<String> = (0..KEYS).map(|i| format!("{prefix}/{i:03}")).collect();
-    for key in &keys {
-        put(&client, key, "1").await;
-    }
-    let cache = ReadCache::watch(client.clone(), prefix).await.unwrap();
-    let stm = Stm::new(client.clone()).read_cache(cache);
+    let keys = put_many(&client, &prefix, KEYS, b"1").await;
+    let stm = cached_stm(&client, &prefix).await;
     // Each run changes one more key while its first attempt is under way: wherever that
     // key falls among the checks, the attempt must not commit what it read.
     for changed in 0..10 {
@@ -390,10 +382,7 @@ async fn a_change_to_any_of_many_keys_read_is_caught_by_the_read_only_check() {
         let sum = within(
             secs(10),
             stm.run(async |tx| {
-                let mut sum = 0;
-                for key in &keys {
-                    sum += common::amount(tx.get(key).await?);
-                }
+                let sum = sum(tx, &keys).await?;
                 if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
                     put(&client, &keys[changed * 29], "2").await;
                 }
@@ -415,10 +404,7 @@ async fn deleting_an_absent_cached_key_does_not_stall_the_next_reads() {
     let prefix = unique("absent");
     let (cached, outside) = (format!("{prefix}/cached"), unique("outside"));
     put(&client, &cached, "1").await;
-    let cache = ReadCache::watch(client.clone(), prefix.as_str())
-        .await
-        .unwrap();
-    let stm = Stm::new(client.clone()).read_cache(cache);
+    let stm = cached_stm(&client, &prefix).await;
     // Each run reads the copy, deletes an absent key under the prefix (no event there)
     // and writes outside it. Waiting for a change the copy never shows would cost each
     // next run 100 ms.

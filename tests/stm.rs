@@ -401,16 +401,8 @@ async fn a_read_only_check_of_many_large_values_stays_within_one_answer() {
     const KEYS: usize = 256;
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let prefix = unique("large");
-    let keys: Vec<String> = (0..KEYS).map(|i| format!("{prefix}/{i:03}")).collect();
     let value = vec![b'7'; 40 * 1024];
-    for key in &keys {
-        client
-            .clone()
-            .put(key.as_str(), value.clone(), None)
-            .await
-            .unwrap();
-    }
+    let keys = common::put_many(&client, &unique("large"), KEYS, &value).await;
     let stm = Stm::new(client).isolation(Isolation::RepeatableReads);
     let read = within(
         secs(20),

@@ -193,13 +193,21 @@ impl Deletion {
 
 /// Waits for an event of type `kind` on `watch`.
 async fn next_event(watch: &mut etcd_client::WatchStream, kind: etcd_client::EventType) {
+    next_event_where(watch, |event| event.event_type() == kind).await;
+}
+
+/// Waits for an event on `watch` that `wanted` accepts.
+async fn next_event_where(
+    watch: &mut etcd_client::WatchStream,
+    wanted: impl Fn(&etcd_client::Event) -> bool,
+) {
     loop {
         let answer = watch
             .message()
             .await
             .expect("watch answer")
             .expect("watch open");
-        if answer.events().iter().any(|e| e.event_type() == kind) {
+        if answer.events().iter().any(&wanted) {
             return;
         }
     }
@@ -212,6 +220,31 @@ pub async fn appears(client: &Client, key: &[u8]) {
         return;
     }
     next_event(&mut watch, etcd_client::EventType::Put).await;
+}
+
+/// Waits until `key` holds `value` (watching from before the check, so a write is not
+/// missed).
+pub async fn holds(client: &Client, key: &[u8], value: &[u8]) {
+    let mut watch = client.clone().watch(key, None).await.expect("watch");
+    let now = read(client, key, None).await;
+    if now.kvs().first().is_some_and(|kv| kv.value() == value) {
+        return;
+    }
+    let written = |event: &etcd_client::Event| event.kv().is_some_and(|kv| kv.value() == value);
+    next_event_where(&mut watch, written).await;
+}
+
+/// Puts `value` under `count` keys `prefix/000`, `prefix/001`, ...; returns the keys.
+pub async fn put_many(client: &Client, prefix: &str, count: usize, value: &[u8]) -> Vec<String> {
+    let keys: Vec<String> = (0..count).map(|i| format!("{prefix}/{i:03}")).collect();
+    for key in &keys {
+        client
+            .clone()
+            .put(key.as_str(), value, None)
+            .await
+            .expect("put");
+    }
+    keys
 }
 
 /// An `etcdctl` process (v3 API), killed when dropped.
