@@ -64,8 +64,9 @@ pub struct Election {
 /// cancelled; unless another campaign or leadership of this session shares its key, which
 /// then stays theirs. Each attempt is bounded by the session's release timeout (default 5 s) and
 /// failures are retried for as long as the session lives (while its lease is renewed,
-/// nothing else would free the key). If that runtime has shut down, the lease's expiry
-/// ends the leadership and a `tracing` warning says so.
+/// nothing else would free the key). If etcd refuses the delete (for instance permission
+/// denied), the key stays until the session ends; if that runtime has shut down, the
+/// lease's expiry ends the leadership. A `tracing` warning says so in both cases.
 ///
 /// # Example
 ///
@@ -86,7 +87,8 @@ pub struct Leadership {
     key: OwnedKey,
 }
 
-/// A leader as seen by [`Election::leader`] and [`Election::observe`].
+/// A leader as seen by [`Election::leader`] and [`Election::observe`]: the leader's key as
+/// Go's `Election.Leader` and `Election.Observe` return it (`GetResponse.Kvs[0]`).
 ///
 /// ```no_run
 /// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
@@ -422,7 +424,8 @@ impl Leadership {
     ///
     /// - [`Error::SessionLost`]: the session is lost; nothing is written.
     /// - [`Error::OwnershipLost`]: the key is gone or belongs to a newer incarnation (this
-    ///   leader was deposed); nothing is written.
+    ///   leader was deposed); nothing is written, unless an earlier attempt of this call
+    ///   that failed in transit was applied before the key was lost.
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (e.g. a value over
     ///   its request size limit, 1.5 MiB by default) or could not be reached.
     ///
@@ -455,8 +458,11 @@ impl Leadership {
     ///   had already ended. If no other campaign or leadership of this session is in the
     ///   election, a newer key of its lease there (made by a campaign since cancelled) is
     ///   withdrawn in the background.
-    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd could not be reached; resigning goes on
-    ///   in the background for as long as the session lives.
+    /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
+    ///   etcd could not be reached; resigning goes on in the background for as long as the
+    ///   session lives.
+    /// - Any other [`Error::Etcd`]: etcd refused the delete (for instance permission
+    ///   denied); the key stays until the session ends.
     ///
     /// # Cancel safety
     ///
@@ -475,20 +481,22 @@ impl Leadership {
         self.key.release().await
     }
 
-    /// The leader's key: the election's name, `/`, and the lease id in lowercase hex.
+    /// The leader's key: the election's name, `/`, and the lease id in lowercase hex (Go's
+    /// `Election.Key()`).
     pub fn key(&self) -> &[u8] {
         self.key.key()
     }
 
     /// The create revision of the leader's key: it grows with every new leader, so a
-    /// resource can reject writes from earlier leaders.
+    /// resource can reject writes from earlier leaders (Go's `Election.Rev()`).
     pub fn fencing_token(&self) -> i64 {
         self.key.create_revision()
     }
 
     /// A [`Compare`] that holds while this leadership lasts: `CreateRevision(key) ==
     /// fencing_token`. Put it in your own Txn so that a write commits only while this
-    /// process leads.
+    /// process leads. Go's `Election` uses the same compare inside `Proclaim` and
+    /// `Resign` but does not expose it.
     ///
     /// ```no_run
     /// use etcd_client::{Txn, TxnOp};
@@ -506,7 +514,9 @@ impl Leadership {
     }
 
     /// Resolves once leading can no longer be assumed: the session is lost or the key was
-    /// deleted or re-created.
+    /// deleted or re-created. It watches the key while awaited, and also resolves if etcd
+    /// refuses that watch (for instance permission denied), since leading can then not be
+    /// confirmed. Go's nearest is `Session.Done()`.
     ///
     /// # Cancel safety
     ///

@@ -39,14 +39,23 @@ pub enum Error {
     /// The session's lease is gone: it expired, was revoked (by [`Session::close`] or by
     /// someone else), or no keep-alive succeeded for a whole TTL. Keys attached to it are
     /// (or will shortly be) deleted, so no lock or leadership built on it can be assumed.
+    /// Go's `ErrSessionExpired`.
+    ///
+    /// Also returned by a session on which [`Session::orphan`] was called (through any of
+    /// its handles), or whose runtime has shut down, although its lease may still exist.
     ///
     /// [`Session::close`]: crate::Session::close
+    /// [`Session::orphan`]: crate::Session::orphan
     #[error("session lost: its lease expired, was revoked or could not be kept alive")]
     SessionLost,
 
     /// A lock's or an election's key is no longer the one this handle created: it was
     /// deleted (by someone else, or when the lease ended) or re-created by a newer holder.
-    /// A fenced operation (unlock, proclaim, resign) changed nothing.
+    /// An unlock or resign that returns it changed nothing; for a proclaim, see
+    /// [`Leadership::proclaim`]. Go returns `ErrElectionNotLeader` from `Proclaim` and
+    /// `Resign` in this case.
+    ///
+    /// [`Leadership::proclaim`]: crate::Leadership::proclaim
     #[error("ownership lost: the key was deleted or now belongs to a newer holder")]
     OwnershipLost,
 

@@ -56,8 +56,10 @@ pub struct Mutex {
 /// task on the session's runtime, so the lock is released even when the holder's future
 /// was cancelled or panicked. Each attempt is bounded by the session's release timeout
 /// (default 5 s) and failures are retried for as long as the session lives (while its
-/// lease is renewed, nothing else would free the key). If that runtime has shut down, the
-/// lease's expiry releases the lock and a `tracing` warning says so.
+/// lease is renewed, nothing else would free the key). If etcd refuses the delete (for
+/// instance permission denied), the key stays until the session ends; if that runtime has
+/// shut down, the lease's expiry releases the lock. A `tracing` warning says so in both
+/// cases.
 ///
 /// # Example
 ///
@@ -150,7 +152,11 @@ impl Mutex {
     /// ```
     pub async fn lock(&self) -> Result<MutexGuard> {
         self.check()?;
-        let local = self.queue.clone().lock_owned().await;
+        // Waits while another `lock()` or guard of this session has the name.
+        let local = tokio::select! {
+            local = self.queue.clone().lock_owned() => local,
+            () = self.session.lost() => return Err(Error::SessionLost),
+        };
         self.check()?;
         let request = Request {
             create: Create::IfAbsent,
@@ -179,9 +185,19 @@ impl Mutex {
     /// One Txn, which creates this session's key only if no key exists under the name, so
     /// a failed attempt leaves nothing behind (Go creates its key and deletes it again).
     ///
+    /// Where Go returns `ErrLocked`, this returns `None`. If this session has a key under
+    /// the name from an earlier run waiting behind the holder, a second request withdraws
+    /// it.
+    ///
     /// # Errors
     ///
-    /// As [`lock`](Self::lock), except that nothing is waited for.
+    /// - [`Error::InvalidArgument`]: the name is empty.
+    /// - [`Error::SessionLost`]: the session is lost.
+    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused a request (the Txn, or the
+    ///   withdrawal of a leftover key) or could not be reached within the session's
+    ///   request timeout.
+    ///
+    /// A lost race is `Ok(None)`, never [`Error::OwnershipLost`].
     ///
     /// # Cancel safety
     ///
@@ -299,7 +315,9 @@ impl MutexGuard {
     /// Resolves once holding the lock can no longer be assumed: the session is lost
     /// (lease expired, revoked, or not renewed for a TTL) or the key was deleted. Use it to
     /// stop work that must only run under the lock (Curator's `LOST`, Consul's lock
-    /// channel). It watches the key while awaited.
+    /// channel; Go's nearest is `Session.Done()`). It watches the key while awaited, and
+    /// also resolves if etcd refuses that watch (for instance permission denied), since
+    /// holding the lock can then not be confirmed.
     ///
     /// # Cancel safety
     ///
@@ -329,9 +347,11 @@ impl MutexGuard {
     /// - [`Error::OwnershipLost`]: the key was already gone (lease expired, deleted) or
     ///   re-created by a newer holder, which is left untouched. The lock was not held
     ///   when this was called.
-    /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd could not be reached within the
-    ///   session's request timeout; releasing goes on in the background for as long as
-    ///   the session lives.
+    /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
+    ///   etcd could not be reached within the session's request timeout; releasing goes
+    ///   on in the background for as long as the session lives.
+    /// - Any other [`Error::Etcd`]: etcd refused the delete (for instance permission
+    ///   denied); the key stays until the session ends.
     ///
     /// # Cancel safety
     ///

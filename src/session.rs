@@ -19,9 +19,14 @@ use crate::wait::QueueWatch;
 
 /// The TTL of [`Session::new`], as in Go's `concurrency.NewSession`.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
-/// How long a dropped guard's or session's background release may take.
+/// The default of [`SessionBuilder::release_timeout`]: the bound on each attempt to delete
+/// a dropped guard's key, and on the whole revoke of a dropped session. No Go counterpart:
+/// Go bounds its requests with the caller's `context`.
 pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one request is retried on transient failures before its error is returned.
+/// The default of [`SessionBuilder::request_timeout`] and [`Stm::request_timeout`]. No Go
+/// counterpart: Go bounds its requests with the caller's `context`.
+///
+/// [`Stm::request_timeout`]: crate::Stm::request_timeout
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest TTL etcd grants (its `MaxLeaseTTL`), in seconds.
 const MAX_TTL_SECS: u64 = 9_000_000_000;
@@ -138,7 +143,8 @@ impl Session {
         Session::builder(client).build().await
     }
 
-    /// A builder for a session with a chosen TTL, an existing lease, or other timeouts.
+    /// A builder for a session with a chosen TTL, an existing lease, or other timeouts: Go's
+    /// `concurrency.NewSession(client, opts...)`, with the options as builder methods.
     ///
     /// # Example
     ///
@@ -462,7 +468,8 @@ impl fmt::Debug for SessionBuilder {
 impl SessionBuilder {
     /// The lease's TTL: whole seconds, at least 1 s (default [`DEFAULT_TTL`], 60 s). A
     /// crashed holder's locks are released this long after its last renewal. etcd may
-    /// raise TTLs below its minimum; [`Session::ttl`] reports the granted one.
+    /// raise TTLs below its minimum; [`Session::ttl`] reports the granted one. Go's
+    /// `concurrency.WithTTL`.
     pub fn ttl(mut self, ttl: Duration) -> SessionBuilder {
         self.ttl = Some(ttl);
         self

@@ -135,7 +135,8 @@ pub struct Stm {
     seen: Arc<AtomicI64>,
 }
 
-/// One attempt of an [`Stm`] transaction: its reads and buffered writes.
+/// One attempt of an [`Stm`] transaction: its reads and buffered writes (Go's `STM`
+/// interface).
 ///
 /// ```no_run
 /// use etcd_concurrency::{Error, Stm};
@@ -267,21 +268,23 @@ impl Stm {
 
     /// How many times the closure may run into a conflict before [`Error::TooManyConflicts`]
     /// (at least 1; default [`DEFAULT_MAX_ATTEMPTS`]). A run whose snapshot etcd compacted
-    /// (see [`StmTxn::get`]) does not count.
+    /// (see [`StmTxn::get`]) does not count. Go retries without limit.
     pub fn max_attempts(mut self, attempts: u32) -> Stm {
         self.max_attempts = attempts.max(1);
         self
     }
 
-    /// How long one request is retried on transient failures (member down, leader change)
-    /// before its error is returned (default 5 s; not zero, which [`run`](Self::run)
-    /// refuses).
+    /// How long each read is retried on transient failures (member down, leader change),
+    /// and how long the commit may wait for its answer; the commit is sent again only when
+    /// etcd certainly did not apply it (default 5 s; not zero, which [`run`](Self::run)
+    /// refuses). Go bounds its requests with the context of `WithAbortContext` instead.
     pub fn request_timeout(mut self, timeout: Duration) -> Stm {
         self.request_timeout = timeout;
         self
     }
 
     /// Runs `apply` as a transaction and returns its output once its writes are committed.
+    /// With [`new`](Self::new), Go's `concurrency.NewSTM(client, apply)`.
     ///
     /// `apply` gets the attempt's [`StmTxn`]; returning `Err` aborts the transaction:
     /// nothing is written, and the error is returned as is. The error type is yours, as
@@ -455,6 +458,11 @@ impl StmTxn {
     /// quiet [`ReadCache`] prefix, or a long attempt) gives [`Error::Etcd`] with etcd's
     /// "compacted" error: return it (with `?`), and the closure runs again from a fresh
     /// snapshot, which does not count as a conflict; nothing it did in that run commits.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a read whose future is dropped adds nothing to the read set; reading
+    /// the key again reads it afresh.
     pub async fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
         let key = key.as_ref();
         if let Some(write) = self.writes.get(key) {
@@ -466,12 +474,12 @@ impl StmTxn {
         Ok(self.read(key).await?.value.clone())
     }
 
-    /// Buffers a write of `value` to `key`, committed with the transaction.
+    /// Buffers a write of `value` to `key`, committed with the transaction. Go's `STM.Put`.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.writes.insert(key.into(), Write::Put(value.into()));
     }
 
-    /// Buffers a deletion of `key`, committed with the transaction.
+    /// Buffers a deletion of `key`, committed with the transaction. Go's `STM.Del`.
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
         self.writes.insert(key.into(), Write::Delete);
     }
@@ -479,7 +487,7 @@ impl StmTxn {
     /// The mod revision of `key` as read by this transaction (0 if absent); the key joins
     /// the read set. Go's `STM.Rev`.
     ///
-    /// # Errors
+    /// # Errors and cancel safety
     ///
     /// As [`get`](Self::get).
     ///

@@ -420,6 +420,25 @@ async fn bad_names_and_stray_keys() {
 }
 
 #[tokio::test]
+async fn a_lock_queued_behind_a_guard_of_its_own_session_gets_session_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let ours = session(&client).await;
+    let mutex = Mutex::new(&ours, unique("lost-behind-own-guard"));
+    let guard = mutex.lock().await.unwrap();
+    let second = tokio::spawn({
+        let mutex = mutex.clone();
+        async move { mutex.lock().await }
+    });
+    client.lease_revoke(ours.lease_id()).await.unwrap();
+    // The guard is still held: the second call must not wait for it. The session hears
+    // of the revoke at its next keep-alive, within a third of the TTL.
+    let result = within(secs(10), second).await.unwrap();
+    assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
+    drop(guard);
+}
+
+#[tokio::test]
 async fn a_lost_session_cannot_lock() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;

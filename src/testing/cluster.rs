@@ -71,6 +71,10 @@ impl EtcdCluster {
     /// If `members` is not 1 or 3, if `etcd` is not installed (the message says how to
     /// install it), or if a member does not become healthy within 30 s (the message holds
     /// the tail of its log).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops the members started so far and deletes their data.
     pub async fn start(members: usize) -> EtcdCluster {
         assert!(
             members == 1 || members == 3,
@@ -150,6 +154,10 @@ impl EtcdCluster {
     /// # Panics
     ///
     /// If the endpoints cannot be parsed (never for a running cluster).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only connects.
     pub async fn client(&self) -> Client {
         Client::connect(self.endpoints(), None)
             .await
@@ -161,7 +169,12 @@ impl EtcdCluster {
         self.member(i).process.as_ref().map(Child::id)
     }
 
-    /// The index of the member that is the raft leader now, if one answers as such.
+    /// The index of the member that is the raft leader now, if one answers as such. Asks
+    /// each running member for its status, giving each 1 s.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
     pub async fn leader(&self) -> Option<usize> {
         for i in 0..self.members.len() {
             if self.pid(i).is_none() {
@@ -209,7 +222,13 @@ impl EtcdCluster {
     ///
     /// # Panics
     ///
-    /// If the member does not become healthy within 30 s (the message holds its log tail).
+    /// If there is no member `i`, if `etcd` cannot be found or started, or if the member
+    /// does not become healthy within 30 s (the message holds its log tail).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future after the member was started leaves it running, not yet known
+    /// to be healthy; the cluster still stops it when dropped.
     pub async fn restart(&self, i: usize) {
         self.kill(i);
         self.spawn_member(&etcd_binary(), i);

@@ -48,6 +48,10 @@ impl Proxy {
     /// # Errors
     ///
     /// If no loopback port can be bound.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping the future before it returns leaves no listener or task.
     pub async fn start(target: &str) -> std::io::Result<Proxy> {
         let target = target.trim_start_matches("http://").to_owned();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
