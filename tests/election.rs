@@ -12,6 +12,7 @@ use etcd_client::{Client, CompactionOptions};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Election, Error, Leader, Leadership, Session};
 use futures::{Stream, StreamExt};
+use tokio::task::JoinHandle;
 
 async fn session(client: &Client, ttl: u64) -> Session {
     Session::builder(client.clone())
@@ -26,6 +27,15 @@ fn hex_key(name: &str, session: &Session) -> Vec<u8> {
 }
 
 /// The next leader an observer reports, within 5 s.
+/// `election.campaign(value)` in a task of its own, to await or to cancel.
+fn spawn_campaign(
+    election: &Election,
+    value: impl Into<Vec<u8>>,
+) -> JoinHandle<etcd_concurrency::Result<Leadership>> {
+    let (election, value) = (election.clone(), value.into());
+    tokio::spawn(async move { election.campaign(value).await })
+}
+
 async fn next_leader<S>(observer: &mut S) -> Option<Leader>
 where
     S: Stream<Item = etcd_concurrency::Result<Option<Leader>>> + Unpin,
@@ -104,8 +114,7 @@ async fn leadership_passes_on_resign_and_observe_shows_every_step() {
         Some("a2")
     );
 
-    let election_b = Election::new(&b, &name);
-    let campaign_b = tokio::spawn(async move { election_b.campaign("b").await });
+    let campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
     assert!(!campaign_b.is_finished());
     let token_a = leading_a.fencing_token();
@@ -134,8 +143,7 @@ async fn a_crashed_leader_is_replaced_within_ttl_plus_one_second() {
     let name = unique("failover");
     let (a, b) = (session(&client, 1).await, session(&client, 10).await);
     let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
-    let election_b = Election::new(&b, &name);
-    let campaign_b = tokio::spawn(async move { election_b.campaign("b").await });
+    let campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
     let crashed_at = Instant::now();
     std::mem::forget(leading_a); // a crash: no resign
@@ -161,8 +169,7 @@ async fn a_candidate_whose_lease_dies_gets_session_lost_not_leadership() {
     let name = unique("dead-candidate");
     let (a, b) = (session(&client, 10).await, session(&client, 10).await);
     let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
-    let election_b = Election::new(&b, &name);
-    let campaign_b = tokio::spawn(async move { election_b.campaign("b").await });
+    let campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
     client.lease_revoke(b.lease_id()).await.unwrap();
     let result = within(secs(1), campaign_b).await.unwrap();
@@ -297,10 +304,7 @@ async fn etcdctl_elect_and_our_election_see_each_other() {
     let leader = election.leader().await.unwrap().expect("etcdctl leads");
     assert_eq!(leader.value(), b"their-proposal");
     assert_eq!(leader.key(), their_key.as_bytes());
-    let campaign = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign("our-proposal").await }
-    });
+    let campaign = spawn_campaign(&election, "our-proposal");
     within(secs(5), appears(&client, &hex_key(&name, &ours))).await;
     assert!(!campaign.is_finished(), "etcdctl leads: we must wait");
     theirs.interrupt().await;
@@ -377,8 +381,7 @@ async fn a_cancelled_campaign_leaves_no_key_and_a_dropped_leadership_resigns() {
     let name = unique("cancel-campaign");
     let (a, b) = (session(&client, 10).await, session(&client, 10).await);
     let leading = Election::new(&a, &name).campaign("a").await.unwrap();
-    let election_b = Election::new(&b, &name);
-    let campaign = tokio::spawn(async move { election_b.campaign("b").await.map(drop) });
+    let campaign = spawn_campaign(&Election::new(&b, &name), "b");
     let b_key = hex_key(&name, &b);
     within(secs(5), appears(&client, &b_key)).await;
     let deletion = Deletion::of(&client, std::str::from_utf8(&b_key).unwrap()).await;
@@ -458,18 +461,12 @@ async fn cancelling_one_of_two_waiting_campaigns_keeps_the_shared_candidacy() {
         .await
         .unwrap();
     let election = Election::new(&ours, &name);
-    let first = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign("ours").await }
-    });
+    let first = spawn_campaign(&election, "ours");
     let our_key = hex_key(&name, &ours);
     within(secs(5), appears(&client, &our_key)).await;
     // A second campaign of the same session shares the waiting key; cancelling it must
     // not withdraw the first one's candidacy.
-    let second = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign("ours").await.map(drop) }
-    });
+    let second = spawn_campaign(&election, "ours");
     tokio::time::sleep(millis(200)).await;
     second.abort();
     tokio::time::sleep(millis(300)).await; // a wrongly spawned release would have run
@@ -494,17 +491,11 @@ async fn cancelling_the_campaign_that_created_a_shared_key_leaves_it_to_the_othe
         .await
         .unwrap();
     let election = Election::new(&ours, &name);
-    let first = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign("first").await.map(drop) }
-    });
+    let first = spawn_campaign(&election, "first");
     let our_key = hex_key(&name, &ours);
     within(secs(5), holds(&client, &our_key, b"first")).await;
     // The second campaign finds the key the first one created and gives it its value.
-    let second = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign("second").await }
-    });
+    let second = spawn_campaign(&election, "second");
     within(secs(5), holds(&client, &our_key, b"second")).await;
     first.abort();
     assert!(first.await.unwrap_err().is_cancelled());
@@ -538,10 +529,7 @@ async fn a_campaign_waits_for_the_delete_of_a_dropped_leadership_instead_of_join
     // backing off while the next campaign starts.
     proxy.stall();
     drop(old);
-    let again = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign("new").await }
-    });
+    let again = spawn_campaign(&election, "new");
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
@@ -574,10 +562,7 @@ async fn a_key_left_to_a_campaign_that_is_then_refused_is_withdrawn() {
     let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
     let ours = session(&through_proxy, 10).await;
     let election = Election::new(&ours, &name);
-    let first = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign("first").await.map(drop) }
-    });
+    let first = spawn_campaign(&election, "first");
     let our_key = hex_key(&name, &ours);
     within(secs(5), appears(&client, &our_key)).await;
     let withdrawn = Deletion::of(&client, &String::from_utf8(our_key.clone()).unwrap()).await;
@@ -585,10 +570,7 @@ async fn a_key_left_to_a_campaign_that_is_then_refused_is_withdrawn() {
     // cancelled meanwhile, leaves the key to it. Then etcd refuses the second's join.
     proxy.stall();
     let huge = vec![b'x'; 2 * 1024 * 1024];
-    let second = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign(huge).await.map(drop) }
-    });
+    let second = spawn_campaign(&election, huge);
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
@@ -610,19 +592,13 @@ async fn the_last_leadership_withdraws_a_key_left_by_a_campaign_cancelled_after_
     let election = Election::new(&ours, &name);
     let first = election.campaign("a").await.unwrap();
     let second = election.campaign("b").await.unwrap(); // the same key
-    let waiting = tokio::spawn({
-        let election = Election::new(&other, &name);
-        async move { election.campaign("other").await }
-    });
+    let waiting = spawn_campaign(&Election::new(&other, &name), "other");
     within(secs(5), appears(&client, &hex_key(&name, &other))).await;
     first.resign().await.unwrap(); // ends both leaderships: the key is deleted
     let other_leads = within(secs(5), waiting).await.unwrap().unwrap();
     // A third campaign makes a new key, then is cancelled while the stale second
     // leadership still holds its claim.
-    let third = tokio::spawn({
-        let election = election.clone();
-        async move { election.campaign("c").await.map(drop) }
-    });
+    let third = spawn_campaign(&election, "c");
     let our_key = hex_key(&name, &ours);
     within(secs(5), holds(&client, &our_key, b"c")).await;
     let withdrawn = Deletion::of(&client, &String::from_utf8(our_key).unwrap()).await;
@@ -643,10 +619,7 @@ async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process()
         .campaign("other")
         .await
         .unwrap();
-    let waiting = tokio::spawn({
-        let election = Election::new(&earlier, &name);
-        async move { election.campaign("earlier").await.map(drop) }
-    });
+    let waiting = spawn_campaign(&Election::new(&earlier, &name), "earlier");
     let key = hex_key(&name, &earlier);
     within(secs(5), appears(&client, &key)).await;
     // The earlier process hands its lease over and exits while its candidacy waits.
