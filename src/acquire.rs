@@ -184,34 +184,53 @@ impl InFlight {
 
     /// Deletes, in the background, what the Txn may have left; the in-process slot and
     /// election claim are held until then. Nothing is deleted while another campaign or
-    /// leadership of the session shares the election's key: it is theirs. The last claim
-    /// on it deletes it whatever became of this Txn, as an earlier holder may have left it
-    /// to this call.
+    /// leadership of the session shares the election's key: it is theirs (and if this Txn
+    /// may have made a new incarnation of it, the last of them to go looks for it). The
+    /// last claim on it deletes it whatever became of this Txn, as an earlier holder may
+    /// have left it to this call.
     fn undo_in_background(&mut self, sent: Sent) {
         self.spawn_undo(async move { sent });
     }
 
     fn spawn_undo(&mut self, sent: impl Future<Output = Sent> + Send + 'static) {
-        let Some(claim) = ElectionClaim::for_release(self.claim.take()) else {
-            return;
-        };
-        let last_claim = claim.is_some();
         let (session, key) = (self.session.downgrade(), self.key.clone());
-        let held = (self.local.take(), claim);
+        let (local, claim) = (self.local.take(), self.claim.take());
         spawn_release(
             self.session.runtime(),
             "undoing a cancelled or failed lock or campaign",
             async move {
-                let sent = match sent.await {
-                    Sent::Refused if last_claim => Sent::Unknown,
+                let sent = sent.await;
+                // The claim is given up only now, with the outcome known: a key this Txn
+                // created after the others' key was deleted is then left to the last of
+                // them, if they are still there.
+                let last_claim = match claim {
+                    None => None,
+                    Some(claim) => match claim.leave(sent.may_have_created()) {
+                        None => return,
+                        last => last,
+                    },
+                };
+                let sent = match sent {
+                    Sent::Refused if last_claim.is_some() => Sent::Unknown,
                     sent => sent,
                 };
                 if let Some(revision) = left_behind(&session, &key, sent).await {
                     release_while_session_lives(session, &key, revision).await;
                 }
-                drop(held);
+                drop((local, last_claim));
             },
         );
+    }
+}
+
+impl Sent {
+    /// Whether the Txn created the key, or may have.
+    fn may_have_created(&self) -> bool {
+        match self {
+            Sent::Answered(answer) => answer.succeeded(),
+            Sent::Unknown => true,
+            Sent::Refused => false,
+        }
     }
 }
 

@@ -62,11 +62,12 @@ pub struct Election {
 /// Dropping it without [`resign`](Self::resign) resigns in a background task on the
 /// session's runtime, so leadership is handed on even when the leader's future was
 /// cancelled; unless another campaign or leadership of this session shares its key, which
-/// then stays theirs. Each attempt is bounded by the session's release timeout (default 5 s) and
-/// failures are retried for as long as the session lives (while its lease is renewed,
-/// nothing else would free the key). If etcd refuses the delete (for instance permission
-/// denied), the key stays until the session ends; if that runtime has shut down, the
-/// lease's expiry ends the leadership. A `tracing` warning says so in both cases.
+/// then stays theirs. Each attempt is bounded by the session's release timeout (default
+/// 5 s) and failures are retried for as long as the session lives (while its lease is
+/// renewed, nothing else would free the key). If etcd refuses the delete (for instance
+/// permission denied), the key stays until the session ends; if that runtime has shut
+/// down, the lease's expiry ends the leadership. A `tracing` warning says so in both
+/// cases.
 ///
 /// # Example
 ///
@@ -167,7 +168,8 @@ impl Election {
     ///
     /// Cancel-safe: dropping the future withdraws the candidacy (its key is deleted in the
     /// background, also if the Txn creating it was in flight), unless another live
-    /// campaign or [`Leadership`] of this session shares the key.
+    /// campaign or [`Leadership`] of this session shares the key: then the last of them to
+    /// go withdraws it, even if it resigned before this campaign made the key.
     ///
     /// # Example
     ///
@@ -451,6 +453,11 @@ impl Leadership {
 
     /// Gives up leadership: deletes the key if it is still this leader's incarnation, so
     /// the next candidate leads at once. Mirrors Go's `Election.Resign`.
+    ///
+    /// The session's other campaigns and leaderships in this election share the key, so
+    /// this ends them too. A campaign of the session that makes a new key meanwhile and is
+    /// then cancelled leaves that key to them and to this leadership: the last of them to
+    /// go withdraws it in the background.
     ///
     /// # Errors
     ///

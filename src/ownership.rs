@@ -7,7 +7,7 @@ use tokio::sync::OwnedMutexGuard;
 use crate::error::{Error, Result};
 use crate::release::spawn_release;
 use crate::retry::{Backoff, retry, retry_write};
-use crate::session::{ElectionClaim, Session, WeakSession};
+use crate::session::{ElectionClaim, LastClaim, Session, WeakSession};
 use crate::wait::QueueWatch;
 use crate::watcher::{Follower, Update};
 
@@ -21,7 +21,9 @@ use crate::watcher::{Follower, Update};
 /// retried for as long as the session lives: while its lease is renewed, nothing else
 /// would free the key. Nothing is released once the session has ended (closed: the key
 /// went with the lease; orphaned: it stays until the lease expires) or is lost, nor while
-/// another campaign or leadership of the session shares an election's key.
+/// another campaign or leadership of the session shares an election's key. The last of
+/// those to go, released or not, deletes any other incarnation of the key that one of them
+/// left behind (see [`ElectionClaim::leave`]).
 pub(crate) struct OwnedKey {
     session: Session,
     key: Vec<u8>,
@@ -117,26 +119,46 @@ impl OwnedKey {
 
 impl Drop for OwnedKey {
     fn drop(&mut self) {
-        if !self.release_on_drop || self.session.has_ended() {
+        if self.session.has_ended() {
             return;
         }
-        let Some(claim) = ElectionClaim::for_release(self.claim.take()) else {
-            return; // another campaign or leadership of the session uses it
+        // Not released yet, this key may be an incarnation that the others sharing the
+        // claim do not use (made after a resign of theirs): if so, the last of them to go
+        // looks for it.
+        let leaving = self
+            .claim
+            .take()
+            .map(|claim| claim.leave(self.release_on_drop));
+        let last_claim = match leaving {
+            None => None,         // a mutex's key
+            Some(None) => return, // another campaign or leadership of the session uses it
+            Some(Some(last)) => Some(last),
         };
-        let last_claim = claim.is_some();
+        // Released already; but a campaign cancelled meanwhile may have made a newer
+        // incarnation, which is nobody's once this last claim goes.
+        let leftover = last_claim.as_ref().is_some_and(LastClaim::leftover);
+        let own = self.release_on_drop.then_some(self.create_revision);
+        if own.is_none() && !leftover {
+            return;
+        }
+        let look_for_newer = last_claim.is_some();
         let session = self.session.downgrade();
         let key = std::mem::take(&mut self.key);
-        let revision = self.create_revision;
         // The next `lock()` or campaign of this session may go once the key is gone.
-        let held = (self.local.take(), claim);
+        let held = (self.local.take(), last_claim);
         spawn_release(
             self.session.runtime(),
             "releasing a dropped lock guard or leadership",
             async move {
-                let superseded = release_while_session_lives(session.clone(), &key, revision);
+                let superseded = match own {
+                    Some(revision) => {
+                        release_while_session_lives(session.clone(), &key, revision).await
+                    }
+                    None => true,
+                };
                 // The last claim on an election's key: a newer incarnation (made by a
                 // campaign since gone, after a resign ended this one) is nobody's.
-                if superseded.await && last_claim {
+                if superseded && look_for_newer {
                     if let Some(newer) = lease_key(&session, &key).await {
                         release_while_session_lives(session, &key, newer).await;
                     }

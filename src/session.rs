@@ -102,7 +102,7 @@ struct Shared {
     queues: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::Mutex<QueueWatch>>>>,
     /// One claim slot per election name: this session's campaigns and leaderships there
     /// share one key in etcd.
-    elections: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::RwLock<()>>>>,
+    elections: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::RwLock<Leftover>>>>,
 }
 
 /// Configures and creates a [`Session`]; see [`Session::builder`] for an example.
@@ -368,8 +368,20 @@ fn shared_slot<T: Default>(
 /// and a campaign starting meanwhile waits for the delete instead of joining a key that is
 /// about to vanish.
 pub(crate) struct ElectionClaim {
-    slot: Arc<tokio::sync::RwLock<()>>,
-    shared: OwnedRwLockReadGuard<()>,
+    slot: Arc<tokio::sync::RwLock<Leftover>>,
+    shared: OwnedRwLockReadGuard<Leftover>,
+}
+
+/// Set by a handle that left while others still held the claim, and that may have left a
+/// new incarnation of the key behind (a campaign whose join created it after a resign had
+/// deleted the old one): the last claim to go looks for it.
+#[derive(Default)]
+pub(crate) struct Leftover(AtomicBool);
+
+/// The last claim on an election's key, held exclusive until the key is deleted.
+pub(crate) struct LastClaim {
+    _exclusive: OwnedRwLockWriteGuard<Leftover>,
+    leftover: bool,
 }
 
 impl Session {
@@ -383,17 +395,30 @@ impl Session {
 }
 
 impl ElectionClaim {
-    /// What the release of a key that holds `claim` (a mutex's key holds none) keeps until
-    /// the key is deleted: the claim made exclusive. `None` if another campaign or
-    /// leadership of this session still uses the election's key: it is theirs, and stays.
-    pub(crate) fn for_release(
-        claim: Option<ElectionClaim>,
-    ) -> Option<Option<OwnedRwLockWriteGuard<()>>> {
-        let Some(claim) = claim else {
-            return Some(None);
-        };
-        drop(claim.shared);
-        claim.slot.try_write_owned().ok().map(Some)
+    /// Gives the claim up. Returns it made exclusive if it was the last one, to hold until
+    /// the key is deleted; `None` if another campaign or leadership of this session still
+    /// uses the key: it is theirs, and stays. `may_have_left_key`: this handle may have
+    /// made an incarnation of the key that nobody uses; if others still hold the claim,
+    /// the last of them to go is told to look for it.
+    pub(crate) fn leave(self, may_have_left_key: bool) -> Option<LastClaim> {
+        if may_have_left_key {
+            self.shared.0.store(true, Ordering::Release);
+        }
+        drop(self.shared);
+        let exclusive = self.slot.try_write_owned().ok()?;
+        // The last claim answers for any key left behind: the next claims start afresh.
+        let leftover = exclusive.0.swap(false, Ordering::Acquire);
+        Some(LastClaim {
+            _exclusive: exclusive,
+            leftover,
+        })
+    }
+}
+
+impl LastClaim {
+    /// Whether a handle that left before this one may have left a key behind.
+    pub(crate) fn leftover(&self) -> bool {
+        self.leftover
     }
 }
 

@@ -26,7 +26,6 @@ fn hex_key(name: &str, session: &Session) -> Vec<u8> {
     format!("{name}/{:x}", session.lease_id()).into_bytes()
 }
 
-/// The next leader an observer reports, within 5 s.
 /// `election.campaign(value)` in a task of its own, to await or to cancel.
 fn spawn_campaign(
     election: &Election,
@@ -36,6 +35,7 @@ fn spawn_campaign(
     tokio::spawn(async move { election.campaign(value).await })
 }
 
+/// The next leader an observer reports, within 5 s.
 async fn next_leader<S>(observer: &mut S) -> Option<Leader>
 where
     S: Stream<Item = etcd_concurrency::Result<Option<Leader>>> + Unpin,
@@ -606,6 +606,72 @@ async fn the_last_leadership_withdraws_a_key_left_by_a_campaign_cancelled_after_
     assert!(third.await.unwrap_err().is_cancelled());
     assert!(matches!(second.resign().await, Err(Error::OwnershipLost)));
     within(secs(5), withdrawn.happened()).await;
+    other_leads.resign().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_resign_in_flight_withdraws_the_key_of_a_campaign_cancelled_meanwhile() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("resign-in-flight");
+    let (ours, other) = (session(&client, 10).await, session(&client, 10).await);
+    let election = Election::new(&ours, &name);
+    let leading = election.campaign("a").await.unwrap();
+    let waiting = spawn_campaign(&Election::new(&other, &name), "other");
+    let our_key = hex_key(&name, &ours);
+    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
+    // The resign's delete is sent and applied, but its answer is not taken yet: the
+    // leadership still holds its claim on the key.
+    let resigned = Deletion::of(&client, &String::from_utf8(our_key.clone()).unwrap()).await;
+    let mut resign = Box::pin(leading.resign());
+    assert!(futures::poll!(&mut resign).is_pending());
+    within(secs(5), resigned.happened()).await;
+    let other_leads = within(secs(5), waiting).await.unwrap().unwrap();
+    // A campaign makes a new key behind the new leader and is cancelled meanwhile.
+    let again = spawn_campaign(&election, "b");
+    within(secs(5), holds(&client, &our_key, b"b")).await;
+    let withdrawn = Deletion::of(&client, &String::from_utf8(our_key).unwrap()).await;
+    again.abort();
+    assert!(again.await.unwrap_err().is_cancelled());
+    within(secs(5), resign).await.unwrap();
+    within(secs(5), withdrawn.happened()).await;
+    other_leads.resign().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_resign_in_flight_withdraws_the_key_made_by_the_join_of_a_campaign_cancelled_meanwhile() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = cluster.client().await;
+    let name = unique("join-in-flight");
+    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (ours, other) = (
+        session(&through_proxy, 10).await,
+        session(&client, 10).await,
+    );
+    let election = Election::new(&ours, &name);
+    let leading = election.campaign("a").await.unwrap();
+    let waiting = spawn_campaign(&Election::new(&other, &name), "other");
+    let our_key = String::from_utf8(hex_key(&name, &ours)).unwrap();
+    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
+    let resigned = Deletion::of(&client, &our_key).await;
+    let mut resign = Box::pin(leading.resign());
+    assert!(futures::poll!(&mut resign).is_pending());
+    within(secs(5), resigned.happened()).await;
+    let other_leads = within(secs(5), waiting).await.unwrap().unwrap();
+    // The campaign's join is held in the proxy when the campaign is cancelled; it makes a
+    // new key once the proxy lets it through.
+    let remade_and_withdrawn = Deletion::after_creation_of(&client, &our_key).await;
+    proxy.stall();
+    let again = spawn_campaign(&election, "b");
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    again.abort();
+    assert!(again.await.unwrap_err().is_cancelled());
+    proxy.heal();
+    within(secs(5), resign).await.unwrap();
+    within(secs(5), remade_and_withdrawn.happened()).await;
     other_leads.resign().await.unwrap();
 }
 

@@ -169,9 +169,10 @@ pub async fn exists(client: &Client, key: impl Into<Vec<u8>>) -> bool {
     !read(client, key, None).await.kvs().is_empty()
 }
 
-/// A watch for the deletion of a key that exists now.
+/// A watch for the deletion of a key that exists now, or of one yet to be created.
 pub struct Deletion {
     watch: etcd_client::WatchStream,
+    created_first: bool,
 }
 
 impl Deletion {
@@ -182,11 +183,27 @@ impl Deletion {
             exists(client, key).await,
             "{key} should exist before it is deleted"
         );
-        Deletion { watch }
+        Deletion {
+            watch,
+            created_first: false,
+        }
     }
 
-    /// Resolves when the key has been deleted.
+    /// Starts watching `key`, which must not exist: it is to be created, then deleted.
+    pub async fn after_creation_of(client: &Client, key: &str) -> Deletion {
+        let watch = client.clone().watch(key, None).await.expect("watch");
+        assert!(!exists(client, key).await, "{key} should not exist yet");
+        Deletion {
+            watch,
+            created_first: true,
+        }
+    }
+
+    /// Resolves when the key has been deleted (after being created, if so watched).
     pub async fn happened(mut self) {
+        if self.created_first {
+            next_event(&mut self.watch, etcd_client::EventType::Put).await;
+        }
         next_event(&mut self.watch, etcd_client::EventType::Delete).await;
     }
 }
