@@ -16,10 +16,10 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result, is_lease_gone};
-use crate::ownership::{OwnedKey, lease_key, release_while_session_lives};
+use crate::ownership::{OwnedKey, release_lease_key, release_while_session_lives};
 use crate::release::spawn_release;
 use crate::retry::retry;
-use crate::session::{ElectionClaim, Session, WeakSession, prefix_of};
+use crate::session::{ElectionClaim, LastClaim, Session, prefix_of};
 use crate::wait::QueueWatch;
 
 /// When the join Txn creates this session's key.
@@ -182,12 +182,12 @@ impl InFlight {
         }
     }
 
-    /// Deletes, in the background, what the Txn may have left; the in-process slot and
-    /// election claim are held until then. Nothing is deleted while another campaign or
-    /// leadership of the session shares the election's key: it is theirs (and if this Txn
-    /// may have made a new incarnation of it, the last of them to go looks for it). The
-    /// last claim on it deletes it whatever became of this Txn, as an earlier holder may
-    /// have left it to this call.
+    /// Deletes, in the background, what the Txn may have left, once its outcome is known;
+    /// the in-process slot and election claim are held until then. Nothing is deleted
+    /// while another campaign or leadership of the session shares the election's key: it
+    /// is theirs (and if this Txn may have made a new incarnation of it, the last of them
+    /// to go looks for it). The last claim on it deletes it whatever became of this Txn,
+    /// as an earlier holder may have left it to this call.
     fn undo_in_background(&mut self, sent: Sent) {
         self.spawn_undo(async move { sent });
     }
@@ -210,12 +210,21 @@ impl InFlight {
                         last => last,
                     },
                 };
-                let sent = match sent {
-                    Sent::Refused if last_claim.is_some() => Sent::Unknown,
-                    sent => sent,
+                // The last claim on an election's key deletes it whatever became of this
+                // Txn, as an earlier holder may have left it to this call.
+                let election = last_claim.is_some();
+                let leftover = last_claim.as_ref().is_some_and(LastClaim::leftover);
+                let look_up = match left_behind(sent) {
+                    Left::Key(revision) => {
+                        let superseded =
+                            release_while_session_lives(session.clone(), &key, revision).await;
+                        superseded && election
+                    }
+                    Left::Unknown => true,
+                    Left::Nothing => election,
                 };
-                if let Some(revision) = left_behind(&session, &key, sent).await {
-                    release_while_session_lives(session, &key, revision).await;
+                if look_up || leftover {
+                    release_lease_key(session, &key).await;
                 }
                 drop((local, last_claim));
             },
@@ -224,13 +233,10 @@ impl InFlight {
 }
 
 impl Sent {
-    /// Whether the Txn created the key, or may have.
+    /// Whether the Txn may have created the key: unless it answered that it found one. (A
+    /// refusal may follow an earlier attempt that failed in transit but was applied.)
     fn may_have_created(&self) -> bool {
-        match self {
-            Sent::Answered(answer) => answer.succeeded(),
-            Sent::Unknown => true,
-            Sent::Refused => false,
-        }
+        !matches!(self, Sent::Answered(answer) if !answer.succeeded())
     }
 }
 
@@ -252,17 +258,28 @@ impl Drop for InFlight {
     }
 }
 
-/// The create revision of the key a join Txn left behind for a caller that is gone or
-/// failed: the key it created or found (a found key that no other handle of the session
-/// uses is a leftover, from an earlier attempt of this very call whose answer was lost or
-/// from an earlier process on the same lease); after an unknown outcome, the key of this
-/// lease if there is one.
-async fn left_behind(session: &WeakSession, key: &[u8], sent: Sent) -> Option<i64> {
+/// What a join Txn left behind for a caller that is gone or failed.
+enum Left {
+    /// The key it created or found, by create revision (a found key that no other handle
+    /// of the session uses is a leftover, from an earlier attempt of this very call whose
+    /// answer was lost or from an earlier process on the same lease).
+    Key(i64),
+    /// The outcome is unknown: the key of this lease, if there is one.
+    Unknown,
+    /// Nothing: the Txn was refused, or found no key and created none.
+    Nothing,
+}
+
+fn left_behind(sent: Sent) -> Left {
     match sent {
-        Sent::Answered(answer) if answer.succeeded() => answer.header().map(|h| h.revision()),
-        Sent::Answered(answer) => split(&answer).0.map(|kv| kv.create_revision()),
-        Sent::Unknown => lease_key(session, key).await,
-        _ => None,
+        Sent::Answered(answer) if answer.succeeded() => answer
+            .header()
+            .map_or(Left::Unknown, |header| Left::Key(header.revision())),
+        Sent::Answered(answer) => split(&answer)
+            .0
+            .map_or(Left::Nothing, |own| Left::Key(own.create_revision())),
+        Sent::Unknown => Left::Unknown,
+        Sent::Refused => Left::Nothing,
     }
 }
 

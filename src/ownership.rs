@@ -6,7 +6,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
 use crate::release::spawn_release;
-use crate::retry::{Backoff, retry, retry_write};
+use crate::retry::{Backoff, retry_write};
 use crate::session::{ElectionClaim, LastClaim, Session, WeakSession};
 use crate::wait::QueueWatch;
 use crate::watcher::{Follower, Update};
@@ -134,14 +134,14 @@ impl Drop for OwnedKey {
             Some(None) => return, // another campaign or leadership of the session uses it
             Some(Some(last)) => Some(last),
         };
-        // Released already; but a campaign cancelled meanwhile may have made a newer
-        // incarnation, which is nobody's once this last claim goes.
+        // A handle that left before this last claim may have left an incarnation that
+        // nobody uses (a campaign cancelled after a resign): it is nobody's now.
         let leftover = last_claim.as_ref().is_some_and(LastClaim::leftover);
-        let own = self.release_on_drop.then_some(self.create_revision);
+        let own = self.release_on_drop.then_some(self.create_revision); // None: released
         if own.is_none() && !leftover {
             return;
         }
-        let look_for_newer = last_claim.is_some();
+        let last = last_claim.is_some();
         let session = self.session.downgrade();
         let key = std::mem::take(&mut self.key);
         // The next `lock()` or campaign of this session may go once the key is gone.
@@ -154,14 +154,13 @@ impl Drop for OwnedKey {
                     Some(revision) => {
                         release_while_session_lives(session.clone(), &key, revision).await
                     }
-                    None => true,
+                    None => false,
                 };
-                // The last claim on an election's key: a newer incarnation (made by a
-                // campaign since gone, after a resign ended this one) is nobody's.
-                if superseded && look_for_newer {
-                    if let Some(newer) = lease_key(&session, &key).await {
-                        release_while_session_lives(session, &key, newer).await;
-                    }
+                // The last claim on an election's key: a newer incarnation than its own
+                // (made by a campaign since gone, after a resign ended this one) is
+                // nobody's either.
+                if leftover || (superseded && last) {
+                    release_lease_key(session, &key).await;
                 }
                 drop(held);
             },
@@ -178,30 +177,67 @@ pub(crate) async fn release_while_session_lives(
     key: &[u8],
     revision: i64,
 ) -> bool {
+    let released = while_session_lives(&session, |live| async move {
+        match fenced_delete(&live, key, revision).await {
+            Ok(()) => Ok(false),
+            Err(Error::OwnershipLost) => Ok(true),
+            Err(error) => Err(error),
+        }
+    });
+    released.await.unwrap_or(false)
+}
+
+/// Deletes whichever incarnation of `key` the session's lease holds, if any: a key left
+/// behind by handles that are gone. The lookup and the delete are each retried for as
+/// long as the session lives.
+pub(crate) async fn release_lease_key(session: WeakSession, key: &[u8]) {
+    if let Some(revision) = lease_key(&session, key).await {
+        release_while_session_lives(session, key, revision).await;
+    }
+}
+
+/// The create revision of `key` if it exists on the session's lease, read (retried as
+/// [`release_while_session_lives`]) on the way to releasing it.
+async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
+    let found = while_session_lives(session, |live| async move {
+        let mut kv = live.client().kv_client();
+        let answer = kv.get(key, None).await?;
+        let found = answer.kvs().first();
+        Ok(found
+            .filter(|found| found.lease() == live.lease_id())
+            .map(|found| found.create_revision()))
+    });
+    found.await.flatten()
+}
+
+/// Runs `attempt` until it succeeds, each attempt bounded by the session's release
+/// timeout, retrying transient failures with back-off for as long as the session lives and
+/// keeps its lease. `None` once the session is gone, has ended or is lost (revoking or
+/// expiring its lease deletes its keys, or they are to stay), or if etcd refuses.
+async fn while_session_lives<T, F, A>(session: &WeakSession, mut attempt: F) -> Option<T>
+where
+    F: FnMut(Session) -> A,
+    A: Future<Output = Result<T>>,
+{
     let mut backoff = Backoff::new();
     let mut warned = false;
     loop {
-        let Some(live) = session.upgrade() else {
-            return false; // the session is gone: revoking its lease deletes the key
-        };
+        let live = session.upgrade()?;
         if live.has_ended() || live.is_lost() {
-            return false; // the lease is gone, going, or to be kept until it expires
+            return None;
         }
-        let attempt = fenced_delete(&live, key, revision);
-        let error = match tokio::time::timeout(live.release_timeout(), attempt).await {
-            Ok(Ok(())) => return false,
-            Ok(Err(Error::OwnershipLost)) => return true,
+        let limit = live.release_timeout();
+        let error = match tokio::time::timeout(limit, attempt(live)).await {
+            Ok(Ok(answer)) => return Some(answer),
             Ok(Err(error)) if !error.is_transient() => {
                 tracing::warn!(
                     error = &error as &dyn std::error::Error,
                     "releasing a dropped guard failed; its key stays until the session ends"
                 );
-                return false;
+                return None;
             }
             Ok(Err(error)) => error,
-            Err(_) => Error::Timeout {
-                after: live.release_timeout(),
-            },
+            Err(_) => Error::Timeout { after: limit },
         };
         if !warned {
             tracing::warn!(
@@ -210,21 +246,8 @@ pub(crate) async fn release_while_session_lives(
             );
             warned = true;
         }
-        drop(live);
         backoff.wait().await;
     }
-}
-
-/// The create revision of `key` if it exists on the session's lease.
-pub(crate) async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
-    let live = session.upgrade()?;
-    let kv = live.client().kv_client();
-    let read = retry(&kv, live.request_timeout(), |mut kv| {
-        let key = key.to_vec();
-        async move { kv.get(key, None).await }
-    });
-    let found = read.await.ok()?.kvs().first().cloned()?;
-    (found.lease() == live.lease_id()).then_some(found.create_revision())
 }
 
 /// The outcome of a fenced write.

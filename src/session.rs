@@ -372,9 +372,9 @@ pub(crate) struct ElectionClaim {
     shared: OwnedRwLockReadGuard<Leftover>,
 }
 
-/// Set by a handle that left while others still held the claim, and that may have left a
-/// new incarnation of the key behind (a campaign whose join created it after a resign had
-/// deleted the old one): the last claim to go looks for it.
+/// Set by a handle that, as it leaves, may leave behind an incarnation of the key that
+/// nobody uses (a campaign whose join created it after a resign had deleted the old one):
+/// the last claim to go looks for it.
 #[derive(Default)]
 pub(crate) struct Leftover(AtomicBool);
 

@@ -676,6 +676,40 @@ async fn a_resign_in_flight_withdraws_the_key_made_by_the_join_of_a_campaign_can
 }
 
 #[tokio::test]
+async fn a_leadership_dropped_in_an_outage_while_a_cancelled_join_is_undone_is_released_after_it() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = cluster.client().await;
+    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let ours = Session::builder(through_proxy)
+        .ttl(secs(20))
+        .request_timeout(secs(1))
+        .release_timeout(millis(300))
+        .build()
+        .await
+        .unwrap();
+    let election = Election::new(&ours, unique("outage"));
+    let leading = election.campaign("a").await.unwrap();
+    let key = String::from_utf8(leading.key().to_vec()).unwrap();
+    let released = Deletion::of(&client, &key).await;
+    // In the outage, a campaign's join hangs and the campaign is cancelled: its undo waits
+    // for the join's outcome. The leadership is dropped meanwhile, so the undo is left to
+    // release the leader's key, and must go on trying until etcd answers.
+    proxy.stall();
+    let again = spawn_campaign(&election, "b");
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    again.abort();
+    assert!(again.await.unwrap_err().is_cancelled());
+    drop(leading);
+    // The outage outlasts the join's request timeout and a few release attempts.
+    tokio::time::sleep(millis(2_000)).await;
+    proxy.heal();
+    within(secs(5), released.happened()).await;
+}
+
+#[tokio::test]
 async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
