@@ -163,7 +163,9 @@ enum Sent {
     Answered(TxnResponse),
     /// Failed in transit: it may or may not have committed.
     Unknown,
-    /// Refused by etcd: nothing was written.
+    /// Refused by etcd: nothing was written (etcd refuses a request for what it is, such
+    /// as its size or the caller's permissions, so it refused every attempt; or the lease
+    /// is gone, and its keys with it).
     Refused,
 }
 
@@ -202,10 +204,11 @@ impl InFlight {
                 let sent = sent.await;
                 // The claim is given up only now, with the outcome known: a key this Txn
                 // created after the others' key was deleted is then left to the last of
-                // them, if they are still there.
+                // them, if they are still there. Any outcome may have created one: a key
+                // found may be this very call's, from an attempt whose answer was lost.
                 let last_claim = match claim {
                     None => None,
-                    Some(claim) => match claim.leave(sent.may_have_created()) {
+                    Some(claim) => match claim.leave(true) {
                         None => return,
                         last => last,
                     },
@@ -229,14 +232,6 @@ impl InFlight {
                 drop((local, last_claim));
             },
         );
-    }
-}
-
-impl Sent {
-    /// Whether the Txn may have created the key: unless it answered that it found one. (A
-    /// refusal may follow an earlier attempt that failed in transit but was applied.)
-    fn may_have_created(&self) -> bool {
-        !matches!(self, Sent::Answered(answer) if !answer.succeeded())
     }
 }
 
