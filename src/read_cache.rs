@@ -55,7 +55,9 @@ use crate::watcher::{Follower, Update};
 /// lost or frozen, compaction) with a fresh read of the range, so nothing is missed.
 /// While it is broken, transactions go on reading the last copy (and conflict if it is
 /// stale; after a second conflict and its back-off, an attempt reads from etcd unless the
-/// copy has caught up with the values the failed commit read). If etcd refuses the watch
+/// copy has caught up with the values the failed commit read; after a read-only check
+/// finds a change among keys it reads without values, past the 128 one Txn compares, the
+/// next attempt reads from etcd unless the copy shows that change). If etcd refuses the watch
 /// for good (permissions revoked), a warning is logged and transactions read from etcd
 /// again.
 ///

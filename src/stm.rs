@@ -175,6 +175,9 @@ pub struct StmTxn {
     /// The newest revision this Stm had seen when the attempt began: an attempt that read
     /// the cache checks its blind writes from no earlier.
     seen: i64,
+    /// A change found by an earlier attempt's check, whose value it could not hand over:
+    /// a copy that does not show it yet is not read.
+    copy_at_least: i64,
 }
 
 /// How a commit ended.
@@ -184,6 +187,9 @@ enum Outcome {
     /// The reads were no longer valid: the fresh values of the read set (and of the
     /// prefetch keys), read by the failed Txn.
     Conflict(Fresh),
+    /// A read-only check found that a key read had changed, among more keys than one Txn
+    /// compares, at `revision` at the latest; it read no values.
+    Changed { revision: i64 },
 }
 
 /// Values read together in one Txn, at `revision`.
@@ -361,6 +367,7 @@ impl Stm {
         let mut backoff = Backoff::with_steps(first, max);
         let mut cache = self.cache.clone();
         let (mut conflicts, mut compactions) = (0, 0);
+        let mut copy_at_least = 0;
         loop {
             // Reads pinned to a snapshot use the fresh values' revision, so that an attempt
             // never mixes them with newer reads.
@@ -379,6 +386,7 @@ impl Stm {
                 noted_in: self.cache.clone(),
                 view: None,
                 seen: self.seen.load(Ordering::Relaxed),
+                copy_at_least,
             };
             let output = apply(&mut txn).await;
             if let Some(compaction) = txn.compacted {
@@ -405,6 +413,8 @@ impl Stm {
                     self.seen.fetch_max(values.revision, Ordering::Relaxed);
                     fresh = values;
                 }
+                // The next attempts must not read that key from a copy that lags again.
+                Outcome::Changed { revision } => copy_at_least = copy_at_least.max(revision),
             }
             compactions = 0;
             conflicts += 1;
@@ -518,16 +528,25 @@ impl StmTxn {
         Ok(&self.reads[key])
     }
 
-    /// `key` from the attempt's view of the cache, if the cache holds it and the
-    /// attempt's snapshot (if any) is that view's revision.
+    /// `key` from the attempt's view of the cache, if the cache holds it, the attempt's
+    /// snapshot (if any) is that view's revision, and the view shows the changes earlier
+    /// checks found.
     async fn read_cached(&mut self, key: &[u8]) -> Option<Read> {
-        let cache = self.cache.as_ref().filter(|cache| cache.covers(key))?;
+        if !self.cache.as_ref().is_some_and(|cache| cache.covers(key)) {
+            return None;
+        }
         if self.view.is_none() {
             if self.isolation.snapshot_reads() && self.snapshot.is_some() {
                 return None; // pinned already, by a read from etcd
             }
-            cache.caught_up(cache.written(), CATCH_UP_LIMIT).await;
+            let cache = self.cache.clone()?;
+            let needed = cache.written().max(self.copy_at_least);
+            cache.caught_up(needed, CATCH_UP_LIMIT).await;
             let view = cache.view()?;
+            if view.revision < self.copy_at_least {
+                self.cache = None; // still behind a change a check found: read etcd
+                return None;
+            }
             if self.isolation.snapshot_reads() {
                 self.snapshot = Some(view.revision);
             }
@@ -674,8 +693,8 @@ impl StmTxn {
     /// Checks that a read-only attempt's reads are still current, with read-only Txns
     /// (which etcd answers without a raft write): one that compares up to
     /// [`ETCD_MAX_TXN_OPS`] keys, and for any further keys, reads of their mod revisions
-    /// at the revision it was answered at, compared here. If all match, the reads were
-    /// current at that revision.
+    /// at the revision it was answered at, compared here (their values could exceed one
+    /// answer). If all match, the reads were current at that revision.
     async fn check_reads(self, prefetch: &[Vec<u8>]) -> Result<Outcome> {
         let reads: Vec<(Vec<u8>, Read)> = self.reads.into_iter().collect();
         let (compared, rest) = reads.split_at(reads.len().min(ETCD_MAX_TXN_OPS));
@@ -700,12 +719,15 @@ impl StmTxn {
                 }
                 Err(error) => return Err(error),
             };
-            if chunk
+            // A deleted key changed at the check's revision at the latest.
+            let changed = chunk
                 .iter()
                 .zip(now)
-                .any(|((_, read), now)| now != read.mod_revision)
-            {
-                return Ok(Outcome::Conflict(Fresh::default()));
+                .filter(|((_, read), now)| *now != read.mod_revision)
+                .map(|(_, now)| if now > 0 { now } else { revision })
+                .max();
+            if let Some(revision) = changed {
+                return Ok(Outcome::Changed { revision });
             }
         }
         Ok(Outcome::Committed { revision })

@@ -397,6 +397,30 @@ async fn a_change_to_any_of_many_keys_read_is_caught_by_the_read_only_check() {
 }
 
 #[tokio::test]
+async fn a_change_caught_beyond_the_first_compares_is_not_read_from_a_frozen_copy_again() {
+    const KEYS: usize = 2_000; // the check compares 128, then reads the rest keys-only
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("many-frozen");
+    let keys = put_many(&client, &prefix, KEYS, b"1").await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    put(&client, &keys[7], "2").await;
+    // The first attempt reads the frozen copy, and its check finds the change, most
+    // likely among the keys it reads after the compares, without their values. The
+    // second attempt must then not read the copy again.
+    for isolation in [Isolation::SerializableSnapshot, Isolation::RepeatableReads] {
+        let stm = Stm::new(client.clone())
+            .isolation(isolation)
+            .read_cache(cache.clone())
+            .max_attempts(2);
+        let sum = within(secs(20), stm.run(async |tx| sum(tx, &keys).await))
+            .await
+            .unwrap();
+        assert_eq!(sum, KEYS as u64 + 1, "{isolation:?}");
+    }
+}
+
+#[tokio::test]
 async fn deleting_an_absent_cached_key_does_not_stall_the_next_reads() {
     const RUNS: usize = 20;
     let cluster = EtcdCluster::start(1).await;
