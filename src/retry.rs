@@ -7,7 +7,9 @@
 //! about one election timeout. So each attempt is cut off after [`ATTEMPT_TIMEOUT`] and
 //! retried until the caller's deadline. Only requests that are safe to apply twice come
 //! here: reads, and writes guarded by a compare that a first application falsifies
-//! (create-if-absent, fenced by create revision).
+//! (create-if-absent, fenced by create revision). A create-if-absent is safe only while
+//! the key stays: an abandoned attempt delivered after its release creates it again
+//! (README, "A join delivered late").
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
