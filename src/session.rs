@@ -781,10 +781,12 @@ async fn renew(
                 return StreamEnd::Reopen;
             }
             _ = ticks.tick(), if pending_since.is_none() => {
+                // Taken before the send: the lease is counted from no later than etcd's.
+                let sending = Instant::now();
                 if keeper.keep_alive().await.is_err() {
                     return StreamEnd::Reopen;
                 }
-                pending_since = Some(Instant::now());
+                pending_since = Some(sending);
             }
             answer = answers.message() => match answer {
                 Ok(Some(answer)) if answer.ttl() > 0 => {
