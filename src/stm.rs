@@ -188,7 +188,8 @@ enum Outcome {
     /// prefetch keys), read by the failed Txn.
     Conflict(Fresh),
     /// A read-only check found that a key read had changed, among more keys than one Txn
-    /// compares, at `revision` at the latest; it read no values.
+    /// compares; it read no values. `revision`: the copy of the `ReadCache` must be at
+    /// least there to show the changes to keys it holds (0 if none).
     Changed { revision: i64 },
 }
 
@@ -719,13 +720,24 @@ impl StmTxn {
                 }
                 Err(error) => return Err(error),
             };
-            // A deleted key changed at the check's revision at the latest.
-            let changed = chunk
-                .iter()
-                .zip(now)
-                .filter(|((_, read), now)| *now != read.mod_revision)
-                .map(|(_, now)| if now > 0 { now } else { revision })
-                .max();
+            let mut changed = None;
+            for ((key, read), now) in chunk.iter().zip(now) {
+                if now == read.mod_revision {
+                    continue;
+                }
+                // What the copy must show before it is read again: the changes to keys it
+                // holds (a deleted key changed at the check's revision at the latest).
+                let cached = self
+                    .noted_in
+                    .as_ref()
+                    .is_some_and(|cache| cache.covers(key));
+                let shown_from = match (cached, now) {
+                    (false, _) => 0,
+                    (true, 0) => revision,
+                    (true, now) => now,
+                };
+                changed = Some(changed.unwrap_or(0).max(shown_from));
+            }
             if let Some(revision) = changed {
                 return Ok(Outcome::Changed { revision });
             }
