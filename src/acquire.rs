@@ -16,6 +16,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result, is_lease_gone};
+use crate::late_join::Owner;
 use crate::ownership::{OwnedKey, release_lease_key, release_while_session_lives};
 use crate::release::spawn_release;
 use crate::retry::retry;
@@ -91,15 +92,28 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let kv = session.client().kv_client();
     let limit = session.request_timeout();
     let task = session.runtime().spawn(async move {
-        retry(&kv, limit, |mut kv| {
+        let mut attempts = 0;
+        let answer = retry(&kv, limit, |mut kv| {
+            attempts += 1;
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
-        .await
+        .await;
+        Sending {
+            answer,
+            resent: attempts > 1,
+        }
     });
+    let owner = match request.local {
+        Some(_) => Owner::Mutex,
+        None => Owner::Election,
+    };
     let mut in_flight = InFlight {
         task: Some(task),
         session: session.clone(),
+        name: name.to_vec(),
+        owner,
+        resent: false,
         key: key.clone(),
         local: request.local,
         claim: request.claim,
@@ -115,6 +129,9 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
             return Err(lease_gone_is_session_lost(session, error));
         }
     };
+    if in_flight.resent {
+        session.watch_for_late_joins(name, owner);
+    }
     let (local, claim) = (in_flight.local.take(), in_flight.claim.take());
     let revision = answer.header().map_or(0, |h| h.revision());
     let (own, queue) = split(&answer);
@@ -149,10 +166,21 @@ fn split(answer: &TxnResponse) -> (Option<KeyValue>, Vec<KeyValue>) {
     }
 }
 
+/// The join Txn's answer, and whether it was sent more than once: an earlier attempt may
+/// then still reach etcd, late.
+struct Sending {
+    answer: Result<TxnResponse>,
+    resent: bool,
+}
+
 /// The join Txn's task, undone if dropped before its answer was taken.
 struct InFlight {
-    task: Option<JoinHandle<Result<TxnResponse>>>,
+    task: Option<JoinHandle<Sending>>,
     session: Session,
+    name: Vec<u8>,
+    owner: Owner,
+    /// Set by `finish`: the Txn was sent more than once.
+    resent: bool,
     key: Vec<u8>,
     local: Option<OwnedMutexGuard<QueueWatch>>,
     claim: Option<ElectionClaim>,
@@ -172,10 +200,13 @@ enum Sent {
 impl InFlight {
     async fn finish(&mut self) -> Result<TxnResponse> {
         let task = self.task.as_mut().expect("finish is called once");
-        let answer = task.await;
+        let sending = task.await;
         self.task = None;
-        match answer {
-            Ok(answer) => answer,
+        match sending {
+            Ok(sending) => {
+                self.resent = sending.resent;
+                sending.answer
+            }
             Err(join_error) if join_error.is_panic() => {
                 std::panic::resume_unwind(join_error.into_panic())
             }
@@ -191,17 +222,27 @@ impl InFlight {
     /// to go looks for it). The last claim on it deletes it whatever became of this Txn,
     /// as an earlier holder may have left it to this call.
     fn undo_in_background(&mut self, sent: Sent) {
-        self.spawn_undo(async move { sent });
+        let resent = self.resent;
+        self.spawn_undo(async move { (sent, resent) });
     }
 
-    fn spawn_undo(&mut self, sent: impl Future<Output = Sent> + Send + 'static) {
+    /// As [`undo_in_background`](Self::undo_in_background), for the outcome `sent` gives
+    /// with whether the Txn was sent more than once. If so, or if the outcome is unknown,
+    /// the session then watches the key for an attempt delivered late.
+    fn spawn_undo(&mut self, sent: impl Future<Output = (Sent, bool)> + Send + 'static) {
         let (session, key) = (self.session.downgrade(), self.key.clone());
+        let (name, owner) = (self.name.clone(), self.owner);
         let (local, claim) = (self.local.take(), self.claim.take());
         spawn_release(
             self.session.runtime(),
             "undoing a cancelled or failed lock or campaign",
             async move {
-                let sent = sent.await;
+                let (sent, resent) = sent.await;
+                if resent || matches!(sent, Sent::Unknown) {
+                    if let Some(live) = session.upgrade() {
+                        live.watch_for_late_joins(&name, owner);
+                    }
+                }
                 // The claim is given up only now, with the outcome known: a key this Txn
                 // created after the others' key was deleted is then left to the last of
                 // them, if they are still there. Any outcome may have created one: a key
@@ -244,9 +285,12 @@ impl Drop for InFlight {
             // The join Txn is bounded by the request timeout: wait for its outcome.
             self.spawn_undo(async move {
                 match task.await {
-                    Ok(Ok(answer)) => Sent::Answered(answer),
-                    Ok(Err(error)) if !error.is_transient() => Sent::Refused,
-                    _ => Sent::Unknown,
+                    Ok(Sending { answer, resent }) => match answer {
+                        Ok(answer) => (Sent::Answered(answer), resent),
+                        Err(error) if !error.is_transient() => (Sent::Refused, resent),
+                        Err(_) => (Sent::Unknown, resent),
+                    },
+                    Err(_) => (Sent::Unknown, true),
                 }
             });
         }

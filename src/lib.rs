@@ -63,6 +63,7 @@
 mod acquire;
 mod election;
 mod error;
+mod late_join;
 mod mutex;
 mod ownership;
 mod read_cache;

@@ -8,8 +8,8 @@
 //! retried until the caller's deadline. Only requests that are safe to apply twice come
 //! here: reads, and writes guarded by a compare that a first application falsifies
 //! (create-if-absent, fenced by create revision). A create-if-absent is safe only while
-//! the key stays: an abandoned attempt delivered after its release creates it again
-//! (README, "A join delivered late").
+//! the key stays: an abandoned attempt delivered after its release creates it again,
+//! which the session then deletes (see `late_join`).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -45,6 +46,10 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 ///
 /// Requests that fail in transit are retried (each attempt cut off after 2 s, so a write
 /// stuck behind a dead raft leader is sent again) until the session's request timeout.
+/// An abandoned attempt to join a lock's or election's queue may still reach etcd later
+/// and make the session's key there again, for nobody: after such a join the session
+/// watches that key, with one watch, until it is dropped, and deletes any incarnation no
+/// guard, leadership or waiting call of the session uses.
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
 /// re-opened if it does not come. For faster detection of a frozen or partitioned member,
 /// configure the client with HTTP/2 pings and `require_leader`:
@@ -103,6 +108,9 @@ struct Shared {
     /// One claim slot per election name: this session's campaigns and leaderships there
     /// share one key in etcd.
     elections: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::RwLock<Leftover>>>>,
+    /// One task per key of this session watched for join attempts delivered late,
+    /// stopped with the session.
+    late_joins: std::sync::Mutex<HashMap<Vec<u8>, AbortHandle>>,
 }
 
 /// Configures and creates a [`Session`]; see [`Session::builder`] for an example.
@@ -337,6 +345,22 @@ impl Session {
         Ok(alive)
     }
 
+    /// Runs `task` on the session's runtime, unless one runs for `key` already; it is
+    /// aborted when the session is dropped.
+    pub(crate) fn spawn_once_for_key<F>(&self, key: Vec<u8>, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut tasks = self
+            .shared
+            .late_joins
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tasks
+            .entry(key)
+            .or_insert_with(|| self.shared.runtime.spawn(task).abort_handle());
+    }
+
     /// The in-process queue slot of the mutex `name` for this session, shared by every
     /// handle on it; it lives as long as one does.
     pub(crate) fn queue_slot(&self, name: &[u8]) -> Arc<tokio::sync::Mutex<QueueWatch>> {
@@ -391,6 +415,26 @@ impl Session {
         let slot = shared_slot(&self.shared.elections, name);
         let shared = slot.clone().read_owned().await;
         ElectionClaim { slot, shared }
+    }
+}
+
+impl Session {
+    /// For an incarnation of this session's key in election `name` that no campaign may
+    /// know of (made by a join attempt delivered late): the claim made exclusive, to
+    /// delete it under, if no campaign or leadership of the session holds it. If some do,
+    /// the last of them to go is told to look for it (`None`).
+    pub(crate) async fn claim_unknown_key(&self, name: &[u8]) -> Option<LastClaim> {
+        let slot = shared_slot(&self.shared.elections, name);
+        if let Ok(shared) = slot.clone().try_read_owned() {
+            return ElectionClaim { slot, shared }.leave(true);
+        }
+        // A last claim is deleting the key now, and may have looked before this
+        // incarnation was made: look again after it.
+        let exclusive = slot.write_owned().await;
+        Some(LastClaim {
+            _exclusive: exclusive,
+            leftover: true,
+        })
     }
 }
 
@@ -452,6 +496,13 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.keep_alive.abort();
+        let late_joins = self
+            .late_joins
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (_, watch) in late_joins.drain() {
+            watch.abort();
+        }
         if self.ended.load(Ordering::SeqCst) {
             return;
         }
@@ -606,6 +657,7 @@ impl SessionBuilder {
                 ended: AtomicBool::new(false),
                 queues: Default::default(),
                 elections: Default::default(),
+                late_joins: Default::default(),
             }),
         })
     }

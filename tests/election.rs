@@ -6,7 +6,8 @@ use std::pin::{Pin, pin};
 use std::time::Instant;
 
 use common::{
-    Deletion, Etcdctl, appears, exists, holds, keys_under, millis, read, secs, unique, within,
+    Deletion, Etcdctl, appears, exists, holds, keys_under, late_join_withdrawn, millis, read, secs,
+    two_path_session, unique, within,
 };
 use etcd_client::{Client, CompactionOptions};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -738,4 +739,30 @@ async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process()
     assert!(campaign.await.is_err(), "still waiting behind the leader");
     within(secs(1), deletion.happened()).await;
     leading.resign().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_join_attempt_that_reaches_etcd_after_the_resign_leaves_no_key() {
+    let cluster = EtcdCluster::start(1).await;
+    let observer = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let ours = two_path_session(&cluster, &proxy).await;
+    for _ in 0..20 {
+        let name = unique("late-join");
+        let mut changes = observer
+            .clone()
+            .watch(hex_key(&name, &ours), None)
+            .await
+            .unwrap();
+        proxy.stall();
+        let started = Instant::now();
+        let election = Election::new(&ours, &name);
+        let leading = within(secs(20), election.campaign("a")).await.unwrap();
+        let sent_again = started.elapsed() >= millis(1_900);
+        leading.resign().await.unwrap();
+        if late_join_withdrawn(&mut changes, &proxy, sent_again).await {
+            return;
+        }
+    }
+    panic!("no join attempt reached etcd late in 20 tries");
 }

@@ -5,10 +5,14 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use common::{Deletion, Etcdctl, appears, exists, keys_under, millis, secs, unique, within};
+use common::{
+    Deletion, Etcdctl, appears, exists, keys_under, late_join_withdrawn, millis, secs,
+    two_path_session, unique, within,
+};
 use etcd_client::{Client, LockOptions, Txn, TxnOp};
-use etcd_concurrency::testing::EtcdCluster;
+use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Error, Mutex, Session};
 
 async fn session(client: &Client) -> Session {
@@ -538,4 +542,28 @@ async fn idle_mutexes_do_not_let_queue_events_pile_up_in_the_connection() {
             .await
             .unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_join_attempt_that_reaches_etcd_after_the_unlock_leaves_no_key() {
+    let cluster = EtcdCluster::start(1).await;
+    let observer = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let ours = two_path_session(&cluster, &proxy).await;
+    for _ in 0..20 {
+        let name = unique("late-join");
+        let key = format!("{name}/{:x}", ours.lease_id());
+        let mut changes = observer.clone().watch(key.as_str(), None).await.unwrap();
+        proxy.stall();
+        let started = Instant::now();
+        let guard = within(secs(20), Mutex::new(&ours, &name).lock())
+            .await
+            .unwrap();
+        let sent_again = started.elapsed() >= millis(1_900);
+        guard.unlock().await.unwrap();
+        if late_join_withdrawn(&mut changes, &proxy, sent_again).await {
+            return;
+        }
+    }
+    panic!("no join attempt reached etcd late in 20 tries");
 }

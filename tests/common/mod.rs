@@ -304,3 +304,60 @@ impl Etcdctl {
         let _ = self.child.wait().await;
     }
 }
+
+/// A session whose client reaches the one member of `cluster` two ways, through `proxy`
+/// and directly: a request stalled in the proxy is sent again the direct way, and the
+/// stalled attempt reaches etcd when the proxy heals.
+pub async fn two_path_session(
+    cluster: &etcd_concurrency::testing::EtcdCluster,
+    proxy: &etcd_concurrency::testing::Proxy,
+) -> etcd_concurrency::Session {
+    let client = Client::connect([proxy.endpoint(), cluster.endpoint(0)], None)
+        .await
+        .unwrap();
+    etcd_concurrency::Session::builder(client)
+        .ttl(secs(30))
+        .request_timeout(secs(20))
+        .build()
+        .await
+        .unwrap()
+}
+
+/// The type of the next event on `changes`, within 30 s.
+pub async fn next_change(changes: &mut etcd_client::WatchStream) -> etcd_client::EventType {
+    loop {
+        let answer = within(secs(30), changes.message()).await.unwrap().unwrap();
+        if let Some(event) = answer.events().first() {
+            return event.event_type();
+        }
+    }
+}
+
+/// After a join, and the unlock or resign of what it got, observed on `changes` while
+/// the proxy stalled: heals the proxy and, if `sent_again`, returns whether the stalled
+/// attempt made the key again, asserting that it was then deleted within 5 s.
+pub async fn late_join_withdrawn(
+    changes: &mut etcd_client::WatchStream,
+    proxy: &etcd_concurrency::testing::Proxy,
+    sent_again: bool,
+) -> bool {
+    use etcd_client::EventType;
+    assert_eq!(next_change(changes).await, EventType::Put);
+    assert_eq!(next_change(changes).await, EventType::Delete);
+    // The attempt held in the proxy reaches etcd now, and makes the key again unless the
+    // RST that cancelled it came first.
+    proxy.heal();
+    if !sent_again {
+        return false;
+    }
+    let Ok(made) = tokio::time::timeout(secs(1), next_change(changes)).await else {
+        return false;
+    };
+    assert_eq!(made, EventType::Put);
+    assert_eq!(
+        within(secs(5), next_change(changes)).await,
+        EventType::Delete,
+        "the key a late join attempt made was left"
+    );
+    true
+}
