@@ -8,7 +8,7 @@
 
 use etcd_client::{EventType, GetOptions, KeyValue};
 
-use crate::ownership::release_while_session_lives;
+use crate::ownership::release_lease_key;
 use crate::session::{Session, WeakSession};
 use crate::watcher::{Follower, Update};
 
@@ -54,51 +54,41 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
             return;
         };
         let ours = |kv: &KeyValue| kv.lease() == lease;
-        let created: Vec<i64> = match update {
-            Update::Snapshot { kvs, .. } => kvs
-                .iter()
-                .filter(|kv| ours(kv))
-                .map(KeyValue::create_revision)
-                .collect(),
+        let created = match update {
+            Update::Snapshot { kvs, .. } => kvs.iter().any(ours),
             Update::Events(events) => events
                 .iter()
                 .filter(|event| event.event_type() == EventType::Put)
                 .filter_map(|event| event.kv())
-                .filter(|kv| ours(kv) && kv.version() == 1)
-                .map(KeyValue::create_revision)
-                .collect(),
+                .any(|kv| ours(kv) && kv.version() == 1),
         };
-        for revision in created {
-            withdraw_if_unused(&session, &name, &key, revision, owner).await;
+        if created {
+            withdraw_if_unused(&session, &name, &key, owner).await;
         }
     }
 }
 
-/// Deletes incarnation `revision` of `key` unless a handle of the session uses it or is
-/// about to (it would adopt it: its join finds it). Holds the session only while it looks
-/// at its slots, so that dropping its last handle still revokes the lease.
-async fn withdraw_if_unused(
-    session: &WeakSession,
-    name: &[u8],
-    key: &[u8],
-    revision: i64,
-    owner: Owner,
-) {
+/// Deletes the session's `key` once no handle of the session uses it or is about to (a
+/// join in flight would adopt it). Holds the session only while it looks at its slots, so
+/// that dropping its last handle still revokes the lease.
+async fn withdraw_if_unused(session: &WeakSession, name: &[u8], key: &[u8], owner: Owner) {
     let Some(live) = session.upgrade() else {
         return;
     };
     let held = match owner {
-        Owner::Mutex => match live.queue_slot(name).try_lock_owned() {
-            Ok(slot) => (Some(slot), None),
-            Err(_) => return, // a guard or lock() of the session has the key
-        },
+        Owner::Mutex => {
+            // Held by a guard, a lock() or a release in progress: wait for them (the
+            // incarnation may have been made just after a release's delete).
+            let slot = live.queue_slot(name);
+            drop(live);
+            (Some(slot.lock_owned().await), None)
+        }
         Owner::Election => match live.claim_unknown_key(name).await {
             Some(last) => (None, Some(last)),
             None => return, // the last campaign or leadership to go looks for it
         },
     };
-    drop(live);
-    tracing::debug!(revision, "withdrawing a key made by a late join attempt");
-    release_while_session_lives(session.clone(), key, revision).await;
+    tracing::debug!("looking for a key made by a late join attempt");
+    release_lease_key(session.clone(), key).await;
     drop(held);
 }
