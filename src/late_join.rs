@@ -8,7 +8,7 @@
 
 use etcd_client::{EventType, GetOptions, KeyValue};
 
-use crate::ownership::release_lease_key;
+use crate::ownership::{lease_key, release_lease_key, release_while_session_lives};
 use crate::session::{Session, WeakSession};
 use crate::watcher::{Follower, Update};
 
@@ -31,12 +31,19 @@ impl Session {
 }
 
 async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, owner: Owner) {
-    let Some(client) = session.upgrade().map(|live| live.client().clone()) else {
+    let Some((client, mut ended)) = session
+        .upgrade()
+        .map(|live| (live.client().clone(), live.ended_signal()))
+    else {
         return;
     };
     let mut follower = Follower::new(client, key.clone(), false, GetOptions::new(), 0);
     loop {
-        let update = match follower.next().await {
+        let update = tokio::select! {
+            update = follower.next() => update,
+            _ = ended.wait_for(|ended| *ended) => return,
+        };
+        let update = match update {
             Ok(update) => update,
             Err(error) => {
                 tracing::warn!(
@@ -46,11 +53,7 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
                 return;
             }
         };
-        let Some(lease) = session
-            .upgrade()
-            .filter(|live| !live.has_ended() && !live.is_lost())
-            .map(|live| live.lease_id())
-        else {
+        let Some(lease) = session.upgrade().map(|live| live.lease_id()) else {
             return;
         };
         let ours = |kv: &KeyValue| kv.lease() == lease;
@@ -63,32 +66,48 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
                 .any(|kv| ours(kv) && kv.version() == 1),
         };
         if created {
-            withdraw_if_unused(&session, &name, &key, owner).await;
+            match owner {
+                Owner::Mutex => withdraw_from_mutex(&session, &name, &key).await,
+                Owner::Election => withdraw_from_election(&session, &name, &key).await,
+            }
         }
     }
 }
 
-/// Deletes the session's `key` once no handle of the session uses it or is about to (a
-/// join in flight would adopt it). Holds the session only while it looks at its slots, so
-/// that dropping its last handle still revokes the lease.
-async fn withdraw_if_unused(session: &WeakSession, name: &[u8], key: &[u8], owner: Owner) {
-    let Some(live) = session.upgrade() else {
+/// Deletes the session's `key` in mutex `name` if it exists once no guard, `lock()` or
+/// release of the session holds the mutex's in-process slot (the incarnation may have
+/// been made just after a release's delete; a join in flight adopts it). The slot is held
+/// only to delete, so that `try_lock` rarely finds it taken.
+async fn withdraw_from_mutex(session: &WeakSession, name: &[u8], key: &[u8]) {
+    let Some(slot) = session.upgrade().map(|live| live.queue_slot(name)) else {
         return;
     };
-    let held = match owner {
-        Owner::Mutex => {
-            // Held by a guard, a lock() or a release in progress: wait for them (the
-            // incarnation may have been made just after a release's delete).
-            let slot = live.queue_slot(name);
-            drop(live);
-            (Some(slot.lock_owned().await), None)
-        }
-        Owner::Election => match live.claim_unknown_key(name).await {
-            Some(last) => (None, Some(last)),
-            None => return, // the last campaign or leadership to go looks for it
-        },
+    drop(slot.clone().lock_owned().await);
+    let Some(revision) = lease_key(session, key).await else {
+        return;
     };
-    tracing::debug!("looking for a key made by a late join attempt");
-    release_lease_key(session.clone(), key).await;
+    let held = slot.lock_owned().await;
+    tracing::debug!(
+        revision,
+        "withdrawing a lock key made by a late join attempt"
+    );
+    release_while_session_lives(session.clone(), key, revision).await;
     drop(held);
+}
+
+/// Deletes the session's `key` in election `name` if no campaign or leadership of the
+/// session holds its claim; otherwise the last of them to go looks for it.
+async fn withdraw_from_election(session: &WeakSession, name: &[u8], key: &[u8]) {
+    let Some(unknown) = session
+        .upgrade()
+        .map(|live| live.unknown_election_key(name))
+    else {
+        return;
+    };
+    let Some(last) = unknown.claim().await else {
+        return;
+    };
+    tracing::debug!("withdrawing an election key made by a late join attempt");
+    release_lease_key(session.clone(), key).await;
+    drop(last);
 }

@@ -419,22 +419,40 @@ impl Session {
 }
 
 impl Session {
-    /// For an incarnation of this session's key in election `name` that no campaign may
-    /// know of (made by a join attempt delivered late): the claim made exclusive, to
-    /// delete it under, if no campaign or leadership of the session holds it. If some do,
-    /// the last of them to go is told to look for it (`None`).
-    pub(crate) async fn claim_unknown_key(&self, name: &[u8]) -> Option<LastClaim> {
-        let slot = shared_slot(&self.shared.elections, name);
-        if let Ok(shared) = slot.clone().try_read_owned() {
-            return ElectionClaim { slot, shared }.leave(true);
+    /// This session's key in election `name`, as an incarnation that no campaign may know
+    /// of (made by a join attempt delivered late).
+    pub(crate) fn unknown_election_key(&self, name: &[u8]) -> UnknownKey {
+        UnknownKey(shared_slot(&self.shared.elections, name))
+    }
+
+    /// Says `true` once the session is lost or has ended (closed, orphaned); closed once
+    /// it is dropped. Holds nothing of the session.
+    pub(crate) fn ended_signal(&self) -> watch::Receiver<bool> {
+        self.shared.lost.subscribe()
+    }
+}
+
+/// An incarnation of a session's key in an election that no campaign may know of.
+pub(crate) struct UnknownKey(Arc<tokio::sync::RwLock<Leftover>>);
+
+impl UnknownKey {
+    /// The claim made exclusive, to delete the key under, if no campaign or leadership of
+    /// the session holds it. If some do, the last of them to go is told to look for it
+    /// (`None`). While a last claim is deleting the key (it may have looked before this
+    /// incarnation was made), waits for it to finish, polling rather than queueing for the
+    /// claim, which would hold up the next campaigns.
+    pub(crate) async fn claim(self) -> Option<LastClaim> {
+        let mut backoff = Backoff::new();
+        loop {
+            if let Ok(shared) = self.0.clone().try_read_owned() {
+                return ElectionClaim {
+                    slot: self.0,
+                    shared,
+                }
+                .leave(true);
+            }
+            backoff.wait().await;
         }
-        // A last claim is deleting the key now, and may have looked before this
-        // incarnation was made: look again after it.
-        let exclusive = slot.write_owned().await;
-        Some(LastClaim {
-            _exclusive: exclusive,
-            leftover: true,
-        })
     }
 }
 
