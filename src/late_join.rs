@@ -66,9 +66,15 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
                 .any(|kv| ours(kv) && kv.version() == 1),
         };
         if created {
-            match owner {
-                Owner::Mutex => withdraw_from_mutex(&session, &name, &key).await,
-                Owner::Election => withdraw_from_election(&session, &name, &key).await,
+            let withdrawn = async {
+                match owner {
+                    Owner::Mutex => withdraw_from_mutex(&session, &name, &key).await,
+                    Owner::Election => withdraw_from_election(&session, &name, &key).await,
+                }
+            };
+            tokio::select! {
+                () = withdrawn => {}
+                _ = ended.wait_for(|ended| *ended) => return,
             }
         }
     }

@@ -438,20 +438,38 @@ pub(crate) struct UnknownKey(Arc<tokio::sync::RwLock<Leftover>>);
 impl UnknownKey {
     /// The claim made exclusive, to delete the key under, if no campaign or leadership of
     /// the session holds it. If some do, the last of them to go is told to look for it
-    /// (`None`). While a last claim is deleting the key (it may have looked before this
-    /// incarnation was made), waits for it to finish, polling rather than queueing for the
-    /// claim, which would hold up the next campaigns.
+    /// (`None` once one has). While a last claim is deleting the key (it may have looked
+    /// before this incarnation was made), waits for it to finish, polling rather than
+    /// queueing for the claim, which would hold up the next campaigns.
     pub(crate) async fn claim(self) -> Option<LastClaim> {
         let mut backoff = Backoff::new();
-        loop {
+        let shared = loop {
             if let Ok(shared) = self.0.clone().try_read_owned() {
-                return ElectionClaim {
-                    slot: self.0,
-                    shared,
-                }
-                .leave(true);
+                break shared;
             }
             backoff.wait().await;
+        };
+        let slot = self.0.clone();
+        if let Some(last) = (ElectionClaim { slot, shared }).leave(true) {
+            return Some(last);
+        }
+        // A campaign handed the claim but dropped before it ran never leaves, nor looks:
+        // go on until someone has taken the note, or the claim is free.
+        loop {
+            backoff.wait().await;
+            match self.0.clone().try_write_owned() {
+                Ok(exclusive) => {
+                    let leftover = exclusive.0.swap(false, Ordering::Acquire);
+                    return leftover.then_some(LastClaim {
+                        _exclusive: exclusive,
+                        leftover,
+                    });
+                }
+                Err(_) => match self.0.try_read() {
+                    Ok(shared) if !shared.0.load(Ordering::Acquire) => return None,
+                    _ => {}
+                },
+            }
         }
     }
 }
