@@ -143,6 +143,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
             None => return Ok(Outcome::NotJoined),
         }
     };
+    session.note_joined(&key, create_revision);
     Ok(Outcome::Joined(Joined {
         key: OwnedKey::new(session.clone(), key, create_revision, local, claim),
         created,

@@ -8,7 +8,8 @@
 
 use etcd_client::{EventType, GetOptions, KeyValue};
 
-use crate::ownership::{lease_key, release_lease_key, release_while_session_lives};
+use crate::ownership::{release_lease_key, release_while_session_lives};
+use crate::retry::Backoff;
 use crate::session::{Session, WeakSession};
 use crate::watcher::{Follower, Update};
 
@@ -26,7 +27,7 @@ impl Session {
     pub(crate) fn watch_for_late_joins(&self, name: &[u8], owner: Owner) {
         let key = self.key_in(name);
         let watch = withdraw_late_joins(self.downgrade(), name.to_vec(), key.clone(), owner);
-        self.spawn_once_for_key(key, watch);
+        self.spawn_late_join_watch(key, watch);
     }
 }
 
@@ -57,18 +58,24 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
             return;
         };
         let ours = |kv: &KeyValue| kv.lease() == lease;
-        let created = match update {
-            Update::Snapshot { kvs, .. } => kvs.iter().any(ours),
+        let created: Vec<i64> = match update {
+            Update::Snapshot { kvs, .. } => kvs
+                .iter()
+                .filter(|kv| ours(kv))
+                .map(KeyValue::create_revision)
+                .collect(),
             Update::Events(events) => events
                 .iter()
                 .filter(|event| event.event_type() == EventType::Put)
                 .filter_map(|event| event.kv())
-                .any(|kv| ours(kv) && kv.version() == 1),
+                .filter(|kv| ours(kv) && kv.version() == 1)
+                .map(KeyValue::create_revision)
+                .collect(),
         };
-        if created {
+        for revision in created {
             let withdrawn = async {
                 match owner {
-                    Owner::Mutex => withdraw_from_mutex(&session, &name, &key).await,
+                    Owner::Mutex => withdraw_from_mutex(&session, &name, &key, revision).await,
                     Owner::Election => withdraw_from_election(&session, &name, &key).await,
                 }
             };
@@ -80,25 +87,37 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
     }
 }
 
-/// Deletes the session's `key` in mutex `name` if it exists once no guard, `lock()` or
-/// release of the session holds the mutex's in-process slot (the incarnation may have
-/// been made just after a release's delete; a join in flight adopts it). The slot is held
-/// only to delete, so that `try_lock` rarely finds it taken.
-async fn withdraw_from_mutex(session: &WeakSession, name: &[u8], key: &[u8]) {
-    let Some(slot) = session.upgrade().map(|live| live.queue_slot(name)) else {
-        return;
-    };
-    drop(slot.clone().lock_owned().await);
-    let Some(revision) = lease_key(session, key).await else {
-        return;
-    };
-    let held = slot.lock_owned().await;
-    tracing::debug!(
-        revision,
-        "withdrawing a lock key made by a late join attempt"
-    );
-    release_while_session_lives(session.clone(), key, revision).await;
-    drop(held);
+/// Deletes incarnation `revision` of the session's `key` in mutex `name` unless a join of
+/// the session took it up. Such a join holds the mutex's in-process slot from before its
+/// Txn until the key is deleted, and notes the incarnation while it holds it; so an
+/// incarnation not noted once the slot is free is a late one. The slot is only tried,
+/// never queued for, so that a `try_lock` of the session does not find it taken by this
+/// watch unless a late key is there.
+async fn withdraw_from_mutex(session: &WeakSession, name: &[u8], key: &[u8], revision: i64) {
+    let mut backoff = Backoff::new();
+    loop {
+        let Some(live) = session.upgrade() else {
+            return;
+        };
+        if live.was_joined(key, revision) {
+            return;
+        }
+        if let Ok(held) = live.queue_slot(name).try_lock_owned() {
+            if live.was_joined(key, revision) {
+                return;
+            }
+            drop(live);
+            tracing::debug!(
+                revision,
+                "withdrawing a lock key made by a late join attempt"
+            );
+            release_while_session_lives(session.clone(), key, revision).await;
+            drop(held);
+            return;
+        }
+        drop(live);
+        backoff.wait().await;
+    }
 }
 
 /// Deletes the session's `key` in election `name` if no campaign or leadership of the

@@ -198,7 +198,7 @@ pub(crate) async fn release_lease_key(session: WeakSession, key: &[u8]) {
 
 /// The create revision of `key` if it exists on the session's lease, read (retried as
 /// [`release_while_session_lives`]) on the way to releasing it.
-pub(crate) async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
+async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
     let found = while_session_lives(session, |live| async move {
         let mut kv = live.client().kv_client();
         let answer = kv.get(key, None).await?;

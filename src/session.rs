@@ -1,6 +1,6 @@
 //! [`Session`]: a lease kept alive in the background, the basis of every lock and election.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,10 +108,21 @@ struct Shared {
     /// One claim slot per election name: this session's campaigns and leaderships there
     /// share one key in etcd.
     elections: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::RwLock<Leftover>>>>,
-    /// One task per key of this session watched for join attempts delivered late,
-    /// stopped with the session.
-    late_joins: std::sync::Mutex<HashMap<Vec<u8>, AbortHandle>>,
+    /// The keys of this session watched for join attempts delivered late.
+    late_joins: std::sync::Mutex<HashMap<Vec<u8>, LateJoinWatch>>,
 }
+
+/// The watch of one key for join attempts delivered late.
+struct LateJoinWatch {
+    /// Its task, stopped with the session.
+    task: AbortHandle,
+    /// The create revisions of the key's latest incarnations that a join of the session
+    /// took up (created, or found): theirs, not late ones.
+    joined: VecDeque<i64>,
+}
+
+/// How many of a watched key's joined incarnations are remembered.
+const JOINED_REMEMBERED: usize = 16;
 
 /// Configures and creates a [`Session`]; see [`Session::builder`] for an example.
 #[derive(Clone)]
@@ -345,20 +356,43 @@ impl Session {
         Ok(alive)
     }
 
-    /// Runs `task` on the session's runtime, unless one runs for `key` already; it is
-    /// aborted when the session is dropped.
-    pub(crate) fn spawn_once_for_key<F>(&self, key: Vec<u8>, task: F)
+    /// Runs `task`, the watch of `key` for join attempts delivered late, on the session's
+    /// runtime, unless one runs for `key` already; it is aborted when the session is
+    /// dropped.
+    pub(crate) fn spawn_late_join_watch<F>(&self, key: Vec<u8>, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let mut tasks = self
-            .shared
+        let mut watches = self.late_join_watches();
+        watches.entry(key).or_insert_with(|| LateJoinWatch {
+            task: self.shared.runtime.spawn(task).abort_handle(),
+            joined: VecDeque::new(),
+        });
+    }
+
+    /// Notes that a join of this session took up incarnation `revision` of `key`, if
+    /// that key is watched for late joins.
+    pub(crate) fn note_joined(&self, key: &[u8], revision: i64) {
+        if let Some(watch) = self.late_join_watches().get_mut(key) {
+            if watch.joined.len() == JOINED_REMEMBERED {
+                watch.joined.pop_front();
+            }
+            watch.joined.push_back(revision);
+        }
+    }
+
+    /// Whether a join of this session took up incarnation `revision` of watched `key`.
+    pub(crate) fn was_joined(&self, key: &[u8], revision: i64) -> bool {
+        self.late_join_watches()
+            .get(key)
+            .is_some_and(|watch| watch.joined.contains(&revision))
+    }
+
+    fn late_join_watches(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, LateJoinWatch>> {
+        self.shared
             .late_joins
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        tasks
-            .entry(key)
-            .or_insert_with(|| self.shared.runtime.spawn(task).abort_handle());
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The in-process queue slot of the mutex `name` for this session, shared by every
@@ -537,7 +571,7 @@ impl Drop for Shared {
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (_, watch) in late_joins.drain() {
-            watch.abort();
+            watch.task.abort();
         }
         if self.ended.load(Ordering::SeqCst) {
             return;
