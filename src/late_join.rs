@@ -23,7 +23,8 @@ pub(crate) enum Owner {
 
 impl Session {
     /// Watches this session's key in lock or election `name` for incarnations made by a
-    /// late join attempt, until the session is dropped; once per key.
+    /// late join attempt, until the session is lost, closed, orphaned or dropped (or etcd
+    /// refuses the watch: a later such join starts it again); once per key.
     pub(crate) fn watch_for_late_joins(&self, name: &[u8], owner: Owner) {
         let key = self.key_in(name);
         let watch = withdraw_late_joins(self.downgrade(), name.to_vec(), key.clone(), owner);
@@ -76,7 +77,9 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
             let withdrawn = async {
                 match owner {
                     Owner::Mutex => withdraw_from_mutex(&session, &name, &key, revision).await,
-                    Owner::Election => withdraw_from_election(&session, &name, &key).await,
+                    Owner::Election => {
+                        withdraw_from_election(&session, &name, &key, revision).await
+                    }
                 }
             };
             tokio::select! {
@@ -120,19 +123,37 @@ async fn withdraw_from_mutex(session: &WeakSession, name: &[u8], key: &[u8], rev
     }
 }
 
-/// Deletes the session's `key` in election `name` if no campaign or leadership of the
-/// session holds its claim; otherwise the last of them to go looks for it.
-async fn withdraw_from_election(session: &WeakSession, name: &[u8], key: &[u8]) {
-    let Some(unknown) = session
-        .upgrade()
-        .map(|live| live.unknown_election_key(name))
-    else {
-        return;
-    };
-    let Some(last) = unknown.claim().await else {
-        return;
-    };
-    tracing::debug!("withdrawing an election key made by a late join attempt");
-    release_lease_key(session.clone(), key).await;
-    drop(last);
+/// Deletes incarnation `revision` of the session's `key` in election `name` unless a
+/// campaign of the session took it up (noted while it holds its claim). Otherwise tells
+/// the campaigns and leaderships holding the claim, so that the last of them to go looks
+/// for it, or, with none left, deletes it under the claim made exclusive.
+async fn withdraw_from_election(session: &WeakSession, name: &[u8], key: &[u8], revision: i64) {
+    let mut backoff = Backoff::new();
+    let mut noted = false;
+    loop {
+        let Some(live) = session.upgrade() else {
+            return;
+        };
+        if live.was_joined(key, revision) {
+            return;
+        }
+        let unknown = live.unknown_election_key(name);
+        drop(live);
+        match if noted {
+            unknown.settle()
+        } else {
+            unknown.note()
+        } {
+            Some(Some(last)) => {
+                tracing::debug!(revision, "withdrawing an election key made by a late join");
+                release_lease_key(session.clone(), key).await;
+                drop(last);
+                return;
+            }
+            Some(None) if noted => return, // one of them took the note
+            Some(None) => noted = true,
+            None => {}
+        }
+        backoff.wait().await;
+    }
 }

@@ -179,8 +179,9 @@ impl Mutex {
 
     /// Takes the lock if nobody holds it, without waiting: `Some(guard)` if taken, `None`
     /// if held by anyone, or busy in this session (another `lock()` of this session is
-    /// waiting for it, or a dropped guard's release is still running). Mirrors Go's
-    /// `Mutex.TryLock`.
+    /// waiting for it, a dropped guard's release is still running, or the session is
+    /// deleting a key that a join attempt delivered late made: see [`Session`]). Mirrors
+    /// Go's `Mutex.TryLock`.
     ///
     /// One Txn, which creates this session's key only if no key exists under the name, so
     /// a failed attempt leaves nothing behind (Go creates its key and deletes it again).

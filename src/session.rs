@@ -48,8 +48,8 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// stuck behind a dead raft leader is sent again) until the session's request timeout.
 /// An abandoned attempt to join a lock's or election's queue may still reach etcd later
 /// and make the session's key there again, for nobody: after such a join the session
-/// watches that key, with one watch, until it is dropped, and deletes any incarnation no
-/// guard, leadership or waiting call of the session uses.
+/// watches that key, with one watch, until it is lost, closed, orphaned or dropped, and
+/// deletes any incarnation no guard, leadership or waiting call of the session took up.
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
 /// re-opened if it does not come. For faster detection of a frozen or partitioned member,
 /// configure the client with HTTP/2 pings and `require_leader`:
@@ -358,16 +358,31 @@ impl Session {
 
     /// Runs `task`, the watch of `key` for join attempts delivered late, on the session's
     /// runtime, unless one runs for `key` already; it is aborted when the session is
-    /// dropped.
+    /// dropped, and forgotten when it ends.
     pub(crate) fn spawn_late_join_watch<F>(&self, key: Vec<u8>, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let mut watches = self.late_join_watches();
-        watches.entry(key).or_insert_with(|| LateJoinWatch {
-            task: self.shared.runtime.spawn(task).abort_handle(),
-            joined: VecDeque::new(),
+        if watches.contains_key(&key) {
+            return;
+        }
+        let session = self.downgrade();
+        let forgotten = key.clone();
+        let task = self.shared.runtime.spawn(async move {
+            task.await;
+            if let Some(live) = session.upgrade() {
+                live.late_join_watches().remove(&forgotten);
+            }
         });
+        let joined = VecDeque::new();
+        watches.insert(
+            key,
+            LateJoinWatch {
+                task: task.abort_handle(),
+                joined,
+            },
+        );
     }
 
     /// Notes that a join of this session took up incarnation `revision` of `key`, if
@@ -470,40 +485,34 @@ impl Session {
 pub(crate) struct UnknownKey(Arc<tokio::sync::RwLock<Leftover>>);
 
 impl UnknownKey {
-    /// The claim made exclusive, to delete the key under, if no campaign or leadership of
-    /// the session holds it. If some do, the last of them to go is told to look for it
-    /// (`None` once one has). While a last claim is deleting the key (it may have looked
-    /// before this incarnation was made), waits for it to finish, polling rather than
-    /// queueing for the claim, which would hold up the next campaigns.
-    pub(crate) async fn claim(self) -> Option<LastClaim> {
-        let mut backoff = Backoff::new();
-        let shared = loop {
-            if let Ok(shared) = self.0.clone().try_read_owned() {
-                break shared;
-            }
-            backoff.wait().await;
-        };
+    /// Tells the session's campaigns and leaderships of the key, as a handle leaving it
+    /// behind would (see [`ElectionClaim::leave`]): `Some` with the claim made exclusive if
+    /// none of them holds it, to delete the key under; `Some(None)` if some do (the last
+    /// of them to go looks for it); `None` if a last claim is deleting the key now (it may
+    /// have looked before this incarnation was made): try again after it.
+    pub(crate) fn note(&self) -> Option<Option<LastClaim>> {
+        let shared = self.0.clone().try_read_owned().ok()?;
         let slot = self.0.clone();
-        if let Some(last) = (ElectionClaim { slot, shared }).leave(true) {
-            return Some(last);
-        }
-        // A campaign handed the claim but dropped before it ran never leaves, nor looks:
-        // go on until someone has taken the note, or the claim is free.
-        loop {
-            backoff.wait().await;
-            match self.0.clone().try_write_owned() {
-                Ok(exclusive) => {
-                    let leftover = exclusive.0.swap(false, Ordering::Acquire);
-                    return leftover.then_some(LastClaim {
-                        _exclusive: exclusive,
-                        leftover,
-                    });
-                }
-                Err(_) => match self.0.try_read() {
-                    Ok(shared) if !shared.0.load(Ordering::Acquire) => return None,
-                    _ => {}
-                },
+        Some(ElectionClaim { slot, shared }.leave(true))
+    }
+
+    /// After a [`note`](Self::note) that left the key to others: `Some` with the claim
+    /// made exclusive if they are all gone and none of them took the note (a campaign
+    /// handed the claim but dropped before it ran never does), to delete the key under;
+    /// `Some(None)` once one took it; `None` while they hold the claim.
+    pub(crate) fn settle(&self) -> Option<Option<LastClaim>> {
+        match self.0.clone().try_write_owned() {
+            Ok(exclusive) => {
+                let leftover = exclusive.0.swap(false, Ordering::Acquire);
+                Some(leftover.then_some(LastClaim {
+                    _exclusive: exclusive,
+                    leftover,
+                }))
             }
+            Err(_) => match self.0.try_read() {
+                Ok(shared) if !shared.0.load(Ordering::Acquire) => Some(None),
+                _ => None,
+            },
         }
     }
 }
