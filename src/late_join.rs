@@ -32,6 +32,13 @@ impl Session {
     }
 }
 
+/// An incarnation of the watched key that no join of the session noted (yet).
+struct Suspect {
+    revision: i64,
+    /// Election only: the campaigns and leaderships holding the claim were told of it.
+    told: bool,
+}
+
 async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, owner: Owner) {
     let Some((client, mut ended)) = session
         .upgrade()
@@ -40,10 +47,22 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
         return;
     };
     let mut follower = Follower::new(client, key.clone(), false, GetOptions::new(), 0);
+    // The key has one incarnation at a time: the newest one seen, until it is deleted.
+    let mut suspect: Option<Suspect> = None;
+    let mut backoff = Backoff::new();
     loop {
+        // Events are read all along, also while a suspect waits: unread, they would hold
+        // up the whole connection.
         let update = tokio::select! {
-            update = follower.next() => update,
+            update = follower.next() => Some(update),
             _ = ended.wait_for(|ended| *ended) => return,
+            () = backoff.wait(), if suspect.is_some() => None,
+        };
+        let Some(update) = update else {
+            if let Some(waiting) = suspect.take() {
+                suspect = settle(&session, &name, &key, owner, waiting).await;
+            }
+            continue;
         };
         let update = match update {
             Ok(update) => update,
@@ -59,101 +78,94 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
             return;
         };
         let ours = |kv: &KeyValue| kv.lease() == lease;
-        let created: Vec<i64> = match update {
-            Update::Snapshot { kvs, .. } => kvs
-                .iter()
-                .filter(|kv| ours(kv))
-                .map(KeyValue::create_revision)
-                .collect(),
-            Update::Events(events) => events
-                .iter()
-                .filter(|event| event.event_type() == EventType::Put)
-                .filter_map(|event| event.kv())
-                .filter(|kv| ours(kv) && kv.version() == 1)
-                .map(KeyValue::create_revision)
-                .collect(),
-        };
-        for revision in created {
-            let withdrawn = async {
-                match owner {
-                    Owner::Mutex => withdraw_from_mutex(&session, &name, &key, revision).await,
-                    Owner::Election => {
-                        withdraw_from_election(&session, &name, &key, revision).await
+        match update {
+            Update::Snapshot { kvs, .. } => {
+                suspect = kvs.iter().find(|kv| ours(kv)).map(|kv| Suspect {
+                    revision: kv.create_revision(),
+                    told: false,
+                });
+            }
+            Update::Events(events) => {
+                for event in &events {
+                    let Some(kv) = event.kv() else { continue };
+                    match event.event_type() {
+                        EventType::Delete => suspect = None,
+                        EventType::Put if ours(kv) && kv.version() == 1 => {
+                            suspect = Some(Suspect {
+                                revision: kv.create_revision(),
+                                told: false,
+                            });
+                        }
+                        EventType::Put => {}
                     }
                 }
-            };
-            tokio::select! {
-                () = withdrawn => {}
-                _ = ended.wait_for(|ended| *ended) => return,
             }
+        }
+        if let Some(waiting) = suspect.take() {
+            backoff = Backoff::new();
+            suspect = settle(&session, &name, &key, owner, waiting).await;
         }
     }
 }
 
-/// Deletes incarnation `revision` of the session's `key` in mutex `name` unless a join of
-/// the session took it up. Such a join holds the mutex's in-process slot from before its
-/// Txn until the key is deleted, and notes the incarnation while it holds it; so an
-/// incarnation not noted once the slot is free is a late one. The slot is only tried,
-/// never queued for, so that a `try_lock` of the session does not find it taken by this
-/// watch unless a late key is there.
-async fn withdraw_from_mutex(session: &WeakSession, name: &[u8], key: &[u8], revision: i64) {
-    let mut backoff = Backoff::new();
-    loop {
-        let Some(live) = session.upgrade() else {
-            return;
-        };
-        if live.was_joined(key, revision) {
-            return;
-        }
-        if let Ok(held) = live.queue_slot(name).try_lock_owned() {
-            if live.was_joined(key, revision) {
-                return;
+/// Deals with `suspect` as far as it can without waiting: returns it if it must wait
+/// (a handle of the session holds the key's slot or claim).
+async fn settle(
+    session: &WeakSession,
+    name: &[u8],
+    key: &[u8],
+    owner: Owner,
+    suspect: Suspect,
+) -> Option<Suspect> {
+    let live = session.upgrade()?;
+    if live.was_joined(key, suspect.revision) {
+        return None;
+    }
+    match owner {
+        Owner::Mutex => {
+            // A join holds the slot from before its Txn until its key is gone, and notes
+            // what it takes up while it holds it: unnoted once the slot is free, the
+            // incarnation is a late one. The slot is only tried, never queued for, so
+            // that a `try_lock` of the session finds it taken only while a late key is
+            // being deleted.
+            let Ok(held) = live.queue_slot(name).try_lock_owned() else {
+                return Some(suspect);
+            };
+            if live.was_joined(key, suspect.revision) {
+                return None;
             }
             drop(live);
             tracing::debug!(
-                revision,
-                "withdrawing a lock key made by a late join attempt"
+                suspect.revision,
+                "withdrawing a lock key made by a late join"
             );
-            release_while_session_lives(session.clone(), key, revision).await;
+            release_while_session_lives(session.clone(), key, suspect.revision).await;
             drop(held);
-            return;
+            None
         }
-        drop(live);
-        backoff.wait().await;
-    }
-}
-
-/// Deletes incarnation `revision` of the session's `key` in election `name` unless a
-/// campaign of the session took it up (noted while it holds its claim). Otherwise tells
-/// the campaigns and leaderships holding the claim, so that the last of them to go looks
-/// for it, or, with none left, deletes it under the claim made exclusive.
-async fn withdraw_from_election(session: &WeakSession, name: &[u8], key: &[u8], revision: i64) {
-    let mut backoff = Backoff::new();
-    let mut noted = false;
-    loop {
-        let Some(live) = session.upgrade() else {
-            return;
-        };
-        if live.was_joined(key, revision) {
-            return;
-        }
-        let unknown = live.unknown_election_key(name);
-        drop(live);
-        match if noted {
-            unknown.settle()
-        } else {
-            unknown.note()
-        } {
-            Some(Some(last)) => {
-                tracing::debug!(revision, "withdrawing an election key made by a late join");
-                release_lease_key(session.clone(), key).await;
-                drop(last);
-                return;
+        Owner::Election => {
+            // Tell the campaigns and leaderships holding the claim, so that the last of
+            // them to go looks for the key; with none left, delete it under the claim.
+            let unknown = live.unknown_election_key(name);
+            drop(live);
+            let last = match suspect.told {
+                false => unknown.note(),
+                true => unknown.settle(),
+            };
+            match last {
+                Some(Some(last)) => {
+                    tracing::debug!(suspect.revision, "withdrawing an election key made late");
+                    release_lease_key(session.clone(), key).await;
+                    drop(last);
+                    None
+                }
+                Some(None) if suspect.told => None, // one of them took the note
+                Some(None) => Some(Suspect {
+                    told: true,
+                    ..suspect
+                }),
+                None => Some(suspect),
             }
-            Some(None) if noted => return, // one of them took the note
-            Some(None) => noted = true,
-            None => {}
         }
-        backoff.wait().await;
     }
 }
