@@ -6,7 +6,10 @@
 //! else while the session lives. So after such a join the session watches its key for
 //! as long as it lives, and deletes every incarnation that no handle of it uses.
 
+use std::time::Duration;
+
 use etcd_client::{EventType, GetOptions, KeyValue};
+use tokio::time::Instant;
 
 use crate::ownership::{release_lease_key, release_while_session_lives};
 use crate::retry::Backoff;
@@ -50,19 +53,24 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
     // The key has one incarnation at a time: the newest one seen, until it is deleted.
     let mut suspect: Option<Suspect> = None;
     let mut backoff = Backoff::new();
+    let tick = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(tick);
     loop {
-        // Events are read all along, also while a suspect waits: unread, they would hold
-        // up the whole connection.
-        let update = tokio::select! {
-            update = follower.next() => Some(update),
-            _ = ended.wait_for(|ended| *ended) => return,
-            () = backoff.wait(), if suspect.is_some() => None,
-        };
-        let Some(update) = update else {
+        // Events are read all along, also while a suspect waits (unread, they would hold
+        // up the whole connection), and a read in progress (perhaps re-opening the watch)
+        // is never cut short by a tick.
+        let next = follower.next();
+        tokio::pin!(next);
+        let update = loop {
+            tokio::select! {
+                update = &mut next => break update,
+                _ = ended.wait_for(|ended| *ended) => return,
+                () = &mut tick, if suspect.is_some() => {}
+            }
             if let Some(waiting) = suspect.take() {
                 suspect = settle(&session, &name, &key, owner, waiting).await;
             }
-            continue;
+            tick.as_mut().reset(Instant::now() + backoff.next_delay());
         };
         let update = match update {
             Ok(update) => update,
@@ -102,8 +110,9 @@ async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, 
             }
         }
         if let Some(waiting) = suspect.take() {
-            backoff = Backoff::new();
             suspect = settle(&session, &name, &key, owner, waiting).await;
+            backoff = Backoff::new();
+            tick.as_mut().reset(Instant::now() + backoff.next_delay());
         }
     }
 }
