@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -465,9 +464,7 @@ impl Session {
         let shared = slot.clone().read_owned().await;
         ElectionClaim { slot, shared }
     }
-}
 
-impl Session {
     /// This session's key in election `name`, as an incarnation that no campaign may know
     /// of (made by a join attempt delivered late).
     pub(crate) fn unknown_election_key(&self, name: &[u8]) -> UnknownKey {
@@ -503,11 +500,8 @@ impl UnknownKey {
     pub(crate) fn settle(&self) -> Option<Option<LastClaim>> {
         match self.0.clone().try_write_owned() {
             Ok(exclusive) => {
-                let leftover = exclusive.0.swap(false, Ordering::Acquire);
-                Some(leftover.then_some(LastClaim {
-                    _exclusive: exclusive,
-                    leftover,
-                }))
+                let last = LastClaim::taking_note(exclusive);
+                Some(last.leftover.then_some(last))
             }
             Err(_) => match self.0.try_read() {
                 Ok(shared) if !shared.0.load(Ordering::Acquire) => Some(None),
@@ -528,17 +522,21 @@ impl ElectionClaim {
             self.shared.0.store(true, Ordering::Release);
         }
         drop(self.shared);
-        let exclusive = self.slot.try_write_owned().ok()?;
-        // The last claim answers for any key left behind: the next claims start afresh.
-        let leftover = exclusive.0.swap(false, Ordering::Acquire);
-        Some(LastClaim {
-            _exclusive: exclusive,
-            leftover,
-        })
+        self.slot.try_write_owned().ok().map(LastClaim::taking_note)
     }
 }
 
 impl LastClaim {
+    /// The claim made exclusive, which answers for any key left behind: it takes the note
+    /// of one, so that the next claims start afresh.
+    fn taking_note(exclusive: OwnedRwLockWriteGuard<Leftover>) -> LastClaim {
+        let leftover = exclusive.0.swap(false, Ordering::Acquire);
+        LastClaim {
+            _exclusive: exclusive,
+            leftover,
+        }
+    }
+
     /// Whether a handle that left before this one may have left a key behind.
     pub(crate) fn leftover(&self) -> bool {
         self.leftover
