@@ -610,24 +610,50 @@ async fn the_last_leadership_withdraws_a_key_left_by_a_campaign_cancelled_after_
     other_leads.resign().await.unwrap();
 }
 
+/// A leadership of `ours` in a fresh election, resigning half-way: its delete is applied
+/// but its answer not taken yet, so it still holds its claim on the key. `other`, which
+/// campaigned behind it, leads meanwhile.
+struct ResignInFlight {
+    election: Election,
+    resign: Pin<Box<dyn Future<Output = etcd_concurrency::Result<()>> + Send>>,
+    other_leads: Leadership,
+}
+
+async fn resign_in_flight(
+    client: &Client,
+    ours: &Session,
+    other: &Session,
+    name: &str,
+) -> ResignInFlight {
+    let election = Election::new(ours, name);
+    let leading = election.campaign("a").await.unwrap();
+    let waiting = spawn_campaign(&Election::new(other, name), "other");
+    within(secs(5), appears(client, &hex_key(name, other))).await;
+    let our_key = String::from_utf8(hex_key(name, ours)).unwrap();
+    let resigned = Deletion::of(client, &our_key).await;
+    let mut resign = Box::pin(leading.resign());
+    assert!(futures::poll!(&mut resign).is_pending());
+    within(secs(5), resigned.happened()).await;
+    let other_leads = within(secs(5), waiting).await.unwrap().unwrap();
+    ResignInFlight {
+        election,
+        resign,
+        other_leads,
+    }
+}
+
 #[tokio::test]
 async fn a_resign_in_flight_withdraws_the_key_of_a_campaign_cancelled_meanwhile() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let name = unique("resign-in-flight");
     let (ours, other) = (session(&client, 10).await, session(&client, 10).await);
-    let election = Election::new(&ours, &name);
-    let leading = election.campaign("a").await.unwrap();
-    let waiting = spawn_campaign(&Election::new(&other, &name), "other");
+    let ResignInFlight {
+        election,
+        resign,
+        other_leads,
+    } = resign_in_flight(&client, &ours, &other, &name).await;
     let our_key = hex_key(&name, &ours);
-    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
-    // The resign's delete is sent and applied, but its answer is not taken yet: the
-    // leadership still holds its claim on the key.
-    let resigned = Deletion::of(&client, &String::from_utf8(our_key.clone()).unwrap()).await;
-    let mut resign = Box::pin(leading.resign());
-    assert!(futures::poll!(&mut resign).is_pending());
-    within(secs(5), resigned.happened()).await;
-    let other_leads = within(secs(5), waiting).await.unwrap().unwrap();
     // A campaign makes a new key behind the new leader and is cancelled meanwhile.
     let again = spawn_campaign(&election, "b");
     within(secs(5), holds(&client, &our_key, b"b")).await;
@@ -650,16 +676,12 @@ async fn a_resign_in_flight_withdraws_the_key_made_by_the_join_of_a_campaign_can
         session(&through_proxy, 10).await,
         session(&client, 10).await,
     );
-    let election = Election::new(&ours, &name);
-    let leading = election.campaign("a").await.unwrap();
-    let waiting = spawn_campaign(&Election::new(&other, &name), "other");
+    let ResignInFlight {
+        election,
+        resign,
+        other_leads,
+    } = resign_in_flight(&client, &ours, &other, &name).await;
     let our_key = String::from_utf8(hex_key(&name, &ours)).unwrap();
-    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
-    let resigned = Deletion::of(&client, &our_key).await;
-    let mut resign = Box::pin(leading.resign());
-    assert!(futures::poll!(&mut resign).is_pending());
-    within(secs(5), resigned.happened()).await;
-    let other_leads = within(secs(5), waiting).await.unwrap().unwrap();
     // The campaign's join is held in the proxy when the campaign is cancelled; it makes a
     // new key once the proxy lets it through.
     let remade_and_withdrawn = Deletion::after_creation_of(&client, &our_key).await;
