@@ -19,7 +19,7 @@ use crate::error::{Error, Result, is_lease_gone};
 use crate::late_join::Owner;
 use crate::ownership::{OwnedKey, release_lease_key, release_while_session_lives};
 use crate::release::spawn_release;
-use crate::retry::retry;
+use crate::retry::retry_write;
 use crate::session::{ElectionClaim, LastClaim, Session, prefix_of};
 use crate::wait::QueueWatch;
 
@@ -92,17 +92,12 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let kv = session.client().kv_client();
     let limit = session.request_timeout();
     let task = session.runtime().spawn(async move {
-        let mut attempts = 0;
-        let answer = retry(&kv, limit, |mut kv| {
-            attempts += 1;
+        let (answer, maybe_late) = retry_write(&kv, limit, |mut kv| {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
         .await;
-        Sending {
-            answer,
-            resent: attempts > 1,
-        }
+        Sending { answer, maybe_late }
     });
     let owner = match request.local {
         Some(_) => Owner::Mutex,
@@ -113,7 +108,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         session: session.clone(),
         name: name.to_vec(),
         owner,
-        resent: false,
+        maybe_late: false,
         key: key.clone(),
         local: request.local,
         claim: request.claim,
@@ -121,15 +116,12 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let answer = match in_flight.finish().await {
         Ok(answer) => answer,
         Err(error) => {
-            let sent = match error.is_transient() {
-                true => Sent::Unknown,
-                false => Sent::Refused,
-            };
+            let sent = outcome_of_failure(&error, in_flight.maybe_late);
             in_flight.undo_in_background(sent);
             return Err(lease_gone_is_session_lost(session, error));
         }
     };
-    if in_flight.resent {
+    if in_flight.maybe_late {
         session.watch_for_late_joins(name, owner);
     }
     let (local, claim) = (in_flight.local.take(), in_flight.claim.take());
@@ -167,11 +159,11 @@ fn split(answer: &TxnResponse) -> (Option<KeyValue>, Vec<KeyValue>) {
     }
 }
 
-/// The join Txn's answer, and whether it was sent more than once: an earlier attempt may
-/// then still reach etcd, late.
+/// The join Txn's answer, and whether an attempt that did not succeed may have been
+/// applied: it may then also reach etcd late, after the answer or the error.
 struct Sending {
     answer: Result<TxnResponse>,
-    resent: bool,
+    maybe_late: bool,
 }
 
 /// The join Txn's task, undone if dropped before its answer was taken.
@@ -180,8 +172,8 @@ struct InFlight {
     session: Session,
     name: Vec<u8>,
     owner: Owner,
-    /// Set by `finish`: the Txn was sent more than once.
-    resent: bool,
+    /// Set by `finish`: an attempt that did not succeed may have been applied.
+    maybe_late: bool,
     key: Vec<u8>,
     local: Option<OwnedMutexGuard<QueueWatch>>,
     claim: Option<ElectionClaim>,
@@ -192,9 +184,10 @@ enum Sent {
     Answered(TxnResponse),
     /// Failed in transit: it may or may not have committed.
     Unknown,
-    /// Refused by etcd: nothing was written (etcd refuses a request for what it is, such
-    /// as its size or the caller's permissions, so it refused every attempt; or the lease
-    /// is gone, and its keys with it).
+    /// Refused: nothing was written. etcd refuses a request for what it is, such as its
+    /// size or the caller's permissions, so it refused every attempt; or the lease is
+    /// gone, and its keys with it; or no attempt got as far as a raft proposal (the
+    /// connection was refused, etcd had no leader).
     Refused,
 }
 
@@ -205,7 +198,7 @@ impl InFlight {
         self.task = None;
         match sending {
             Ok(sending) => {
-                self.resent = sending.resent;
+                self.maybe_late = sending.maybe_late;
                 sending.answer
             }
             Err(join_error) if join_error.is_panic() => {
@@ -223,13 +216,19 @@ impl InFlight {
     /// to go looks for it). The last claim on it deletes it whatever became of this Txn,
     /// as an earlier holder may have left it to this call.
     fn undo_in_background(&mut self, sent: Sent) {
-        let resent = self.resent;
-        self.spawn_undo(async move { (sent, resent) });
+        let maybe_late = self.maybe_late;
+        if matches!(sent, Sent::Refused) && !maybe_late && self.claim.is_none() {
+            // Nothing to undo: the slot is free again before the caller hears of the error.
+            self.local = None;
+            return;
+        }
+        self.spawn_undo(async move { (sent, maybe_late) });
     }
 
     /// As [`undo_in_background`](Self::undo_in_background), for the outcome `sent` gives
-    /// with whether the Txn was sent more than once. If so, or if the outcome is unknown,
-    /// the session then watches the key for an attempt delivered late.
+    /// with whether an attempt that did not succeed may have been applied. If so, or if
+    /// the outcome is unknown, the session then watches the key for an attempt delivered
+    /// late.
     fn spawn_undo(&mut self, sent: impl Future<Output = (Sent, bool)> + Send + 'static) {
         let (session, key) = (self.session.downgrade(), self.key.clone());
         let (name, owner) = (self.name.clone(), self.owner);
@@ -238,8 +237,8 @@ impl InFlight {
             self.session.runtime(),
             "undoing a cancelled or failed lock or campaign",
             async move {
-                let (sent, resent) = sent.await;
-                if resent || matches!(sent, Sent::Unknown) {
+                let (sent, maybe_late) = sent.await;
+                if maybe_late || matches!(sent, Sent::Unknown) {
                     if let Some(live) = session.upgrade() {
                         live.watch_for_late_joins(&name, owner);
                     }
@@ -286,15 +285,24 @@ impl Drop for InFlight {
             // The join Txn is bounded by the request timeout: wait for its outcome.
             self.spawn_undo(async move {
                 match task.await {
-                    Ok(Sending { answer, resent }) => match answer {
-                        Ok(answer) => (Sent::Answered(answer), resent),
-                        Err(error) if !error.is_transient() => (Sent::Refused, resent),
-                        Err(_) => (Sent::Unknown, resent),
+                    Ok(Sending { answer, maybe_late }) => match answer {
+                        Ok(answer) => (Sent::Answered(answer), maybe_late),
+                        Err(error) => (outcome_of_failure(&error, maybe_late), maybe_late),
                     },
                     Err(_) => (Sent::Unknown, true),
                 }
             });
         }
+    }
+}
+
+/// What became of a join Txn that failed with `error`: etcd refused it for what it is, or
+/// every attempt certainly went unapplied (the connection was refused, no leader), or its
+/// outcome is unknown.
+fn outcome_of_failure(error: &Error, maybe_applied: bool) -> Sent {
+    match error.is_transient() && maybe_applied {
+        true => Sent::Unknown,
+        false => Sent::Refused,
     }
 }
 

@@ -117,7 +117,11 @@ impl Mutex {
     /// key is gone; no request is made per hand-off.
     ///
     /// Waiting has no deadline of its own: to give up after a while, wrap the call in
-    /// [`tokio::time::timeout`] (see the example).
+    /// [`tokio::time::timeout`] (see the example). That includes waiting for this
+    /// session's earlier calls on the name: a guard's release, or the undoing of a
+    /// `lock()` that was cancelled or failed with its outcome unknown, which retries until
+    /// etcd answers or the session is lost. A `lock()` that failed without reaching etcd
+    /// (connection refused) leaves nothing to undo.
     ///
     /// # Errors
     ///
@@ -179,8 +183,9 @@ impl Mutex {
 
     /// Takes the lock if nobody holds it, without waiting: `Some(guard)` if taken, `None`
     /// if held by anyone, or busy in this session (another `lock()` of this session is
-    /// waiting for it, a dropped guard's release is still running, or the session is
-    /// deleting a key that a join attempt delivered late made: see [`Session`]). Mirrors
+    /// waiting for it, a dropped guard's release or the undoing of a cancelled or failed
+    /// `lock()` is still running, or the session is deleting a key that a join attempt
+    /// delivered late made: see [`Session`]). Mirrors
     /// Go's `Mutex.TryLock`.
     ///
     /// One Txn, which creates this session's key only if no key exists under the name, so

@@ -269,8 +269,8 @@ async fn fenced(session: &Session, key: &[u8], revision: i64, op: TxnOp) -> Resu
         let txn = txn.clone();
         async move { kv.txn(txn).await }
     })
-    .await?;
-    Ok(match (answer.succeeded(), maybe_applied) {
+    .await;
+    Ok(match (answer?.succeeded(), maybe_applied) {
         (true, _) => Fenced::Applied,
         (false, false) => Fenced::Refused,
         (false, true) => Fenced::RefusedAfterRetry,

@@ -106,15 +106,15 @@ where
     }
 }
 
-/// [`retry`] for a write: also says whether an attempt that did not succeed may have been
-/// applied all the same, because it failed in transit or went unanswered until it was cut
-/// off. Only a refusal that etcd certainly did not apply ([`was_not_applied`]) rules that
-/// out.
+/// [`retry`] for a write: also says, with the answer or the error, whether an attempt that
+/// did not succeed may have been applied all the same, because it failed in transit or
+/// went unanswered until it was cut off. Only a refusal that etcd certainly did not apply
+/// ([`was_not_applied`]) rules that out.
 pub(crate) async fn retry_write<H, T, F, Fut>(
     handle: &H,
     limit: Duration,
     mut request: F,
-) -> Result<(T, bool)>
+) -> (Result<T>, bool)
 where
     H: Clone,
     F: FnMut(H) -> Fut,
@@ -138,8 +138,10 @@ where
             answer
         }
     })
-    .await?;
-    Ok((answer, maybe_applied.into_inner()))
+    .await;
+    // Still set: the last attempt was cut off at the deadline.
+    let cut_off = in_flight.into_inner();
+    (answer, maybe_applied.into_inner() || cut_off)
 }
 
 #[cfg(test)]
@@ -259,10 +261,20 @@ mod tests {
                     }
                 }
             })
-            .await
-            .unwrap();
-        assert_eq!(answer, "applied");
+            .await;
+        assert_eq!(answer.unwrap(), "applied");
         maybe_applied
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_cut_off_at_the_deadline_may_have_applied() {
+        let limit = Duration::from_secs(1);
+        let (answer, maybe_applied) = retry_write(&idle_client().await, limit, |_| {
+            std::future::pending::<Result<(), etcd_client::Error>>()
+        })
+        .await;
+        assert!(matches!(answer, Err(Error::Timeout { .. })), "{answer:?}");
+        assert!(maybe_applied);
     }
 
     #[tokio::test(start_paused = true)]

@@ -117,3 +117,51 @@ async fn a_cluster_that_goes_away_gives_errors_in_bounded_time() {
     );
     within(secs(6), session.lost()).await;
 }
+
+/// A `lock()` that never reached etcd (its connection refused) created nothing, so it
+/// leaves nothing to undo: the session's next `try_lock()` and `lock()` on the name get
+/// the same error at once, instead of finding the name busy with a clean-up that waits
+/// for etcd; and once etcd is back, the lock is taken.
+#[tokio::test]
+async fn a_lock_that_never_reached_etcd_leaves_nothing_to_undo() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let session = Session::builder(client.clone())
+        .ttl(secs(60))
+        .request_timeout(secs(1))
+        .build()
+        .await
+        .unwrap();
+    let mutex = Mutex::new(&session, unique("refused"));
+    cluster.kill(0);
+    // Until the client has seen its connection close, a request may still be sent on it.
+    within(secs(5), async {
+        while !client
+            .clone()
+            .get("probe", None)
+            .await
+            .is_err_and(|error| error.to_string().contains("tcp connect error"))
+        {}
+    })
+    .await;
+
+    let locked = within(secs(3), mutex.lock()).await;
+    assert!(
+        matches!(&locked, Err(error) if error.is_transient()),
+        "{locked:?}"
+    );
+    let tried = within(secs(3), mutex.try_lock()).await;
+    assert!(
+        matches!(&tried, Err(error) if error.is_transient()),
+        "busy instead of failing: {tried:?}"
+    );
+    let locked = within(secs(3), mutex.lock()).await;
+    assert!(
+        matches!(&locked, Err(error) if error.is_transient()),
+        "{locked:?}"
+    );
+
+    cluster.restart(0).await;
+    let guard = within(secs(10), mutex.lock()).await.unwrap();
+    within(secs(5), guard.unlock()).await.unwrap();
+}
