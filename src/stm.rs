@@ -12,7 +12,9 @@ use etcd_client::{
     TxnResponse,
 };
 
-use crate::error::{Error, Result, is_compacted, is_future_revision, was_not_applied};
+use crate::error::{
+    Error, Result, is_answer_too_large, is_compacted, is_future_revision, was_not_applied,
+};
 use crate::read_cache::{ReadCache, View};
 use crate::retry::{Backoff, deadline_after, retry};
 use crate::session::DEFAULT_REQUEST_TIMEOUT;
@@ -247,7 +249,9 @@ impl Stm {
     /// Keys to read in one request before the first attempt, when the closure is known to
     /// read them (Go's `WithPrefetch`): saves a round trip per key. Only keys the closure
     /// actually reads join the read set. They are read in one Txn: at most etcd's
-    /// `--max-txn-ops` (128 by default) keys, or every run fails with etcd's error.
+    /// `--max-txn-ops` (128 by default) keys, or every run fails with etcd's error. If
+    /// their values are over the client's answer size limit together (4 MiB by default),
+    /// the closure reads them one by one instead.
     pub fn prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
         self.prefetch = keys.into_iter().map(Into::into).collect();
         self
@@ -664,7 +668,11 @@ impl StmTxn {
             .when(conditions)
             .and_then(writes)
             .or_else(gets(&refresh));
-        let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
+        let Some(answer) =
+            answer_unless_values_too_large(&self.kv, self.request_timeout, txn).await?
+        else {
+            return Ok(Outcome::Conflict(Fresh::default()));
+        };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
         }
@@ -705,7 +713,11 @@ impl StmTxn {
             .map(|(key, read)| unchanged(key, read))
             .collect();
         let txn = Txn::new().when(conditions).or_else(gets(&refresh));
-        let answer = commit_once(&self.kv, self.request_timeout, txn).await?;
+        let Some(answer) =
+            answer_unless_values_too_large(&self.kv, self.request_timeout, txn).await?
+        else {
+            return Ok(Outcome::Conflict(Fresh::default()));
+        };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
         }
@@ -838,6 +850,22 @@ async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResp
     }
 }
 
+/// Sends `txn`, whose success branch holds only writes, which answer in a few bytes each:
+/// `None` if the answer was over the client's size limit, which only the values its
+/// failure branch reads back can make it: then the Txn failed, and its values are left for
+/// the next attempt to read one by one.
+async fn answer_unless_values_too_large(
+    kv: &KvClient,
+    limit: Duration,
+    txn: Txn,
+) -> Result<Option<TxnResponse>> {
+    match commit_once(kv, limit, txn).await {
+        Ok(answer) => Ok(Some(answer)),
+        Err(Error::Etcd(error)) if is_answer_too_large(&error) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
 /// Sends `reads` in one read-only Txn, retrying transient failures.
 async fn read_txn(kv: &KvClient, limit: Duration, reads: Vec<TxnOp>) -> Result<TxnResponse> {
     let txn = Txn::new().and_then(reads);
@@ -848,10 +876,14 @@ async fn read_txn(kv: &KvClient, limit: Duration, reads: Vec<TxnOp>) -> Result<T
     .await
 }
 
-/// Reads `keys` in one Txn, at one revision.
+/// Reads `keys` in one Txn, at one revision; nothing if their values are over the client's
+/// answer size limit together (the attempt then reads them one by one).
 async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
-    let answer = read_txn(kv, limit, gets(&keys)).await?;
-    Ok(read_set(keys, &answer))
+    match read_txn(kv, limit, gets(&keys)).await {
+        Ok(answer) => Ok(read_set(keys, &answer)),
+        Err(Error::Etcd(error)) if is_answer_too_large(&error) => Ok(Fresh::default()),
+        Err(error) => Err(error),
+    }
 }
 
 /// The mod revisions of `keys` at `revision` (0 for an absent key), in one Txn, without

@@ -395,6 +395,49 @@ async fn only_serializable_snapshot_makes_a_blind_write_conflict() {
 }
 
 #[tokio::test]
+async fn a_conflict_over_values_too_large_for_one_answer_runs_the_closure_again() {
+    // Five values of 1 MiB: prefetched, or read back by a failed commit, they would take a
+    // 5 MiB answer, over the client's 4 MiB limit.
+    const MIB: usize = 1024 * 1024;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("too-large-together");
+    let keys = common::put_many(&client, &prefix, 5, &vec![b'v'; MIB]).await;
+    let sum = format!("{prefix}/sum");
+    // With a write, the commit reads the values back; read-only, its check does.
+    for (isolation, writes) in [
+        (Isolation::SerializableSnapshot, true),
+        (Isolation::RepeatableReads, false),
+    ] {
+        let runs = AtomicU32::new(0);
+        let stm = Stm::new(client.clone())
+            .isolation(isolation)
+            .prefetch(keys.clone());
+        let bytes = within(
+            secs(30),
+            stm.run(async |tx| {
+                let mut bytes = 0;
+                for key in &keys {
+                    bytes += tx.get(key).await?.map_or(0, |value| value.len());
+                }
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let mut other = client.clone();
+                    other.put(keys[0].as_str(), "changed", None).await.unwrap();
+                }
+                if writes {
+                    tx.put(sum.as_str(), bytes.to_string());
+                }
+                Ok::<_, Error>(bytes)
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(runs.into_inner(), 2, "{isolation:?}");
+        assert_eq!(bytes, 4 * MIB + "changed".len(), "{isolation:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_read_only_check_of_many_large_values_stays_within_one_answer() {
     // 256 values of 40 KiB: checking the 128 that one Txn cannot compare by reading them
     // back whole would take a 5 MiB answer, over the client's 4 MiB limit.
