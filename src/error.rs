@@ -131,6 +131,10 @@ pub(crate) fn is_lease_not_found(error: &etcd_client::Error) -> bool {
     matches!(error, etcd_client::Error::LeaseKeepAliveError(reason) if reason.contains("not found"))
 }
 
+/// etcd's default `--max-txn-ops`: the most compares, or operations per branch, one Txn may
+/// hold.
+pub(crate) const ETCD_MAX_TXN_OPS: usize = 128;
+
 /// etcd's back-pressure, sent before anything is proposed.
 const TOO_MANY_REQUESTS: &str = "too many requests";
 

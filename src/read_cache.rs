@@ -125,7 +125,9 @@ struct Entry {
 
 impl ReadCache {
     /// Reads every key under `prefix` (linearizably) and starts the watch that keeps the
-    /// copy current. Returns once the copy is complete.
+    /// copy current. Returns once the copy is complete. A range whose values are larger
+    /// than the client accepts in one answer (etcd-client's default limit is 4 MiB) is
+    /// read in parts, at one revision.
     ///
     /// # Errors
     ///
@@ -133,9 +135,6 @@ impl ReadCache {
     /// - [`Error::Etcd`] if etcd refuses the read or the watch (e.g. permission denied).
     /// - [`Error::Timeout`] if the copy could not be made within 5 s (no member
     ///   reachable).
-    /// - [`Error::Etcd`] if the range is larger than the client accepts in one answer
-    ///   (etcd-client's default limit is 4 MiB). A range that grows past it later stops
-    ///   the cache, as a refused watch does.
     ///
     /// # Cancel safety
     ///

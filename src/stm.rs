@@ -13,7 +13,8 @@ use etcd_client::{
 };
 
 use crate::error::{
-    Error, Result, is_answer_too_large, is_compacted, is_future_revision, was_not_applied,
+    ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted, is_future_revision,
+    was_not_applied,
 };
 use crate::read_cache::{ReadCache, View};
 use crate::retry::{Backoff, deadline_after, retry};
@@ -28,9 +29,6 @@ const IMMEDIATE_RETRIES: u32 = 1;
 /// reading it anyway (reading it stale costs a conflict). The write is an event under the
 /// cache's prefix, so only a broken watch makes the wait run out.
 const CATCH_UP_LIMIT: Duration = Duration::from_millis(100);
-/// etcd's default `--max-txn-ops`: the most compares, or operations per branch, one Txn may
-/// hold.
-const ETCD_MAX_TXN_OPS: usize = 128;
 /// The back-off then: jittered, from 2 ms doubling up to 100 ms.
 const CONFLICT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(2), Duration::from_millis(100));

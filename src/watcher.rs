@@ -18,12 +18,15 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Event, GetOptions, KeyValue, WatchOptions, WatchResponse, WatchStream};
+use etcd_client::{
+    Client, Event, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
+    WatchStream,
+};
 
 use futures::FutureExt;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result, is_answer_too_large};
+use crate::error::{ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted};
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff};
 
 /// How long a watch may stay silent before its member is asked whether it is alive.
@@ -281,23 +284,75 @@ impl Follower {
     /// Reads the whole range (linearizably, so at or after everything the watch has
     /// delivered) and makes it the view.
     async fn read_snapshot(&mut self) -> Result<Update> {
-        let mut options = self.read_options.clone();
-        if self.prefix {
-            options = options.with_prefix();
+        let options = self.range(self.read_options.clone());
+        let (kvs, revision) = match attempt(self.client.get(self.key.clone(), Some(options))).await
+        {
+            Ok(mut answer) => (answer.take_kvs(), header_revision(answer.header())),
+            Err(Error::Etcd(error)) if is_answer_too_large(&error) => self.read_in_parts().await?,
+            Err(error) => return Err(error),
+        };
+        if revision > 0 {
+            self.revision = revision;
         }
-        let read = tokio::time::timeout(
-            ATTEMPT_TIMEOUT,
-            self.client.get(self.key.clone(), Some(options)),
-        );
-        let mut answer = read.await.map_err(|_| Error::Timeout {
-            after: ATTEMPT_TIMEOUT,
-        })??;
-        self.revision = answer.header().map_or(self.revision, |h| h.revision());
         self.stale = false;
         Ok(Update::Snapshot {
-            kvs: answer.take_kvs(),
+            kvs,
             revision: self.revision,
         })
+    }
+
+    /// Reads a range whose values are over the client's answer size limit together (only
+    /// a read with values can be), at one revision: its keys, then their values in Txns
+    /// of Gets pinned to that revision, halving a batch whose answer is still too large.
+    /// Compacted meanwhile, it starts again, a few times.
+    async fn read_in_parts(&self) -> Result<(Vec<KeyValue>, i64)> {
+        let mut compactions = 0;
+        loop {
+            let listing = self.range(GetOptions::new().with_keys_only());
+            let mut kv = self.client.kv_client();
+            let listing = attempt(kv.get(self.key.clone(), Some(listing))).await?;
+            let revision = header_revision(listing.header());
+            let at = GetOptions::new().with_revision(revision);
+            let keys: Vec<&[u8]> = listing.kvs().iter().map(KeyValue::key).collect();
+            let (mut kvs, mut done, mut batch) = (Vec::new(), 0, ETCD_MAX_TXN_OPS);
+            let compacted = loop {
+                if done == keys.len() {
+                    return Ok((kvs, revision));
+                }
+                let take = batch.min(keys.len() - done);
+                let gets = keys[done..done + take]
+                    .iter()
+                    .map(|key| TxnOp::get(*key, Some(at.clone())))
+                    .collect::<Vec<_>>();
+                match attempt(kv.txn(Txn::new().and_then(gets))).await {
+                    Ok(answer) => {
+                        for op in answer.op_responses() {
+                            if let TxnOpResponse::Get(mut get) = op {
+                                kvs.append(&mut get.take_kvs());
+                            }
+                        }
+                        done += take;
+                    }
+                    Err(Error::Etcd(error)) if is_answer_too_large(&error) && take > 1 => {
+                        batch = take / 2;
+                    }
+                    Err(Error::Etcd(error)) if is_compacted(&error) && compactions < 3 => {
+                        break error;
+                    }
+                    Err(error) => return Err(error),
+                }
+            };
+            compactions += 1;
+            tracing::debug!(%compacted, "range compacted while read in parts; reading again");
+        }
+    }
+
+    /// `options` over the followed key or range.
+    fn range(&self, options: GetOptions) -> GetOptions {
+        match self.prefix {
+            true => options.with_prefix(),
+            false => options,
+        }
     }
 
     /// Opens a watch and reads its first answer, which says whether it was created; gives
@@ -324,6 +379,20 @@ impl Follower {
     async fn backoff_once(&mut self) {
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
+}
+
+/// One request, cut off after [`ATTEMPT_TIMEOUT`] (a frozen member would never answer).
+async fn attempt<T>(request: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T> {
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, request).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(Error::Timeout {
+            after: ATTEMPT_TIMEOUT,
+        }),
+    }
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map_or(0, etcd_client::ResponseHeader::revision)
 }
 
 /// etcd refused to create a watch (e.g. permission denied): not worth retrying.

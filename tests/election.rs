@@ -264,6 +264,42 @@ async fn observe_reads_the_election_when_the_changes_it_missed_are_too_large_to_
     leading.resign().await.unwrap();
 }
 
+#[tokio::test]
+async fn observe_reads_candidates_whose_values_are_too_large_for_one_answer() {
+    // Three values of 1.4 MiB: read in one answer, they would take 4.2 MiB, over the
+    // client's 4 MiB limit.
+    const SIZE: usize = 1400 * 1024;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("observe-large-candidates");
+    let sessions = [
+        session(&client, 30).await,
+        session(&client, 30).await,
+        session(&client, 30).await,
+    ];
+    let election = Election::new(&sessions[0], &name);
+    let leading = election.campaign(vec![b'a'; SIZE]).await.unwrap();
+    let mut waiting = Vec::new();
+    for (candidate, fill) in sessions[1..].iter().zip([b'b', b'c']) {
+        waiting.push(spawn_campaign(
+            &Election::new(candidate, &name),
+            vec![fill; SIZE],
+        ));
+        within(secs(5), appears(&client, &hex_key(&name, candidate))).await;
+    }
+
+    let mut observer = pin!(election.observe());
+    let first = next_leader(&mut observer).await.expect("a leader");
+    assert_eq!(first.value(), vec![b'a'; SIZE].as_slice());
+    leading.resign().await.unwrap();
+    let second = next_leader(&mut observer).await.expect("a leader");
+    assert_eq!(second.value(), vec![b'b'; SIZE].as_slice());
+    let next = within(secs(5), waiting.remove(0)).await.unwrap().unwrap();
+    next.resign().await.unwrap();
+    let third = next_leader(&mut observer).await.expect("a leader");
+    assert_eq!(third.value(), vec![b'c'; SIZE].as_slice());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_survives_the_death_of_each_member_in_turn() {
     let cluster = EtcdCluster::start(3).await;

@@ -104,6 +104,31 @@ async fn cached_transfers_conserve_money_at_every_level() {
     }
 }
 
+#[tokio::test]
+async fn a_range_too_large_for_one_answer_is_copied_in_parts() {
+    // Five values of 1 MiB: read in one answer, they would take 5 MiB, over the client's
+    // 4 MiB limit.
+    const MIB: usize = 1024 * 1024;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("too-large-range");
+    let keys = put_many(&client, &prefix, 5, &vec![b'v'; MIB]).await;
+    let stm = within(secs(10), cached_stm(&client, &prefix)).await;
+    let bytes = within(
+        secs(10),
+        stm.run(async |tx| {
+            let mut bytes = 0;
+            for key in &keys {
+                bytes += tx.get(key).await?.map_or(0, |value| value.len());
+            }
+            Ok::<_, Error>(bytes)
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bytes, 5 * MIB);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_follows_puts_and_deletes() {
     let cluster = EtcdCluster::start(1).await;
