@@ -116,6 +116,10 @@ impl Election {
     /// A handle on the election `name` (any bytes, not empty) for `session`. Mirrors Go's
     /// `concurrency.NewElection(session, pfx)`.
     ///
+    /// As for a [`Mutex`](crate::Mutex), the keys live under `name` + `/`: an election
+    /// whose name continues this one after a `/` puts its candidates among this one's (as
+    /// in Go), and a lock of the same name would share this session's key.
+    ///
     /// ```no_run
     /// # fn example(session: &etcd_concurrency::Session) {
     /// let election = etcd_concurrency::Election::new(session, "/elections/scheduler");
@@ -528,6 +532,9 @@ impl Leadership {
     /// # Cancel safety
     ///
     /// Cancel-safe; each call opens its own watch, closed when the future is dropped.
+    /// The watch also receives this leadership's proclaims: poll the future steadily (as
+    /// `tokio::select!` does) or drop it, since large values left unread hold HTTP/2
+    /// flow-control windows of the connection.
     ///
     /// # Example
     ///

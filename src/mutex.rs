@@ -85,6 +85,12 @@ impl Mutex {
     /// until [`lock`](Self::lock) or [`try_lock`](Self::try_lock). Mirrors Go's
     /// `concurrency.NewMutex(session, pfx)`, which also appends the `/` to the name.
     ///
+    /// The keys live under `name` + `/`, so `a` and `ab` never meet; but a name that
+    /// continues another one after a `/` (`jobs/daily` and `jobs`, or `jobs/`, whose keys
+    /// are `jobs//…`) puts its keys into the other's queue, as in Go, and the shorter
+    /// name then waits for them too. Nor give a lock and an [`Election`](crate::Election)
+    /// the same name: in one session they would share one key.
+    ///
     /// ```no_run
     /// # fn example(session: &etcd_concurrency::Session) {
     /// let mutex = etcd_concurrency::Mutex::new(session, "/locks/reports");
