@@ -129,7 +129,17 @@ impl Follower {
                 _ = &mut stop => return Some(self),
                 () = tokio::time::sleep(DRAIN_PERIOD) => {}
             }
-            // Whatever has arrived; a read that would wait (or re-open) is left for later.
+            if self.watch.is_none() && !self.stale {
+                // It broke: open it again (a round trip at least), for the next wait to
+                // find it open.
+                tokio::select! {
+                    _ = &mut stop => return Some(self),
+                    update = self.advance(false) => if update.is_err() {
+                        return None;
+                    },
+                }
+            }
+            // Whatever has arrived; a read that would wait is left for later.
             while let Some(update) = self.advance(false).now_or_never() {
                 if update.is_err() {
                     return None;

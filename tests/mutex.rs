@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use common::{
     Deletion, Etcdctl, appears, exists, keys_under, late_join_withdrawn, millis, secs,
-    two_path_session, unique, within,
+    two_path_session, unique, watch_streams_become, within,
 };
 use etcd_client::{Client, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -542,6 +542,37 @@ async fn idle_mutexes_do_not_let_queue_events_pile_up_in_the_connection() {
             .await
             .unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_kept_queue_watch_that_breaks_is_opened_again() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&member).await.unwrap();
+    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let ours = Session::builder(through_proxy).build().await.unwrap();
+    let theirs = Session::builder(direct.clone()).build().await.unwrap();
+    let name = unique("kept-watch");
+    let held = Mutex::new(&theirs, &name).lock().await.unwrap();
+    let mutex = Mutex::new(&ours, &name);
+    let waiting = tokio::spawn({
+        let mutex = mutex.clone();
+        async move { mutex.lock().await }
+    });
+    let key = format!("{name}/{:x}", ours.lease_id());
+    within(secs(5), appears(&direct, key.as_bytes())).await;
+    held.unlock().await.unwrap();
+    let guard = within(secs(5), waiting).await.unwrap().unwrap();
+    guard.unlock().await.unwrap();
+    // Our queue watch is the one watch stream on the member, kept between calls.
+    within(secs(5), watch_streams_become(&member, 1)).await;
+
+    proxy.cut();
+    within(secs(5), watch_streams_become(&member, 0)).await;
+    proxy.heal();
+    within(secs(10), watch_streams_become(&member, 1)).await;
+    drop(mutex);
 }
 
 #[tokio::test]

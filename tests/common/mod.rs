@@ -361,3 +361,33 @@ pub async fn late_join_withdrawn(
     );
     true
 }
+
+/// How many watch streams the etcd member at `endpoint` (`http://host:port`) has open,
+/// from its `/metrics` page.
+pub async fn watch_streams(endpoint: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = endpoint.trim_start_matches("http://");
+    let mut connection = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    connection
+        .write_all(request.as_bytes())
+        .await
+        .expect("send");
+    let mut page = String::new();
+    connection.read_to_string(&mut page).await.expect("read");
+    let gauge = "etcd_debugging_mvcc_watch_stream_total ";
+    let line = page.lines().find(|line| line.starts_with(gauge));
+    let value = line
+        .expect("a watch stream gauge")
+        .trim_start_matches(gauge);
+    value.trim().parse::<f64>().expect("a number") as u64
+}
+
+/// Waits until the member at `endpoint` has `count` watch streams open.
+pub async fn watch_streams_become(endpoint: &str, count: u64) {
+    while watch_streams(endpoint).await != count {
+        tokio::time::sleep(millis(20)).await;
+    }
+}
