@@ -50,8 +50,11 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// watches that key, with one watch, until it is lost, closed, orphaned or dropped, and
 /// deletes any incarnation no guard, leadership or waiting call of the session took up.
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
-/// re-opened if it does not come. For faster detection of a frozen or partitioned member,
-/// configure the client with HTTP/2 pings and `require_leader`:
+/// re-opened if it does not come; but a member cut off from its peers still answers
+/// them, from its stale state, so waits and `observe()` through it hear of nothing until
+/// the partition heals, unless etcd cancels their watches for want of a leader. For
+/// faster detection of a frozen member, and for that, configure the client with HTTP/2
+/// pings and `require_leader`:
 /// `ConnectOptions::new().with_keep_alive(interval, timeout).with_require_leader(true)`
 /// (etcd refuses pings more frequent than its `--grpc-keepalive-min-time`, 5 s by default).
 ///
