@@ -187,9 +187,10 @@ enum Outcome {
     /// The reads were no longer valid: the fresh values of the read set (and of the
     /// prefetch keys), read by the failed Txn.
     Conflict(Fresh),
-    /// A read-only check found that a key read had changed, among more keys than one Txn
-    /// compares; it read no values. `revision`: the copy of the `ReadCache` must be at
-    /// least there to show the changes to keys it holds (0 if none).
+    /// The reads were no longer valid, and no values came back: a read-only check found a
+    /// change among more keys than one Txn compares, or a failed Txn's values were too
+    /// large to read back. `revision`: the copy of the `ReadCache` must be at least there
+    /// to show the changes to keys it holds (0 if none).
     Changed { revision: i64 },
 }
 
@@ -669,7 +670,7 @@ impl StmTxn {
         let Some(answer) =
             answer_unless_values_too_large(&self.kv, self.request_timeout, txn).await?
         else {
-            return Ok(Outcome::Conflict(Fresh::default()));
+            return newest_changes(&self.kv, self.request_timeout, &refresh, &self.noted_in).await;
         };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
@@ -714,7 +715,7 @@ impl StmTxn {
         let Some(answer) =
             answer_unless_values_too_large(&self.kv, self.request_timeout, txn).await?
         else {
-            return Ok(Outcome::Conflict(Fresh::default()));
+            return newest_changes(&self.kv, self.request_timeout, &refresh, &self.noted_in).await;
         };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
@@ -850,8 +851,7 @@ async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResp
 
 /// Sends `txn`, whose success branch holds only writes, which answer in a few bytes each:
 /// `None` if the answer was over the client's size limit, which only the values its
-/// failure branch reads back can make it: then the Txn failed, and its values are left for
-/// the next attempt to read one by one.
+/// failure branch reads back can make it: then the Txn failed.
 async fn answer_unless_values_too_large(
     kv: &KvClient,
     limit: Duration,
@@ -862,6 +862,39 @@ async fn answer_unless_values_too_large(
         Err(Error::Etcd(error)) if is_answer_too_large(&error) => Ok(None),
         Err(error) => Err(error),
     }
+}
+
+/// For a failed Txn whose values were too large to read back: the newest revision at which
+/// one of `keys` held by `cache` changed (the current revision for one that is absent), read
+/// without values.
+async fn newest_changes(
+    kv: &KvClient,
+    limit: Duration,
+    keys: &[Vec<u8>],
+    cache: &Option<ReadCache>,
+) -> Result<Outcome> {
+    let keys_only = GetOptions::new().with_keys_only();
+    let gets = keys
+        .iter()
+        .map(|key| TxnOp::get(key.clone(), Some(keys_only.clone())))
+        .collect();
+    let answer = read_txn(kv, limit, gets).await?;
+    let now = answer.header().map_or(0, |h| h.revision());
+    let changes = keys
+        .iter()
+        .zip(answer.op_responses())
+        .filter_map(|(key, op)| {
+            let held = cache.as_ref().is_some_and(|cache| cache.covers(key));
+            match op {
+                TxnOpResponse::Get(get) if held => {
+                    Some(get.kvs().first().map_or(now, |kv| kv.mod_revision()))
+                }
+                _ => None,
+            }
+        });
+    Ok(Outcome::Changed {
+        revision: changes.max().unwrap_or(0),
+    })
 }
 
 /// Sends `reads` in one read-only Txn, retrying transient failures.

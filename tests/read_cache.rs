@@ -129,6 +129,50 @@ async fn a_range_too_large_for_one_answer_is_copied_in_parts() {
     assert_eq!(bytes, 5 * MIB);
 }
 
+#[tokio::test]
+async fn a_conflict_over_values_too_large_to_read_back_is_not_read_from_a_frozen_copy_again() {
+    // Five values of 1 MiB: a failed commit cannot read them back in one answer (the
+    // client takes 4 MiB), so the next attempt must learn some other way that the copy is
+    // behind.
+    const MIB: usize = 1024 * 1024;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("frozen-large");
+    let keys = put_many(&client, &prefix, 5, &vec![b'v'; MIB]).await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    put(&client, &keys[0], "changed").await;
+    let sum = unique("large-sum");
+    // With a write, the commit fails; read-only, its check does.
+    for (isolation, writes) in [
+        (Isolation::SerializableSnapshot, true),
+        (Isolation::RepeatableReads, false),
+    ] {
+        let runs = AtomicU32::new(0);
+        let stm = Stm::new(client.clone())
+            .isolation(isolation)
+            .read_cache(cache.clone())
+            .max_attempts(5);
+        let bytes = within(
+            secs(20),
+            stm.run(async |tx| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let mut bytes = 0;
+                for key in &keys {
+                    bytes += tx.get(key).await?.map_or(0, |value| value.len());
+                }
+                if writes {
+                    tx.put(sum.as_str(), bytes.to_string());
+                }
+                Ok::<_, Error>(bytes)
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(bytes, 4 * MIB + "changed".len(), "{isolation:?}");
+        assert_eq!(runs.into_inner(), 2, "{isolation:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_follows_puts_and_deletes() {
     let cluster = EtcdCluster::start(1).await;
