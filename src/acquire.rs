@@ -116,7 +116,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let answer = match in_flight.finish().await {
         Ok(answer) => answer,
         Err(error) => {
-            let sent = outcome_of_failure(&error, in_flight.maybe_late);
+            let sent = outcome_of_failure(in_flight.maybe_late);
             in_flight.undo_in_background(sent);
             return Err(lease_gone_is_session_lost(session, error));
         }
@@ -287,7 +287,7 @@ impl Drop for InFlight {
                 match task.await {
                     Ok(Sending { answer, maybe_late }) => match answer {
                         Ok(answer) => (Sent::Answered(answer), maybe_late),
-                        Err(error) => (outcome_of_failure(&error, maybe_late), maybe_late),
+                        Err(_) => (outcome_of_failure(maybe_late), maybe_late),
                     },
                     Err(_) => (Sent::Unknown, true),
                 }
@@ -296,11 +296,11 @@ impl Drop for InFlight {
     }
 }
 
-/// What became of a join Txn that failed with `error`: etcd refused it for what it is, or
-/// every attempt certainly went unapplied (the connection was refused, no leader), or its
-/// outcome is unknown.
-fn outcome_of_failure(error: &Error, maybe_applied: bool) -> Sent {
-    match error.is_transient() && maybe_applied {
+/// What became of a join Txn that failed, given whether an attempt may have been applied:
+/// if none may (etcd refused it for what it is, or every attempt certainly went
+/// unapplied: connection refused, no leader), nothing was written.
+fn outcome_of_failure(maybe_applied: bool) -> Sent {
+    match maybe_applied {
         true => Sent::Unknown,
         false => Sent::Refused,
     }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result, is_transient, was_not_applied};
+use crate::error::{Error, Result, is_answer_too_large, is_transient, was_not_applied};
 
 /// The first back-off step; steps double up to [`MAX_STEP`].
 const FIRST_STEP: Duration = Duration::from_millis(20);
@@ -107,9 +107,10 @@ where
 }
 
 /// [`retry`] for a write: also says, with the answer or the error, whether an attempt that
-/// did not succeed may have been applied all the same, because it failed in transit or
-/// went unanswered until it was cut off. Only a refusal that etcd certainly did not apply
-/// ([`was_not_applied`]) rules that out.
+/// did not succeed may have been applied all the same: because it failed in transit
+/// (unless [`was_not_applied`] says it never got that far), went unanswered until it was
+/// cut off, or was applied but its answer was too large to take. A refusal by etcd, for
+/// what the request is, was not applied.
 pub(crate) async fn retry_write<H, T, F, Fut>(
     handle: &H,
     limit: Duration,
@@ -132,7 +133,7 @@ where
             }
             let answer = attempt.await;
             in_flight.store(false, Ordering::Relaxed);
-            if matches!(&answer, Err(error) if !was_not_applied(error)) {
+            if matches!(&answer, Err(error) if may_have_applied(error)) {
                 maybe_applied.store(true, Ordering::Relaxed);
             }
             answer
@@ -142,6 +143,11 @@ where
     // Still set: the last attempt was cut off at the deadline.
     let cut_off = in_flight.into_inner();
     (answer, maybe_applied.into_inner() || cut_off)
+}
+
+/// Whether a write that failed with `error` may have been applied.
+fn may_have_applied(error: &etcd_client::Error) -> bool {
+    (is_transient(error) && !was_not_applied(error)) || is_answer_too_large(error)
 }
 
 #[cfg(test)]
@@ -287,5 +293,28 @@ mod tests {
         let refused = tonic::Status::unavailable("tcp connect error: connection refused");
         let refused = etcd_client::Error::GRpcStatus(refused);
         assert!(!first_may_have_applied(Some(refused)).await, "never sent");
+    }
+
+    /// Whether `retry_write` says a write that failed with `error` may have applied.
+    async fn failed_write_may_have_applied(error: tonic::Status) -> bool {
+        let mut error = Some(etcd_client::Error::GRpcStatus(error));
+        let (answer, maybe_applied) =
+            retry_write(&idle_client().await, Duration::from_secs(5), |_| {
+                let error = error.take().expect("one attempt");
+                async move { Err::<(), _>(error) }
+            })
+            .await;
+        assert!(answer.is_err());
+        maybe_applied
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_etcd_refused_was_not_applied_unless_only_its_answer_was_too_large() {
+        let refused = tonic::Status::not_found("etcdserver: requested lease not found");
+        assert!(!failed_write_may_have_applied(refused).await);
+        let too_large = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 4194649 bytes",
+        );
+        assert!(failed_write_may_have_applied(too_large).await);
     }
 }
