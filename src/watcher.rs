@@ -19,8 +19,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Event, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
-    WatchStream,
+    Client, Event, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    WatchResponse, WatchStream,
 };
 
 use futures::FutureExt;
@@ -311,49 +311,81 @@ impl Follower {
         })
     }
 
-    /// Reads a range whose values are over the client's answer size limit together (only
-    /// a read with values can be), at one revision: its keys, then their values in Txns
-    /// of Gets pinned to that revision, halving a batch whose answer is still too large.
-    /// Compacted meanwhile, it starts again, a few times.
+    /// Reads a range too large for one answer of the client's (its values, or even just
+    /// its keys, are over the size limit together), at one revision: its keys a page at a
+    /// time, then their values in Txns of Gets pinned to that revision, halving a page or a
+    /// batch whose answer is still too large. Compacted meanwhile, it starts again. Only
+    /// whole-range reads with values, as `observe` and `ReadCache` make, come here: it
+    /// reads them so whatever the read options.
     async fn read_in_parts(&self) -> Result<(Vec<KeyValue>, i64)> {
-        let mut compactions = 0;
         loop {
-            let listing = self.range(GetOptions::new().with_keys_only());
-            let mut kv = self.client.kv_client();
-            let listing = attempt(kv.get(self.key.clone(), Some(listing))).await?;
-            let revision = header_revision(listing.header());
-            let at = GetOptions::new().with_revision(revision);
-            let keys: Vec<&[u8]> = listing.kvs().iter().map(KeyValue::key).collect();
-            let (mut kvs, mut done, mut batch) = (Vec::new(), 0, ETCD_MAX_TXN_OPS);
-            let compacted = loop {
-                if done == keys.len() {
-                    return Ok((kvs, revision));
+            match self.read_parts().await {
+                Err(Error::Etcd(error)) if is_compacted(&error) => {
+                    tracing::debug!(%error, "range compacted while read in parts; reading again");
                 }
-                let take = batch.min(keys.len() - done);
-                let gets = keys[done..done + take]
-                    .iter()
-                    .map(|key| TxnOp::get(*key, Some(at.clone())))
-                    .collect::<Vec<_>>();
-                match attempt(kv.txn(Txn::new().and_then(gets))).await {
-                    Ok(answer) => {
-                        for op in answer.op_responses() {
-                            if let TxnOpResponse::Get(mut get) = op {
-                                kvs.append(&mut get.take_kvs());
-                            }
+                read => return read,
+            }
+        }
+    }
+
+    async fn read_parts(&self) -> Result<(Vec<KeyValue>, i64)> {
+        let mut kv = self.client.kv_client();
+        let (keys, revision) = self.list_keys(&mut kv).await?;
+        let at = GetOptions::new().with_revision(revision);
+        let (mut kvs, mut done, mut batch) = (Vec::new(), 0, ETCD_MAX_TXN_OPS);
+        while done < keys.len() {
+            let take = batch.min(keys.len() - done);
+            let gets = keys[done..done + take]
+                .iter()
+                .map(|key| TxnOp::get(key.clone(), Some(at.clone())))
+                .collect::<Vec<_>>();
+            match attempt(kv.txn(Txn::new().and_then(gets))).await {
+                Ok(answer) => {
+                    for op in answer.op_responses() {
+                        if let TxnOpResponse::Get(mut get) = op {
+                            kvs.append(&mut get.take_kvs());
                         }
-                        done += take;
                     }
-                    Err(Error::Etcd(error)) if is_answer_too_large(&error) && take > 1 => {
-                        batch = take / 2;
-                    }
-                    Err(Error::Etcd(error)) if is_compacted(&error) && compactions < 3 => {
-                        break error;
-                    }
-                    Err(error) => return Err(error),
+                    done += take;
                 }
-            };
-            compactions += 1;
-            tracing::debug!(%compacted, "range compacted while read in parts; reading again");
+                Err(Error::Etcd(error)) if is_answer_too_large(&error) && take > 1 => {
+                    batch = take / 2;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok((kvs, revision))
+    }
+
+    /// The keys of the range, a page at a time, at the revision of the first page.
+    async fn list_keys(&self, kv: &mut KvClient) -> Result<(Vec<Vec<u8>>, i64)> {
+        const FIRST_PAGE: i64 = 10_000;
+        let (mut keys, mut from) = (Vec::new(), self.key.clone());
+        let (mut revision, mut page) = (0, FIRST_PAGE);
+        loop {
+            let mut options = GetOptions::new()
+                .with_keys_only()
+                .with_limit(page)
+                .with_revision(revision);
+            if self.prefix {
+                options = options.with_range(range_end(&self.key));
+            }
+            match attempt(kv.get(from.clone(), Some(options))).await {
+                Ok(answer) => {
+                    if revision == 0 {
+                        revision = header_revision(answer.header());
+                    }
+                    keys.extend(answer.kvs().iter().map(|kv| kv.key().to_vec()));
+                    match (answer.more(), keys.last()) {
+                        (true, Some(last)) => from = [last.as_slice(), &[0]].concat(),
+                        _ => return Ok((keys, revision)),
+                    }
+                }
+                Err(Error::Etcd(error)) if is_answer_too_large(&error) && page > 1 => {
+                    page /= 2;
+                }
+                Err(error) => return Err(error),
+            }
         }
     }
 
@@ -401,6 +433,19 @@ async fn attempt<T>(request: impl Future<Output = Result<T, etcd_client::Error>>
     }
 }
 
+/// The end of the range of keys starting with `prefix` (etcd's `"\0"`: no end, if every
+/// byte of it is `0xff`).
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
     header.map_or(0, etcd_client::ResponseHeader::revision)
 }
@@ -422,4 +467,16 @@ fn refused(created: &WatchResponse) -> Error {
 /// The revision an event happened at (a delete's key-value carries the deletion revision).
 pub(crate) fn revision_of(event: &Event) -> i64 {
     event.kv().map_or(0, KeyValue::mod_revision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::range_end;
+
+    #[test]
+    fn a_range_end_is_the_first_key_after_every_key_with_the_prefix() {
+        assert_eq!(range_end(b"a/"), b"a0");
+        assert_eq!(range_end(b"a\xff"), b"b");
+        assert_eq!(range_end(b"\xff\xff"), b"\0");
+    }
 }

@@ -8,7 +8,7 @@ use common::{
     amount, millis, move_a_quarter, put_many, read, secs, task_baseline, tasks_back_to, total,
     transfer_concurrently, unique, within,
 };
-use etcd_client::Client;
+use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Error, Isolation, ReadCache, Stm, StmTxn};
 
@@ -127,6 +127,32 @@ async fn a_range_too_large_for_one_answer_is_copied_in_parts() {
     .await
     .unwrap();
     assert_eq!(bytes, 5 * MIB);
+}
+
+#[tokio::test]
+async fn a_range_with_too_many_keys_for_one_listing_is_copied_in_parts() {
+    // 400 keys of 12 KiB: even without their values they would take 4.8 MiB in one answer,
+    // over the client's 4 MiB limit.
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("long-keys");
+    let long = "k".repeat(12 * 1024);
+    let keys: Vec<String> = (0..400).map(|i| format!("{prefix}/{i:03}{long}")).collect();
+    for some in keys.chunks(100) {
+        let puts: Vec<TxnOp> = some
+            .iter()
+            .map(|key| TxnOp::put(key.as_str(), "1", None))
+            .collect();
+        client.clone().txn(Txn::new().and_then(puts)).await.unwrap();
+    }
+    let stm = within(secs(10), cached_stm(&client, &prefix)).await;
+    let read = within(
+        secs(10),
+        stm.run(async |tx| Ok::<_, Error>((tx.get(&keys[0]).await?, tx.get(&keys[399]).await?))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(read, (Some(b"1".to_vec()), Some(b"1".to_vec())));
 }
 
 #[tokio::test]
