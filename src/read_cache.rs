@@ -125,9 +125,9 @@ struct Entry {
 
 impl ReadCache {
     /// Reads every key under `prefix` (linearizably) and starts the watch that keeps the
-    /// copy current. Returns once the copy is complete. A range whose values are larger
-    /// than the client accepts in one answer (etcd-client's default limit is 4 MiB) is
-    /// read in parts, at one revision.
+    /// copy current. Returns once the copy is complete. A range larger than the client
+    /// accepts in one answer (etcd-client's default limit is 4 MiB; its values, or even
+    /// its keys alone) is read in parts, at one revision.
     ///
     /// # Errors
     ///
