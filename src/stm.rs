@@ -724,7 +724,7 @@ impl StmTxn {
         for chunk in rest.chunks(ETCD_MAX_TXN_OPS) {
             let keys = chunk.iter().map(|(key, _)| key.as_slice());
             let now = match mod_revisions_at(&self.kv, self.request_timeout, keys, revision).await {
-                Ok(now) => now,
+                Ok((now, _)) => now,
                 // Compacted meanwhile: a fresh attempt checks again.
                 Err(Error::Etcd(error)) if is_compacted(&error) => {
                     return Ok(Outcome::Conflict(Fresh::default()));
@@ -736,17 +736,7 @@ impl StmTxn {
                 if now == read.mod_revision {
                     continue;
                 }
-                // What the copy must show before it is read again: the changes to keys it
-                // holds (a deleted key changed at the check's revision at the latest).
-                let cached = self
-                    .noted_in
-                    .as_ref()
-                    .is_some_and(|cache| cache.covers(key));
-                let shown_from = match (cached, now) {
-                    (false, _) => 0,
-                    (true, 0) => revision,
-                    (true, now) => now,
-                };
+                let shown_from = copy_must_show(&self.noted_in, key, now, revision);
                 changed = Some(changed.unwrap_or(0).max(shown_from));
             }
             if let Some(revision) = changed {
@@ -873,28 +863,27 @@ async fn newest_changes(
     keys: &[Vec<u8>],
     cache: &Option<ReadCache>,
 ) -> Result<Outcome> {
-    let keys_only = GetOptions::new().with_keys_only();
-    let gets = keys
-        .iter()
-        .map(|key| TxnOp::get(key.clone(), Some(keys_only.clone())))
-        .collect();
-    let answer = read_txn(kv, limit, gets).await?;
-    let now = answer.header().map_or(0, |h| h.revision());
+    let latest = 0;
+    let read = keys.iter().map(Vec::as_slice);
+    let (now, revision) = mod_revisions_at(kv, limit, read, latest).await?;
     let changes = keys
         .iter()
-        .zip(answer.op_responses())
-        .filter_map(|(key, op)| {
-            let held = cache.as_ref().is_some_and(|cache| cache.covers(key));
-            match op {
-                TxnOpResponse::Get(get) if held => {
-                    Some(get.kvs().first().map_or(now, |kv| kv.mod_revision()))
-                }
-                _ => None,
-            }
-        });
+        .zip(now)
+        .map(|(key, now)| copy_must_show(cache, key, now, revision));
     Ok(Outcome::Changed {
         revision: changes.max().unwrap_or(0),
     })
+}
+
+/// The revision `cache`'s copy must have reached to show the change of `key`, whose mod
+/// revision is `now` (0: deleted) at `revision`: 0 if the copy does not hold the key.
+fn copy_must_show(cache: &Option<ReadCache>, key: &[u8], now: i64, revision: i64) -> i64 {
+    match (cache.as_ref().is_some_and(|cache| cache.covers(key)), now) {
+        (false, _) => 0,
+        // A deleted key changed at `revision` at the latest.
+        (true, 0) => revision,
+        (true, now) => now,
+    }
 }
 
 /// Sends `reads` in one read-only Txn, retrying transient failures.
@@ -917,22 +906,23 @@ async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result
     }
 }
 
-/// The mod revisions of `keys` at `revision` (0 for an absent key), in one Txn, without
-/// their values.
+/// The mod revisions of `keys` at `revision` (0: the latest; 0 for an absent key), in one
+/// Txn, without their values; with etcd's revision when it answered.
 async fn mod_revisions_at<'a>(
     kv: &KvClient,
     limit: Duration,
     keys: impl Iterator<Item = &'a [u8]>,
     revision: i64,
-) -> Result<Vec<i64>> {
+) -> Result<(Vec<i64>, i64)> {
     let at = GetOptions::new().with_revision(revision).with_keys_only();
     let gets = keys.map(|key| TxnOp::get(key, Some(at.clone()))).collect();
     let answer = read_txn(kv, limit, gets).await?;
+    let read_at = answer.header().map_or(revision, |h| h.revision());
     let revisions = answer.op_responses().into_iter().filter_map(|op| match op {
         TxnOpResponse::Get(get) => Some(get.kvs().first().map_or(0, |kv| kv.mod_revision())),
         _ => None,
     });
-    Ok(revisions.collect())
+    Ok((revisions.collect(), read_at))
 }
 
 /// Pairs `keys` with the Get answers of a Txn, in order.

@@ -400,7 +400,7 @@ impl Follower {
     /// Opens a watch and reads its first answer, which says whether it was created; gives
     /// up after [`ATTEMPT_TIMEOUT`] (a frozen member would never answer).
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
-        let opening = async {
+        attempt(async {
             let mut watch = self.client.watch(self.key.clone(), Some(options)).await?;
             let created = watch
                 .message()
@@ -408,14 +408,9 @@ impl Follower {
                 .ok_or_else(|| etcd_client::Error::WatchError("watch closed at creation".into()))?;
             self.heard_at = Instant::now();
             self.progress_asked = false;
-            Ok::<_, etcd_client::Error>((watch, created))
-        };
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, opening).await {
-            Ok(opened) => Ok(opened?),
-            Err(_) => Err(Error::Timeout {
-                after: ATTEMPT_TIMEOUT,
-            }),
-        }
+            Ok((watch, created))
+        })
+        .await
     }
 
     async fn backoff_once(&mut self) {
