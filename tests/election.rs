@@ -6,8 +6,8 @@ use std::pin::{Pin, pin};
 use std::time::Instant;
 
 use common::{
-    Deletion, Etcdctl, appears, exists, holds, keys_under, late_join_withdrawn, millis, read, secs,
-    two_path_session, unique, within,
+    Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, holds, keys_under, millis, read,
+    secs, unique, within,
 };
 use etcd_client::{Client, CompactionOptions};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -801,26 +801,13 @@ async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process()
 
 #[tokio::test]
 async fn a_join_attempt_that_reaches_etcd_after_the_resign_leaves_no_key() {
-    let cluster = EtcdCluster::start(1).await;
-    let observer = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let ours = two_path_session(&cluster, &proxy).await;
-    for _ in 0..20 {
-        let name = unique("late-join");
-        let mut changes = observer
-            .clone()
-            .watch(hex_key(&name, &ours), None)
-            .await
-            .unwrap();
-        proxy.stall();
+    a_late_join_leaves_no_key(async |session, name| {
         let started = Instant::now();
-        let election = Election::new(&ours, &name);
+        let election = Election::new(session, name);
         let leading = within(secs(20), election.campaign("a")).await.unwrap();
-        let sent_again = started.elapsed() >= millis(1_900);
+        let took = started.elapsed();
         leading.resign().await.unwrap();
-        if late_join_withdrawn(&mut changes, &proxy, sent_again).await {
-            return;
-        }
-    }
-    panic!("no join attempt reached etcd late in 20 tries");
+        took
+    })
+    .await;
 }

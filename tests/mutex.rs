@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use common::{
-    Deletion, Etcdctl, appears, exists, keys_under, late_join_withdrawn, millis, secs,
-    two_path_session, unique, watch_streams_become, within,
+    Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, keys_under, millis, secs,
+    unique, watch_streams_become, within,
 };
 use etcd_client::{Client, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -577,24 +577,14 @@ async fn a_kept_queue_watch_that_breaks_is_opened_again() {
 
 #[tokio::test]
 async fn a_join_attempt_that_reaches_etcd_after_the_unlock_leaves_no_key() {
-    let cluster = EtcdCluster::start(1).await;
-    let observer = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let ours = two_path_session(&cluster, &proxy).await;
-    for _ in 0..20 {
-        let name = unique("late-join");
-        let key = format!("{name}/{:x}", ours.lease_id());
-        let mut changes = observer.clone().watch(key.as_str(), None).await.unwrap();
-        proxy.stall();
+    a_late_join_leaves_no_key(async |session, name| {
         let started = Instant::now();
-        let guard = within(secs(20), Mutex::new(&ours, &name).lock())
+        let guard = within(secs(20), Mutex::new(session, name).lock())
             .await
             .unwrap();
-        let sent_again = started.elapsed() >= millis(1_900);
+        let took = started.elapsed();
         guard.unlock().await.unwrap();
-        if late_join_withdrawn(&mut changes, &proxy, sent_again).await {
-            return;
-        }
-    }
-    panic!("no join attempt reached etcd late in 20 tries");
+        took
+    })
+    .await;
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use common::{
     amount, millis, move_a_quarter, put_many, read, secs, task_baseline, tasks_back_to, total,
-    transfer_concurrently, unique, within,
+    transfer_concurrently, unique, value_bytes, within,
 };
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -114,18 +114,9 @@ async fn a_range_too_large_for_one_answer_is_copied_in_parts() {
     let prefix = unique("too-large-range");
     let keys = put_many(&client, &prefix, 5, &vec![b'v'; MIB]).await;
     let stm = within(secs(10), cached_stm(&client, &prefix)).await;
-    let bytes = within(
-        secs(10),
-        stm.run(async |tx| {
-            let mut bytes = 0;
-            for key in &keys {
-                bytes += tx.get(key).await?.map_or(0, |value| value.len());
-            }
-            Ok::<_, Error>(bytes)
-        }),
-    )
-    .await
-    .unwrap();
+    let bytes = within(secs(10), stm.run(async |tx| value_bytes(tx, &keys).await))
+        .await
+        .unwrap();
     assert_eq!(bytes, 5 * MIB);
 }
 
@@ -182,10 +173,7 @@ async fn a_conflict_over_values_too_large_to_read_back_is_not_read_from_a_frozen
             secs(20),
             stm.run(async |tx| {
                 runs.fetch_add(1, Ordering::SeqCst);
-                let mut bytes = 0;
-                for key in &keys {
-                    bytes += tx.get(key).await?.map_or(0, |value| value.len());
-                }
+                let bytes = value_bytes(tx, &keys).await?;
                 if writes {
                     tx.put(sum.as_str(), bytes.to_string());
                 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{amount, secs, total, transfer_concurrently, unique, within};
+use common::{amount, secs, total, transfer_concurrently, unique, value_bytes, within};
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Isolation, Stm};
@@ -416,10 +416,7 @@ async fn a_conflict_over_values_too_large_for_one_answer_runs_the_closure_again(
         let bytes = within(
             secs(30),
             stm.run(async |tx| {
-                let mut bytes = 0;
-                for key in &keys {
-                    bytes += tx.get(key).await?.map_or(0, |value| value.len());
-                }
+                let bytes = value_bytes(tx, &keys).await?;
                 if runs.fetch_add(1, Ordering::SeqCst) == 0 {
                     let mut other = client.clone();
                     other.put(keys[0].as_str(), "changed", None).await.unwrap();
@@ -447,17 +444,8 @@ async fn a_read_only_check_of_many_large_values_stays_within_one_answer() {
     let value = vec![b'7'; 40 * 1024];
     let keys = common::put_many(&client, &unique("large"), KEYS, &value).await;
     let stm = Stm::new(client).isolation(Isolation::RepeatableReads);
-    let read = within(
-        secs(20),
-        stm.run(async |tx| {
-            let mut bytes = 0;
-            for key in &keys {
-                bytes += tx.get(key).await?.map_or(0, |value| value.len());
-            }
-            Ok::<_, Error>(bytes)
-        }),
-    )
-    .await
-    .unwrap();
+    let read = within(secs(20), stm.run(async |tx| value_bytes(tx, &keys).await))
+        .await
+        .unwrap();
     assert_eq!(read, KEYS * value.len());
 }

@@ -9,7 +9,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, GetResponse};
-use etcd_concurrency::Stm;
+use etcd_concurrency::{Stm, StmTxn};
+
+/// The total length of the values of `keys` (0 for an absent one), read in `tx`.
+pub async fn value_bytes(tx: &mut StmTxn, keys: &[String]) -> etcd_concurrency::Result<usize> {
+    let mut bytes = 0;
+    for key in keys {
+        bytes += tx.get(key).await?.map_or(0, |value| value.len());
+    }
+    Ok(bytes)
+}
 
 /// Awaits `future`, failing the test if it takes longer than `limit`.
 pub async fn within<F: Future>(limit: Duration, future: F) -> F::Output {
@@ -308,7 +317,7 @@ impl Etcdctl {
 /// A session whose client reaches the one member of `cluster` two ways, through `proxy`
 /// and directly: a request stalled in the proxy is sent again the direct way, and the
 /// stalled attempt reaches etcd when the proxy heals.
-pub async fn two_path_session(
+async fn two_path_session(
     cluster: &etcd_concurrency::testing::EtcdCluster,
     proxy: &etcd_concurrency::testing::Proxy,
 ) -> etcd_concurrency::Session {
@@ -321,6 +330,33 @@ pub async fn two_path_session(
         .build()
         .await
         .unwrap()
+}
+
+/// Takes a lock or leadership and releases it, with `take_and_release(session, name)`,
+/// through a session that reaches etcd two ways while one of them, a proxy, stalls; until
+/// a join attempt held in the proxy reaches etcd after the release (at most 20 tries).
+/// `take_and_release` returns how long taking took: 1.9 s or more means the join was sent
+/// again. Asserts that the key such a late attempt makes is deleted.
+pub async fn a_late_join_leaves_no_key(
+    mut take_and_release: impl AsyncFnMut(&etcd_concurrency::Session, &str) -> Duration,
+) {
+    let cluster = etcd_concurrency::testing::EtcdCluster::start(1).await;
+    let observer = cluster.client().await;
+    let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
+        .await
+        .unwrap();
+    let ours = two_path_session(&cluster, &proxy).await;
+    for _ in 0..20 {
+        let name = unique("late-join");
+        let key = format!("{name}/{:x}", ours.lease_id());
+        let mut changes = observer.clone().watch(key.as_str(), None).await.unwrap();
+        proxy.stall();
+        let took = take_and_release(&ours, &name).await;
+        if late_join_withdrawn(&mut changes, &proxy, took >= millis(1_900)).await {
+            return;
+        }
+    }
+    panic!("no join attempt reached etcd late in 20 tries");
 }
 
 /// The type of the next event on `changes`, within 30 s.
@@ -336,7 +372,7 @@ pub async fn next_change(changes: &mut etcd_client::WatchStream) -> etcd_client:
 /// After a join, and the unlock or resign of what it got, observed on `changes` while
 /// the proxy stalled: heals the proxy and, if `sent_again`, returns whether the stalled
 /// attempt made the key again, asserting that it was then deleted within 5 s.
-pub async fn late_join_withdrawn(
+async fn late_join_withdrawn(
     changes: &mut etcd_client::WatchStream,
     proxy: &etcd_concurrency::testing::Proxy,
     sent_again: bool,
