@@ -215,20 +215,27 @@ impl InFlight {
     /// is theirs (and if this Txn may have made a new incarnation of it, the last of them
     /// to go looks for it). The last claim on it deletes it whatever became of this Txn,
     /// as an earlier holder may have left it to this call.
+    ///
+    /// A lock's slot is free again before the caller hears of the error if there is
+    /// nothing to undo, or if the outcome is unknown: see [`spawn_undo`](Self::spawn_undo).
     fn undo_in_background(&mut self, sent: Sent) {
         let maybe_late = self.maybe_late;
-        if matches!(sent, Sent::Refused) && !maybe_late && self.claim.is_none() {
-            // Nothing to undo: the slot is free again before the caller hears of the error.
-            self.local = None;
-            return;
+        match (&sent, self.owner) {
+            (Sent::Refused, Owner::Mutex) if !maybe_late => self.local = None,
+            (Sent::Unknown, Owner::Mutex) => {
+                self.session.watch_for_late_joins(&self.name, self.owner);
+                self.local = None;
+            }
+            _ => self.spawn_undo(async move { (sent, maybe_late) }),
         }
-        self.spawn_undo(async move { (sent, maybe_late) });
     }
 
     /// As [`undo_in_background`](Self::undo_in_background), for the outcome `sent` gives
     /// with whether an attempt that did not succeed may have been applied. If so, or if
     /// the outcome is unknown, the session then watches the key for an attempt delivered
-    /// late.
+    /// late. A lock key of unknown fate is left to that watch, which deletes it unless a
+    /// later call of the session takes it up: the slot is freed at once, so that the next
+    /// call asks etcd instead of waiting for a look-up that lasts as long as a partition.
     fn spawn_undo(&mut self, sent: impl Future<Output = (Sent, bool)> + Send + 'static) {
         let (session, key) = (self.session.downgrade(), self.key.clone());
         let (name, owner) = (self.name.clone(), self.owner);
@@ -242,6 +249,10 @@ impl InFlight {
                     if let Some(live) = session.upgrade() {
                         live.watch_for_late_joins(&name, owner);
                     }
+                }
+                let left = left_behind(sent);
+                if matches!((owner, &left), (Owner::Mutex, Left::Unknown)) {
+                    return;
                 }
                 // The claim is given up only now, with the outcome known: a key this Txn
                 // created after the others' key was deleted is then left to the last of
@@ -258,7 +269,7 @@ impl InFlight {
                 // Txn, as an earlier holder may have left it to this call.
                 let election = last_claim.is_some();
                 let leftover = last_claim.as_ref().is_some_and(LastClaim::leftover);
-                let look_up = match left_behind(sent) {
+                let look_up = match left {
                     Left::Key(revision) => {
                         let superseded =
                             release_while_session_lives(session.clone(), &key, revision).await;

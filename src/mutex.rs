@@ -125,9 +125,11 @@ impl Mutex {
     /// Waiting has no deadline of its own: to give up after a while, wrap the call in
     /// [`tokio::time::timeout`] (see the example). That includes waiting for this
     /// session's earlier calls on the name: a guard's release, or the undoing of a
-    /// `lock()` that was cancelled or failed with its outcome unknown, which retries until
-    /// etcd answers or the session is lost. A `lock()` that failed without reaching etcd
-    /// (connection refused) leaves nothing to undo.
+    /// cancelled `lock()`, which retries until etcd answers or the session is lost. A
+    /// `lock()` that failed does not hold up the next one: if it failed without reaching
+    /// etcd (connection refused), it left nothing to undo; if its outcome is unknown (cut
+    /// off in a partition), the key it may have made is left to the session, which deletes
+    /// it once etcd answers unless a later call takes it up (see [`Session`]).
     ///
     /// # Errors
     ///
@@ -189,10 +191,9 @@ impl Mutex {
 
     /// Takes the lock if nobody holds it, without waiting: `Some(guard)` if taken, `None`
     /// if held by anyone, or busy in this session (another `lock()` of this session is
-    /// waiting for it, a dropped guard's release or the undoing of a cancelled or failed
-    /// `lock()` is still running, or the session is deleting a key that a join attempt
-    /// delivered late made: see [`Session`]). Mirrors
-    /// Go's `Mutex.TryLock`.
+    /// waiting for it, a dropped guard's release or the undoing of a cancelled `lock()` is
+    /// still running, or the session is deleting a key that a join attempt delivered late
+    /// made: see [`Session`]). Mirrors Go's `Mutex.TryLock`.
     ///
     /// One Txn, which creates this session's key only if no key exists under the name, so
     /// a failed attempt leaves nothing behind (Go creates its key and deletes it again).

@@ -49,6 +49,8 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// and make the session's key there again, for nobody: after such a join the session
 /// watches that key, with one watch, until it is lost, closed, orphaned or dropped, and
 /// deletes any incarnation no guard, leadership or waiting call of the session took up.
+/// The key of a `lock()` that failed with its outcome unknown is left to that watch too,
+/// so the next `lock()` does not wait for it to be looked up.
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
 /// re-opened if it does not come; but a member cut off from its peers still answers
 /// them, from its stale state, so waits and `observe()` through it hear of nothing until

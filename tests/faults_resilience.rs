@@ -200,3 +200,43 @@ async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
     );
     within(secs(30), held.unlock()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_call() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let session = Session::builder(client)
+        .ttl(secs(60))
+        .request_timeout(secs(1))
+        .build()
+        .await
+        .unwrap();
+    let name = unique("unknown-outcome");
+    let mutex = Mutex::new(&session, &name);
+
+    // Requests hang: the join may or may not have been applied.
+    proxy.stall();
+    let locked = within(secs(5), mutex.lock()).await;
+    assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+    // The next call asks etcd (and fails the same way) instead of saying busy while the
+    // first one's key is looked for.
+    let tried = within(secs(5), mutex.try_lock()).await;
+    assert!(
+        matches!(&tried, Err(error) if error.is_transient()),
+        "busy instead of failing: {tried:?}"
+    );
+
+    // The held attempts reach etcd now; whatever key they make is taken up by the next
+    // lock or deleted by the session.
+    proxy.heal();
+    let guard = within(secs(10), mutex.lock()).await.unwrap();
+    within(secs(5), guard.unlock()).await.unwrap();
+    let observer = cluster.client().await;
+    within(secs(10), async {
+        while !keys_under(&observer, &name).await.is_empty() {
+            tokio::time::sleep(millis(50)).await;
+        }
+    })
+    .await;
+}
