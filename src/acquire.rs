@@ -127,17 +127,23 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let (local, claim) = (in_flight.local.take(), in_flight.claim.take());
     let revision = answer.header().map_or(0, |h| h.revision());
     let (own, queue) = split(&answer);
-    let (create_revision, value, created) = if answer.succeeded() {
-        (revision, request.value, true)
+    let (create_revision, mod_revision, value, created) = if answer.succeeded() {
+        (revision, revision, request.value, true)
     } else {
         match own {
-            Some(kv) => (kv.create_revision(), kv.value().to_vec(), false),
+            Some(kv) => (
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.value().to_vec(),
+                false,
+            ),
             None => return Ok(Outcome::NotJoined),
         }
     };
     session.note_joined(&key, create_revision);
+    let key = OwnedKey::new(session.clone(), key, [create_revision, mod_revision]);
     Ok(Outcome::Joined(Joined {
-        key: OwnedKey::new(session.clone(), key, create_revision, local, claim),
+        key: key.holding(local, claim),
         created,
         value,
         revision,

@@ -426,6 +426,10 @@ impl Leadership {
     /// fenced by the key's create revision. Observers see the new value. Mirrors Go's
     /// `Election.Proclaim`.
     ///
+    /// The put is also fenced by the key's mod revision as this leadership last saw it, so
+    /// an attempt sent again (each is cut off after 2 s) whose first copy reaches etcd
+    /// late, held up in a stalled link, never overwrites a later proclaim.
+    ///
     /// # Errors
     ///
     /// - [`Error::SessionLost`]: the session is lost; nothing is written.

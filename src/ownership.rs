@@ -1,7 +1,11 @@
 //! A key this session holds in a lock's or election's queue: fenced operations on it, loss
 //! detection, and its release when dropped.
 
-use etcd_client::{Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
@@ -28,6 +32,8 @@ pub(crate) struct OwnedKey {
     session: Session,
     key: Vec<u8>,
     create_revision: i64,
+    /// The key's mod revision as this handle last wrote or read it.
+    mod_revision: AtomicI64,
     release_on_drop: bool,
     /// Held until the key is deleted: the in-process slot of a mutex's queue, if any.
     local: Option<OwnedMutexGuard<QueueWatch>>,
@@ -36,21 +42,27 @@ pub(crate) struct OwnedKey {
 }
 
 impl OwnedKey {
-    pub(crate) fn new(
-        session: Session,
-        key: Vec<u8>,
-        create_revision: i64,
-        local: Option<OwnedMutexGuard<QueueWatch>>,
-        claim: Option<ElectionClaim>,
-    ) -> OwnedKey {
+    /// The incarnation of `key` with these create and mod revisions.
+    pub(crate) fn new(session: Session, key: Vec<u8>, [create, modified]: [i64; 2]) -> OwnedKey {
         OwnedKey {
             session,
             key,
-            create_revision,
+            create_revision: create,
+            mod_revision: AtomicI64::new(modified),
             release_on_drop: true,
-            local,
-            claim,
+            local: None,
+            claim: None,
         }
+    }
+
+    /// Holds `local` and `claim` until the key is deleted.
+    pub(crate) fn holding(
+        mut self,
+        local: Option<OwnedMutexGuard<QueueWatch>>,
+        claim: Option<ElectionClaim>,
+    ) -> OwnedKey {
+        (self.local, self.claim) = (local, claim);
+        self
     }
 
     pub(crate) fn key(&self) -> &[u8] {
@@ -93,15 +105,49 @@ impl OwnedKey {
     }
 
     /// Overwrites the key's value (keeping it on the session's lease) if it is still this
-    /// incarnation.
+    /// incarnation. The put is also fenced by the key's mod revision as this handle last
+    /// saw it, so that an attempt re-sent after 2 s whose first copy reaches etcd late
+    /// finds the key changed and writes nothing, instead of replacing a newer value.
     ///
     /// Errors: as [`release`](Self::release).
     pub(crate) async fn put(&self, value: Vec<u8>) -> Result<()> {
         let lease = PutOptions::new().with_lease(self.session.lease_id());
-        let put = TxnOp::put(self.key.clone(), value, Some(lease));
-        match fenced(&self.session, &self.key, self.create_revision, put).await? {
-            Fenced::Applied => Ok(()),
-            Fenced::Refused | Fenced::RefusedAfterRetry => Err(Error::OwnershipLost),
+        let put = TxnOp::put(self.key.clone(), value.clone(), Some(lease));
+        let kv = self.session.client().kv_client();
+        loop {
+            let seen = self.mod_revision.load(Ordering::Relaxed);
+            let unchanged = Compare::mod_revision(self.key.clone(), CompareOp::Equal, seen);
+            let txn = Txn::new()
+                .when([self.ownership_compare(), unchanged])
+                .and_then([put.clone()])
+                .or_else([TxnOp::get(self.key.clone(), None)]);
+            let (answer, _) = retry_write(&kv, self.session.request_timeout(), |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await;
+            let answer = answer?;
+            if answer.succeeded() {
+                let revision = answer.header().map_or(seen, |h| h.revision());
+                self.mod_revision.fetch_max(revision, Ordering::Relaxed);
+                return Ok(());
+            }
+            let current = answer.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
+                _ => None,
+            });
+            match current {
+                // Written since this handle saw it: by an attempt of this call whose answer
+                // was lost, or by another leadership of the session sharing the key.
+                Some(now) if now.create_revision() == self.create_revision => {
+                    self.mod_revision
+                        .fetch_max(now.mod_revision(), Ordering::Relaxed);
+                    if now.value() == value.as_slice() {
+                        return Ok(());
+                    }
+                }
+                _ => return Err(Error::OwnershipLost),
+            }
         }
     }
 

@@ -6,8 +6,8 @@ use std::pin::{Pin, pin};
 use std::time::Instant;
 
 use common::{
-    Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, holds, keys_under, millis, read,
-    secs, unique, within,
+    Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, holds, keys_under, millis,
+    proposals_applied, proposals_applied_exceed, read, secs, two_path_session, unique, within,
 };
 use etcd_client::{Client, CompactionOptions};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -810,4 +810,50 @@ async fn a_join_attempt_that_reaches_etcd_after_the_resign_leaves_no_key() {
         took
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_proclaim_attempt_that_reaches_etcd_late_does_not_overwrite_a_later_one() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let proxy = Proxy::start(&member).await.unwrap();
+    let ours = two_path_session(&cluster, &proxy).await;
+    let election = Election::new(&ours, unique("late-proclaim"));
+    let leadership = within(secs(20), election.campaign("first")).await.unwrap();
+    for round in 0..20 {
+        // One proclaim with an attempt held in the stalled proxy (sent again the direct
+        // way after 2 s), then one that went the direct way at once.
+        proxy.stall();
+        let started = Instant::now();
+        let held = format!("held {round}");
+        within(secs(20), leadership.proclaim(held.as_str()))
+            .await
+            .unwrap();
+        let sent_again = started.elapsed() >= millis(1_900);
+        let started = Instant::now();
+        let later = format!("later {round}");
+        within(secs(20), leadership.proclaim(later.as_str()))
+            .await
+            .unwrap();
+        let direct = started.elapsed() < millis(1_900);
+        let applied = proposals_applied(&member).await;
+        // The held attempt reaches etcd now, unless the reset that cancelled it comes
+        // first; etcd applies it (its puts make it a raft proposal) either way.
+        proxy.heal();
+        if !(sent_again && direct) {
+            continue;
+        }
+        let reached = proposals_applied_exceed(&member, applied);
+        if tokio::time::timeout(secs(1), reached).await.is_err() {
+            continue;
+        }
+        let leader = within(secs(5), election.leader()).await.unwrap().unwrap();
+        assert_eq!(
+            leader.value(),
+            later.as_bytes(),
+            "a late attempt overwrote a later proclaim"
+        );
+        return;
+    }
+    panic!("no proclaim attempt reached etcd late in 20 tries");
 }

@@ -317,7 +317,7 @@ impl Etcdctl {
 /// A session whose client reaches the one member of `cluster` two ways, through `proxy`
 /// and directly: a request stalled in the proxy is sent again the direct way, and the
 /// stalled attempt reaches etcd when the proxy heals.
-async fn two_path_session(
+pub async fn two_path_session(
     cluster: &etcd_concurrency::testing::EtcdCluster,
     proxy: &etcd_concurrency::testing::Proxy,
 ) -> etcd_concurrency::Session {
@@ -398,9 +398,26 @@ async fn late_join_withdrawn(
     true
 }
 
-/// How many watch streams the etcd member at `endpoint` (`http://host:port`) has open,
-/// from its `/metrics` page.
+/// How many watch streams the etcd member at `endpoint` (`http://host:port`) has open.
 pub async fn watch_streams(endpoint: &str) -> u64 {
+    metric(endpoint, "etcd_debugging_mvcc_watch_stream_total").await
+}
+
+/// Waits until the member at `endpoint` has applied more than `count` raft proposals.
+pub async fn proposals_applied_exceed(endpoint: &str, count: u64) {
+    while proposals_applied(endpoint).await <= count {
+        tokio::time::sleep(millis(20)).await;
+    }
+}
+
+/// How many raft proposals the etcd member at `endpoint` has applied.
+pub async fn proposals_applied(endpoint: &str) -> u64 {
+    metric(endpoint, "etcd_server_proposals_applied_total").await
+}
+
+/// The value of the metric `name` (one without labels) on the `/metrics` page of the etcd
+/// member at `endpoint` (`http://host:port`).
+async fn metric(endpoint: &str, name: &str) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let address = endpoint.trim_start_matches("http://");
     let mut connection = tokio::net::TcpStream::connect(address)
@@ -413,11 +430,10 @@ pub async fn watch_streams(endpoint: &str) -> u64 {
         .expect("send");
     let mut page = String::new();
     connection.read_to_string(&mut page).await.expect("read");
-    let gauge = "etcd_debugging_mvcc_watch_stream_total ";
-    let line = page.lines().find(|line| line.starts_with(gauge));
-    let value = line
-        .expect("a watch stream gauge")
-        .trim_start_matches(gauge);
+    let line = page
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '));
+    let value = line.unwrap_or_else(|| panic!("no metric {name}"));
     value.trim().parse::<f64>().expect("a number") as u64
 }
 
