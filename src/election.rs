@@ -159,7 +159,8 @@ impl Election {
     /// - [`Error::InvalidArgument`]: the name is empty.
     /// - [`Error::SessionLost`]: the session is or becomes lost before the election is
     ///   won; a candidate whose lease died is never told it leads.
-    /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else.
+    /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else, or
+    ///   vanished while its lease could not be checked (then the session may be lost).
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (for instance a
     ///   value over its request size limit, 1.5 MiB by default) or could not be reached
     ///   within the session's request timeout.
@@ -280,6 +281,11 @@ impl Election {
     /// steadily, or drop it: while it is not polled its events wait unread in the
     /// connection, where they hold HTTP/2 flow-control windows (a few such watches on busy
     /// elections can stall every request on the connection).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: dropping a `next()` future loses no change, as the read in progress
+    /// belongs to the stream; dropping the stream closes its watch.
     ///
     /// # Example
     ///
@@ -460,7 +466,8 @@ impl Leadership {
     }
 
     /// Gives up leadership: deletes the key if it is still this leader's incarnation, so
-    /// the next candidate leads at once. Mirrors Go's `Election.Resign`.
+    /// the next candidate leads at once. Mirrors Go's `Election.Resign`, which does not
+    /// report a leadership that had already ended.
     ///
     /// The session's other campaigns and leaderships in this election share the key, so
     /// this ends them too. A campaign of the session that makes a new key meanwhile and is

@@ -52,15 +52,16 @@ pub enum Error {
     /// A lock's or an election's key is no longer the one this handle created: it was
     /// deleted (by someone else, or when the lease ended) or re-created by a newer holder.
     /// An unlock or resign that returns it changed nothing; for a proclaim, see
-    /// [`Leadership::proclaim`]. Go returns `ErrElectionNotLeader` from `Proclaim` and
-    /// `Resign` in this case.
+    /// [`Leadership::proclaim`]. Go's `Proclaim` returns `ErrElectionNotLeader` in this
+    /// case; Go's `Resign` and `Unlock` report nothing.
     ///
     /// [`Leadership::proclaim`]: crate::Leadership::proclaim
     #[error("ownership lost: the key was deleted or now belongs to a newer holder")]
     OwnershipLost,
 
-    /// An argument was rejected before anything was sent to etcd (empty name, TTL out of
-    /// range, ...). The text says which and why.
+    /// An argument was rejected: before anything was sent to etcd (empty name, TTL out of
+    /// range, zero timeout, ...), or after a look-up (a lease to resume that etcd does not
+    /// know). The text says which and why.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
@@ -68,7 +69,7 @@ pub enum Error {
     /// `attempts`; nothing was written.
     #[error("transaction gave up after {attempts} conflicting attempts")]
     TooManyConflicts {
-        /// How many times the transaction ran.
+        /// How many attempts conflicted (runs made again after a compaction not counted).
         attempts: u32,
     },
 
@@ -93,7 +94,7 @@ impl From<etcd_client::Error> for Error {
 impl Error {
     /// Whether retrying the same request may succeed: the member was unavailable, the
     /// connection broke, the leader changed, or no answer came in time. A transient error
-    /// from a write leaves its outcome unknown.
+    /// from a write may leave its outcome unknown.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Etcd(error) => is_transient(error),

@@ -27,7 +27,9 @@
 //! let write = Txn::new()
 //!     .when([guard.ownership_compare()])
 //!     .and_then([TxnOp::put("/invoices/next", "1042", None)]);
-//! let committed = client.clone().txn(write).await?.succeeded();
+//! if !client.clone().txn(write).await?.succeeded() {
+//!     // The lock was lost (lease expired, key deleted): nothing was written.
+//! }
 //! guard.unlock().await?;
 //! session.close().await?;
 //! # Ok(())
@@ -55,10 +57,19 @@
 //! [`MutexGuard::lost`] tells a holder that it can no longer assume it holds the lock, so
 //! it can stop early; it is a courtesy, not a guarantee, for the reason above.
 //!
+//! # Runtime
+//!
+//! Everything here runs on Tokio: call it inside a Tokio runtime with its time driver
+//! enabled (as `#[tokio::main]` and `#[tokio::test]` give), or it panics. A session's
+//! background work (keep-alive, releases) runs as tasks on the runtime it was built on; a
+//! [`ReadCache`]'s watch, on the one it was made on.
+//!
 //! # Features
 //!
 //! - `testing`: `testing::EtcdCluster` (throwaway etcd clusters of real processes) and
 //!   `testing::Proxy` (cut one client off), for testing code that uses this crate.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod acquire;
 mod election;
@@ -72,6 +83,7 @@ mod retry;
 mod session;
 mod stm;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 mod wait;
 mod watcher;

@@ -136,7 +136,8 @@ impl Mutex {
     /// - [`Error::InvalidArgument`]: the name is empty.
     /// - [`Error::SessionLost`]: the session is or becomes lost before the lock is held;
     ///   no guard is ever returned for a key whose lease is gone.
-    /// - [`Error::OwnershipLost`]: this session's waiting key was deleted by someone else.
+    /// - [`Error::OwnershipLost`]: this session's waiting key was deleted by someone else,
+    ///   or vanished while its lease could not be checked (then the session may be lost).
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request or could not be
     ///   reached within the session's request timeout.
     ///
@@ -353,7 +354,8 @@ impl MutexGuard {
     }
 
     /// Releases the lock: deletes the key if it is still this holder's incarnation (a
-    /// fenced delete, one Txn). Mirrors Go's `Mutex.Unlock`, which deletes unconditionally.
+    /// fenced delete, one Txn). Mirrors Go's `Mutex.Unlock`, which deletes unconditionally
+    /// and does not report a lock that was no longer held.
     ///
     /// # Errors
     ///

@@ -54,9 +54,9 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
 /// re-opened if it does not come; but a member cut off from its peers still answers
 /// them, from its stale state, so waits and `observe()` through it hear of nothing until
-/// the partition heals, unless etcd cancels their watches for want of a leader. For
-/// faster detection of a frozen member, and for that, configure the client with HTTP/2
-/// pings and `require_leader`:
+/// the partition heals, unless etcd cancels their watches for want of a leader. To
+/// detect a frozen member sooner, and to have such watches cancelled, configure the
+/// client with HTTP/2 pings and `require_leader`:
 /// `ConnectOptions::new().with_keep_alive(interval, timeout).with_require_leader(true)`
 /// (etcd refuses pings more frequent than its `--grpc-keepalive-min-time`, 5 s by default).
 ///
@@ -263,8 +263,8 @@ impl Session {
     ///
     /// # Cancel safety
     ///
-    /// The keep-alive stops when `close` is called. If the future is dropped before the
-    /// revoke completes, the lease expires after its TTL instead.
+    /// The keep-alive stops when the future is first polled. If the future is dropped
+    /// before the revoke completes, the lease expires after its TTL instead.
     ///
     /// # Example
     ///

@@ -45,7 +45,10 @@ const CONFLICT_BACKOFF: (Duration, Duration) =
 /// | [`ReadCommitted`](Self::ReadCommitted) | each read from any member, at its latest revision | always | reads see committed data only; concurrent transactions can overwrite each other (lost updates) |
 ///
 /// At every level, a key read twice in one attempt gives the same value, and a key written
-/// reads back as written.
+/// reads back as written. A read-only attempt at the two snapshot levels that read only
+/// from etcd sends no commit: its reads are of one revision, current at its first
+/// (linearizable) read, which makes it serializable already; Go sends a commit Txn that
+/// checks them once more.
 ///
 /// With a [`ReadCache`] ([`Stm::read_cache`]), an attempt whose first read is of a cached
 /// key reads every cached key from one revision of the copy instead; at the snapshot
@@ -276,9 +279,10 @@ impl Stm {
         self
     }
 
-    /// How many times the closure may run into a conflict before [`Error::TooManyConflicts`]
-    /// (at least 1; default [`DEFAULT_MAX_ATTEMPTS`]). A run whose snapshot etcd compacted
-    /// (see [`StmTxn::get`]) does not count. Go retries without limit.
+    /// How many runs of the closure may conflict: the last of them returns
+    /// [`Error::TooManyConflicts`] (at least 1; default [`DEFAULT_MAX_ATTEMPTS`]). A run
+    /// whose snapshot etcd compacted (see [`StmTxn::get`]) does not count. Go retries
+    /// without limit.
     pub fn max_attempts(mut self, attempts: u32) -> Stm {
         self.max_attempts = attempts.max(1);
         self
@@ -501,7 +505,11 @@ impl StmTxn {
     /// The mod revision of `key` as read by this transaction (0 if absent); the key joins
     /// the read set. Go's `STM.Rev`.
     ///
-    /// # Errors and cancel safety
+    /// # Errors
+    ///
+    /// As [`get`](Self::get).
+    ///
+    /// # Cancel safety
     ///
     /// As [`get`](Self::get).
     ///
