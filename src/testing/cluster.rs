@@ -165,6 +165,10 @@ impl EtcdCluster {
     }
 
     /// The OS process id of member `i`, or `None` if it is not running.
+    ///
+    /// # Panics
+    ///
+    /// If there is no member `i`.
     pub fn pid(&self, i: usize) -> Option<u32> {
         self.member(i).process.as_ref().map(Child::id)
     }
@@ -198,6 +202,10 @@ impl EtcdCluster {
 
     /// Kills member `i` with SIGKILL (a crash: no clean shutdown) and reaps it. Does
     /// nothing if it is not running.
+    ///
+    /// # Panics
+    ///
+    /// If there is no member `i`.
     pub fn kill(&self, i: usize) {
         let mut member = self.member(i);
         if let Some(mut process) = member.process.take() {
@@ -208,11 +216,19 @@ impl EtcdCluster {
 
     /// Stops member `i` with SIGSTOP: its connections stay open but nothing is answered,
     /// as with a long GC pause or a frozen VM.
+    ///
+    /// # Panics
+    ///
+    /// If there is no member `i`.
     pub fn pause(&self, i: usize) {
         self.signal(i, libc::SIGSTOP);
     }
 
     /// Resumes member `i` after [`pause`](Self::pause) (SIGCONT).
+    ///
+    /// # Panics
+    ///
+    /// If there is no member `i`.
     pub fn resume(&self, i: usize) {
         self.signal(i, libc::SIGCONT);
     }
