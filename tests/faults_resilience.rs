@@ -240,3 +240,45 @@ async fn a_lock_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_call(
     })
     .await;
 }
+
+/// On one thread, so that the first campaign's undo runs exactly when the test yields.
+#[tokio::test]
+async fn a_campaign_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_one() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let session = Session::builder(client)
+        .ttl(secs(60))
+        .request_timeout(secs(1))
+        .build()
+        .await
+        .unwrap();
+    let name = unique("unknown-campaign");
+    let election = Election::new(&session, &name);
+
+    proxy.stall();
+    let campaigned = within(secs(5), election.campaign("a")).await;
+    assert!(
+        matches!(&campaigned, Err(Error::Timeout { .. })),
+        "{campaigned:?}"
+    );
+    // The undo starts (and, before the fix, held the session's claim on the key while
+    // looking for it, for as long as the partition lasted).
+    tokio::task::yield_now().await;
+    let campaigned = within(secs(5), election.campaign("b")).await;
+    assert!(
+        matches!(&campaigned, Err(error) if error.is_transient()),
+        "{campaigned:?}"
+    );
+
+    proxy.heal();
+    let leadership = within(secs(10), election.campaign("c")).await.unwrap();
+    within(secs(5), leadership.resign()).await.unwrap();
+    let observer = cluster.client().await;
+    within(secs(10), async {
+        while !keys_under(&observer, &name).await.is_empty() {
+            tokio::time::sleep(millis(50)).await;
+        }
+    })
+    .await;
+}
