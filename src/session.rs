@@ -263,8 +263,9 @@ impl Session {
     ///
     /// # Cancel safety
     ///
-    /// The keep-alive stops when the future is first polled. If the future is dropped
-    /// before the revoke completes, the lease expires after its TTL instead.
+    /// The keep-alive stops when `close` is called, even if the future it returns is never
+    /// polled. If the future is dropped before the revoke completes, the lease expires
+    /// after its TTL instead.
     ///
     /// # Example
     ///
@@ -276,14 +277,14 @@ impl Session {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn close(self) -> Result<()> {
+    pub fn close(self) -> impl Future<Output = Result<()>> + Send + 'static {
         self.shared.end();
+        let shared = &self.shared;
         revoke(
-            self.shared.client.clone(),
-            self.shared.lease_id,
-            self.shared.request_timeout,
+            shared.client.clone(),
+            shared.lease_id,
+            shared.request_timeout,
         )
-        .await
     }
 
     /// Stops the keep-alive without revoking the lease: attached keys stay until the lease

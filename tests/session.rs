@@ -114,6 +114,16 @@ async fn close_revokes_the_lease_and_its_keys_at_once() {
 }
 
 #[tokio::test]
+async fn close_ends_the_session_even_if_its_future_is_never_polled() {
+    let cluster = EtcdCluster::start(1).await;
+    let session = session_with_ttl(cluster.client().await, 60).await;
+    let other_handle = session.clone();
+    let closing = session.close();
+    assert!(other_handle.is_lost());
+    drop(closing);
+}
+
+#[tokio::test]
 async fn orphan_keeps_keys_until_the_lease_expires() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
