@@ -143,23 +143,19 @@ async fn settle(
             if live.was_joined(key, suspect.revision) {
                 return None;
             }
-            let limit = live.release_timeout();
             drop(live);
             tracing::debug!(
                 suspect.revision,
                 "withdrawing a lock key made by a late join"
             );
-            let release = release_while_session_lives(session.clone(), key, suspect.revision);
-            let released = tokio::time::timeout(limit, release).await.is_ok();
+            release_while_session_lives(session.clone(), key, suspect.revision).await;
             drop(held);
-            // Cut off: the slot is free between tries, so that other calls ask etcd meanwhile.
-            (!released).then_some(suspect)
+            None
         }
         Owner::Election => {
             // Tell the campaigns and leaderships holding the claim, so that the last of
             // them to go looks for the key; with none left, delete it under the claim.
             let unknown = live.unknown_election_key(name);
-            let limit = live.release_timeout();
             drop(live);
             let last = match suspect.told {
                 false => unknown.note(),
@@ -168,16 +164,9 @@ async fn settle(
             match last {
                 Some(Some(last)) => {
                     tracing::debug!(suspect.revision, "withdrawing an election key made late");
-                    let release = release_lease_key(session.clone(), key);
-                    if tokio::time::timeout(limit, release).await.is_ok() {
-                        return None;
-                    }
-                    // Cut off: the claim is free between tries, and keeps the note for them.
-                    last.pass_on();
-                    Some(Suspect {
-                        told: true,
-                        ..suspect
-                    })
+                    release_lease_key(session.clone(), key).await;
+                    drop(last);
+                    None
                 }
                 Some(None) if suspect.told => None, // one of them took the note
                 Some(None) => Some(Suspect {
