@@ -239,10 +239,9 @@ impl InFlight {
     /// As [`undo_in_background`](Self::undo_in_background), for the outcome `sent` gives
     /// with whether an attempt that did not succeed may have been applied. If so, or if
     /// the outcome is unknown, the session then watches the key for an attempt delivered
-    /// late. A key of unknown fate is left to that watch, which deletes it unless a later
-    /// call of the session takes it up: the mutex's slot or the election's claim is given
-    /// up at once, so that the next call asks etcd instead of waiting for a look-up that
-    /// lasts as long as a partition.
+    /// late. A lock key of unknown fate is left to that watch, which deletes it unless a
+    /// later call of the session takes it up: the slot is freed at once, so that the next
+    /// call asks etcd instead of waiting for a look-up that lasts as long as a partition.
     fn spawn_undo(&mut self, sent: impl Future<Output = (Sent, bool)> + Send + 'static) {
         let (session, key) = (self.session.downgrade(), self.key.clone());
         let (name, owner) = (self.name.clone(), self.owner);
@@ -257,6 +256,10 @@ impl InFlight {
                         live.watch_for_late_joins(&name, owner);
                     }
                 }
+                let left = left_behind(sent);
+                if matches!((owner, &left), (Owner::Mutex, Left::Unknown)) {
+                    return;
+                }
                 // The claim is given up only now, with the outcome known: a key this Txn
                 // created after the others' key was deleted is then left to the last of
                 // them, if they are still there. Any outcome may have created one: a key
@@ -268,14 +271,6 @@ impl InFlight {
                         last => last,
                     },
                 };
-                let left = left_behind(sent);
-                if matches!(left, Left::Unknown) {
-                    // Left to the watch for late joins, and a last claim passes its note on.
-                    if let Some(last) = last_claim {
-                        last.pass_on();
-                    }
-                    return;
-                }
                 // The last claim on an election's key deletes it whatever became of this
                 // Txn, as an earlier holder may have left it to this call.
                 let election = last_claim.is_some();

@@ -152,9 +152,7 @@ impl Election {
     /// a resumed lease), that key keeps its place and takes the new value, as in Go. The
     /// leaderships that share it end together when one resigns; dropping one leaves the key
     /// to the others. A campaign that starts while a dropped leadership's key is being
-    /// deleted waits for that delete, so it never joins a key about to vanish. A campaign
-    /// that failed with its outcome unknown (cut off in a partition) does not hold up the
-    /// next one: the key it may have made is left to the session (see [`Session`]).
+    /// deleted waits for that delete, so it never joins a key about to vanish.
     ///
     /// # Errors
     ///

@@ -49,8 +49,8 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// and make the session's key there again, for nobody: after such a join the session
 /// watches that key, with one watch, until it is lost, closed, orphaned or dropped, and
 /// deletes any incarnation no guard, leadership or waiting call of the session took up.
-/// The key of a `lock()` or `campaign()` that failed with its outcome unknown is left to
-/// that watch too, so the next call does not wait for it to be looked up.
+/// The key of a `lock()` that failed with its outcome unknown is left to that watch too,
+/// so the next `lock()` does not wait for it to be looked up.
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
 /// re-opened if it does not come; but a member cut off from its peers still answers
 /// them, from its stale state, so waits and `observe()` through it hear of nothing until
@@ -458,7 +458,7 @@ pub(crate) struct Leftover(AtomicBool);
 
 /// The last claim on an election's key, held exclusive until the key is deleted.
 pub(crate) struct LastClaim {
-    exclusive: OwnedRwLockWriteGuard<Leftover>,
+    _exclusive: OwnedRwLockWriteGuard<Leftover>,
     leftover: bool,
 }
 
@@ -538,15 +538,9 @@ impl LastClaim {
     fn taking_note(exclusive: OwnedRwLockWriteGuard<Leftover>) -> LastClaim {
         let leftover = exclusive.0.swap(false, Ordering::Acquire);
         LastClaim {
-            exclusive,
+            _exclusive: exclusive,
             leftover,
         }
-    }
-
-    /// Gives the claim up without looking for a key left behind, leaving that to the next
-    /// last claim (as a handle that leaves while others hold the claim does).
-    pub(crate) fn pass_on(self) {
-        self.exclusive.0.store(true, Ordering::Release);
     }
 
     /// Whether a handle that left before this one may have left a key behind.
