@@ -1,10 +1,11 @@
 //! Join attempts delivered late. A join Txn that went unanswered is sent again, and one
-//! whose outcome is unknown is undone by looking its key up; but the first attempt may
-//! only have been held up (a stalled link that heals, a paused member that resumes) and
-//! reach etcd after the key was released or looked up. Its condition then holds again
-//! and it creates the key anew, for nobody: a holder or candidate that blocks everyone
-//! else while the session lives. So after such a join the session watches its key for
-//! as long as it lives, and deletes every incarnation that no handle of it uses.
+//! whose outcome is unknown is undone by looking its key up (a lock's is left to the watch
+//! below, which deletes it unless a later call takes it up); but the first attempt may only
+//! have been held up (a stalled link that heals, a paused member that resumes) and reach
+//! etcd after the key was released or looked up. Its condition then holds again and it
+//! creates the key anew, for nobody: a holder or candidate that blocks everyone else while
+//! the session lives. So after such a join the session watches its key for as long as it
+//! lives, and deletes every incarnation that no handle of it uses.
 
 use std::time::Duration;
 
