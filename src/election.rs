@@ -152,7 +152,10 @@ impl Election {
     /// a resumed lease), that key keeps its place and takes the new value, as in Go. The
     /// leaderships that share it end together when one resigns; dropping one leaves the key
     /// to the others. A campaign that starts while a dropped leadership's key is being
-    /// deleted waits for that delete, so it never joins a key about to vanish.
+    /// deleted waits for that delete, so it never joins a key about to vanish; so does one
+    /// that starts while an earlier campaign that failed with its outcome unknown is being
+    /// undone (its key looked up until etcd answers or the session is lost): bound the
+    /// call with [`tokio::time::timeout`] to give up meanwhile.
     ///
     /// # Errors
     ///
