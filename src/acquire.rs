@@ -141,9 +141,16 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         }
     };
     session.note_joined(&key, create_revision);
-    let key = OwnedKey::new(session.clone(), key, [create_revision, mod_revision]);
+    let key = OwnedKey::new(
+        session.clone(),
+        key,
+        create_revision,
+        mod_revision,
+        local,
+        claim,
+    );
     Ok(Outcome::Joined(Joined {
-        key: key.holding(local, claim),
+        key,
         created,
         value,
         revision,

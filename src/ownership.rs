@@ -42,27 +42,23 @@ pub(crate) struct OwnedKey {
 }
 
 impl OwnedKey {
-    /// The incarnation of `key` with these create and mod revisions.
-    pub(crate) fn new(session: Session, key: Vec<u8>, [create, modified]: [i64; 2]) -> OwnedKey {
-        OwnedKey {
-            session,
-            key,
-            create_revision: create,
-            mod_revision: AtomicI64::new(modified),
-            release_on_drop: true,
-            local: None,
-            claim: None,
-        }
-    }
-
-    /// Holds `local` and `claim` until the key is deleted.
-    pub(crate) fn holding(
-        mut self,
+    pub(crate) fn new(
+        session: Session,
+        key: Vec<u8>,
+        create_revision: i64,
+        mod_revision: i64,
         local: Option<OwnedMutexGuard<QueueWatch>>,
         claim: Option<ElectionClaim>,
     ) -> OwnedKey {
-        (self.local, self.claim) = (local, claim);
-        self
+        OwnedKey {
+            session,
+            key,
+            create_revision,
+            mod_revision: AtomicI64::new(mod_revision),
+            release_on_drop: true,
+            local,
+            claim,
+        }
     }
 
     pub(crate) fn key(&self) -> &[u8] {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use common::faults::{Isolation, inflict, resilient_client, schedule};
-use common::{appears, keys_under, read, secs, unique, within};
+use common::{appears, keys_under, no_keys_under, read, secs, unique, within};
 use etcd_client::{Client, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Mutex, Session};
@@ -151,14 +151,10 @@ async fn fenced_writes_are_neither_lost_nor_doubled_under_faults() {
         tokens.windows(2).all(|pair| pair[0] < pair[1]),
         "fencing tokens do not grow with the writes' revisions: {tokens:?}"
     );
-    within(secs(TTL + 5), async {
-        while !keys_under(&client, &format!("{prefix}/lock/"))
-            .await
-            .is_empty()
-        {
-            tokio::time::sleep(secs(1) / 10).await;
-        }
-    })
+    within(
+        secs(TTL + 5),
+        no_keys_under(&client, &format!("{prefix}/lock/")),
+    )
     .await;
 }
 

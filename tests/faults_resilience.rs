@@ -6,7 +6,9 @@ mod common;
 
 use std::pin::pin;
 
-use common::{keys_under, millis, secs, task_baseline, tasks_back_to, unique, within};
+use common::{
+    keys_under, millis, no_keys_under, secs, task_baseline, tasks_back_to, unique, within,
+};
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
@@ -233,10 +235,5 @@ async fn a_lock_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_call(
     let guard = within(secs(10), mutex.lock()).await.unwrap();
     within(secs(5), guard.unlock()).await.unwrap();
     let observer = cluster.client().await;
-    within(secs(10), async {
-        while !keys_under(&observer, &name).await.is_empty() {
-            tokio::time::sleep(millis(50)).await;
-        }
-    })
-    .await;
+    within(secs(10), no_keys_under(&observer, &name)).await;
 }

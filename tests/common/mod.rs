@@ -173,6 +173,13 @@ pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until no key is under `prefix`.
+pub async fn no_keys_under(client: &Client, prefix: &str) {
+    while !keys_under(client, prefix).await.is_empty() {
+        tokio::time::sleep(millis(50)).await;
+    }
+}
+
 /// Whether `key` exists.
 pub async fn exists(client: &Client, key: impl Into<Vec<u8>>) -> bool {
     !read(client, key, None).await.kvs().is_empty()
