@@ -38,7 +38,11 @@ use crate::watcher::{Follower, Update};
 /// The copy's [`revision`](Self::revision) moves only when something under the prefix
 /// changes. An attempt that takes its snapshot from the copy pins its reads to that
 /// revision, so a key *outside* the prefix that it reads is read at that revision (if
-/// etcd has compacted it, the rest of the run reads from etcd). At
+/// etcd has compacted it, the rest of the run reads from etcd). If the key has changed
+/// since, the attempt conflicts and the run's next attempts read it from etcd, but the
+/// first attempt of each later run conflicts again, until something under the prefix
+/// changes: keep keys that change often and are read with the cached ones under the
+/// prefix too. At
 /// [`Isolation::SerializableSnapshot`], a key outside the prefix that it writes without
 /// reading must be unchanged since that revision or, if newer, since the newest revision
 /// at which etcd answered a commit of the same [`Stm`] (or a clone). Either is sound, as

@@ -437,8 +437,9 @@ impl Stm {
                 // Values read before a pause would be stale after it: take them from the
                 // cache if it has caught up with them meanwhile, or read them again.
                 backoff.wait().await;
+                let pinned = self.isolation.snapshot_reads();
                 fresh = match &cache {
-                    Some(cache) if fresh.seen_by(cache) => Fresh::default(),
+                    Some(cache) if fresh.seen_by(cache, pinned) => Fresh::default(),
                     _ => {
                         let keys = fresh.values.into_keys().collect();
                         read_many(&kv, self.request_timeout, keys).await?
@@ -678,7 +679,9 @@ impl StmTxn {
         let Some(answer) =
             answer_unless_values_too_large(&self.kv, self.request_timeout, txn).await?
         else {
-            return newest_changes(&self.kv, self.request_timeout, &refresh, &self.noted_in).await;
+            let pinned = self.isolation.snapshot_reads();
+            let (kv, limit) = (&self.kv, self.request_timeout);
+            return newest_changes(kv, limit, &refresh, &self.noted_in, pinned).await;
         };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
@@ -723,12 +726,15 @@ impl StmTxn {
         let Some(answer) =
             answer_unless_values_too_large(&self.kv, self.request_timeout, txn).await?
         else {
-            return newest_changes(&self.kv, self.request_timeout, &refresh, &self.noted_in).await;
+            let pinned = self.isolation.snapshot_reads();
+            let (kv, limit) = (&self.kv, self.request_timeout);
+            return newest_changes(kv, limit, &refresh, &self.noted_in, pinned).await;
         };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
         }
         let revision = answer.header().map_or(0, |h| h.revision());
+        let pinned = self.isolation.snapshot_reads();
         for chunk in rest.chunks(ETCD_MAX_TXN_OPS) {
             let keys = chunk.iter().map(|(key, _)| key.as_slice());
             let now = match mod_revisions_at(&self.kv, self.request_timeout, keys, revision).await {
@@ -744,7 +750,7 @@ impl StmTxn {
                 if now == read.mod_revision {
                     continue;
                 }
-                let shown_from = copy_must_show(&self.noted_in, key, now, revision);
+                let shown_from = copy_must_show(&self.noted_in, key, now, revision, pinned);
                 changed = Some(changed.unwrap_or(0).max(shown_from));
             }
             if let Some(revision) = changed {
@@ -796,13 +802,15 @@ impl fmt::Debug for StmTxn {
 }
 
 impl Fresh {
-    /// Whether `cache` has applied every change these values show for the keys it holds
-    /// (a key now absent may have been deleted as late as these values' revision).
-    fn seen_by(&self, cache: &ReadCache) -> bool {
+    /// Whether the next attempt can read `cache` instead of these values: its copy has
+    /// reached every change they show (a key now absent may have been deleted as late as
+    /// these values' revision) for the keys it holds and, at the snapshot levels
+    /// (`pinned`), for the others too, which are then read at the copy's revision.
+    fn seen_by(&self, cache: &ReadCache, pinned: bool) -> bool {
         let newest = self
             .values
             .iter()
-            .filter(|(key, _)| cache.covers(key))
+            .filter(|(key, _)| pinned || cache.covers(key))
             .map(|(_, read)| match read.value {
                 Some(_) => read.mod_revision,
                 None => self.revision,
@@ -862,14 +870,15 @@ async fn answer_unless_values_too_large(
     }
 }
 
-/// For a failed Txn whose values were too large to read back: the newest revision at which
-/// one of `keys` held by `cache` changed (the current revision for one that is absent), read
-/// without values.
+/// For a failed Txn whose values were too large to read back: the revision `cache`'s copy
+/// must reach before the next attempt reads from it, given `keys`' mod revisions read now
+/// without values (see [`copy_must_show`]).
 async fn newest_changes(
     kv: &KvClient,
     limit: Duration,
     keys: &[Vec<u8>],
     cache: &Option<ReadCache>,
+    pinned: bool,
 ) -> Result<Outcome> {
     let latest = 0;
     let read = keys.iter().map(Vec::as_slice);
@@ -877,16 +886,25 @@ async fn newest_changes(
     let changes = keys
         .iter()
         .zip(now)
-        .map(|(key, now)| copy_must_show(cache, key, now, revision));
+        .map(|(key, now)| copy_must_show(cache, key, now, revision, pinned));
     Ok(Outcome::Changed {
         revision: changes.max().unwrap_or(0),
     })
 }
 
-/// The revision `cache`'s copy must have reached to show the change of `key`, whose mod
-/// revision is `now` (0: deleted) at `revision`: 0 if the copy does not hold the key.
-fn copy_must_show(cache: &Option<ReadCache>, key: &[u8], now: i64, revision: i64) -> i64 {
-    match (cache.as_ref().is_some_and(|cache| cache.covers(key)), now) {
+/// The revision `cache`'s copy must have reached before an attempt reads `key` through
+/// it, `key`'s mod revision being `now` (0: deleted) at `revision`: the revision of that
+/// change, if the copy holds the key or, at the snapshot levels (`pinned`), if it does not
+/// but is read at the copy's revision; 0 otherwise (read from etcd, it is current).
+fn copy_must_show(
+    cache: &Option<ReadCache>,
+    key: &[u8],
+    now: i64,
+    revision: i64,
+    pinned: bool,
+) -> i64 {
+    let read_through_copy = pinned || cache.as_ref().is_some_and(|cache| cache.covers(key));
+    match (read_through_copy, now) {
         (false, _) => 0,
         // A deleted key changed at `revision` at the latest.
         (true, 0) => revision,

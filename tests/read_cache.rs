@@ -325,6 +325,68 @@ async fn reads_stay_at_the_copys_revision_when_the_stm_has_seen_newer_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_outside_a_quiet_copy_changed_since_its_revision_is_read_from_etcd_after_a_back_off()
+{
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("quiet-outside");
+    let (config, counter) = (format!("{prefix}/config"), unique("counter"));
+    put(&client, &config, "on").await;
+    put(&client, &counter, "0").await;
+    let stm = cached_stm(&client, &prefix).await;
+    // Newer than the copy's revision, which stays put: nothing changes under the prefix.
+    put(&client, &counter, "1").await;
+    // The first attempt reads the counter at the copy's revision (a conflict); the second
+    // reads the values that commit read, and a write of another client's makes it
+    // conflict too; the third backs off first, and must not read at the copy's revision
+    // again, since the copy does not show the counter's change.
+    let runs = AtomicU32::new(0);
+    let incremented = within(
+        secs(20),
+        stm.run(async |tx| {
+            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            assert_eq!(tx.get(&config).await?, Some(b"on".to_vec()));
+            let n = amount(tx.get(&counter).await?);
+            if run == 2 {
+                put(&client, &counter, &(n + 10).to_string()).await;
+            }
+            tx.put(counter.as_str(), (n + 1).to_string());
+            Ok::<_, Error>(n + 1)
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(incremented, 12);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_change_outside_a_quiet_copy_found_without_values_is_not_read_at_its_revision_again() {
+    const MIB: usize = 1024 * 1024;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("quiet-large");
+    let config = format!("{prefix}/config");
+    put(&client, &config, "on").await;
+    // Too large to read back together (the client takes answers up to 4 MiB).
+    let large = put_many(&client, &unique("large"), 5, &vec![b'v'; MIB]).await;
+    let stm = cached_stm(&client, &prefix).await.max_attempts(2);
+    put(&client, &large[0], "changed").await;
+    // A read-only run, with no writer meanwhile: its check finds a value changed since the
+    // copy's revision, without the values, and the next attempt must read them from etcd.
+    let bytes = within(
+        secs(30),
+        stm.run(async |tx| {
+            assert_eq!(tx.get(&config).await?, Some(b"on".to_vec()));
+            value_bytes(tx, &large).await
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bytes, 4 * MIB + "changed".len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_cache_costs_a_conflict_never_a_lost_update() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
