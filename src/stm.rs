@@ -288,10 +288,10 @@ impl Stm {
         self
     }
 
-    /// How long each read is retried on transient failures (member down, leader change),
-    /// and how long the commit may wait for its answer; the commit is sent again only when
-    /// etcd certainly did not apply it (default 5 s; not zero, which [`run`](Self::run)
-    /// refuses). Go bounds its requests with the context of `WithAbortContext` instead.
+    /// How long each read (and the check that ends a read-only transaction) is retried on
+    /// transient failures (member down, leader change), and how long the commit may wait
+    /// for its answer; the commit is sent again only when etcd certainly did not apply it
+    /// (default 5 s; not zero, which [`run`](Self::run) refuses). Go bounds its requests with the context of `WithAbortContext` instead.
     pub fn request_timeout(mut self, timeout: Duration) -> Stm {
         self.request_timeout = timeout;
         self
@@ -676,11 +676,9 @@ impl StmTxn {
             .when(conditions)
             .and_then(writes)
             .or_else(gets(&refresh));
-        let Some(answer) =
-            answer_unless_values_too_large(&self.kv, self.request_timeout, txn).await?
-        else {
+        let (kv, limit) = (&self.kv, self.request_timeout);
+        let Some(answer) = unless_values_too_large(commit_once(kv, limit, txn).await)? else {
             let pinned = self.isolation.snapshot_reads();
-            let (kv, limit) = (&self.kv, self.request_timeout);
             return newest_changes(kv, limit, &refresh, &self.noted_in, pinned).await;
         };
         if !answer.succeeded() {
@@ -723,11 +721,10 @@ impl StmTxn {
             .map(|(key, read)| unchanged(key, read))
             .collect();
         let txn = Txn::new().when(conditions).or_else(gets(&refresh));
-        let Some(answer) =
-            answer_unless_values_too_large(&self.kv, self.request_timeout, txn).await?
-        else {
+        // Read-only: safe to send again whatever became of an attempt.
+        let (kv, limit) = (&self.kv, self.request_timeout);
+        let Some(answer) = unless_values_too_large(send_read_only(kv, limit, txn).await)? else {
             let pinned = self.isolation.snapshot_reads();
-            let (kv, limit) = (&self.kv, self.request_timeout);
             return newest_changes(kv, limit, &refresh, &self.noted_in, pinned).await;
         };
         if !answer.succeeded() {
@@ -855,15 +852,11 @@ async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResp
     }
 }
 
-/// Sends `txn`, whose success branch holds only writes, which answer in a few bytes each:
-/// `None` if the answer was over the client's size limit, which only the values its
-/// failure branch reads back can make it: then the Txn failed.
-async fn answer_unless_values_too_large(
-    kv: &KvClient,
-    limit: Duration,
-    txn: Txn,
-) -> Result<Option<TxnResponse>> {
-    match commit_once(kv, limit, txn).await {
+/// The answer to a Txn whose success branch holds only writes, which answer in a few bytes
+/// each: `None` if it was over the client's size limit, which only the values its failure
+/// branch reads back can make it: then the Txn failed.
+fn unless_values_too_large(answer: Result<TxnResponse>) -> Result<Option<TxnResponse>> {
+    match answer {
         Ok(answer) => Ok(Some(answer)),
         Err(Error::Etcd(error)) if is_answer_too_large(&error) => Ok(None),
         Err(error) => Err(error),
@@ -914,7 +907,11 @@ fn copy_must_show(
 
 /// Sends `reads` in one read-only Txn, retrying transient failures.
 async fn read_txn(kv: &KvClient, limit: Duration, reads: Vec<TxnOp>) -> Result<TxnResponse> {
-    let txn = Txn::new().and_then(reads);
+    send_read_only(kv, limit, Txn::new().and_then(reads)).await
+}
+
+/// Sends `txn`, which writes nothing, retrying transient failures.
+async fn send_read_only(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     retry(kv, limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }

@@ -3,6 +3,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
 
 use common::{
     amount, millis, move_a_quarter, put_many, read, secs, task_baseline, tasks_back_to, total,
@@ -384,6 +385,39 @@ async fn a_change_outside_a_quiet_copy_found_without_values_is_not_read_at_its_r
     .await
     .unwrap();
     assert_eq!(bytes, 4 * MIB + "changed".len());
+}
+
+#[tokio::test]
+async fn a_read_only_check_held_up_in_transit_is_sent_again() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let two_ways = Client::connect([proxy.endpoint(), cluster.endpoint(0)], None)
+        .await
+        .unwrap();
+    let prefix = unique("checked");
+    let key = format!("{prefix}/a");
+    put(&direct, &key, "1").await;
+    let cache = ReadCache::watch(direct.clone(), prefix.as_str())
+        .await
+        .unwrap();
+    let stm = Stm::new(two_ways)
+        .read_cache(cache)
+        .request_timeout(secs(20));
+    for _ in 0..20 {
+        // The read comes from the copy; the check that ends the run is the one request,
+        // and goes through the stalled proxy or the direct way.
+        proxy.stall();
+        let started = Instant::now();
+        let read = within(secs(30), stm.run(async |tx| tx.get(&key).await)).await;
+        let held = started.elapsed() >= millis(1_900);
+        proxy.heal();
+        assert_eq!(read.unwrap(), Some(b"1".to_vec()));
+        if held {
+            return;
+        }
+    }
+    panic!("no check went through the stalled proxy in 20 tries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
