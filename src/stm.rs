@@ -678,8 +678,9 @@ impl StmTxn {
             .or_else(gets(&refresh));
         let (kv, limit) = (&self.kv, self.request_timeout);
         let Some(answer) = unless_values_too_large(commit_once(kv, limit, txn).await)? else {
+            let read = |key: &[u8]| self.reads.get(key).map(|read| read.mod_revision);
             let pinned = self.isolation.snapshot_reads();
-            return newest_changes(kv, limit, &refresh, &self.noted_in, pinned).await;
+            return newest_changes(kv, limit, &refresh, read, &self.noted_in, pinned).await;
         };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
@@ -724,8 +725,12 @@ impl StmTxn {
         // Read-only: safe to send again whatever became of an attempt.
         let (kv, limit) = (&self.kv, self.request_timeout);
         let Some(answer) = unless_values_too_large(send_read_only(kv, limit, txn).await)? else {
+            let read = |key: &[u8]| {
+                let mut read = compared.iter().filter(|(read, _)| read.as_slice() == key);
+                read.next().map(|(_, read)| read.mod_revision)
+            };
             let pinned = self.isolation.snapshot_reads();
-            return newest_changes(kv, limit, &refresh, &self.noted_in, pinned).await;
+            return newest_changes(kv, limit, &refresh, read, &self.noted_in, pinned).await;
         };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
@@ -864,24 +869,28 @@ fn unless_values_too_large(answer: Result<TxnResponse>) -> Result<Option<TxnResp
 }
 
 /// For a failed Txn whose values were too large to read back: the revision `cache`'s copy
-/// must reach before the next attempt reads from it, given `keys`' mod revisions read now
-/// without values (see [`copy_must_show`]).
+/// must reach before the next attempt reads from it (see [`copy_must_show`]), from the
+/// mod revisions of `keys` read now without values and those the attempt read (`read`:
+/// none for a key it did not read). If none of them changed, the Txn failed on a key it
+/// only wrote: then the current revision, so that the next attempt's snapshot is no older.
 async fn newest_changes(
     kv: &KvClient,
     limit: Duration,
     keys: &[Vec<u8>],
+    read: impl Fn(&[u8]) -> Option<i64>,
     cache: &Option<ReadCache>,
     pinned: bool,
 ) -> Result<Outcome> {
     let latest = 0;
-    let read = keys.iter().map(Vec::as_slice);
-    let (now, revision) = mod_revisions_at(kv, limit, read, latest).await?;
+    let asked = keys.iter().map(Vec::as_slice);
+    let (now, revision) = mod_revisions_at(kv, limit, asked, latest).await?;
     let changes = keys
         .iter()
         .zip(now)
+        .filter(|(key, now)| read(key) != Some(*now))
         .map(|(key, now)| copy_must_show(cache, key, now, revision, pinned));
     Ok(Outcome::Changed {
-        revision: changes.max().unwrap_or(0),
+        revision: changes.max().unwrap_or(revision),
     })
 }
 

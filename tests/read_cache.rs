@@ -388,6 +388,38 @@ async fn a_change_outside_a_quiet_copy_found_without_values_is_not_read_at_its_r
 }
 
 #[tokio::test]
+async fn a_key_only_written_that_changed_since_a_quiet_copy_is_not_checked_against_it_again() {
+    const MIB: usize = 1024 * 1024;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("quiet-blind");
+    let (config, status) = (format!("{prefix}/config"), unique("status"));
+    put(&client, &config, "on").await;
+    let large = put_many(&client, &unique("large"), 5, &vec![b'v'; MIB]).await;
+    let stm = cached_stm(&client, &prefix).await.max_attempts(2);
+    // Newer than the copy's revision, which stays put.
+    put(&client, &status, "old").await;
+    // The commit writes `status` without reading it, so it requires no change since the
+    // copy's revision: it fails, and the values it reads back are too large to answer.
+    // Nothing it read changed; the next attempt must take a newer snapshot.
+    within(
+        secs(30),
+        stm.run(async |tx| {
+            assert_eq!(tx.get(&config).await?, Some(b"on".to_vec()));
+            let bytes = value_bytes(tx, &large).await?;
+            tx.put(status.as_str(), bytes.to_string());
+            Ok::<_, Error>(())
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        value(&client, &status).await,
+        Some((5 * MIB).to_string().into_bytes())
+    );
+}
+
+#[tokio::test]
 async fn a_read_only_check_held_up_in_transit_is_sent_again() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
