@@ -64,8 +64,9 @@ pub(crate) enum Outcome {
 
 /// Sends the join Txn for `session` under lock or election `name`.
 ///
-/// Errors: [`Error::SessionLost`] if etcd no longer knows the lease; [`Error::Etcd`] /
-/// [`Error::Timeout`] if the Txn failed or got no answer within the request timeout.
+/// Errors: [`Error::SessionLost`] if etcd no longer knows the lease, or the session is
+/// lost or ends before the Txn is answered; [`Error::Etcd`] / [`Error::Timeout`] if the
+/// Txn failed or got no answer within the request timeout.
 ///
 /// Cancel-safe: see the module docs.
 pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Result<Outcome> {
@@ -91,13 +92,20 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         ]);
     let kv = session.client().kv_client();
     let limit = session.request_timeout();
+    let mut ended = session.ended_signal();
     let task = session.runtime().spawn(async move {
-        let (answer, maybe_late) = retry_write(&kv, limit, |mut kv| {
+        let send = retry_write(&kv, limit, |mut kv| {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
-        })
-        .await;
-        Sending { answer, maybe_late }
+        });
+        tokio::select! {
+            (answer, maybe_late) = send => Sending { answer, maybe_late },
+            // No use trying further: an attempt cut short may have been applied.
+            _ = ended.wait_for(|ended| *ended) => Sending {
+                answer: Err(Error::SessionLost),
+                maybe_late: true,
+            },
+        }
     });
     let owner = match request.local {
         Some(_) => Owner::Mutex,

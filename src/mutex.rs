@@ -208,7 +208,8 @@ impl Mutex {
     /// # Errors
     ///
     /// - [`Error::InvalidArgument`]: the name is empty.
-    /// - [`Error::SessionLost`]: the session is lost.
+    /// - [`Error::SessionLost`]: the session is lost, or is lost or closed before the Txn
+    ///   is answered (a key it made goes with the lease, or is released in the background).
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused a request (the Txn, or the
     ///   withdrawal of a leftover key) or could not be reached within the session's
     ///   request timeout.
@@ -252,6 +253,9 @@ impl Mutex {
             Outcome::Joined(joined) => joined,
             Outcome::NotJoined => return Ok(None),
         };
+        if self.session.is_lost() {
+            return Err(Error::SessionLost); // lost or closed while the Txn was answered
+        }
         let holder = joined.queue.first().map(|kv| kv.key());
         if holder == Some(joined.key.key()) {
             return Ok(Some(MutexGuard { key: joined.key }));

@@ -211,7 +211,8 @@ impl Session {
 
     /// Resolves once the lease can no longer be assumed alive: etcd answered a keep-alive
     /// with TTL 0 (expired or revoked by anyone), no keep-alive succeeded for a whole TTL,
-    /// or [`close`](Self::close) / [`orphan`](Self::orphan) was called on any handle.
+    /// [`close`](Self::close) / [`orphan`](Self::orphan) was called on any handle, or the
+    /// runtime the session was built on shut down (taking its keep-alive task with it).
     /// Resolves at once if that already happened. Like Go's `Session.Done()`.
     ///
     /// The "whole TTL" is counted from when the last answered keep-alive was *sent*, so it
@@ -661,7 +662,7 @@ impl SessionBuilder {
     }
 
     /// Grants (or resumes) the lease and starts keeping it alive in a task on the current
-    /// Tokio runtime.
+    /// Tokio runtime; if that runtime shuts down, the session is lost.
     ///
     /// # Errors
     ///
@@ -839,6 +840,8 @@ async fn keep_alive(
     renewed: Renewed,
     lost: watch::Sender<bool>,
 ) {
+    // Also when the task is dropped with its runtime: nothing renews the lease any more.
+    let _lost = MarkLostOnExit(lost);
     let mut alive_until = renewed.at + ttl;
     let mut stream = renewed.stream;
     let mut backoff = Backoff::new();
@@ -874,7 +877,15 @@ async fn keep_alive(
         }
     }
     tracing::debug!(lease_id, "lease lost");
-    lost.send_replace(true);
+}
+
+/// Marks the session lost when dropped.
+struct MarkLostOnExit(watch::Sender<bool>);
+
+impl Drop for MarkLostOnExit {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 /// How often the lease is renewed: a third of its TTL, as Go does.

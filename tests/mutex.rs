@@ -3,9 +3,10 @@
 
 mod common;
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{
     Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, keys_under, millis, secs,
@@ -587,4 +588,50 @@ async fn a_join_attempt_that_reaches_etcd_after_the_unlock_leaves_no_key() {
         took
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_lock_or_try_lock_in_flight_fails_with_session_lost_when_its_session_is_closed() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let patient = || {
+        Session::builder(client.clone())
+            .request_timeout(Duration::MAX)
+            .build()
+    };
+    let (a, b) = (patient().await.unwrap(), patient().await.unwrap());
+    let name = unique("closed-in-flight");
+    let (mutex_a, mutex_b) = (Mutex::new(&a, &name), Mutex::new(&b, &name));
+    proxy.stall();
+    // On its first poll each call starts its join Txn, which the proxy holds.
+    let mut locking = pin!(mutex_a.lock());
+    assert!(futures::poll!(&mut locking).is_pending());
+    let mut trying = pin!(mutex_b.try_lock());
+    assert!(futures::poll!(&mut trying).is_pending());
+    drop(a.close());
+    drop(b.close());
+    assert!(matches!(
+        within(secs(5), locking).await,
+        Err(Error::SessionLost)
+    ));
+    assert!(matches!(
+        within(secs(5), trying).await,
+        Err(Error::SessionLost)
+    ));
+    proxy.heal();
+}
+
+#[tokio::test]
+async fn a_lock_in_flight_when_its_session_expires_fails_with_session_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    // Keep-alives stall too: the session is lost 2 s after its last renewal at the
+    // latest, before its join Txn's request timeout (5 s) runs out.
+    let session = Session::builder(client).ttl(secs(2)).build().await.unwrap();
+    proxy.stall();
+    let got = within(secs(10), Mutex::new(&session, unique("expired")).lock()).await;
+    assert!(matches!(got, Err(Error::SessionLost)), "{got:?}");
+    proxy.heal();
 }

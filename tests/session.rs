@@ -254,3 +254,19 @@ async fn a_session_survives_a_restart_of_its_member_within_the_ttl() {
     assert!(!session.is_lost());
     assert!(exists(&client, key.as_str()).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_runtime_shut_down_is_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let other = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let built = other.spawn(Session::builder(client).ttl(secs(2)).build());
+    let session = built.await.unwrap().unwrap();
+    // Its keep-alive task goes with the runtime: nothing renews the lease any more.
+    other.shutdown_background();
+    within(secs(5), session.lost()).await;
+}
