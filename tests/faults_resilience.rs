@@ -19,13 +19,16 @@ async fn every_primitive_works_while_any_one_member_is_dead() {
     let cluster = EtcdCluster::start(3).await;
     let client = cluster.client().await; // default options: no pings, no failover
     let prefix = unique("resilience");
+    // A session that could not renew through another member would be lost within the
+    // next iterations; 4 s leaves room for an election after a leader's death (0.5-1 s
+    // here, more on a busy machine) after a renewal made up to 1.3 s before it.
     let session = Session::builder(client.clone())
-        .ttl(secs(2))
+        .ttl(secs(4))
         .build()
         .await
         .unwrap();
     let other = Session::builder(client.clone())
-        .ttl(secs(2))
+        .ttl(secs(4))
         .build()
         .await
         .unwrap();
