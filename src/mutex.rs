@@ -25,7 +25,9 @@ use crate::wait::{QueueWatch, wait_for_turn};
 ///
 /// `Mutex` is a cheap [`Clone`] handle; clones lock the same lock. Two `lock()` calls
 /// through one session on one name share one key in etcd, so they are serialised in the
-/// process: the second waits until the first guard is released.
+/// process: the second waits until the first guard is released. After a `lock()` that
+/// waited, they keep its watch on the queue open (read by a small task) for the next
+/// call, until the last of them is dropped or the session ends.
 ///
 /// # Example
 ///

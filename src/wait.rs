@@ -21,7 +21,6 @@
 use std::collections::HashSet;
 
 use etcd_client::{EventType, GetOptions, KeyValue};
-use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -54,10 +53,17 @@ impl QueueWatch {
         parked.task.await.ok().flatten()
     }
 
-    /// Keeps `follower` open and read until the next [`take`](Self::take).
-    fn park(&mut self, follower: Follower, runtime: &Handle) {
+    /// Keeps `follower` open and read until the next [`take`](Self::take), or until
+    /// `session` ends (lost, closed or orphaned: no later call of it needs the watch).
+    fn park(&mut self, follower: Follower, session: &Session) {
         let (stop, stopped) = oneshot::channel();
-        let task = runtime.spawn(follower.drain(stopped));
+        let mut ended = session.ended_signal();
+        let task = session.runtime().spawn(async move {
+            tokio::select! {
+                kept = follower.drain(stopped) => kept,
+                _ = ended.wait_for(|ended| *ended) => None,
+            }
+        });
         self.parked = Some(Parked { stop, task });
     }
 }
@@ -115,7 +121,7 @@ pub(crate) async fn wait_for_turn(
     };
     let waited = follow_until_turn(&mut follower, &session, &key, token, ahead).await;
     if let Some(queue_watch) = mine.queue_watch() {
-        queue_watch.park(follower, session.runtime());
+        queue_watch.park(follower, &session);
     }
     match waited {
         Ok(seen_at) => Ok(seen_at),

@@ -635,3 +635,28 @@ async fn a_lock_in_flight_when_its_session_expires_fails_with_session_lost() {
     assert!(matches!(got, Err(Error::SessionLost)), "{got:?}");
     proxy.heal();
 }
+
+#[tokio::test]
+async fn the_queue_watch_a_mutex_keeps_between_calls_is_closed_with_its_session() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let client = cluster.client().await;
+    let (ours, theirs) = (session(&client).await, session(&client).await);
+    let name = unique("kept-then-closed");
+    let held = Mutex::new(&theirs, &name).lock().await.unwrap();
+    let mutex = Mutex::new(&ours, &name);
+    let waiting = tokio::spawn({
+        let mutex = mutex.clone();
+        async move { mutex.lock().await }
+    });
+    let key = format!("{name}/{:x}", ours.lease_id());
+    within(secs(5), appears(&client, key.as_bytes())).await;
+    held.unlock().await.unwrap();
+    let guard = within(secs(5), waiting).await.unwrap().unwrap();
+    guard.unlock().await.unwrap();
+    within(secs(5), watch_streams_become(&member, 1)).await;
+    // The handle stays, but no call of a closed session can use the watch.
+    ours.close().await.unwrap();
+    within(secs(5), watch_streams_become(&member, 0)).await;
+    drop(mutex);
+}
