@@ -725,7 +725,7 @@ impl SessionBuilder {
             lease_id,
             ttl,
             renewed,
-            lost.clone(),
+            MarkLostOnExit(lost.clone()),
         ))
         .abort_handle();
         Ok(Session {
@@ -838,10 +838,9 @@ async fn keep_alive(
     lease_id: i64,
     ttl: Duration,
     renewed: Renewed,
-    lost: watch::Sender<bool>,
+    // Dropped with the future, also unpolled, as when its runtime shuts down first.
+    _lost: MarkLostOnExit,
 ) {
-    // Also when the task is dropped with its runtime: nothing renews the lease any more.
-    let _lost = MarkLostOnExit(lost);
     let mut alive_until = renewed.at + ttl;
     let mut stream = renewed.stream;
     let mut backoff = Backoff::new();
@@ -879,7 +878,8 @@ async fn keep_alive(
     tracing::debug!(lease_id, "lease lost");
 }
 
-/// Marks the session lost when dropped.
+/// Marks the session lost when dropped: however the keep-alive task ends, nothing renews
+/// the lease any more.
 struct MarkLostOnExit(watch::Sender<bool>);
 
 impl Drop for MarkLostOnExit {

@@ -259,14 +259,18 @@ async fn a_session_survives_a_restart_of_its_member_within_the_ttl() {
 async fn a_session_whose_runtime_shut_down_is_lost() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let other = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let built = other.spawn(Session::builder(client).ttl(secs(2)).build());
-    let session = built.await.unwrap().unwrap();
-    // Its keep-alive task goes with the runtime: nothing renews the lease any more.
-    other.shutdown_background();
+    let session = tokio::task::spawn_blocking(move || {
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // `block_on` returns once the session is built, before its runtime has run the
+        // keep-alive task; that task goes with the runtime, never having renewed.
+        let built = other.block_on(Session::builder(client).ttl(secs(2)).build());
+        drop(other);
+        built.unwrap()
+    })
+    .await
+    .unwrap();
     within(secs(5), session.lost()).await;
 }
