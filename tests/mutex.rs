@@ -545,6 +545,23 @@ async fn idle_mutexes_do_not_let_queue_events_pile_up_in_the_connection() {
     }
 }
 
+/// A handle on lock `name` of `ours` that has waited for it behind `theirs`, taken it and
+/// unlocked it, and so keeps its queue watch open between calls; `observer` reads etcd.
+async fn after_a_wait(ours: &Session, theirs: &Session, observer: &Client, name: &str) -> Mutex {
+    let held = Mutex::new(theirs, name).lock().await.unwrap();
+    let mutex = Mutex::new(ours, name);
+    let waiting = tokio::spawn({
+        let mutex = mutex.clone();
+        async move { mutex.lock().await }
+    });
+    let key = format!("{name}/{:x}", ours.lease_id());
+    within(secs(5), appears(observer, key.as_bytes())).await;
+    held.unlock().await.unwrap();
+    let guard = within(secs(5), waiting).await.unwrap().unwrap();
+    guard.unlock().await.unwrap();
+    mutex
+}
+
 #[tokio::test]
 async fn a_kept_queue_watch_that_breaks_is_opened_again() {
     let cluster = EtcdCluster::start(1).await;
@@ -554,18 +571,7 @@ async fn a_kept_queue_watch_that_breaks_is_opened_again() {
     let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
     let ours = Session::builder(through_proxy).build().await.unwrap();
     let theirs = Session::builder(direct.clone()).build().await.unwrap();
-    let name = unique("kept-watch");
-    let held = Mutex::new(&theirs, &name).lock().await.unwrap();
-    let mutex = Mutex::new(&ours, &name);
-    let waiting = tokio::spawn({
-        let mutex = mutex.clone();
-        async move { mutex.lock().await }
-    });
-    let key = format!("{name}/{:x}", ours.lease_id());
-    within(secs(5), appears(&direct, key.as_bytes())).await;
-    held.unlock().await.unwrap();
-    let guard = within(secs(5), waiting).await.unwrap().unwrap();
-    guard.unlock().await.unwrap();
+    let mutex = after_a_wait(&ours, &theirs, &direct, &unique("kept-watch")).await;
     // Our queue watch is the one watch stream on the member, kept between calls.
     within(secs(5), watch_streams_become(&member, 1)).await;
 
@@ -642,18 +648,7 @@ async fn the_queue_watch_a_mutex_keeps_between_calls_is_closed_with_its_session(
     let member = cluster.endpoint(0);
     let client = cluster.client().await;
     let (ours, theirs) = (session(&client).await, session(&client).await);
-    let name = unique("kept-then-closed");
-    let held = Mutex::new(&theirs, &name).lock().await.unwrap();
-    let mutex = Mutex::new(&ours, &name);
-    let waiting = tokio::spawn({
-        let mutex = mutex.clone();
-        async move { mutex.lock().await }
-    });
-    let key = format!("{name}/{:x}", ours.lease_id());
-    within(secs(5), appears(&client, key.as_bytes())).await;
-    held.unlock().await.unwrap();
-    let guard = within(secs(5), waiting).await.unwrap().unwrap();
-    guard.unlock().await.unwrap();
+    let mutex = after_a_wait(&ours, &theirs, &client, &unique("kept-then-closed")).await;
     within(secs(5), watch_streams_become(&member, 1)).await;
     // The handle stays, but no call of a closed session can use the watch.
     ours.close().await.unwrap();

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use common::{
-    amount, millis, move_a_quarter, put_many, read, secs, task_baseline, tasks_back_to, total,
-    transfer_concurrently, unique, value_bytes, within,
+    MIB, amount, millis, move_a_quarter, put_five_mib, put_many, read, secs, task_baseline,
+    tasks_back_to, total, transfer_concurrently, unique, value_bytes, within,
 };
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -109,11 +109,10 @@ async fn cached_transfers_conserve_money_at_every_level() {
 async fn a_range_too_large_for_one_answer_is_copied_in_parts() {
     // Five values of 1 MiB: read in one answer, they would take 5 MiB, over the client's
     // 4 MiB limit.
-    const MIB: usize = 1024 * 1024;
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("too-large-range");
-    let keys = put_many(&client, &prefix, 5, &vec![b'v'; MIB]).await;
+    let keys = put_five_mib(&client, &prefix).await;
     let stm = within(secs(10), cached_stm(&client, &prefix)).await;
     let bytes = within(secs(10), stm.run(async |tx| value_bytes(tx, &keys).await))
         .await
@@ -152,11 +151,10 @@ async fn a_conflict_over_values_too_large_to_read_back_is_not_read_from_a_frozen
     // Five values of 1 MiB: a failed commit cannot read them back in one answer (the
     // client takes 4 MiB), so the next attempt must learn some other way that the copy is
     // behind.
-    const MIB: usize = 1024 * 1024;
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("frozen-large");
-    let keys = put_many(&client, &prefix, 5, &vec![b'v'; MIB]).await;
+    let keys = put_five_mib(&client, &prefix).await;
     let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
     put(&client, &keys[0], "changed").await;
     let sum = unique("large-sum");
@@ -363,14 +361,12 @@ async fn a_key_outside_a_quiet_copy_changed_since_its_revision_is_read_from_etcd
 
 #[tokio::test]
 async fn a_change_outside_a_quiet_copy_found_without_values_is_not_read_at_its_revision_again() {
-    const MIB: usize = 1024 * 1024;
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("quiet-large");
     let config = format!("{prefix}/config");
     put(&client, &config, "on").await;
-    // Too large to read back together (the client takes answers up to 4 MiB).
-    let large = put_many(&client, &unique("large"), 5, &vec![b'v'; MIB]).await;
+    let large = put_five_mib(&client, &unique("large")).await;
     let stm = cached_stm(&client, &prefix).await.max_attempts(2);
     put(&client, &large[0], "changed").await;
     // A read-only run, with no writer meanwhile: its check finds a value changed since the
@@ -389,13 +385,12 @@ async fn a_change_outside_a_quiet_copy_found_without_values_is_not_read_at_its_r
 
 #[tokio::test]
 async fn a_key_only_written_that_changed_since_a_quiet_copy_is_not_checked_against_it_again() {
-    const MIB: usize = 1024 * 1024;
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("quiet-blind");
     let (config, status) = (format!("{prefix}/config"), unique("status"));
     put(&client, &config, "on").await;
-    let large = put_many(&client, &unique("large"), 5, &vec![b'v'; MIB]).await;
+    let large = put_five_mib(&client, &unique("large")).await;
     let stm = cached_stm(&client, &prefix).await.max_attempts(2);
     // Newer than the copy's revision, which stays put.
     put(&client, &status, "old").await;

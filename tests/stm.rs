@@ -398,11 +398,10 @@ async fn only_serializable_snapshot_makes_a_blind_write_conflict() {
 async fn a_conflict_over_values_too_large_for_one_answer_runs_the_closure_again() {
     // Five values of 1 MiB: prefetched, or read back by a failed commit, they would take a
     // 5 MiB answer, over the client's 4 MiB limit.
-    const MIB: usize = 1024 * 1024;
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("too-large-together");
-    let keys = common::put_many(&client, &prefix, 5, &vec![b'v'; MIB]).await;
+    let keys = common::put_five_mib(&client, &prefix).await;
     let sum = format!("{prefix}/sum");
     // With a write, the commit reads the values back; read-only, its check does.
     for (isolation, writes) in [
@@ -430,7 +429,7 @@ async fn a_conflict_over_values_too_large_for_one_answer_runs_the_closure_again(
         .await
         .unwrap();
         assert_eq!(runs.into_inner(), 2, "{isolation:?}");
-        assert_eq!(bytes, 4 * MIB + "changed".len(), "{isolation:?}");
+        assert_eq!(bytes, 4 * common::MIB + "changed".len(), "{isolation:?}");
     }
 }
 

@@ -267,6 +267,16 @@ pub async fn holds(client: &Client, key: &[u8], value: &[u8]) {
     next_event_where(&mut watch, written).await;
 }
 
+/// One mebibyte.
+pub const MIB: usize = 1024 * 1024;
+
+/// Puts five values of 1 MiB under `prefix` (as [`put_many`]); returns the keys. Each is
+/// under etcd's 1.5 MiB request limit, but together they are over the client's 4 MiB
+/// answer limit: no read or failed commit can hand them back in one answer.
+pub async fn put_five_mib(client: &Client, prefix: &str) -> Vec<String> {
+    put_many(client, prefix, 5, &vec![b'v'; MIB]).await
+}
+
 /// Puts `value` under `count` keys `prefix/000`, `prefix/001`, ...; returns the keys.
 pub async fn put_many(client: &Client, prefix: &str, count: usize, value: &[u8]) -> Vec<String> {
     let keys: Vec<String> = (0..count).map(|i| format!("{prefix}/{i:03}")).collect();
