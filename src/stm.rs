@@ -724,19 +724,18 @@ impl StmTxn {
         let txn = Txn::new().when(conditions).or_else(gets(&refresh));
         // Read-only: safe to send again whatever became of an attempt.
         let (kv, limit) = (&self.kv, self.request_timeout);
+        let pinned = self.isolation.snapshot_reads();
         let Some(answer) = unless_values_too_large(send_read_only(kv, limit, txn).await)? else {
             let read = |key: &[u8]| {
-                let mut read = compared.iter().filter(|(read, _)| read.as_slice() == key);
-                read.next().map(|(_, read)| read.mod_revision)
+                let read = compared.iter().find(|(read, _)| read.as_slice() == key);
+                read.map(|(_, read)| read.mod_revision)
             };
-            let pinned = self.isolation.snapshot_reads();
             return newest_changes(kv, limit, &refresh, read, &self.noted_in, pinned).await;
         };
         if !answer.succeeded() {
             return Ok(Outcome::Conflict(read_set(refresh, &answer)));
         }
         let revision = answer.header().map_or(0, |h| h.revision());
-        let pinned = self.isolation.snapshot_reads();
         for chunk in rest.chunks(ETCD_MAX_TXN_OPS) {
             let keys = chunk.iter().map(|(key, _)| key.as_slice());
             let now = match mod_revisions_at(&self.kv, self.request_timeout, keys, revision).await {
