@@ -92,16 +92,18 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         ]);
     let kv = session.client().kv_client();
     let limit = session.request_timeout();
-    let mut ended = session.ended_signal();
-    let task = session.runtime().spawn(async move {
-        let send = retry_write(&kv, limit, |mut kv| {
+    let send = session.until_ended(async move {
+        retry_write(&kv, limit, |mut kv| {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
-        });
-        tokio::select! {
-            (answer, maybe_late) = send => Sending { answer, maybe_late },
+        })
+        .await
+    });
+    let task = session.runtime().spawn(async move {
+        match send.await {
+            Some((answer, maybe_late)) => Sending { answer, maybe_late },
             // No use trying further: an attempt cut short may have been applied.
-            _ = ended.wait_for(|ended| *ended) => Sending {
+            None => Sending {
                 answer: Err(Error::SessionLost),
                 maybe_late: true,
             },

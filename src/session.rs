@@ -483,6 +483,21 @@ impl Session {
     pub(crate) fn ended_signal(&self) -> watch::Receiver<bool> {
         self.shared.lost.subscribe()
     }
+
+    /// Runs `work` until it is done (`Some` of its output) or the session is lost or ends
+    /// (`None`, `work` dropped). Holds nothing of the session.
+    pub(crate) fn until_ended<F: Future>(
+        &self,
+        work: F,
+    ) -> impl Future<Output = Option<F::Output>> + use<F> {
+        let mut ended = self.ended_signal();
+        async move {
+            tokio::select! {
+                output = work => Some(output),
+                _ = ended.wait_for(|ended| *ended) => None,
+            }
+        }
+    }
 }
 
 /// An incarnation of a session's key in an election that no campaign may know of.

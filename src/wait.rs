@@ -57,13 +57,8 @@ impl QueueWatch {
     /// `session` ends (lost, closed or orphaned: no later call of it needs the watch).
     fn park(&mut self, follower: Follower, session: &Session) {
         let (stop, stopped) = oneshot::channel();
-        let mut ended = session.ended_signal();
-        let task = session.runtime().spawn(async move {
-            tokio::select! {
-                kept = follower.drain(stopped) => kept,
-                _ = ended.wait_for(|ended| *ended) => None,
-            }
-        });
+        let kept = session.until_ended(follower.drain(stopped));
+        let task = session.runtime().spawn(async move { kept.await.flatten() });
         self.parked = Some(Parked { stop, task });
     }
 }
