@@ -312,7 +312,7 @@ impl Session {
     /// by the lease id in lowercase hex, as Go and etcdctl write it.
     pub(crate) fn key_in(&self, name: &[u8]) -> Vec<u8> {
         let mut key = prefix_of(name);
-        key.extend_from_slice(format!("{:x}", self.shared.lease_id).as_bytes());
+        key.extend_from_slice(lease_hex(self.shared.lease_id).as_bytes());
         key
     }
 
@@ -574,10 +574,20 @@ pub(crate) fn prefix_of(name: &[u8]) -> Vec<u8> {
     prefix
 }
 
+/// A lease id in lowercase hex as Go's `%x` writes an `int64`: a negative id (etcd grants
+/// one when asked for it) as `-` and the hex of its magnitude, not two's complement.
+fn lease_hex(id: i64) -> String {
+    let sign = if id < 0 { "-" } else { "" };
+    format!("{sign}{:x}", id.unsigned_abs())
+}
+
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
-            .field("lease_id", &format_args!("{:x}", self.shared.lease_id))
+            .field(
+                "lease_id",
+                &format_args!("{}", lease_hex(self.shared.lease_id)),
+            )
             .field("ttl", &self.shared.ttl)
             .field("lost", &self.is_lost())
             .finish_non_exhaustive()

@@ -12,7 +12,7 @@ use common::{
     Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, keys_under, millis, secs,
     unique, watch_streams_become, within,
 };
-use etcd_client::{Client, LockOptions, Txn, TxnOp};
+use etcd_client::{Client, LeaseGrantOptions, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Error, Mutex, Session};
 
@@ -379,6 +379,33 @@ async fn etcd_server_side_lock_and_our_mutex_exclude_each_other() {
     guard.unlock().await.unwrap();
     let theirs_held = within(secs(5), theirs_waits).await.unwrap().unwrap();
     client.unlock(theirs_held.key()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_with_a_negative_id_names_the_key_as_go_does() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("negative-lease");
+    // etcd grants any non-zero id it is asked for; Go writes an int64 with `%x`: "-1f4".
+    let granted = LeaseGrantOptions::new().with_id(-500);
+    client
+        .lease_client()
+        .grant(10, Some(granted))
+        .await
+        .unwrap();
+    let resumed = Session::builder(client.clone())
+        .lease(-500)
+        .build()
+        .await
+        .unwrap();
+    let guard = Mutex::new(&resumed, &name).lock().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(guard.key()), format!("{name}/-1f4"));
+    assert_eq!(
+        keys_under(&client, &format!("{name}/")).await,
+        [format!("{name}/-1f4")]
+    );
+    guard.unlock().await.unwrap();
+    resumed.close().await.unwrap();
 }
 
 #[tokio::test]
