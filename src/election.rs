@@ -270,7 +270,7 @@ impl Election {
     /// leads), then every change of leader or of its value, in order. Mirrors Go's
     /// `Election.Observe`, which never reports that nobody leads and can report a later
     /// candidate as leader (etcd #18163); here the leader is always the candidate with
-    /// the lowest create revision.
+    /// the lowest create revision (of candidates created by one Txn, the lowest key).
     ///
     /// It follows all candidates through one watch. A broken watch (member killed,
     /// connection lost) is re-opened from the last revision seen + 1, so no change is
@@ -395,10 +395,12 @@ impl Observer {
                 self.failing = None;
             }
             self.apply_one_revision();
+            // Candidates one Txn created tie: the lowest key of them leads, whatever the
+            // map's order (etcd's sorted read in `leader()` orders a small election so).
             let leader = self
                 .candidates
                 .values()
-                .min_by_key(|candidate| candidate.create_revision)
+                .min_by_key(|candidate| (candidate.create_revision, &candidate.key))
                 .cloned();
             if self.reported.as_ref() != Some(&leader) {
                 self.reported = Some(leader.clone());

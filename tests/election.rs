@@ -9,7 +9,7 @@ use common::{
     Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, holds, keys_under, millis,
     proposals_applied, proposals_applied_exceed, read, secs, two_path_session, unique, within,
 };
-use etcd_client::{Client, CompactionOptions};
+use etcd_client::{Client, CompactionOptions, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Election, Error, Leader, Leadership, Session};
 use futures::{Stream, StreamExt};
@@ -298,6 +298,40 @@ async fn observe_reads_candidates_whose_values_are_too_large_for_one_answer() {
     next.resign().await.unwrap();
     let third = next_leader(&mut observer).await.expect("a leader");
     assert_eq!(third.value(), vec![b'c'; SIZE].as_slice());
+}
+
+#[tokio::test]
+async fn observe_and_leader_agree_on_candidates_one_txn_created() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("tie");
+    let watcher = session(&client, 10).await;
+    // Candidates with one create revision; more of them later, which cannot lead.
+    let candidate = |suffix: &str| TxnOp::put(format!("{name}/{suffix}"), suffix, None);
+    let tied = Txn::new().and_then([candidate("b"), candidate("a"), candidate("c")]);
+    client.txn(tied).await.unwrap();
+    let election = Election::new(&watcher, &name);
+    let leader = election.leader().await.unwrap().expect("a leader");
+    assert_eq!(leader.key(), format!("{name}/a").as_bytes());
+    let mut observers: Vec<_> = (0..10).map(|_| Box::pin(election.observe())).collect();
+    for observer in &mut observers {
+        assert_eq!(next_leader(observer).await.as_ref(), Some(&leader));
+    }
+    for later in 0..40 {
+        client
+            .put(format!("{name}/later-{later}"), "", None)
+            .await
+            .unwrap();
+    }
+    // The first change the observers report is the leader's new value.
+    client.put(leader.key(), "a2", None).await.unwrap();
+    for observer in &mut observers {
+        let change = next_leader(observer).await.expect("a leader");
+        assert_eq!(
+            (change.key(), change.value()),
+            (leader.key(), b"a2".as_slice())
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
