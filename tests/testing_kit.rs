@@ -164,3 +164,62 @@ async fn a_stalled_proxy_holds_requests_until_healed() {
     let answer = within(secs(5), request).await.unwrap().unwrap();
     assert_eq!(answer.kvs()[0].value(), b"v");
 }
+
+#[tokio::test]
+async fn a_connection_cut_is_closed_even_when_healed_at_once() {
+    // An echo server as the target: the connection's fate is seen without etcd's retries.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&target).await.unwrap();
+    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
+    let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut byte = [0u8; 1];
+    connection.write_all(b"a").await.unwrap();
+    connection.read_exact(&mut byte).await.unwrap();
+
+    proxy.cut();
+    proxy.heal(); // before the connection's task ran
+    let after = within(secs(5), async {
+        connection.write_all(b"b").await?;
+        connection.read_exact(&mut byte).await
+    })
+    .await;
+    assert!(after.is_err(), "a cut connection was still forwarded");
+}
+
+#[test]
+fn a_cluster_shared_between_test_threads_outlives_the_thread_that_started_it() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // Started on one thread, as by the first test to need it; that thread then ends.
+    let cluster =
+        std::thread::spawn(move || std::sync::Arc::new(runtime().block_on(EtcdCluster::start(1))))
+            .join()
+            .unwrap();
+    std::thread::sleep(millis(500));
+    let pid = cluster.pid(0).unwrap();
+    // SAFETY: signal 0 only checks whether the process exists.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, 0) }, 0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    assert!(
+        !status.contains(") Z "),
+        "the member died with the thread that started it"
+    );
+    runtime().block_on(async {
+        let mut client = cluster.client().await;
+        within(secs(5), client.put("k", "v", None)).await.unwrap();
+    });
+}

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions};
@@ -26,11 +26,11 @@ const ELECTION_TIMEOUT_MS: u32 = 500;
 /// and a 500 ms election timeout, so leases as short as 1 s are honoured, and with
 /// `--grpc-keepalive-min-time=500ms`, so clients may ping it every second. Dropping the
 /// cluster kills every member and deletes its data, also while a test unwinds from a panic;
-/// members also die with the thread that started them (`PR_SET_PDEATHSIG`), so a killed
-/// test process leaves no etcd behind, and the data it leaves is deleted when the next
-/// cluster starts. So a cluster must not outlive the thread that started it (or restarted
-/// one of its members): share one between tests through a handle each test owns, not a
-/// `static` started by whichever test runs first.
+/// members also die with the process that started them (`PR_SET_PDEATHSIG`, set from one
+/// thread that lives as long as the process), so a killed test process leaves no etcd
+/// behind, and the data it leaves is deleted when the next cluster starts. A cluster may
+/// be shared between tests (each test on its own thread) through a handle each test owns;
+/// a `static` one is never dropped, so its data stays until the next cluster starts.
 ///
 /// The binary is `etcd` from `PATH`, or `$ETCD_BIN`. Methods that change a member take
 /// `&self`, so a fault schedule can run in its own task while workers use the cluster.
@@ -303,18 +303,22 @@ impl EtcdCluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone the log file handle"))
             .stderr(log);
+        let parent = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec and only calls
-        // prctl, which is async-signal-safe.
+        // prctl, getppid and raise, which are async-signal-safe.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The parent died between the fork and the prctl: no signal will come.
+                if libc::getppid() as u32 != parent {
+                    libc::raise(libc::SIGKILL);
                 }
                 Ok(())
             });
         }
-        let process = command
-            .spawn()
+        let process = spawn_from_lasting_thread(command)
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
         member.process = Some(process);
     }
@@ -385,6 +389,37 @@ impl Drop for EtcdCluster {
             self.kill(i);
         }
     }
+}
+
+/// Spawns `command` from one thread that lives as long as the process, so that the
+/// kernel's `PR_SET_PDEATHSIG` (sent when the *thread* that forked the child ends) kills
+/// the child when the process dies, and not when the test thread or Tokio worker that
+/// happened to start it ends while the cluster is still in use.
+fn spawn_from_lasting_thread(command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, received) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("etcd-cluster-spawner".into())
+            .spawn(move || {
+                // Ends only with the process: the sender lives in a static.
+                for (mut command, reply) in received {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("start the thread that spawns etcd members");
+        Mutex::new(requests)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("the etcd spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the etcd spawner thread is gone"))?
 }
 
 async fn connect_one(endpoint: &str) -> Result<Client, etcd_client::Error> {

@@ -15,6 +15,14 @@ enum Mode {
     Cut,
 }
 
+/// The mode, and how many times the proxy was cut: a connection accepted before a cut is
+/// dropped even if the proxy was healed before its task saw the cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    mode: Mode,
+    cuts: u64,
+}
+
 /// A TCP proxy on a free loopback port in front of one etcd endpoint.
 ///
 /// Point a client at [`endpoint`](Self::endpoint) instead of the member's own URL; then
@@ -37,7 +45,7 @@ enum Mode {
 #[derive(Debug)]
 pub struct Proxy {
     address: SocketAddr,
-    mode: watch::Sender<Mode>,
+    mode: watch::Sender<State>,
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
@@ -56,7 +64,10 @@ impl Proxy {
         let target = target.trim_start_matches("http://").to_owned();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
-        let (mode, _) = watch::channel(Mode::Open);
+        let (mode, _) = watch::channel(State {
+            mode: Mode::Open,
+            cuts: 0,
+        });
         let accept_loop = tokio::spawn(accept_loop(listener, target, mode.subscribe()));
         Ok(Proxy {
             address,
@@ -73,19 +84,22 @@ impl Proxy {
     /// Drops every open connection and refuses new ones (each is closed as soon as it is
     /// accepted), as when a network link goes down.
     pub fn cut(&self) {
-        self.mode.send_replace(Mode::Cut);
+        self.mode.send_modify(|state| {
+            state.mode = Mode::Cut;
+            state.cuts += 1;
+        });
     }
 
     /// Keeps connections open but forwards nothing in either direction, as with a
     /// partition that drops packets silently: requests hang instead of failing.
     pub fn stall(&self) {
-        self.mode.send_replace(Mode::Stalled);
+        self.mode.send_modify(|state| state.mode = Mode::Stalled);
     }
 
     /// Forwards traffic again (held bytes are delivered; cut connections stay closed,
     /// new ones are accepted).
     pub fn heal(&self) {
-        self.mode.send_replace(Mode::Open);
+        self.mode.send_modify(|state| state.mode = Mode::Open);
     }
 }
 
@@ -95,24 +109,27 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, target: String, mode: watch::Receiver<Mode>) {
+async fn accept_loop(listener: TcpListener, target: String, mode: watch::Receiver<State>) {
     // Dropping the set (when this task is aborted) aborts every connection task.
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((client, _)) = accepted else { continue };
-                if *mode.borrow() == Mode::Cut {
+                let state = *mode.borrow();
+                if state.mode == Mode::Cut {
                     continue; // dropped: the client sees the connection closed at once
                 }
-                connections.spawn(forward(client, target.clone(), mode.clone()));
+                connections.spawn(forward(client, target.clone(), mode.clone(), state.cuts));
             }
             Some(_) = connections.join_next() => {}
         }
     }
 }
 
-async fn forward(client: TcpStream, target: String, mode: watch::Receiver<Mode>) {
+/// Forwards one connection until either side closes it or the proxy is cut again (its
+/// cut count moves past `cuts`, the count when the connection was accepted).
+async fn forward(client: TcpStream, target: String, mode: watch::Receiver<State>, cuts: u64) {
     let Ok(upstream) = TcpStream::connect(&target).await else {
         return;
     };
@@ -122,22 +139,24 @@ async fn forward(client: TcpStream, target: String, mode: watch::Receiver<Mode>)
     let (upstream_read, upstream_write) = upstream.into_split();
     let mut cut = mode.clone();
     tokio::select! {
+        // The cut first: nothing is forwarded on a connection that was cut.
+        biased;
+        _ = cut.wait_for(|state| state.cuts != cuts) => {}
         _ = pump(client_read, upstream_write, mode.clone()) => {}
         _ = pump(upstream_read, client_write, mode) => {}
-        _ = cut.wait_for(|m| *m == Mode::Cut) => {}
     }
 }
 
 /// Copies bytes one way, holding them while the proxy is stalled.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Mode>) {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<State>) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        match mode.wait_for(|m| *m != Mode::Stalled).await {
-            Ok(m) if *m == Mode::Open => {}
+        match mode.wait_for(|state| state.mode != Mode::Stalled).await {
+            Ok(state) if state.mode == Mode::Open => {}
             _ => return,
         }
         if to.write_all(&buffer[..n]).await.is_err() {
