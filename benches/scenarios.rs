@@ -38,8 +38,8 @@ struct Args {
     /// Measured run time for mutex-contended and stm-transfer (Go syntax: 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Accounts for stm-transfer.
-    #[arg(long, default_value_t = 16)]
+    /// Accounts for stm-transfer (at least 2: a transfer needs two distinct accounts).
+    #[arg(long, default_value_t = 16, value_parser = at_least_two)]
     accounts: usize,
     #[arg(long, value_enum, default_value_t = IsolationLevel::SerializableSnapshot)]
     isolation: IsolationLevel,
@@ -86,6 +86,44 @@ type Failure = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sessions' TTL, as in the Go anchor.
 const TTL: Duration = Duration::from_secs(10);
+/// How long one of the runner's own requests (setup, checks, clean-up) may take: an etcd
+/// that accepts connections but does not answer (frozen, or without quorum) must not
+/// hang the run.
+const REQUEST_LIMIT: Duration = Duration::from_secs(10);
+
+fn at_least_two(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} is too few: a transfer needs 2 distinct accounts"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Awaits one of the runner's own requests, failing with `what` if it takes longer than
+/// [`REQUEST_LIMIT`].
+async fn bounded<T, E: Into<Failure>>(
+    what: &str,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(REQUEST_LIMIT, request).await {
+        Ok(answer) => answer.map_err(|e| format!("{what}: {}", describe(&*e.into())).into()),
+        Err(_) => Err(format!("{what}: no answer from etcd within {REQUEST_LIMIT:?}").into()),
+    }
+}
+
+/// An error and its sources, joined by `: `.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 /// One thread: the clients wait on etcd, not on CPU, and a single-threaded runtime saves
 /// a cross-thread wake-up per request (measured: 0.1 ms per lock+unlock pair on two cores).
@@ -121,7 +159,7 @@ async fn main() {
             println!("{figures}");
         }
         Err(failure) => {
-            eprintln!("scenarios: {failure}");
+            eprintln!("scenarios: {}", describe(&*failure));
             std::process::exit(1);
         }
     }
@@ -137,7 +175,7 @@ async fn session(client: &Client) -> Result<Session, Failure> {
 
 /// A lock held through one of the two implementations.
 enum Locker {
-    Ours(Mutex),
+    Ours { mutex: Mutex, session: Session },
     Service { session: Session, name: String },
 }
 
@@ -150,14 +188,17 @@ impl Locker {
     async fn new(args: &Args, name: String, which: Implementation) -> Result<Locker, Failure> {
         let session = session(&connect(args).await?).await?;
         Ok(match which {
-            Implementation::EtcdConcurrency => Locker::Ours(Mutex::new(&session, name)),
+            Implementation::EtcdConcurrency => Locker::Ours {
+                mutex: Mutex::new(&session, name),
+                session,
+            },
             Implementation::EtcdClientRpc => Locker::Service { session, name },
         })
     }
 
     async fn lock(&mut self) -> Result<Held, Failure> {
         Ok(match self {
-            Locker::Ours(mutex) => Held::Ours(mutex.lock().await?),
+            Locker::Ours { mutex, .. } => Held::Ours(mutex.lock().await?),
             Locker::Service { session, name } => {
                 let options = LockOptions::new().with_lease(session.lease_id());
                 let mut client = session.client().clone();
@@ -173,9 +214,17 @@ impl Locker {
             (Locker::Service { session, .. }, Held::Service(key)) => {
                 session.client().clone().unlock(key).await?;
             }
-            (Locker::Ours(_), Held::Service(_)) => unreachable!("a lock is held as it was taken"),
+            (Locker::Ours { .. }, Held::Service(_)) => {
+                unreachable!("a lock is held as it was taken")
+            }
         }
         Ok(())
+    }
+
+    /// Closes the session: its lease (and any key on it) is revoked now, not at expiry.
+    async fn close(self) -> Result<(), Failure> {
+        let (Locker::Ours { session, .. } | Locker::Service { session, .. }) = self;
+        bounded("close a session", session.close()).await
     }
 }
 
@@ -194,6 +243,7 @@ async fn mutex_uncontended(
         latencies.push(t.elapsed());
     }
     let elapsed = started.elapsed();
+    locker.close().await?;
     let (p50, p99) = percentiles(&mut latencies);
     Ok(json!({
         "ops_per_s": args.iterations as f64 / elapsed.as_secs_f64(),
@@ -232,14 +282,20 @@ async fn mutex_contended(
                 holders.fetch_sub(1, Ordering::SeqCst);
                 locker.unlock(held).await?;
             }
-            Ok::<_, Failure>(latencies)
+            Ok::<_, Failure>((latencies, locker))
         }));
     }
     let mut latencies = Vec::new();
+    let mut lockers = Vec::new();
     for worker in workers {
-        latencies.extend(worker.await??);
+        let (worker_latencies, locker) = worker.await??;
+        latencies.extend(worker_latencies);
+        lockers.push(locker);
     }
     let elapsed = started.elapsed();
+    for locker in lockers {
+        locker.close().await?;
+    }
     let acquisitions = latencies.len();
     let (p50, p99) = percentiles(&mut latencies);
     Ok(json!({
@@ -251,8 +307,14 @@ async fn mutex_contended(
 
 /// A candidate in one of the two implementations.
 enum Candidate {
-    Ours(Election),
-    Service { session: Session, name: String },
+    Ours {
+        election: Election,
+        session: Session,
+    },
+    Service {
+        session: Session,
+        name: String,
+    },
 }
 
 enum Leading {
@@ -264,14 +326,17 @@ impl Candidate {
     async fn new(args: &Args, name: String, which: Implementation) -> Result<Candidate, Failure> {
         let session = session(&connect(args).await?).await?;
         Ok(match which {
-            Implementation::EtcdConcurrency => Candidate::Ours(Election::new(&session, name)),
+            Implementation::EtcdConcurrency => Candidate::Ours {
+                election: Election::new(&session, name),
+                session,
+            },
             Implementation::EtcdClientRpc => Candidate::Service { session, name },
         })
     }
 
     async fn campaign(&self, value: &str) -> Result<Leading, Failure> {
         Ok(match self {
-            Candidate::Ours(election) => Leading::Ours(election.campaign(value).await?),
+            Candidate::Ours { election, .. } => Leading::Ours(election.campaign(value).await?),
             Candidate::Service { session, name } => {
                 let mut client = session.client().clone();
                 let answer = client
@@ -294,11 +359,17 @@ impl Candidate {
                 let options = ResignOptions::new().with_leader(key);
                 session.client().clone().resign(Some(options)).await?;
             }
-            (Candidate::Ours(_), Leading::Service(_)) => {
+            (Candidate::Ours { .. }, Leading::Service(_)) => {
                 unreachable!("leadership is given up as it was won")
             }
         }
         Ok(())
+    }
+
+    /// Closes the session: its lease is revoked now, not at expiry.
+    async fn close(self) -> Result<(), Failure> {
+        let (Candidate::Ours { session, .. } | Candidate::Service { session, .. }) = self;
+        bounded("close a session", session.close()).await
     }
 }
 
@@ -318,14 +389,21 @@ async fn election_handoff(
         let won = tokio::spawn(async move { candidate.campaign("f").await });
         // Time the hand-off only: wait until the follower's key is in the queue.
         let count = GetOptions::new().with_prefix().with_count_only();
-        while counter
-            .get(format!("{name}/"), Some(count.clone()))
-            .await?
-            .count()
-            != 2
-        {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let queued = async {
+            while counter
+                .get(format!("{name}/"), Some(count.clone()))
+                .await?
+                .count()
+                != 2
+            {
+                if won.is_finished() {
+                    break; // it failed (or won without queueing): its answer tells
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Ok::<_, etcd_client::Error>(())
+        };
+        bounded("wait for the follower's campaign to queue", queued).await?;
         let t = Instant::now();
         leader.resign(leading).await?;
         leading = won.await??;
@@ -333,6 +411,12 @@ async fn election_handoff(
         std::mem::swap(&mut leader, &mut follower);
     }
     leader.resign(leading).await?;
+    for candidate in [leader, follower] {
+        Arc::into_inner(candidate)
+            .ok_or("a candidate is still in use")?
+            .close()
+            .await?;
+    }
     let (p50, p99) = percentiles(&mut latencies);
     Ok(json!({ "p50_ms": p50, "p99_ms": p99, "iterations": args.iterations }))
 }
@@ -345,10 +429,20 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
             .collect(),
     );
     let mut setup = connect(args).await?;
+    let accounts_prefix = format!("{prefix}accounts/");
+    // Accounts left under this prefix by an earlier run would spoil `conserved`.
+    let every_account = Some(etcd_client::DeleteOptions::new().with_prefix());
+    bounded(
+        "delete old accounts",
+        setup.delete(accounts_prefix.as_str(), every_account.clone()),
+    )
+    .await?;
     for account in accounts.iter() {
-        setup
-            .put(account.as_str(), OPENING_BALANCE.to_string(), None)
-            .await?;
+        bounded(
+            "set up the accounts",
+            setup.put(account.as_str(), OPENING_BALANCE.to_string(), None),
+        )
+        .await?;
     }
     let isolation = match args.isolation {
         IsolationLevel::SerializableSnapshot => Isolation::SerializableSnapshot,
@@ -399,12 +493,19 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
     }
     let elapsed = started.elapsed();
     let commits = latencies.len();
-    let all = setup
-        .get(
-            format!("{prefix}accounts/"),
+    let all = bounded(
+        "read the accounts",
+        setup.get(
+            accounts_prefix.as_str(),
             Some(GetOptions::new().with_prefix()),
-        )
-        .await?;
+        ),
+    )
+    .await?;
+    bounded(
+        "delete the accounts",
+        setup.delete(accounts_prefix.as_str(), every_account),
+    )
+    .await?;
     let total: u64 = all
         .kvs()
         .iter()
