@@ -48,6 +48,22 @@ async fn three_members_keep_quorum_when_one_dies_and_it_catches_up_on_restart() 
 }
 
 #[tokio::test]
+async fn a_member_that_died_on_its_own_has_no_pid() {
+    let cluster = EtcdCluster::start(1).await;
+    let pid = cluster.pid(0).expect("running");
+    // SAFETY: the pid is the cluster's own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    within(secs(5), async {
+        while cluster.pid(0).is_some() {
+            tokio::time::sleep(millis(10)).await;
+        }
+    })
+    .await;
+    cluster.restart(0).await;
+    assert_ne!(cluster.pid(0), None);
+}
+
+#[tokio::test]
 async fn the_raft_leader_can_be_found_and_replaced() {
     let cluster = EtcdCluster::start(3).await;
     let leader = within(secs(5), cluster.leader()).await.expect("a leader");

@@ -170,7 +170,7 @@ impl EtcdCluster {
     ///
     /// If there is no member `i`.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.member(i).process.as_ref().map(Child::id)
+        running(&mut self.member(i)).map(|process| process.id())
     }
 
     /// The index of the member that is the raft leader now, if one answers as such. Asks
@@ -254,10 +254,11 @@ impl EtcdCluster {
     }
 
     fn signal(&self, i: usize, signal: libc::c_int) {
-        if let Some(pid) = self.pid(i) {
+        let mut member = self.member(i);
+        if let Some(process) = running(&mut member) {
             // SAFETY: `kill` has no memory-safety preconditions; the pid is our own child,
-            // not yet reaped, so it cannot have been reused.
-            unsafe { libc::kill(pid as libc::pid_t, signal) };
+            // not reaped (only this lock's holders reap it), so it cannot have been reused.
+            unsafe { libc::kill(process.id() as libc::pid_t, signal) };
         }
     }
 
@@ -381,6 +382,12 @@ impl EtcdCluster {
         let mut member = self.member(i);
         member.process.as_mut()?.try_wait().ok().flatten()
     }
+}
+
+/// The member's process if it has not exited (one that has is reaped here).
+fn running(member: &mut Member) -> Option<&mut Child> {
+    let process = member.process.as_mut()?;
+    matches!(process.try_wait(), Ok(None)).then_some(process)
 }
 
 impl Drop for EtcdCluster {
