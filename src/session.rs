@@ -12,9 +12,11 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result, is_lease_gone, is_lease_not_found, is_lease_taken};
+use crate::error::{
+    Error, Result, is_lease_gone, is_lease_not_found, is_lease_taken, is_transient,
+};
 use crate::release::spawn_release;
-use crate::retry::{ATTEMPT_TIMEOUT, Backoff, retry};
+use crate::retry::{ATTEMPT_TIMEOUT, Backoff, deadline_after, retry, retry_write};
 use crate::wait::QueueWatch;
 
 /// The TTL of [`Session::new`], as in Go's `concurrency.NewSession`.
@@ -698,6 +700,10 @@ impl SessionBuilder {
     ///   until the request timeout.
     /// - [`Error::Timeout`]: no answer within the request timeout (no endpoint reachable).
     ///
+    /// After an error, a lease that an attempt cut off (or failed in transit) may have
+    /// granted all the same is revoked in a background task, bounded by the release
+    /// timeout.
+    ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes may leave a granted lease with no
@@ -774,30 +780,71 @@ impl SessionBuilder {
     /// Grants a lease of `ttl` seconds under an id chosen here, so that a retried grant
     /// whose first attempt was applied finds its lease instead of leaking a second one.
     /// Returns the id and the granted TTL.
+    ///
+    /// If it fails after an attempt that may have been granted (cut off, or failed in
+    /// transit), that lease is revoked in the background, as a dropped session's is: the
+    /// caller gets an error, not a session, so nothing else would ever revoke it.
     async fn grant(&self, ttl: i64) -> Result<(i64, Duration)> {
         let id = rand::random_range(1..i64::MAX);
         let options = LeaseGrantOptions::new().with_id(id);
-        let granted = retry(&self.client, self.request_timeout, |mut c| {
+        let (granted, maybe_granted) = retry_write(&self.client, self.request_timeout, |mut c| {
             let options = options.clone();
             async move { c.lease_grant(ttl, Some(options)).await }
-        });
-        match granted.await {
+        })
+        .await;
+        let result = match granted {
             Ok(answer) => Ok((answer.id(), secs(answer.ttl()))),
             Err(Error::Etcd(error)) if is_lease_taken(&error) => {
-                let answer = retry(&self.client, self.request_timeout, |mut c| async move {
+                retry(&self.client, self.request_timeout, |mut c| async move {
                     c.lease_time_to_live(id, None).await
                 })
-                .await?;
-                Ok((id, secs(answer.granted_ttl())))
+                .await
+                .map(|answer| (id, secs(answer.granted_ttl())))
             }
             Err(error) => Err(error),
+        };
+        if result.is_err() && maybe_granted {
+            self.revoke_in_background(id);
         }
+        result
+    }
+
+    /// Revokes lease `id`, which a failed build may have granted, in a background task. An
+    /// attempt cut off may still be in transit and grant the lease after a first revoke
+    /// found nothing, so the revoke is repeated, with back-off, for the release timeout.
+    fn revoke_in_background(&self, id: i64) {
+        let (mut client, limit) = (self.client.clone(), self.release_timeout);
+        let revokes = async move {
+            let deadline = deadline_after(limit);
+            let mut backoff = Backoff::new();
+            while Instant::now() < deadline {
+                let cut_off = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+                let revoke = client.lease_revoke(id);
+                if let Ok(Err(error)) = tokio::time::timeout_at(cut_off, revoke).await {
+                    if !is_lease_gone(&error) && !is_transient(&error) {
+                        tracing::warn!(
+                            error = &error as &dyn std::error::Error,
+                            lease_id = id,
+                            "the lease of a session that failed to build could not be \
+                             revoked; it expires after its TTL"
+                        );
+                        return;
+                    }
+                }
+                tokio::time::sleep_until(deadline.min(Instant::now() + backoff.next_delay())).await;
+            }
+        };
+        let what = "revoking the lease of a session that failed to build";
+        spawn_release(&Handle::current(), what, revokes);
     }
 
     /// Checks that lease `id` exists and renews it once: the renewal's send time bounds
     /// its expiry exactly (its remaining TTL is only reported in whole seconds).
     async fn resume(&self, id: i64) -> Result<(i64, Duration, Renewed)> {
-        let gone = || Error::InvalidArgument(format!("lease {id:x} does not exist or has expired"));
+        let gone = || {
+            let id = lease_hex(id);
+            Error::InvalidArgument(format!("lease {id} does not exist or has expired"))
+        };
         let answer = retry(&self.client, self.request_timeout, |mut c| async move {
             c.lease_time_to_live(id, None).await
         })

@@ -199,11 +199,17 @@ async fn bad_ttls_leases_and_timeouts_are_rejected_before_anything_is_granted() 
         .build()
         .await;
     assert!(matches!(both, Err(Error::InvalidArgument(_))), "{both:?}");
-    let unknown = Session::builder(client.clone()).lease(0x1234).build().await;
-    assert!(
-        matches!(unknown, Err(Error::InvalidArgument(_))),
-        "{unknown:?}"
-    );
+    // Unknown leases are named as Go writes their ids.
+    for (unknown, named) in [(0x1234, "lease 1234 "), (-5, "lease -5 ")] {
+        let result = Session::builder(client.clone())
+            .lease(unknown)
+            .build()
+            .await;
+        let Err(Error::InvalidArgument(why)) = result else {
+            panic!("lease {unknown}: {result:?}");
+        };
+        assert!(why.contains(named), "{why}");
+    }
     let builder = Session::builder(client.clone());
     for zero in [
         builder.clone().release_timeout(Duration::ZERO),
@@ -219,6 +225,38 @@ async fn bad_ttls_leases_and_timeouts_are_rejected_before_anything_is_granted() 
         client.leases().await.unwrap().leases().is_empty(),
         "a lease was granted"
     );
+}
+
+#[tokio::test]
+async fn a_build_that_times_out_leaves_no_lease() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    // Timeouts so short that the grant is often applied after the build gave up on it.
+    let limits = [1, 300, 1_000, 2_000, 3_000].map(Duration::from_micros);
+    let mut timed_out = 0;
+    for limit in limits.into_iter().cycle().take(25) {
+        let built = Session::builder(client.clone())
+            .ttl(secs(3600))
+            .request_timeout(limit)
+            .build()
+            .await;
+        match built {
+            Ok(session) => {
+                let lease = session.lease_id();
+                session.orphan();
+                client.lease_revoke(lease).await.unwrap();
+            }
+            Err(Error::Timeout { .. }) => timed_out += 1,
+            Err(other) => panic!("{limit:?}: {other}"),
+        }
+    }
+    assert!(timed_out > 0, "no build timed out");
+    within(secs(10), async {
+        while !client.leases().await.unwrap().leases().is_empty() {
+            tokio::time::sleep(millis(50)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
