@@ -12,9 +12,7 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use crate::error::{
-    Error, Result, is_lease_gone, is_lease_not_found, is_lease_taken, is_transient,
-};
+use crate::error::{Error, Result, is_lease_gone, is_lease_not_found, is_lease_taken};
 use crate::release::spawn_release;
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff, deadline_after, retry, retry_write};
 use crate::wait::QueueWatch;
@@ -813,15 +811,14 @@ impl SessionBuilder {
     /// attempt cut off may still be in transit and grant the lease after a first revoke
     /// found nothing, so the revoke is repeated, with back-off, for the release timeout.
     fn revoke_in_background(&self, id: i64) {
-        let (mut client, limit) = (self.client.clone(), self.release_timeout);
+        let (client, limit) = (self.client.clone(), self.release_timeout);
         let revokes = async move {
             let deadline = deadline_after(limit);
             let mut backoff = Backoff::new();
             while Instant::now() < deadline {
-                let cut_off = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
-                let revoke = client.lease_revoke(id);
-                if let Ok(Err(error)) = tokio::time::timeout_at(cut_off, revoke).await {
-                    if !is_lease_gone(&error) && !is_transient(&error) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match revoke(client.clone(), id, left).await {
+                    Err(error) if !error.is_transient() => {
                         tracing::warn!(
                             error = &error as &dyn std::error::Error,
                             lease_id = id,
@@ -830,6 +827,7 @@ impl SessionBuilder {
                         );
                         return;
                     }
+                    _ => {}
                 }
                 tokio::time::sleep_until(deadline.min(Instant::now() + backoff.next_delay())).await;
             }
