@@ -16,10 +16,14 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use common::{REQUEST_LIMIT, describe, within};
 use etcd_client::{Client, GetOptions, LeaderKey, LockOptions, ResignOptions};
 use etcd_concurrency::{Election, Error, Isolation, Leadership, Mutex, ReadCache, Session, Stm};
 use rand::Rng;
 use serde_json::{Value, json};
+
+#[path = "../examples/common/mod.rs"]
+mod common;
 
 /// Runs one benchmark scenario against etcd and prints its figures as one JSON line.
 #[derive(Parser, Debug)]
@@ -86,11 +90,7 @@ type Failure = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sessions' TTL, as in the Go anchor.
 const TTL: Duration = Duration::from_secs(10);
-/// How long one of the runner's own requests (setup, checks, clean-up) may take: an etcd
-/// that accepts connections but does not answer (frozen, or without quorum) must not
-/// hang the run.
-const REQUEST_LIMIT: Duration = Duration::from_secs(10);
-
+/// The parser of `--accounts`: a transfer needs two distinct accounts.
 fn at_least_two(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if n >= 2 => Ok(n),
@@ -99,30 +99,6 @@ fn at_least_two(text: &str) -> Result<usize, String> {
         )),
         Err(e) => Err(e.to_string()),
     }
-}
-
-/// Awaits one of the runner's own requests, failing with `what` if it takes longer than
-/// [`REQUEST_LIMIT`].
-async fn bounded<T, E: Into<Failure>>(
-    what: &str,
-    request: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, Failure> {
-    match tokio::time::timeout(REQUEST_LIMIT, request).await {
-        Ok(answer) => answer.map_err(|e| format!("{what}: {}", describe(&*e.into())).into()),
-        Err(_) => Err(format!("{what}: no answer from etcd within {REQUEST_LIMIT:?}").into()),
-    }
-}
-
-/// An error and its sources, joined by `: `.
-fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// One thread: the clients wait on etcd, not on CPU, and a single-threaded runtime saves
@@ -224,7 +200,7 @@ impl Locker {
     /// Closes the session: its lease (and any key on it) is revoked now, not at expiry.
     async fn close(self) -> Result<(), Failure> {
         let (Locker::Ours { session, .. } | Locker::Service { session, .. }) = self;
-        bounded("close a session", session.close()).await
+        within(REQUEST_LIMIT, "close a session", session.close()).await
     }
 }
 
@@ -369,7 +345,7 @@ impl Candidate {
     /// Closes the session: its lease is revoked now, not at expiry.
     async fn close(self) -> Result<(), Failure> {
         let (Candidate::Ours { session, .. } | Candidate::Service { session, .. }) = self;
-        bounded("close a session", session.close()).await
+        within(REQUEST_LIMIT, "close a session", session.close()).await
     }
 }
 
@@ -403,7 +379,12 @@ async fn election_handoff(
             }
             Ok::<_, etcd_client::Error>(())
         };
-        bounded("wait for the follower's campaign to queue", queued).await?;
+        within(
+            REQUEST_LIMIT,
+            "wait for the follower's campaign to queue",
+            queued,
+        )
+        .await?;
         let t = Instant::now();
         leader.resign(leading).await?;
         leading = won.await??;
@@ -432,13 +413,15 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
     let accounts_prefix = format!("{prefix}accounts/");
     // Accounts left under this prefix by an earlier run would spoil `conserved`.
     let every_account = Some(etcd_client::DeleteOptions::new().with_prefix());
-    bounded(
+    within(
+        REQUEST_LIMIT,
         "delete old accounts",
         setup.delete(accounts_prefix.as_str(), every_account.clone()),
     )
     .await?;
     for account in accounts.iter() {
-        bounded(
+        within(
+            REQUEST_LIMIT,
             "set up the accounts",
             setup.put(account.as_str(), OPENING_BALANCE.to_string(), None),
         )
@@ -493,7 +476,8 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
     }
     let elapsed = started.elapsed();
     let commits = latencies.len();
-    let all = bounded(
+    let all = within(
+        REQUEST_LIMIT,
         "read the accounts",
         setup.get(
             accounts_prefix.as_str(),
@@ -501,7 +485,8 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
         ),
     )
     .await?;
-    bounded(
+    within(
+        REQUEST_LIMIT,
         "delete the accounts",
         setup.delete(accounts_prefix.as_str(), every_account),
     )
