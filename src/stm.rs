@@ -291,7 +291,8 @@ impl Stm {
     /// How long each read (and the check that ends a read-only transaction) is retried on
     /// transient failures (member down, leader change), and how long the commit may wait
     /// for its answer; the commit is sent again only when etcd certainly did not apply it
-    /// (default 5 s; not zero, which [`run`](Self::run) refuses). Go bounds its requests with the context of `WithAbortContext` instead.
+    /// (default 5 s; not zero, which [`run`](Self::run) refuses). Go bounds its requests
+    /// with the context of `WithAbortContext` instead.
     pub fn request_timeout(mut self, timeout: Duration) -> Stm {
         self.request_timeout = timeout;
         self
