@@ -142,7 +142,7 @@ async fn main() {
 }
 
 async fn connect(args: &Args) -> Result<Client, Failure> {
-    Ok(Client::connect(&args.endpoints, None).await?)
+    common::connect(&args.endpoints).await
 }
 
 async fn session(client: &Client) -> Result<Session, Failure> {
