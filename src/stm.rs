@@ -193,8 +193,9 @@ enum Outcome {
     /// The reads were no longer valid, and no values came back: a read-only check found a
     /// change among more keys than one Txn compares, or a failed Txn's values were too
     /// large to read back. `revision`: the copy of the `ReadCache` must be at least there
-    /// to show the changes to keys it holds (0 if none).
-    Changed { revision: i64 },
+    /// to show the changes to keys it holds (0 if none); `checked_at`: the revision the
+    /// keys were checked at.
+    Changed { revision: i64, checked_at: i64 },
 }
 
 /// Values read together in one Txn, at `revision`.
@@ -423,7 +424,13 @@ impl Stm {
                     fresh = values;
                 }
                 // The next attempts must not read that key from a copy that lags again.
-                Outcome::Changed { revision } => copy_at_least = copy_at_least.max(revision),
+                Outcome::Changed {
+                    revision,
+                    checked_at,
+                } => {
+                    self.seen.fetch_max(checked_at, Ordering::Relaxed);
+                    copy_at_least = copy_at_least.max(revision);
+                }
             }
             compactions = 0;
             conflicts += 1;
@@ -755,8 +762,11 @@ impl StmTxn {
                 let shown_from = copy_must_show(&self.noted_in, key, now, revision, pinned);
                 changed = Some(changed.unwrap_or(0).max(shown_from));
             }
-            if let Some(revision) = changed {
-                return Ok(Outcome::Changed { revision });
+            if let Some(changed) = changed {
+                return Ok(Outcome::Changed {
+                    revision: changed,
+                    checked_at: revision,
+                });
             }
         }
         Ok(Outcome::Committed { revision })
@@ -871,8 +881,10 @@ fn unless_values_too_large(answer: Result<TxnResponse>) -> Result<Option<TxnResp
 /// For a failed Txn whose values were too large to read back: the revision `cache`'s copy
 /// must reach before the next attempt reads from it (see [`copy_must_show`]), from the
 /// mod revisions of `keys` read now without values and those the attempt read (`read`:
-/// none for a key it did not read). If none of them changed, the Txn failed on a key it
-/// only wrote: then the current revision, so that the next attempt's snapshot is no older.
+/// none for a key it did not read, such as a prefetch key, which cannot have failed the
+/// Txn). If none of them changed, the Txn failed on a key it only wrote: the revision they
+/// were checked at, which this `Stm` then has seen, lets the next attempt's check of that
+/// key start there.
 async fn newest_changes(
     kv: &KvClient,
     limit: Duration,
@@ -887,10 +899,11 @@ async fn newest_changes(
     let changes = keys
         .iter()
         .zip(now)
-        .filter(|(key, now)| read(key) != Some(*now))
+        .filter(|(key, now)| read(key).is_some_and(|read| read != *now))
         .map(|(key, now)| copy_must_show(cache, key, now, revision, pinned));
     Ok(Outcome::Changed {
-        revision: changes.max().unwrap_or(revision),
+        revision: changes.max().unwrap_or(0),
+        checked_at: revision,
     })
 }
 

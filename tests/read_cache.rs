@@ -387,31 +387,42 @@ async fn a_change_outside_a_quiet_copy_found_without_values_is_not_read_at_its_r
 async fn a_key_only_written_that_changed_since_a_quiet_copy_is_not_checked_against_it_again() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let prefix = unique("quiet-blind");
-    let (config, status) = (format!("{prefix}/config"), unique("status"));
-    put(&client, &config, "on").await;
-    let large = put_five_mib(&client, &unique("large")).await;
-    let stm = cached_stm(&client, &prefix).await.max_attempts(2);
-    // Newer than the copy's revision, which stays put.
-    put(&client, &status, "old").await;
-    // The commit writes `status` without reading it, so it requires no change since the
-    // copy's revision: it fails, and the values it reads back are too large to answer.
-    // Nothing it read changed; the next attempt must take a newer snapshot.
-    within(
-        secs(30),
-        stm.run(async |tx| {
-            assert_eq!(tx.get(&config).await?, Some(b"on".to_vec()));
-            let bytes = value_bytes(tx, &large).await?;
-            tx.put(status.as_str(), bytes.to_string());
-            Ok::<_, Error>(())
-        }),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        value(&client, &status).await,
-        Some((5 * MIB).to_string().into_bytes())
-    );
+    // Prefetched keys the closure does not read are read back by a failed commit too; they
+    // did not fail it, so they must not hide that only the written key did.
+    for unread_prefetch in [false, true] {
+        let prefix = unique("quiet-blind");
+        let (config, status) = (format!("{prefix}/config"), unique("status"));
+        put(&client, &config, "on").await;
+        let large = put_five_mib(&client, &unique("large")).await;
+        let unread = unique("unread");
+        put(&client, &unread, "-").await;
+        let mut stm = cached_stm(&client, &prefix).await.max_attempts(2);
+        if unread_prefetch {
+            // With the large keys, the prefetch is too large to answer: nothing is pinned.
+            let prefetch = large.iter().cloned().chain([unread]);
+            stm = stm.prefetch(prefetch);
+        }
+        // Newer than the copy's revision, which stays put.
+        put(&client, &status, "old").await;
+        // The commit writes `status` without reading it, so it requires no change since
+        // the copy's revision: it fails, and the values it reads back are too large to
+        // answer. Nothing it read changed; the next attempt must not fail on `status` again.
+        within(
+            secs(30),
+            stm.run(async |tx| {
+                assert_eq!(tx.get(&config).await?, Some(b"on".to_vec()));
+                let bytes = value_bytes(tx, &large).await?;
+                tx.put(status.as_str(), bytes.to_string());
+                Ok::<_, Error>(())
+            }),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("unread prefetch key {unread_prefetch}: {error}"));
+        assert_eq!(
+            value(&client, &status).await,
+            Some((5 * MIB).to_string().into_bytes())
+        );
+    }
 }
 
 #[tokio::test]
