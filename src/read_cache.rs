@@ -63,7 +63,8 @@ use crate::watcher::{Follower, Update};
 /// finds a change among keys it reads without values, past the 128 one Txn compares, the
 /// next attempt reads from etcd unless the copy shows that change). If etcd refuses the watch
 /// for good (permissions revoked), a warning is logged and transactions read from etcd
-/// again.
+/// again; so they do once the runtime the cache was made on has shut down, since the task
+/// that kept the copy current ran there.
 ///
 /// `ReadCache` is a cheap [`Clone`] handle: within one process, give every [`Stm`] a
 /// clone of one cache rather than a cache each, as etcd sends every change to every
@@ -182,9 +183,10 @@ impl ReadCache {
     /// The revision the copy is current as of: every change under the prefix up to this
     /// revision has been applied. It moves only when something under the prefix changes
     /// (or the range is read again), so it can be far behind etcd's revision while the
-    /// prefix is quiet. 0 if the cache has stopped (etcd refused its watch).
+    /// prefix is quiet. 0 if the cache has stopped: etcd refused its watch, or the runtime
+    /// it was made on has shut down, ending the task that kept it current.
     pub fn revision(&self) -> i64 {
-        self.shared.view.borrow().revision
+        self.view().map_or(0, |view| view.revision)
     }
 
     /// Whether `key` is under this cache's prefix.
@@ -210,10 +212,12 @@ impl ReadCache {
         let _ = tokio::time::timeout(limit, reached).await;
     }
 
-    /// The copy as it stands, or `None` if the cache has stopped.
+    /// The copy as it stands, or `None` if the cache has stopped: marked so, or left
+    /// without its task (the runtime it ran on shut down).
     pub(crate) fn view(&self) -> Option<View> {
+        let kept_current = self.shared.view.has_changed().is_ok();
         let view = self.shared.view.borrow();
-        (view.revision > 0).then(|| view.clone())
+        (kept_current && view.revision > 0).then(|| view.clone())
     }
 }
 

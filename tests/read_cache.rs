@@ -692,6 +692,43 @@ async fn dropping_the_last_handle_stops_the_watch_task() {
     tasks_back_to(baseline).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_whose_runtime_shut_down_is_stopped_and_not_read() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("orphaned");
+    let key = format!("{prefix}/n");
+    put(&client, &key, "0").await;
+    let cache = tokio::task::spawn_blocking({
+        let (client, prefix) = (client.clone(), prefix.clone());
+        move || {
+            let other = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            // The watch task goes with this runtime; the copy stays as it was.
+            other.block_on(ReadCache::watch(client, prefix)).unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(cache.revision(), 0, "a copy nobody keeps current");
+    let stm = Stm::new(client.clone()).read_cache(cache);
+    let runs = AtomicU32::new(0);
+    for _ in 0..5 {
+        let increment = stm.run(async |tx| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            let n = amount(tx.get(&key).await?);
+            tx.put(key.as_str(), (n + 1).to_string());
+            Ok::<_, Error>(())
+        });
+        within(secs(10), increment).await.unwrap();
+    }
+    // Read from etcd: no attempt read the frozen copy and conflicted.
+    assert_eq!(runs.load(Ordering::Relaxed), 5);
+    assert_eq!(value(&client, &key).await, Some(b"5".to_vec()));
+}
+
 #[tokio::test]
 async fn an_empty_prefix_is_refused() {
     let cluster = EtcdCluster::start(1).await;
