@@ -113,7 +113,7 @@ async fn every_primitive_works_while_any_one_member_is_dead() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_everything_leaves_no_keys_and_no_tasks() {
-    let cluster = EtcdCluster::start(1).await;
+    let cluster = common::cluster_off_this_runtime(1).await;
     let client = cluster.client().await;
     let baseline = task_baseline(&client).await;
     let prefix = unique("no-leaks");

@@ -674,7 +674,7 @@ async fn deleting_an_absent_cached_key_does_not_stall_the_next_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_last_handle_stops_the_watch_task() {
-    let cluster = EtcdCluster::start(1).await;
+    let cluster = common::cluster_off_this_runtime(1).await;
     let client = cluster.client().await;
     let baseline = task_baseline(&client).await;
     let metrics = tokio::runtime::Handle::current().metrics();

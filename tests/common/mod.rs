@@ -137,8 +137,24 @@ pub async fn read(
     }
 }
 
+/// A cluster started on a runtime of its own, for tests that count this runtime's tasks:
+/// the clients that waited for its members to be ready end with that runtime, instead of
+/// ending on this one at any time.
+pub async fn cluster_off_this_runtime(members: usize) -> etcd_concurrency::testing::EtcdCluster {
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime to start the cluster on");
+        runtime.block_on(etcd_concurrency::testing::EtcdCluster::start(members))
+    })
+    .await
+    .expect("start the cluster")
+}
+
 /// How many tasks are alive on this runtime once `client` has started etcd-client's own
-/// (it spawns them on first use): the baseline for [`tasks_back_to`].
+/// (it spawns them on first use): the baseline for [`tasks_back_to`]. Start the cluster
+/// with [`cluster_off_this_runtime`], or tasks of its start may end after this count.
 pub async fn task_baseline(client: &Client) -> usize {
     client.clone().get("warm-up", None).await.unwrap();
     tokio::runtime::Handle::current()
