@@ -1,7 +1,7 @@
 //! Software transactional memory over etcd: [`Stm`] runs a closure as an optimistic
 //! transaction, re-running it on conflict.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -160,6 +160,8 @@ pub struct StmTxn {
     request_timeout: Duration,
     /// Keys read in this attempt (the read set).
     reads: HashMap<Vec<u8>, Read>,
+    /// Keys whose read failed or was dropped in this attempt, and not read since.
+    unread: HashSet<Vec<u8>>,
     /// Fresh values handed over from a failed commit or the prefetch, used on first read.
     fresh: Fresh,
     writes: HashMap<Vec<u8>, Write>,
@@ -313,13 +315,15 @@ impl Stm {
     ///   `apply` does not run.
     /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
     ///   nothing is written.
-    /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed, or the
-    ///   commit failed or got no answer. If [`Error::is_transient`] is true for a failed
-    ///   commit, it may or may not have been applied; retrying the whole run may apply it
-    ///   twice. A request over etcd's size limit (1.5 MiB by default) fails here too, and
-    ///   so does a commit of more than etcd's `--max-txn-ops` (128 by default) compares
-    ///   or writes: it compares each key read (and, at the default level, each key only
-    ///   written), as Go's does. A read-only transaction may read any number of keys.
+    /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed (also
+    ///   when `apply` went on without it and failed to read it again: see
+    ///   [`StmTxn::get`]), or the commit failed or got no answer. If
+    ///   [`Error::is_transient`] is true for a failed commit, it may or may not have been
+    ///   applied; retrying the whole run may apply it twice. A request over etcd's size
+    ///   limit (1.5 MiB by default) fails here too, and so does a commit of more than
+    ///   etcd's `--max-txn-ops` (128 by default) compares or writes: it compares each key
+    ///   read (and, at the default level, each key only written), as Go's does. A
+    ///   read-only transaction may read any number of keys.
     /// - [`Error::Etcd`] (converted into `E`) with etcd's "compacted" error: the snapshot
     ///   was compacted in more runs in a row than `max_attempts`.
     ///
@@ -388,6 +392,7 @@ impl Stm {
                 isolation: self.isolation,
                 request_timeout: self.request_timeout,
                 reads: HashMap::new(),
+                unread: HashSet::new(),
                 fresh: std::mem::take(&mut fresh),
                 writes: HashMap::new(),
                 snapshot,
@@ -414,7 +419,16 @@ impl Stm {
                 continue;
             }
             let output = output?;
-            match txn.commit(&self.prefetch).await? {
+            let outcome = if txn.unread.is_empty() {
+                txn.commit(&self.prefetch).await?
+            } else {
+                // The closure went on without a read that failed: its writes may rest on a
+                // value it never saw. As in Go, where a failed read aborts the attempt, it
+                // does not commit; the keys are read now, and an error ends the run.
+                let keys = txn.unread.into_iter().collect();
+                Outcome::Conflict(read_many(&kv, self.request_timeout, keys).await?)
+            };
+            match outcome {
                 Outcome::Committed { revision } => {
                     self.seen.fetch_max(revision, Ordering::Relaxed);
                     return Ok(output);
@@ -486,10 +500,17 @@ impl StmTxn {
     /// "compacted" error: return it (with `?`), and the closure runs again from a fresh
     /// snapshot, which does not count as a conflict; nothing it did in that run commits.
     ///
+    /// A closure that goes on after a failed read and returns `Ok` anyway commits nothing
+    /// either, unless it read the key successfully later in the run: as in Go, where a
+    /// failed `Get` aborts the transaction, what it would write may rest on a value it
+    /// never saw. The key is then read again: if that fails too, [`Stm::run`] returns the
+    /// error; if not, the closure runs again with the value, which counts as a conflict.
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: a read whose future is dropped adds nothing to the read set; reading
-    /// the key again reads it afresh.
+    /// the key again reads it afresh. If the closure does not read it again, the run goes
+    /// on as after a failed read (above).
     pub async fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
         let key = key.as_ref();
         if let Some(write) = self.writes.get(key) {
@@ -537,6 +558,8 @@ impl StmTxn {
     /// The read-set entry of `key`, reading it if needed.
     async fn read(&mut self, key: &[u8]) -> Result<&Read> {
         if !self.reads.contains_key(key) {
+            // Until the read succeeds (it may fail, or be dropped), the attempt lacks it.
+            self.unread.insert(key.to_vec());
             let read = match self.fresh.values.remove(key) {
                 Some(read) => read,
                 None => match self.read_cached(key).await {
@@ -544,6 +567,7 @@ impl StmTxn {
                     None => self.fetch(key).await?,
                 },
             };
+            self.unread.remove(key);
             self.reads.insert(key.to_vec(), read);
         }
         Ok(&self.reads[key])

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{amount, secs, total, transfer_concurrently, unique, value_bytes, within};
+use common::{amount, millis, secs, total, transfer_concurrently, unique, value_bytes, within};
 use etcd_client::{Client, Txn, TxnOp};
-use etcd_concurrency::testing::EtcdCluster;
+use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Error, Isolation, Stm};
 
 const ACCOUNTS: usize = 5;
@@ -150,6 +150,59 @@ async fn the_closures_own_error_aborts_and_writes_nothing() {
         .await;
     assert_eq!(result, Err(Refusal::Overdrawn));
     assert!(common::keys_under(&client, &prefix).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_that_goes_on_without_a_failed_read_commits_nothing_it_wrote_then() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let through = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let prefix = unique("unread");
+    let (limit, out) = (format!("{prefix}/limit"), format!("{prefix}/out"));
+    direct
+        .clone()
+        .put(limit.as_str(), "10", None)
+        .await
+        .unwrap();
+    let stm = Stm::new(through).request_timeout(millis(300));
+    // The first run's read fails (or is dropped), and the closure falls back on a default
+    // it then writes: that run must not commit; the next one reads the limit.
+    for drop_the_read in [false, true] {
+        let runs = AtomicU32::new(0);
+        let written = stm.run(async |tx| {
+            if runs.fetch_add(1, Ordering::Relaxed) == 0 {
+                proxy.stall();
+            }
+            let read = match drop_the_read {
+                false => tx.get(&limit).await.ok(),
+                true => tokio::time::timeout(millis(100), tx.get(&limit))
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+            };
+            proxy.heal();
+            let limit_now = read.map_or(1_000, amount);
+            tx.put(out.as_str(), limit_now.to_string());
+            Ok::<_, Error>(limit_now)
+        });
+        assert_eq!(within(secs(20), written).await.unwrap(), 10);
+        assert_eq!(runs.load(Ordering::Relaxed), 2, "dropped: {drop_the_read}");
+        let stored = common::read(&direct, out.as_str(), None).await;
+        assert_eq!(stored.kvs()[0].value(), b"10");
+    }
+    // Still unreadable after the closure: the run ends with the read's error, as in Go.
+    let never = format!("{prefix}/never");
+    let written = stm.run(async |tx| {
+        proxy.stall();
+        let _ignored = tx.get(&limit).await;
+        tx.put(never.as_str(), "written");
+        Ok::<_, Error>(())
+    });
+    let result = within(secs(20), written).await;
+    proxy.heal();
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(common::keys_under(&direct, &never).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
