@@ -20,7 +20,8 @@ use crate::read_cache::{ReadCache, View};
 use crate::retry::{Backoff, deadline_after, retry};
 use crate::session::DEFAULT_REQUEST_TIMEOUT;
 
-/// How many times [`Stm::run`] runs a transaction by default before giving up.
+/// How many times [`Stm::run`] runs a transaction by default before giving up; a run
+/// whose snapshot etcd compacted does not count (see [`Stm::max_attempts`]).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
 /// How many times a conflicting transaction runs again at once, with the values the failed
 /// commit read (as Go does); after that, each retry backs off first and reads them again.
@@ -50,11 +51,12 @@ const CONFLICT_BACKOFF: (Duration, Duration) =
 /// (linearizable) read, which makes it serializable already; Go sends a commit Txn that
 /// checks them once more.
 ///
-/// With a [`ReadCache`] ([`Stm::read_cache`]), an attempt whose first read is of a cached
-/// key reads every cached key from one revision of the copy instead; at the snapshot
-/// levels its commit, even a read-only one, then checks those reads against etcd, so the
-/// guarantees above hold and what a committed transaction read was current when it
-/// committed.
+/// With a [`ReadCache`] ([`Stm::read_cache`]), an attempt reads the cached keys from one
+/// revision of the copy, taken at its first cached read; at the snapshot levels, only if
+/// that is its first read (and no prefetched values fixed its snapshot). The commit, even
+/// a read-only one, at every level but [`ReadCommitted`](Self::ReadCommitted), then
+/// checks those reads against etcd, so the guarantees above hold and what a committed
+/// transaction read was current when it committed.
 ///
 /// ```no_run
 /// use etcd_concurrency::{Isolation, Stm};
@@ -256,18 +258,21 @@ impl Stm {
     /// actually reads join the read set. They are read in one Txn: at most etcd's
     /// `--max-txn-ops` (128 by default) keys, or every run fails with etcd's error. If
     /// their values are over the client's answer size limit together (4 MiB by default),
-    /// the closure reads them one by one instead.
+    /// the closure reads them one by one instead. At the snapshot levels, prefetched values
+    /// fix the attempt's snapshot, so it does not read a [`ReadCache`].
     pub fn prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
         self.prefetch = keys.into_iter().map(Into::into).collect();
         self
     }
 
     /// Reads keys under the cache's prefix from `cache` instead of etcd: no round trip per
-    /// read. Commits still check every key read against etcd, so a stale copy costs a
-    /// conflict, never a wrong commit; see [`ReadCache`] for when it pays.
+    /// read. Except at [`Isolation::ReadCommitted`], which checks nothing, commits still
+    /// check every key read against etcd, so a stale copy costs a conflict, never a wrong
+    /// commit; see [`ReadCache`] for when it pays.
     ///
-    /// An attempt reads from the cache only if its snapshot is not pinned yet (its first
-    /// read is of a cached key), and then reads every cached key from that one revision.
+    /// At the snapshot levels, an attempt reads from the cache only if its snapshot is not
+    /// pinned yet (its first read is of a cached key, and no prefetched or handed-over
+    /// values fix it), and then reads every cached key from that one revision.
     /// The retry right after a conflict uses the values read by the failed commit, as
     /// without a cache; after later conflicts and their back-off, attempts read from the
     /// cache again if it has caught up with those values, and from etcd if not.
@@ -302,7 +307,8 @@ impl Stm {
     }
 
     /// Runs `apply` as a transaction and returns its output once its writes are committed.
-    /// With [`new`](Self::new), Go's `concurrency.NewSTM(client, apply)`.
+    /// With [`new`](Self::new), Go's `concurrency.NewSTM(client, apply)`, which returns
+    /// the commit's `TxnResponse` where this returns `apply`'s output.
     ///
     /// `apply` gets the attempt's [`StmTxn`]; returning `Err` aborts the transaction:
     /// nothing is written, and the error is returned as is. The error type is yours, as
@@ -522,7 +528,8 @@ impl StmTxn {
         Ok(self.read(key).await?.value.clone())
     }
 
-    /// Buffers a write of `value` to `key`, committed with the transaction. Go's `STM.Put`.
+    /// Buffers a write of `value` to `key`, committed with the transaction. Go's `STM.Put`,
+    /// without its options (such as a lease).
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.writes.insert(key.into(), Write::Put(value.into()));
     }
@@ -533,7 +540,8 @@ impl StmTxn {
     }
 
     /// The mod revision of `key` as read by this transaction (0 if absent); the key joins
-    /// the read set. Go's `STM.Rev`.
+    /// the read set. A write buffered in this attempt does not change it: it is the
+    /// revision of the value in etcd. Go's `STM.Rev`.
     ///
     /// # Errors
     ///
