@@ -13,7 +13,7 @@ use crate::acquire::{Create, Outcome, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
 use crate::retry::{Backoff, retry};
-use crate::session::{Session, prefix_of};
+use crate::session::{Session, lease_hex, prefix_of};
 use crate::wait::wait_for_turn;
 use crate::watcher::{Follower, Update, revision_of};
 
@@ -104,7 +104,7 @@ pub struct Leadership {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Leader {
     key: Vec<u8>,
     value: Vec<u8>,
@@ -600,6 +600,17 @@ impl fmt::Debug for Leadership {
     }
 }
 
+impl fmt::Debug for Leader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Leader")
+            .field("key", &String::from_utf8_lossy(&self.key))
+            .field("value", &String::from_utf8_lossy(&self.value))
+            .field("create_revision", &self.create_revision)
+            .field("lease_id", &format_args!("{}", lease_hex(self.lease_id)))
+            .finish()
+    }
+}
+
 impl Leader {
     fn from_kv(kv: &KeyValue) -> Leader {
         Leader {
@@ -628,5 +639,24 @@ impl Leader {
     /// The id of the lease the leader's key is attached to (0 for a key without lease).
     pub fn lease_id(&self) -> i64 {
         self.lease_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Leader;
+
+    #[test]
+    fn a_leader_debugs_its_key_and_value_as_text_and_its_lease_in_hex() {
+        let leader = Leader {
+            key: b"/elections/jobs/694d7f3a".to_vec(),
+            value: b"host-a".to_vec(),
+            create_revision: 42,
+            lease_id: 0x694d7f3a,
+        };
+        assert_eq!(
+            format!("{leader:?}"),
+            r#"Leader { key: "/elections/jobs/694d7f3a", value: "host-a", create_revision: 42, lease_id: 694d7f3a }"#
+        );
     }
 }

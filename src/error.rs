@@ -46,7 +46,10 @@ pub enum Error {
     ///
     /// [`Session::close`]: crate::Session::close
     /// [`Session::orphan`]: crate::Session::orphan
-    #[error("session lost: its lease expired, was revoked or could not be kept alive")]
+    #[error(
+        "session lost: its lease expired, was revoked or could not be kept alive, or the \
+         session was closed or orphaned; build a new session"
+    )]
     SessionLost,
 
     /// A lock's or an election's key is no longer the one this handle created: it was

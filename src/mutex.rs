@@ -16,7 +16,8 @@ use crate::wait::{QueueWatch, wait_for_turn};
 /// Waiters queue in etcd in the order they asked (FIFO, by the create revision of their
 /// key), and the holder's key is the one with the lowest create revision under `name/`.
 /// The keys are those of Go's `concurrency.Mutex`, etcd's server-side Lock service and
-/// `etcdctl lock`: `name/` followed by the lease id in lowercase hex. Rust and Go processes can therefore share one lock.
+/// `etcdctl lock`: `name/` followed by the lease id in lowercase hex. Rust and Go
+/// processes can therefore share one lock.
 ///
 /// If the holder's process dies, its session's lease expires after the TTL and the next
 /// waiter gets the lock. A lock alone cannot stop a paused holder from acting after its
@@ -25,7 +26,10 @@ use crate::wait::{QueueWatch, wait_for_turn};
 ///
 /// `Mutex` is a cheap [`Clone`] handle; clones lock the same lock. Two `lock()` calls
 /// through one session on one name share one key in etcd, so they are serialised in the
-/// process: the second waits until the first guard is released. After a `lock()` that
+/// process: the second waits until the first guard is released. The lock is therefore not
+/// re-entrant: a second `lock()` by the task holding the guard waits for ever, and its
+/// `try_lock()` gives `None` (Go's `Lock` and `TryLock` on a session that holds the lock
+/// return at once, sharing the key). After a `lock()` that
 /// waited, they keep its watch on the queue open (read by a small task) for the next
 /// call, until the last of them is dropped or the session ends.
 ///
@@ -60,8 +64,9 @@ pub struct Mutex {
 /// (default 5 s) and failures are retried for as long as the session lives (while its
 /// lease is renewed, nothing else would free the key). If etcd refuses the delete (for
 /// instance permission denied), the key stays until the session ends; if that runtime has
-/// shut down, the lease's expiry releases the lock. A `tracing` warning says so in both
-/// cases.
+/// shut down, or is shutting down (a guard dropped as `#[tokio::main]`'s `main` returns),
+/// the lease's expiry releases the lock: call [`unlock`](Self::unlock) before exiting. A
+/// `tracing` warning says so in both cases.
 ///
 /// # Example
 ///

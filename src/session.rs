@@ -61,9 +61,16 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// (etcd refuses pings more frequent than its `--grpc-keepalive-min-time`, 5 s by default).
 ///
 /// `Session` is a cheap [`Clone`] handle to shared state; all clones share one lease.
-/// When the last handle (including those held by guards) is dropped without
+/// When the last handle (including those held by [`Mutex`](crate::Mutex),
+/// [`Election`](crate::Election), guards and leaderships) is dropped without
 /// [`close`](Self::close) or [`orphan`](Self::orphan), the keep-alive stops and the lease
 /// is revoked in a background task with its own deadline.
+///
+/// Before the process exits, [`close`](Self::close) the session (after `unlock()` or
+/// `resign()`): background releases run as tasks on the runtime, and one that is ending
+/// (a session or guard dropped as `#[tokio::main]`'s `main` returns) does not run them.
+/// The keys then stay until the lease expires, a TTL later, and a warning is logged
+/// through `tracing`.
 ///
 /// # Example
 ///
@@ -576,7 +583,7 @@ pub(crate) fn prefix_of(name: &[u8]) -> Vec<u8> {
 
 /// A lease id in lowercase hex as Go's `%x` writes an `int64`: a negative id (etcd grants
 /// one when asked for it) as `-` and the hex of its magnitude, not two's complement.
-fn lease_hex(id: i64) -> String {
+pub(crate) fn lease_hex(id: i64) -> String {
     let sign = if id < 0 { "-" } else { "" };
     format!("{sign}{:x}", id.unsigned_abs())
 }
@@ -663,6 +670,10 @@ impl SessionBuilder {
     /// Resumes an existing lease instead of granting one (Go's `concurrency.WithLease`),
     /// e.g. one handed over with [`Session::orphan`]. Its TTL is the one it was granted
     /// with, so it cannot be combined with [`ttl`](Self::ttl).
+    ///
+    /// Two live sessions on one lease are one owner to etcd: a lock's key is named after
+    /// the lease, so both hold a lock either takes, and a release by either releases it
+    /// for both. Resume a lease only once its previous session is orphaned or gone.
     pub fn lease(mut self, lease_id: i64) -> SessionBuilder {
         self.lease = Some(lease_id);
         self
