@@ -438,7 +438,7 @@ impl Leadership {
     /// `Election.Proclaim`.
     ///
     /// The put is also fenced by the key's mod revision as this leadership last saw it, so
-    /// an attempt sent again (each is cut off after 2 s) whose first copy reaches etcd
+    /// an attempt sent again (after 2 s unanswered) whose first copy reaches etcd
     /// late, held up in a stalled link, never overwrites a later proclaim.
     ///
     /// # Errors

@@ -102,7 +102,7 @@ impl OwnedKey {
 
     /// Overwrites the key's value (keeping it on the session's lease) if it is still this
     /// incarnation. The put is also fenced by the key's mod revision as this handle last
-    /// saw it, so that an attempt re-sent after 2 s whose first copy reaches etcd late
+    /// saw it, so that an attempt re-sent unanswered whose first copy reaches etcd late
     /// finds the key changed and writes nothing, instead of replacing a newer value.
     ///
     /// Errors: as [`release`](Self::release).

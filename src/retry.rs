@@ -4,17 +4,23 @@
 //! down, some requests fail `Unavailable` although the cluster is healthy. And when the
 //! raft leader dies, a write in flight at a follower hangs until etcd's request timeout
 //! (5 s + 2 election timeouts, measured: 6 s) although a new leader is elected within
-//! about one election timeout. So each attempt is cut off after [`ATTEMPT_TIMEOUT`] and
-//! retried until the caller's deadline. Only requests that are safe to apply twice come
-//! here: reads, and writes guarded by a compare that a first application falsifies
+//! about one election timeout. So a request unanswered after [`ATTEMPT_TIMEOUT`] is sent
+//! again, until the caller's deadline; the earlier attempts stay in flight (up to
+//! [`MAX_IN_FLIGHT`]) and the first answer is taken, so that a link or an etcd slower than
+//! that still gets its answers. Only requests that are safe to apply twice come here:
+//! reads, and writes guarded by a compare that a first application falsifies
 //! (create-if-absent, fenced by create revision). A create-if-absent is safe only while
-//! the key stays: an abandoned attempt delivered after its release creates it again,
-//! which the session then deletes (see `late_join`).
+//! the key stays: an attempt left in flight and delivered after its release creates it
+//! again, which the session then deletes (see `late_join`).
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::future::{AbortHandle, abortable};
+use futures::stream::FuturesUnordered;
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -23,8 +29,11 @@ use crate::error::{Error, Result, is_answer_too_large, is_transient, was_not_app
 /// The first back-off step; steps double up to [`MAX_STEP`].
 const FIRST_STEP: Duration = Duration::from_millis(20);
 const MAX_STEP: Duration = Duration::from_secs(1);
-/// How long one attempt may go unanswered before it is abandoned and sent again.
+/// How long an attempt may go unanswered before the request is sent again.
 pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many attempts of one request may be in flight: sending another abandons the
+/// oldest.
+const MAX_IN_FLIGHT: usize = 4;
 /// Stands in for a deadline too far away to compute (about 30 years).
 const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
 
@@ -67,12 +76,13 @@ impl Backoff {
 
 /// Runs `request` (given its own clone of `handle`, a `Client` or one of its service
 /// clients such as `KvClient`, as etcd-client's calls borrow them mutably) until it
-/// succeeds, fails with a non-transient error, or `limit` has passed.
-/// An attempt unanswered after [`ATTEMPT_TIMEOUT`] is abandoned and sent again.
+/// succeeds, fails with a non-transient error, or `limit` has passed. An attempt
+/// unanswered after [`ATTEMPT_TIMEOUT`] is sent again, the first staying in flight: the
+/// first answer counts.
 ///
 /// Returns the request's answer; the last error if it kept failing (transient or not),
-/// also when the deadline cut off a later attempt; or [`Error::Timeout`] if no attempt
-/// got an answer at all.
+/// also when the deadline came with attempts in flight; or [`Error::Timeout`] if no
+/// attempt got an answer at all.
 pub(crate) async fn retry<H, T, F, Fut>(handle: &H, limit: Duration, mut request: F) -> Result<T>
 where
     H: Clone,
@@ -82,25 +92,49 @@ where
     let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
     let mut last_error = None;
+    let mut attempts = FuturesUnordered::new();
+    // The attempts in flight, oldest first, by number.
+    let mut in_flight: VecDeque<(u64, AbortHandle)> = VecDeque::new();
+    let mut sent = 0;
+    let mut send_at = Instant::now();
     loop {
-        let cut_off = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
-        match tokio::time::timeout_at(cut_off, request(handle.clone())).await {
-            Ok(Ok(answer)) => return Ok(answer),
-            Ok(Err(error)) => {
+        if Instant::now() >= send_at {
+            if in_flight.len() == MAX_IN_FLIGHT {
+                if let Some((_, oldest)) = in_flight.pop_front() {
+                    oldest.abort();
+                }
+            }
+            let (attempt, abort) = abortable(request(handle.clone()));
+            let number = sent;
+            attempts.push(async move { (number, attempt.await) });
+            in_flight.push_back((number, abort));
+            sent += 1;
+            send_at = Instant::now() + ATTEMPT_TIMEOUT;
+        }
+        let (number, answer) = tokio::select! {
+            Some(answered) = attempts.next() => answered,
+            () = tokio::time::sleep_until(send_at.min(deadline)) => {
+                if Instant::now() < deadline {
+                    tracing::debug!("no answer within {ATTEMPT_TIMEOUT:?}; sending again");
+                    continue;
+                }
+                // The last error says more than "no answer" (e.g. connection refused).
+                return Err(last_error.map_or(Error::Timeout { after: limit }, Error::Etcd));
+            }
+        };
+        // An abandoned attempt has no answer.
+        let Ok(answer) = answer else { continue };
+        in_flight.retain(|(sent, _)| *sent != number);
+        match answer {
+            Ok(answer) => return Ok(answer),
+            Err(error) => {
                 let delay = backoff.next_delay();
                 if !is_transient(&error) || Instant::now() + delay >= deadline {
                     return Err(Error::Etcd(error));
                 }
                 tracing::debug!(%error, ?delay, "transient etcd error; retrying");
                 last_error = Some(error);
-                tokio::time::sleep(delay).await;
-            }
-            Err(_) if cut_off < deadline => {
-                tracing::debug!("no answer within {ATTEMPT_TIMEOUT:?}; sending again");
-            }
-            // The last error says more than "no answer" (e.g. connection refused).
-            Err(_) => {
-                return Err(last_error.map_or(Error::Timeout { after: limit }, Error::Etcd));
+                send_at = send_at.min(Instant::now() + delay);
             }
         }
     }
@@ -121,18 +155,17 @@ where
     F: FnMut(H) -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
-    let in_flight = AtomicBool::new(false);
+    // Attempts sent and not answered: abandoned, or still in flight when another answered
+    // or the deadline came.
+    let unanswered = AtomicUsize::new(0);
     let maybe_applied = AtomicBool::new(false);
     let answer = retry(handle, limit, |handle| {
         let attempt = request(handle);
-        let (in_flight, maybe_applied) = (&in_flight, &maybe_applied);
+        let (unanswered, maybe_applied) = (&unanswered, &maybe_applied);
         async move {
-            // Still set: the previous attempt was cut off before its answer came.
-            if in_flight.swap(true, Ordering::Relaxed) {
-                maybe_applied.store(true, Ordering::Relaxed);
-            }
+            unanswered.fetch_add(1, Ordering::Relaxed);
             let answer = attempt.await;
-            in_flight.store(false, Ordering::Relaxed);
+            unanswered.fetch_sub(1, Ordering::Relaxed);
             if matches!(&answer, Err(error) if may_have_applied(error)) {
                 maybe_applied.store(true, Ordering::Relaxed);
             }
@@ -140,9 +173,10 @@ where
         }
     })
     .await;
-    // Still set: the last attempt was cut off at the deadline.
-    let cut_off = in_flight.into_inner();
-    (answer, maybe_applied.into_inner() || cut_off)
+    (
+        answer,
+        maybe_applied.into_inner() || unanswered.into_inner() > 0,
+    )
 }
 
 /// Whether a write that failed with `error` may have been applied.
@@ -214,6 +248,59 @@ mod tests {
         .unwrap();
         assert_eq!(answer, "answered");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_answer_to_an_attempt_still_in_flight_is_taken() {
+        let calls = AtomicU32::new(0);
+        let client = idle_client().await;
+        let started = Instant::now();
+        let slow = ATTEMPT_TIMEOUT + Duration::from_millis(500);
+        let answer = retry(&client, Duration::from_secs(5), |_| {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(slow).await;
+                Ok(call)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, 0, "the first attempt's answer");
+        assert_eq!(started.elapsed(), slow);
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "sent again meanwhile");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unanswered_attempts_in_flight_are_few() {
+        /// Counts the attempts alive, as long as it is.
+        struct InFlight<'a>(&'a AtomicUsize);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let (calls, alive, most) = (AtomicU32::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+        let client = idle_client().await;
+        let limit = ATTEMPT_TIMEOUT * 10;
+        let error = retry(&client, limit, |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let (alive, most) = (&alive, &most);
+            async move {
+                most.fetch_max(alive.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                let _in_flight = InFlight(alive);
+                std::future::pending::<Result<(), etcd_client::Error>>().await
+            }
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            10,
+            "one every ATTEMPT_TIMEOUT"
+        );
+        assert_eq!(most.load(Ordering::SeqCst), MAX_IN_FLIGHT);
+        assert_eq!(alive.load(Ordering::SeqCst), 0, "none left behind");
     }
 
     #[tokio::test(start_paused = true)]

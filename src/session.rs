@@ -43,8 +43,9 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 ///
 /// # Unreachable and frozen members
 ///
-/// Requests that fail in transit are retried (each attempt cut off after 2 s, so a write
-/// stuck behind a dead raft leader is sent again) until the session's request timeout.
+/// Requests that fail in transit are retried, and sent again when unanswered for 2 s (so
+/// a write stuck behind a dead raft leader goes through another member; the first attempt
+/// stays in flight, for a slow link), until the session's request timeout.
 /// An abandoned attempt to join a lock's or election's queue may still reach etcd later
 /// and make the session's key there again, for nobody: after such a join the session
 /// watches that key, with one watch, until it is lost, closed, orphaned or dropped, and
