@@ -693,6 +693,11 @@ impl SessionBuilder {
     /// change, lost connection) before its error is returned (default
     /// [`DEFAULT_REQUEST_TIMEOUT`], 5 s). Waiting for a lock is not limited by this. Not
     /// zero; `Duration::MAX` retries for as long as it takes.
+    ///
+    /// The bound is per request: a call that needs a second one may take up to twice as
+    /// long (a build whose retried grant found its lease granted, which then reads its TTL;
+    /// a resumed lease, checked then renewed; a `try_lock` that withdraws a leftover key; a
+    /// proclaim that finds the key rewritten by another leadership of the session).
     pub fn request_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.request_timeout = timeout;
         self
