@@ -694,10 +694,11 @@ impl SessionBuilder {
     /// [`DEFAULT_REQUEST_TIMEOUT`], 5 s). Waiting for a lock is not limited by this. Not
     /// zero; `Duration::MAX` retries for as long as it takes.
     ///
-    /// The bound is per request: a call that needs a second one may take up to twice as
-    /// long (a build whose retried grant found its lease granted, which then reads its TTL;
-    /// a resumed lease, checked then renewed; a `try_lock` that withdraws a leftover key; a
-    /// proclaim that finds the key rewritten by another leadership of the session).
+    /// The bound is per request, so a call that needs more than one may take longer: twice
+    /// as long for a build whose retried grant found its lease granted (it then reads the
+    /// TTL), a resumed lease (checked, then renewed) and a `try_lock` that withdraws a
+    /// leftover key; once more for each time a proclaim finds the key rewritten by another
+    /// leadership of the session.
     pub fn request_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.request_timeout = timeout;
         self
