@@ -374,9 +374,9 @@ impl MutexGuard {
     ///
     /// - [`Error::OwnershipLost`]: the key was already gone (lease expired, deleted) or
     ///   re-created by a newer holder, which is left untouched. The lock was not held
-    ///   when this was called. Not returned when an attempt of the delete whose outcome is
-    ///   unknown (unanswered, or failed in transit) came first: the key being gone then
-    ///   may be its doing, so `Ok(())` says that the key is gone, not who deleted it.
+    ///   when this was called. Not returned when another attempt of the delete has an
+    ///   unknown outcome (unanswered, or failed in transit): the key being gone may be its
+    ///   doing, so `Ok(())` says that the key is gone, not who deleted it.
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached within the session's request timeout; releasing goes
     ///   on in the background for as long as the session lives.

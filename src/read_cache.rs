@@ -42,13 +42,12 @@ use crate::watcher::{Follower, Update};
 /// since, the attempt conflicts and the run's next attempts read it from etcd, but the
 /// first attempt of each later run conflicts again, until something under the prefix
 /// changes: keep keys that change often and are read with the cached ones under the
-/// prefix too. At
-/// [`Isolation::SerializableSnapshot`], a key outside the prefix that it writes without
-/// reading must be unchanged since that revision or, if newer, since the newest revision
-/// at which etcd answered a commit of the same [`Stm`] (or a clone). Either is sound, as
-/// the commit checks that every read is still current; the newer one keeps a quiet prefix
-/// from turning the `Stm`'s own earlier writes into conflicts. Transactions that keep to
-/// the prefix are not affected.
+/// prefix too. At [`Isolation::SerializableSnapshot`], a key outside the prefix that it
+/// writes without reading must be unchanged since that revision or, if newer, since the
+/// newest revision at which etcd answered a commit or a check of the same [`Stm`] (or a
+/// clone). Either is sound, as the commit checks that every read is still current; the
+/// newer one keeps a quiet prefix from turning the `Stm`'s own earlier writes into
+/// conflicts. Transactions that keep to the prefix are not affected.
 ///
 /// Worth it for a small, hot range read by many transactions (the account balances of
 /// the bank example): each transaction saves one round trip per key read, and etcd

@@ -98,7 +98,9 @@ where
     let mut sent = 0;
     let mut send_at = Instant::now();
     loop {
-        if Instant::now() >= send_at {
+        let now = Instant::now();
+        // The first attempt is sent whatever the limit; none after the deadline.
+        if now >= send_at && (now < deadline || sent == 0) {
             if in_flight.len() == MAX_IN_FLIGHT {
                 if let Some((_, oldest)) = in_flight.pop_front() {
                     oldest.abort();
@@ -112,6 +114,8 @@ where
             send_at = Instant::now() + ATTEMPT_TIMEOUT;
         }
         let (number, answer) = tokio::select! {
+            // An answer that is there counts, whatever time it is.
+            biased;
             Some(answered) = attempts.next() => answered,
             () = tokio::time::sleep_until(send_at.min(deadline)) => {
                 if Instant::now() < deadline {
@@ -127,24 +131,27 @@ where
         in_flight.retain(|(sent, _)| *sent != number);
         match answer {
             Ok(answer) => return Ok(answer),
+            Err(error) if !is_transient(&error) => return Err(Error::Etcd(error)),
             Err(error) => {
                 let delay = backoff.next_delay();
-                if !is_transient(&error) || Instant::now() + delay >= deadline {
+                let resend_at = Instant::now() + delay;
+                if resend_at >= deadline && in_flight.is_empty() {
                     return Err(Error::Etcd(error));
                 }
                 tracing::debug!(%error, ?delay, "transient etcd error; retrying");
                 last_error = Some(error);
-                send_at = send_at.min(Instant::now() + delay);
+                // Past the deadline, nothing more is sent; attempts in flight may answer.
+                send_at = send_at.min(resend_at);
             }
         }
     }
 }
 
-/// [`retry`] for a write: also says, with the answer or the error, whether an attempt that
-/// did not succeed may have been applied all the same: because it failed in transit
-/// (unless [`was_not_applied`] says it never got that far), went unanswered until it was
-/// cut off, or was applied but its answer was too large to take. A refusal by etcd, for
-/// what the request is, was not applied.
+/// [`retry`] for a write: also says, with the answer or the error, whether an attempt other
+/// than the one answered may have been applied all the same: because it failed in transit
+/// (unless [`was_not_applied`] says it never got that far), was still unanswered when
+/// another answered or the deadline came, or was applied but its answer was too large to
+/// take. A refusal by etcd, for what the request is, was not applied.
 pub(crate) async fn retry_write<H, T, F, Fut>(
     handle: &H,
     limit: Duration,
@@ -268,6 +275,47 @@ mod tests {
         assert_eq!(answer, 0, "the first attempt's answer");
         assert_eq!(started.elapsed(), slow);
         assert_eq!(calls.load(Ordering::SeqCst), 2, "sent again meanwhile");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_comes_with_the_deadline_or_a_resend_is_taken() {
+        let client = idle_client().await;
+        let limit = ATTEMPT_TIMEOUT * 2;
+        let at_the_deadline = retry(&client, limit, |_| async move {
+            tokio::time::sleep(limit).await;
+            Ok(1)
+        });
+        assert_eq!(at_the_deadline.await.unwrap(), 1);
+        let at_once = retry(&client, Duration::ZERO, |_| async { Ok(2) });
+        assert_eq!(at_once.await.unwrap(), 2);
+        // The first attempt answers as the fifth is due, which would abandon it.
+        let calls = AtomicU32::new(0);
+        let oldest = retry(&client, Duration::from_secs(30), |_| {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(ATTEMPT_TIMEOUT * MAX_IN_FLIGHT as u32).await;
+                Ok(call)
+            }
+        });
+        assert_eq!(oldest.await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_in_flight_may_answer_after_another_failed_near_the_deadline() {
+        let calls = AtomicU32::new(0);
+        let client = idle_client().await;
+        let answer = retry(&client, Duration::from_secs(5), |_| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    tokio::time::sleep(Duration::from_millis(4_900)).await;
+                    Ok("the first")
+                } else {
+                    Err(unavailable())
+                }
+            }
+        });
+        assert_eq!(answer.await.unwrap(), "the first");
     }
 
     #[tokio::test(start_paused = true)]

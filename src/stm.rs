@@ -135,8 +135,8 @@ pub struct Stm {
     max_attempts: u32,
     request_timeout: Duration,
     cache: Option<ReadCache>,
-    /// The newest revision a commit Txn through this handle (or its clones) was answered
-    /// at, committed or not.
+    /// The newest revision a commit Txn, or a check of keys read, through this handle (or
+    /// its clones) was answered at, committed or not.
     seen: Arc<AtomicI64>,
 }
 
@@ -430,8 +430,9 @@ impl Stm {
             } else {
                 // The closure went on without a read that failed: its writes may rest on a
                 // value it never saw. As in Go, where a failed read aborts the attempt, it
-                // does not commit; the keys are read now, and an error ends the run.
-                let keys = txn.unread.into_iter().collect();
+                // does not commit; the keys are read now (as many as one Txn may hold), and
+                // an error ends the run.
+                let keys = txn.unread.into_iter().take(ETCD_MAX_TXN_OPS).collect();
                 Outcome::Conflict(read_many(&kv, self.request_timeout, keys).await?)
             };
             match outcome {
