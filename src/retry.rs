@@ -149,10 +149,10 @@ where
 
 /// [`retry`] for a write: also says, with the answer or the error, whether an attempt that
 /// did not succeed (the one answered included, if its answer is an error) may have been
-/// applied all the same: because it failed in transit
-/// (unless [`was_not_applied`] says it never got that far), was still unanswered when
-/// another answered or the deadline came, or was applied but its answer was too large to
-/// take. A refusal by etcd, for what the request is, was not applied.
+/// applied all the same: because it failed in transit (unless [`was_not_applied`] says it
+/// never got that far), was still unanswered when another answered or the deadline came,
+/// or was applied but its answer was too large to take. A refusal by etcd, for what the
+/// request is, was not applied.
 pub(crate) async fn retry_write<H, T, F, Fut>(
     handle: &H,
     limit: Duration,
