@@ -83,7 +83,22 @@ impl Backoff {
 /// Returns the request's answer; the last error if it kept failing (transient or not),
 /// also when the deadline came with attempts in flight; or [`Error::Timeout`] if no
 /// attempt got an answer at all.
-pub(crate) async fn retry<H, T, F, Fut>(handle: &H, limit: Duration, mut request: F) -> Result<T>
+pub(crate) async fn retry<H, T, F, Fut>(handle: &H, limit: Duration, request: F) -> Result<T>
+where
+    H: Clone,
+    F: FnMut(H) -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    retry_every(ATTEMPT_TIMEOUT, handle, limit, request).await
+}
+
+/// [`retry`], sending the request again when an attempt is unanswered after `resend`.
+pub(crate) async fn retry_every<H, T, F, Fut>(
+    resend: Duration,
+    handle: &H,
+    limit: Duration,
+    mut request: F,
+) -> Result<T>
 where
     H: Clone,
     F: FnMut(H) -> Fut,
@@ -111,7 +126,7 @@ where
             attempts.push(async move { (number, attempt.await) });
             in_flight.push_back((number, abort));
             sent += 1;
-            send_at = Instant::now() + ATTEMPT_TIMEOUT;
+            send_at = Instant::now() + resend;
         }
         let (number, answer) = tokio::select! {
             // An answer that is there counts, whatever time it is.
@@ -119,7 +134,7 @@ where
             Some(answered) = attempts.next() => answered,
             () = tokio::time::sleep_until(send_at.min(deadline)) => {
                 if Instant::now() < deadline {
-                    tracing::debug!("no answer within {ATTEMPT_TIMEOUT:?}; sending again");
+                    tracing::debug!("no answer within {resend:?}; sending again");
                     continue;
                 }
                 // The last error says more than "no answer" (e.g. connection refused).

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result, is_lease_gone, is_lease_not_found, is_lease_taken};
 use crate::release::spawn_release;
-use crate::retry::{ATTEMPT_TIMEOUT, Backoff, deadline_after, retry, retry_write};
+use crate::retry::{ATTEMPT_TIMEOUT, Backoff, deadline_after, retry, retry_every, retry_write};
 use crate::wait::QueueWatch;
 
 /// The TTL of [`Session::new`], as in Go's `concurrency.NewSession`.
@@ -921,9 +921,10 @@ struct Renewed {
 /// `alive_until` is when the lease expires at the latest without a further renewal: an
 /// answered renewal moves it to (the time that renewal was sent + TTL). The keep-alive
 /// stream is re-opened when it breaks or an answer is overdue (its member may be down),
-/// until `alive_until` passes.
+/// until `alive_until` passes. Opening it is sent again when unanswered for
+/// [`answer_due`], the earlier attempts staying in flight in case their link is only slow.
 async fn keep_alive(
-    mut client: Client,
+    client: Client,
     lease_id: i64,
     ttl: Duration,
     renewed: Renewed,
@@ -946,19 +947,22 @@ async fn keep_alive(
         if sent >= alive_until {
             break;
         }
-        // Each attempt gets little time: one sent to a frozen member must not use up the
-        // time left for another member to renew the lease.
-        let cut_off = alive_until.min(sent + answer_due(period));
-        match tokio::time::timeout_at(cut_off, client.lease_keep_alive(lease_id)).await {
-            Err(_) => tracing::debug!(lease_id, "opening the keep-alive stream hangs; retrying"),
-            Ok(Err(error)) if is_lease_not_found(&error) => break,
-            Ok(Err(error)) => {
+        // Another attempt soon: one sent to a frozen member must not use up the time left
+        // for another member to renew the lease.
+        let left = alive_until - sent;
+        let opening = retry_every(answer_due(period), &client, left, |mut client| async move {
+            client.lease_keep_alive(lease_id).await
+        });
+        match opening.await {
+            Err(Error::Etcd(error)) if is_lease_not_found(&error) => break,
+            Err(error) => {
                 tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
                 let delay = backoff.next_delay();
                 tokio::time::sleep_until((Instant::now() + delay).min(alive_until)).await;
             }
-            Ok(Ok(opened)) => {
+            Ok(opened) => {
                 // Opening sent a renewal and etcd-client checked that its answer had TTL > 0.
+                // The attempt answered was sent at `sent` or later.
                 alive_until = sent + ttl;
                 stream = Some(opened);
             }

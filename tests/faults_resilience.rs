@@ -5,6 +5,7 @@
 mod common;
 
 use std::pin::pin;
+use std::time::Duration;
 
 use common::{
     keys_under, millis, no_keys_under, secs, task_baseline, tasks_back_to, unique, within,
@@ -239,4 +240,37 @@ async fn a_lock_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_call(
     within(secs(5), guard.unlock()).await.unwrap();
     let observer = cluster.client().await;
     within(secs(10), no_keys_under(&observer, &name)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_and_its_locks_work_over_a_link_slower_than_an_attempts_time() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    // Round trips of 2.4 s or more: an attempt is sent again after 2 s unanswered, and
+    // the first must still be heard.
+    proxy.delay(millis(1_200));
+    let prefix = unique("slow-link");
+    let session = Session::builder(slow)
+        .ttl(secs(20))
+        .request_timeout(secs(10))
+        .build();
+    let session = within(secs(30), session).await.unwrap();
+    let mutex = Mutex::new(&session, format!("{prefix}/lock"));
+    let guard = within(secs(30), mutex.lock()).await.unwrap();
+    within(secs(30), guard.unlock()).await.unwrap();
+    // The lease was granted before the build returned, so it expires within 20 s of now
+    // unless the keep-alive, whose renewals take 2.4 s, renews it.
+    let lost = tokio::time::timeout(secs(21), session.lost()).await;
+    assert!(lost.is_err(), "the session was lost over a slow link");
+    let lease = direct
+        .clone()
+        .lease_time_to_live(session.lease_id(), None)
+        .await
+        .unwrap();
+    assert!(lease.ttl() > 0, "etcd let the lease expire");
+    proxy.delay(Duration::ZERO);
+    within(secs(10), session.close()).await.unwrap();
+    assert!(keys_under(&direct, &prefix).await.is_empty());
 }

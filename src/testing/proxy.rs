@@ -1,12 +1,14 @@
-//! A loopback TCP proxy that can cut or stall one client's traffic to etcd.
+//! A loopback TCP proxy that can cut, stall or slow down one client's traffic to etcd.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -15,19 +17,22 @@ enum Mode {
     Cut,
 }
 
-/// The mode, and how many times the proxy was cut: a connection accepted before a cut is
-/// dropped even if the proxy was healed before its task saw the cut.
+/// The mode, how many times the proxy was cut (a connection accepted before a cut is
+/// dropped even if the proxy was healed before its task saw the cut), and the delay added
+/// to each byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct State {
     mode: Mode,
     cuts: u64,
+    delay: Duration,
 }
 
 /// A TCP proxy on a free loopback port in front of one etcd endpoint.
 ///
 /// Point a client at [`endpoint`](Self::endpoint) instead of the member's own URL; then
 /// [`cut`](Self::cut) or [`stall`](Self::stall) isolates that client while everyone else
-/// keeps talking to etcd, and [`heal`](Self::heal) reconnects it. The proxy runs on the
+/// keeps talking to etcd, and [`heal`](Self::heal) reconnects it; [`delay`](Self::delay)
+/// makes its link slow. The proxy runs on the
 /// Tokio runtime it was started on and stops (dropping every connection) when dropped.
 ///
 /// ```no_run
@@ -67,6 +72,7 @@ impl Proxy {
         let (mode, _) = watch::channel(State {
             mode: Mode::Open,
             cuts: 0,
+            delay: Duration::ZERO,
         });
         let accept_loop = tokio::spawn(accept_loop(listener, target, mode.subscribe()));
         Ok(Proxy {
@@ -100,6 +106,13 @@ impl Proxy {
     /// new ones are accepted).
     pub fn heal(&self) {
         self.mode.send_modify(|state| state.mode = Mode::Open);
+    }
+
+    /// Delivers each byte that arrives from now on `delay` after it arrived, in either
+    /// direction, as over a slow link: a request's round trip takes at least twice
+    /// `delay`. [`Duration::ZERO`] (the default) forwards at once again.
+    pub fn delay(&self, delay: Duration) {
+        self.mode.send_modify(|state| state.delay = delay);
     }
 }
 
@@ -147,19 +160,52 @@ async fn forward(client: TcpStream, target: String, mode: watch::Receiver<State>
     }
 }
 
-/// Copies bytes one way, holding them while the proxy is stalled.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<State>) {
+/// Copies bytes one way, each chunk once its delay has passed, holding them while the
+/// proxy is stalled. Ends once all that was read is written, or a write fails.
+async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, mode: watch::Receiver<State>) {
+    let (queue, queued) = mpsc::unbounded_channel();
+    let deliver = deliver(queued, to, mode.clone());
+    tokio::pin!(deliver);
+    tokio::select! {
+        () = &mut deliver => {}
+        // The reader's end drops the queue's sender: what is left is delivered, then
+        // `deliver` ends.
+        () = receive(from, queue, mode) => deliver.await,
+    }
+}
+
+/// Reads chunks into `queue`, each with the time it is due, until the connection ends.
+async fn receive(
+    mut from: OwnedReadHalf,
+    queue: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
+    mode: watch::Receiver<State>,
+) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        let due = Instant::now() + mode.borrow().delay;
+        if queue.send((due, buffer[..n].to_vec())).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes the queued chunks, each when it is due and the proxy is not stalled.
+async fn deliver(
+    mut queued: mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<State>,
+) {
+    while let Some((due, chunk)) = queued.recv().await {
+        tokio::time::sleep_until(due).await;
         match mode.wait_for(|state| state.mode != Mode::Stalled).await {
             Ok(state) if state.mode == Mode::Open => {}
             _ => return,
         }
-        if to.write_all(&buffer[..n]).await.is_err() {
+        if to.write_all(&chunk).await.is_err() {
             return;
         }
     }
