@@ -950,8 +950,10 @@ async fn keep_alive(
         // Another attempt soon: one sent to a frozen member must not use up the time left
         // for another member to renew the lease.
         let left = alive_until - sent;
-        let opening = retry_every(answer_due(period), &client, left, |mut client| async move {
-            client.lease_keep_alive(lease_id).await
+        let opening = retry_every(answer_due(period), &client, left, |mut client| {
+            // Taken before this attempt is sent: the renewal it makes counts from here.
+            let attempted = Instant::now();
+            async move { Ok((attempted, client.lease_keep_alive(lease_id).await?)) }
         });
         match opening.await {
             Err(Error::Etcd(error)) if is_lease_not_found(&error) => break,
@@ -960,10 +962,9 @@ async fn keep_alive(
                 let delay = backoff.next_delay();
                 tokio::time::sleep_until((Instant::now() + delay).min(alive_until)).await;
             }
-            Ok(opened) => {
+            Ok((attempted, opened)) => {
                 // Opening sent a renewal and etcd-client checked that its answer had TTL > 0.
-                // The attempt answered was sent at `sent` or later.
-                alive_until = sent + ttl;
+                alive_until = attempted + ttl;
                 stream = Some(opened);
             }
         }

@@ -312,3 +312,25 @@ async fn a_session_whose_runtime_shut_down_is_lost() {
     .unwrap();
     within(secs(5), session.lost()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_stream_reopened_after_an_outage_counts_from_the_renewal_that_opened_it() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let session = Session::builder(client).ttl(secs(6)).build().await.unwrap();
+    // Down for most of a TTL: the stream is opened again by a late attempt, whose renewal
+    // the lease then counts from, not from the first attempt's.
+    proxy.cut();
+    tokio::time::sleep(millis(4_300)).await;
+    proxy.heal();
+    let lost = tokio::time::timeout(secs(8), session.lost()).await;
+    assert!(lost.is_err(), "lost although etcd renewed the lease");
+    let lease = direct
+        .clone()
+        .lease_time_to_live(session.lease_id(), None)
+        .await
+        .unwrap();
+    assert!(lease.ttl() > 0);
+}
