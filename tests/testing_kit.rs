@@ -235,3 +235,30 @@ fn a_cluster_shared_between_test_threads_outlives_the_thread_that_started_it() {
         within(secs(5), client.put("k", "v", None)).await.unwrap();
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_proxy_holds_its_sender_back() {
+    use tokio::io::AsyncWriteExt;
+    // A peer that accepts and never reads.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}", sink.local_addr().unwrap());
+    let _peer = tokio::spawn(async move {
+        let _connection = sink.accept().await;
+        std::future::pending::<()>().await
+    });
+    let proxy = Proxy::start(&target).await.unwrap();
+    proxy.stall();
+    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
+    let mut sender = tokio::net::TcpStream::connect(address).await.unwrap();
+    const LIMIT: usize = 64 << 20;
+    let chunk = vec![0u8; 1 << 20];
+    let mut accepted = 0;
+    while accepted < LIMIT {
+        match tokio::time::timeout(secs(2), sender.write_all(&chunk)).await {
+            Ok(Ok(())) => accepted += chunk.len(),
+            _ => break,
+        }
+    }
+    // What the proxy queues, plus the sockets' buffers: a few MiB, not all that was sent.
+    assert!(accepted < LIMIT, "the proxy took {} MiB", accepted >> 20);
+}

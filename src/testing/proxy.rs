@@ -160,10 +160,14 @@ async fn forward(client: TcpStream, target: String, mode: watch::Receiver<State>
     }
 }
 
+/// How many chunks read may wait to be written: beyond that, reading waits, and the
+/// sender feels TCP's back-pressure (as behind a stalled link).
+const QUEUED_CHUNKS: usize = 16;
+
 /// Copies bytes one way, each chunk once its delay has passed, holding them while the
 /// proxy is stalled. Ends once all that was read is written, or a write fails.
 async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, mode: watch::Receiver<State>) {
-    let (queue, queued) = mpsc::unbounded_channel();
+    let (queue, queued) = mpsc::channel(QUEUED_CHUNKS);
     let deliver = deliver(queued, to, mode.clone());
     tokio::pin!(deliver);
     tokio::select! {
@@ -177,7 +181,7 @@ async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, mode: watch::Receiver<Sta
 /// Reads chunks into `queue`, each with the time it is due, until the connection ends.
 async fn receive(
     mut from: OwnedReadHalf,
-    queue: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
+    queue: mpsc::Sender<(Instant, Vec<u8>)>,
     mode: watch::Receiver<State>,
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
@@ -187,7 +191,7 @@ async fn receive(
             Ok(n) => n,
         };
         let due = Instant::now() + mode.borrow().delay;
-        if queue.send((due, buffer[..n].to_vec())).is_err() {
+        if queue.send((due, buffer[..n].to_vec())).await.is_err() {
             return;
         }
     }
@@ -195,7 +199,7 @@ async fn receive(
 
 /// Writes the queued chunks, each when it is due and the proxy is not stalled.
 async fn deliver(
-    mut queued: mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
+    mut queued: mpsc::Receiver<(Instant, Vec<u8>)>,
     mut to: OwnedWriteHalf,
     mut mode: watch::Receiver<State>,
 ) {
