@@ -325,12 +325,5 @@ async fn a_keep_alive_stream_reopened_after_an_outage_counts_from_the_renewal_th
     proxy.cut();
     tokio::time::sleep(millis(4_300)).await;
     proxy.heal();
-    let lost = tokio::time::timeout(secs(8), session.lost()).await;
-    assert!(lost.is_err(), "lost although etcd renewed the lease");
-    let lease = direct
-        .clone()
-        .lease_time_to_live(session.lease_id(), None)
-        .await
-        .unwrap();
-    assert!(lease.ttl() > 0);
+    common::assert_lives_for(&session, &direct, secs(8)).await;
 }

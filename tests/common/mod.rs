@@ -152,6 +152,23 @@ pub async fn cluster_off_this_runtime(members: usize) -> etcd_concurrency::testi
     .expect("start the cluster")
 }
 
+/// Asserts that `session` is not lost for `span`, and that etcd (asked through `client`)
+/// still has its lease then.
+pub async fn assert_lives_for(
+    session: &etcd_concurrency::Session,
+    client: &Client,
+    span: Duration,
+) {
+    let lost = tokio::time::timeout(span, session.lost()).await;
+    assert!(lost.is_err(), "the session was lost");
+    let lease = client
+        .clone()
+        .lease_time_to_live(session.lease_id(), None)
+        .await
+        .unwrap();
+    assert!(lease.ttl() > 0, "etcd let the lease expire");
+}
+
 /// How many tasks are alive on this runtime once `client` has started etcd-client's own
 /// (it spawns them on first use): the baseline for [`tasks_back_to`]. Start the cluster
 /// with [`cluster_off_this_runtime`], or tasks of its start may end after this count.
