@@ -484,8 +484,9 @@ impl Leadership {
     /// - [`Error::OwnershipLost`]: the key was already gone or re-created; this leadership
     ///   had already ended. If no other campaign or leadership of this session is in the
     ///   election, a newer key of its lease there (made by a campaign since cancelled) is
-    ///   withdrawn in the background. As for [`MutexGuard::unlock`](crate::MutexGuard::unlock),
-    ///   not returned after an attempt of the delete whose outcome is unknown.
+    ///   withdrawn in the background. As for
+    ///   [`MutexGuard::unlock`](crate::MutexGuard::unlock), not returned after an attempt
+    ///   of the delete whose outcome is unknown.
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached; resigning goes on in the background for as long as the
     ///   session lives.

@@ -29,9 +29,9 @@ use crate::wait::{QueueWatch, wait_for_turn};
 /// process: the second waits until the first guard is released. The lock is therefore not
 /// re-entrant: a second `lock()` by the task holding the guard waits for ever, and its
 /// `try_lock()` gives `None` (Go's `Lock` and `TryLock` on a session that holds the lock
-/// return at once, sharing the key). After a `lock()` that
-/// waited, they keep its watch on the queue open (read by a small task) for the next
-/// call, until the last of them is dropped or the session ends.
+/// return at once, sharing the key). After a `lock()` that waited, they keep its watch on
+/// the queue open (read by a small task) for the next call, until the last of them is
+/// dropped or the session ends.
 ///
 /// # Example
 ///

@@ -943,13 +943,13 @@ async fn keep_alive(
                 break;
             }
         }
-        let sent = Instant::now();
-        if sent >= alive_until {
+        let now = Instant::now();
+        if now >= alive_until {
             break;
         }
         // Another attempt soon: one sent to a frozen member must not use up the time left
         // for another member to renew the lease.
-        let left = alive_until - sent;
+        let left = alive_until - now;
         let opening = retry_every(answer_due(period), &client, left, |mut client| {
             // Taken before this attempt is sent: the renewal it makes counts from here.
             let attempted = Instant::now();
