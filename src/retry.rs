@@ -33,7 +33,7 @@ const MAX_STEP: Duration = Duration::from_secs(1);
 pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many attempts of one request may be in flight: sending another abandons the
 /// oldest.
-const MAX_IN_FLIGHT: usize = 4;
+pub(crate) const MAX_IN_FLIGHT: usize = 4;
 /// Stands in for a deadline too far away to compute (about 30 years).
 const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
 

@@ -27,12 +27,17 @@ use futures::FutureExt;
 use tokio::time::Instant;
 
 use crate::error::{ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted};
-use crate::retry::{ATTEMPT_TIMEOUT, Backoff};
+use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, retry};
 
 /// How long a watch may stay silent before its member is asked whether it is alive.
 const LIVENESS_CHECK: Duration = Duration::from_secs(5);
 /// How often a kept watch that nobody waits on is read.
 const DRAIN_PERIOD: Duration = Duration::from_millis(100);
+/// How long one request (a read, or opening a watch) is sent again while unanswered
+/// before the follower gives up on it and starts over: as long as [`retry`] keeps an
+/// attempt in flight, so that a link or a member slower than [`ATTEMPT_TIMEOUT`] still
+/// answers.
+const REQUEST_LIMIT: Duration = ATTEMPT_TIMEOUT.saturating_mul(MAX_IN_FLIGHT as u32);
 
 /// What changed since the last update.
 #[derive(Debug)]
@@ -295,8 +300,12 @@ impl Follower {
     /// delivered) and makes it the view.
     async fn read_snapshot(&mut self) -> Result<Update> {
         let options = self.range(self.read_options.clone());
-        let (kvs, revision) = match attempt(self.client.get(self.key.clone(), Some(options))).await
-        {
+        let key = &self.key;
+        let read = retry(&self.client, REQUEST_LIMIT, |mut client| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { client.get(key, Some(options)).await }
+        });
+        let (kvs, revision) = match read.await {
             Ok(mut answer) => (answer.take_kvs(), header_revision(answer.header())),
             Err(Error::Etcd(error)) if is_answer_too_large(&error) => self.read_in_parts().await?,
             Err(error) => return Err(error),
@@ -329,8 +338,8 @@ impl Follower {
     }
 
     async fn read_parts(&self) -> Result<(Vec<KeyValue>, i64)> {
-        let mut kv = self.client.kv_client();
-        let (keys, revision) = self.list_keys(&mut kv).await?;
+        let kv = self.client.kv_client();
+        let (keys, revision) = self.list_keys(&kv).await?;
         let at = GetOptions::new().with_revision(revision);
         let (mut kvs, mut done, mut batch) = (Vec::new(), 0, ETCD_MAX_TXN_OPS);
         while done < keys.len() {
@@ -339,7 +348,12 @@ impl Follower {
                 .iter()
                 .map(|key| TxnOp::get(key.clone(), Some(at.clone())))
                 .collect::<Vec<_>>();
-            match attempt(kv.txn(Txn::new().and_then(gets))).await {
+            let txn = Txn::new().and_then(gets);
+            let read = retry(&kv, REQUEST_LIMIT, |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            });
+            match read.await {
                 Ok(answer) => {
                     for op in answer.op_responses() {
                         if let TxnOpResponse::Get(mut get) = op {
@@ -358,7 +372,7 @@ impl Follower {
     }
 
     /// The keys of the range, a page at a time, at the revision of the first page.
-    async fn list_keys(&self, kv: &mut KvClient) -> Result<(Vec<Vec<u8>>, i64)> {
+    async fn list_keys(&self, kv: &KvClient) -> Result<(Vec<Vec<u8>>, i64)> {
         const FIRST_PAGE: i64 = 10_000;
         let (mut keys, mut from) = (Vec::new(), self.key.clone());
         let (mut revision, mut page) = (0, FIRST_PAGE);
@@ -370,7 +384,11 @@ impl Follower {
             if self.prefix {
                 options = options.with_range(range_end(&self.key));
             }
-            match attempt(kv.get(from.clone(), Some(options))).await {
+            let page_from = retry(kv, REQUEST_LIMIT, |mut kv| {
+                let (from, options) = (from.clone(), options.clone());
+                async move { kv.get(from, Some(options)).await }
+            });
+            match page_from.await {
                 Ok(answer) => {
                     if revision == 0 {
                         revision = header_revision(answer.header());
@@ -397,34 +415,29 @@ impl Follower {
         }
     }
 
-    /// Opens a watch and reads its first answer, which says whether it was created; gives
-    /// up after [`ATTEMPT_TIMEOUT`] (a frozen member would never answer).
+    /// Opens a watch and reads its first answer, which says whether it was created; an
+    /// open unanswered after [`ATTEMPT_TIMEOUT`] is sent again (a frozen member would
+    /// never answer), the earlier ones staying in flight, until [`REQUEST_LIMIT`].
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
-        attempt(async {
-            let mut watch = self.client.watch(self.key.clone(), Some(options)).await?;
-            let created = watch
-                .message()
-                .await?
-                .ok_or_else(|| etcd_client::Error::WatchError("watch closed at creation".into()))?;
-            self.heard_at = Instant::now();
-            self.progress_asked = false;
-            Ok((watch, created))
+        let key = &self.key;
+        let opened = retry(&self.client, REQUEST_LIMIT, |mut client| {
+            let (key, options) = (key.clone(), options.clone());
+            async move {
+                let mut watch = client.watch(key, Some(options)).await?;
+                let created = watch.message().await?.ok_or_else(|| {
+                    etcd_client::Error::WatchError("watch closed at creation".into())
+                })?;
+                Ok((watch, created))
+            }
         })
-        .await
+        .await?;
+        self.heard_at = Instant::now();
+        self.progress_asked = false;
+        Ok(opened)
     }
 
     async fn backoff_once(&mut self) {
         tokio::time::sleep(self.backoff.next_delay()).await;
-    }
-}
-
-/// One request, cut off after [`ATTEMPT_TIMEOUT`] (a frozen member would never answer).
-async fn attempt<T>(request: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T> {
-    match tokio::time::timeout(ATTEMPT_TIMEOUT, request).await {
-        Ok(answer) => Ok(answer?),
-        Err(_) => Err(Error::Timeout {
-            after: ATTEMPT_TIMEOUT,
-        }),
     }
 }
 

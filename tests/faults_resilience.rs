@@ -163,6 +163,52 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_attempts_time() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let waiter = Session::builder(slow)
+        .ttl(secs(30))
+        .request_timeout(secs(10))
+        .build()
+        .await
+        .unwrap();
+    let holder = Session::new(direct.clone()).await.unwrap();
+    let name = unique("slow-watch");
+    let lock = format!("{name}/lock");
+    let guard = Mutex::new(&holder, &lock).lock().await.unwrap();
+    let election = format!("{name}/election");
+    let leadership = Election::new(&holder, &election)
+        .campaign("first")
+        .await
+        .unwrap();
+    // Round trips of 2.4 s or more: opening a watch, and reading what it follows, is sent
+    // again after 2 s unanswered, and the first attempt must still be heard.
+    proxy.delay(millis(1_200));
+
+    let mutex = Mutex::new(&waiter, &lock);
+    let waiting = tokio::spawn(async move { mutex.lock().await });
+    let key = format!("{lock}/{:x}", waiter.lease_id());
+    within(secs(30), common::appears(&direct, key.as_bytes())).await;
+    guard.unlock().await.unwrap();
+    let held = within(secs(30), waiting).await.unwrap().unwrap();
+
+    let mut leaders = pin!(Election::new(&waiter, &election).observe());
+    let leader = within(secs(30), leaders.next()).await.unwrap().unwrap();
+    assert_eq!(leader.unwrap().value(), b"first");
+    leadership.proclaim("second").await.unwrap();
+    let leader = within(secs(30), leaders.next()).await.unwrap().unwrap();
+    assert_eq!(leader.unwrap().value(), b"second");
+
+    proxy.delay(Duration::ZERO);
+    within(secs(10), held.unlock()).await.unwrap();
+    within(secs(10), waiter.close()).await.unwrap();
+    within(secs(10), holder.close()).await.unwrap();
+    assert!(keys_under(&direct, &name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
     let cluster = EtcdCluster::start(3).await;
     let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
