@@ -66,8 +66,9 @@ pub struct Election {
 /// 5 s) and failures are retried for as long as the session lives (while its lease is
 /// renewed, nothing else would free the key). If etcd refuses the delete (for instance
 /// permission denied), the key stays until the session ends; if that runtime has shut
-/// down, the lease's expiry ends the leadership. A `tracing` warning says so in both
-/// cases.
+/// down, or is shutting down (a leadership dropped as `#[tokio::main]`'s `main` returns),
+/// the lease's expiry ends the leadership: call [`resign`](Self::resign) before exiting.
+/// A `tracing` warning says so in both cases.
 ///
 /// # Example
 ///
@@ -164,6 +165,8 @@ impl Election {
     ///   won; a candidate whose lease died is never told it leads.
     /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else, or
     ///   vanished while its lease could not be checked (then the session may be lost).
+    ///   Also when this session's key, found with another value, was gone before it could
+    ///   be rewritten, even if its lease ended.
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (for instance a
     ///   value over its request size limit, 1.5 MiB by default) or could not be reached
     ///   within the session's request timeout.
@@ -567,8 +570,9 @@ impl Leadership {
     }
 
     /// Runs `work` while leading: returns `Some(output)` if it finished, or `None` if
-    /// leadership was lost first, in which case `work` is dropped (cancelled) at once.
-    /// The leadership is kept either way; resign or drop it when done.
+    /// leadership was lost first (as [`lost`](Self::lost) tells), in which case `work` is
+    /// dropped (cancelled) at once. The leadership is kept either way; resign or drop it
+    /// when done. No Go counterpart; in Go, select on `Session.Done()`.
     ///
     /// # Cancel safety
     ///

@@ -58,7 +58,15 @@ pub enum Error {
     /// [`Leadership::proclaim`]. Go's `Proclaim` returns `ErrElectionNotLeader` in this
     /// case; Go's `Resign` and `Unlock` report nothing.
     ///
+    /// Also returned by [`Mutex::lock`] and [`Election::campaign`] when the key they wait
+    /// with is deleted while its lease lives, or vanishes while the lease cannot be
+    /// checked (a key gone with its lease is [`Error::SessionLost`]); see their `# Errors`
+    /// for the exceptions. Go's `Lock` returns `ErrSessionExpired` for a waiting key that
+    /// is gone, whatever removed it.
+    ///
     /// [`Leadership::proclaim`]: crate::Leadership::proclaim
+    /// [`Mutex::lock`]: crate::Mutex::lock
+    /// [`Election::campaign`]: crate::Election::campaign
     #[error("ownership lost: the key was deleted or now belongs to a newer holder")]
     OwnershipLost,
 

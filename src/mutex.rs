@@ -27,11 +27,11 @@ use crate::wait::{QueueWatch, wait_for_turn};
 /// `Mutex` is a cheap [`Clone`] handle; clones lock the same lock. Two `lock()` calls
 /// through one session on one name share one key in etcd, so they are serialised in the
 /// process: the second waits until the first guard is released. The lock is therefore not
-/// re-entrant: a second `lock()` by the task holding the guard waits for ever, and its
-/// `try_lock()` gives `None` (Go's `Lock` and `TryLock` on a session that holds the lock
-/// return at once, sharing the key). After a `lock()` that waited, they keep its watch on
-/// the queue open (read by a small task) for the next call, until the last of them is
-/// dropped or the session ends.
+/// re-entrant: a second `lock()` by the task holding the guard waits until the session is
+/// lost (for ever, if it is not), and its `try_lock()` gives `None` (Go's `Lock` and
+/// `TryLock` on a session that holds the lock return at once, sharing the key). After a
+/// `lock()` that waited, they keep its watch on the queue open (read by a small task) for
+/// the next call, until the last of them is dropped or the session ends.
 ///
 /// # Example
 ///
@@ -133,10 +133,12 @@ impl Mutex {
     /// [`tokio::time::timeout`] (see the example). That includes waiting for this
     /// session's earlier calls on the name: a guard's release, or the undoing of a
     /// cancelled `lock()`, which retries until etcd answers or the session is lost. A
-    /// `lock()` that failed does not hold up the next one: if it failed without reaching
-    /// etcd (connection refused), it left nothing to undo; if its outcome is unknown (cut
-    /// off in a partition), the key it may have made is left to the session, which deletes
-    /// it once etcd answers unless a later call takes it up (see [`Session`]).
+    /// `lock()` whose Txn failed does not hold up the next one: if it failed without
+    /// reaching etcd (connection refused), it left nothing to undo; if its outcome is
+    /// unknown (cut off in a partition), the key it may have made is left to the session,
+    /// which deletes it once etcd answers unless a later call takes it up (see
+    /// [`Session`]). A `lock()` that failed while waiting, after its Txn, releases its key
+    /// as a dropped guard does, and the next one waits for that.
     ///
     /// # Errors
     ///
@@ -340,7 +342,8 @@ impl MutexGuard {
     }
 
     /// Resolves once holding the lock can no longer be assumed: the session is lost
-    /// (lease expired, revoked, or not renewed for a TTL) or the key was deleted. Use it to
+    /// (lease expired, revoked, or not renewed for a TTL; also once it is closed or
+    /// orphaned) or the key was deleted or re-created. Use it to
     /// stop work that must only run under the lock (Curator's `LOST`, Consul's lock
     /// channel; Go's nearest is `Session.Done()`). It watches the key while awaited, and
     /// also resolves if etcd refuses that watch (for instance permission denied), since

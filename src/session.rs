@@ -20,8 +20,9 @@ use crate::wait::QueueWatch;
 /// The TTL of [`Session::new`], as in Go's `concurrency.NewSession`.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 /// The default of [`SessionBuilder::release_timeout`]: the bound on each attempt to delete
-/// a dropped guard's key, and on the whole revoke of a dropped session. No Go counterpart:
-/// Go bounds its requests with the caller's `context`.
+/// a dropped guard's key, on the whole revoke of a dropped session, and on the revokes of
+/// a lease that a failed build may have granted. No Go counterpart: Go bounds its requests
+/// with the caller's `context`.
 pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default of [`SessionBuilder::request_timeout`] and [`Stm::request_timeout`]. No Go
 /// counterpart: Go bounds its requests with the caller's `context`.
@@ -160,6 +161,10 @@ impl Session {
     /// Dropping the future before it completes may leave a granted lease with no
     /// keep-alive; it expires after its TTL.
     ///
+    /// # Panics
+    ///
+    /// As [`SessionBuilder::build`].
+    ///
     /// # Example
     ///
     /// ```no_run
@@ -206,8 +211,10 @@ impl Session {
         self.shared.lease_id
     }
 
-    /// The TTL etcd granted, in whole seconds. It can exceed the one asked for: etcd raises
-    /// TTLs below its minimum (1.5 × its election timeout).
+    /// The TTL etcd granted, in whole seconds: the `TTL` of its `LeaseGrant` answer, or for
+    /// a resumed lease the one it was granted with. It can exceed the one asked for: etcd
+    /// raises TTLs below its minimum (1.5 × its election timeout). Go's `Session` has no
+    /// accessor for it.
     pub fn ttl(&self) -> Duration {
         self.shared.ttl
     }
@@ -219,9 +226,11 @@ impl Session {
 
     /// Resolves once the lease can no longer be assumed alive: etcd answered a keep-alive
     /// with TTL 0 (expired or revoked by anyone), no keep-alive succeeded for a whole TTL,
-    /// [`close`](Self::close) / [`orphan`](Self::orphan) was called on any handle, or the
-    /// runtime the session was built on shut down (taking its keep-alive task with it).
-    /// Resolves at once if that already happened. Like Go's `Session.Done()`.
+    /// a lock or campaign found that etcd no longer knows the lease (its key refused for
+    /// it, or its waiting key gone with it), [`close`](Self::close) /
+    /// [`orphan`](Self::orphan) was called on any handle, or the runtime the session was
+    /// built on shut down (taking its keep-alive task with it). Resolves at once if that
+    /// already happened. Like Go's `Session.Done()`.
     ///
     /// The "whole TTL" is counted from when the last answered keep-alive was *sent*, so it
     /// never ends later than etcd's own expiry (which can come later, after a leader change).
@@ -247,7 +256,8 @@ impl Session {
         let _ = lost.wait_for(|lost| *lost).await;
     }
 
-    /// Whether [`lost`](Self::lost) has resolved.
+    /// Whether [`lost`](Self::lost) has resolved, without waiting (in Go, a `select` on
+    /// `Session.Done()` with a `default` case).
     ///
     /// ```no_run
     /// # fn example(session: etcd_concurrency::Session) {
@@ -266,15 +276,16 @@ impl Session {
     ///
     /// # Errors
     ///
-    /// [`Error::Etcd`] or [`Error::Timeout`] if the revoke could not be delivered within
-    /// the request timeout; the lease then expires after its TTL. A lease that is already
-    /// gone is not an error.
+    /// [`Error::Etcd`] if etcd refused the revoke (for instance permission denied), or
+    /// [`Error::Etcd`] / [`Error::Timeout`] if it could not be reached within the request
+    /// timeout; the lease then expires after its TTL, unless an attempt cut off was
+    /// applied all the same. A lease that is already gone is not an error.
     ///
     /// # Cancel safety
     ///
     /// The keep-alive stops when `close` is called, even if the future it returns is never
-    /// polled. If the future is dropped before the revoke completes, the lease expires
-    /// after its TTL instead.
+    /// polled. If the future is dropped before the revoke completes, the revoke may or may
+    /// not have been applied; if not, the lease expires after its TTL.
     ///
     /// # Example
     ///
@@ -682,8 +693,10 @@ impl SessionBuilder {
 
     /// How long a background release may take (default [`DEFAULT_RELEASE_TIMEOUT`], 5 s;
     /// not zero): each attempt to delete the key of a guard dropped without an explicit
-    /// release (retried for as long as the session lives), and the revoke of a session
-    /// dropped without [`Session::close`] (after which the lease's expiry releases).
+    /// release (retried for as long as the session lives), the revoke of a session
+    /// dropped without [`Session::close`] (after which the lease's expiry releases), and
+    /// the revokes of a lease that a failed [`build`](Self::build) may have granted. No
+    /// Go counterpart: Go bounds its requests with the caller's `context`.
     pub fn release_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.release_timeout = timeout;
         self
@@ -692,7 +705,8 @@ impl SessionBuilder {
     /// How long one request is retried on transient failures (member down, leader
     /// change, lost connection) before its error is returned (default
     /// [`DEFAULT_REQUEST_TIMEOUT`], 5 s). Waiting for a lock is not limited by this. Not
-    /// zero; `Duration::MAX` retries for as long as it takes.
+    /// zero; `Duration::MAX` retries for as long as it takes. No Go counterpart: Go bounds
+    /// its requests with the caller's `context`.
     ///
     /// The bound is per request, so a call that needs more than one may take longer: twice
     /// as long for a build whose retried grant found its lease granted (it then reads the
@@ -728,7 +742,7 @@ impl SessionBuilder {
     ///
     /// # Panics
     ///
-    /// Outside a Tokio runtime.
+    /// Outside a Tokio runtime, or in one without its time driver.
     ///
     /// # Example
     ///

@@ -366,7 +366,8 @@ impl Stm {
     ///
     /// # Panics
     ///
-    /// Only if `apply` panics: the panic propagates.
+    /// If `apply` panics: the panic propagates. Also outside a Tokio runtime, or in one
+    /// without its time driver (see the crate docs).
     pub async fn run<T, E, F>(&self, mut apply: F) -> Result<T, E>
     where
         F: AsyncFnMut(&mut StmTxn) -> Result<T, E>,

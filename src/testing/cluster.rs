@@ -69,8 +69,8 @@ impl EtcdCluster {
     /// # Panics
     ///
     /// If `members` is not 1 or 3, if `etcd` is not installed (the message says how to
-    /// install it), or if a member does not become healthy within 30 s (the message holds
-    /// the tail of its log).
+    /// install it), if a member does not become healthy within 30 s (the message holds
+    /// the tail of its log), or outside a Tokio runtime with its time driver.
     ///
     /// # Cancel safety
     ///

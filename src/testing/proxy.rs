@@ -62,6 +62,10 @@ impl Proxy {
     ///
     /// If no loopback port can be bound.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime with its I/O and time drivers.
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future before it returns leaves no listener or task.
