@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
 use crate::retry::{Backoff, retry};
 use crate::session::{Session, lease_hex, prefix_of};
-use crate::wait::wait_for_turn;
+use crate::wait::{wait_for_turn, why_gone};
 use crate::watcher::{Follower, Update, revision_of};
 
 /// A leader election named by a key prefix; candidates campaign through a [`Session`].
@@ -165,8 +165,6 @@ impl Election {
     ///   won; a candidate whose lease died is never told it leads.
     /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else, or
     ///   vanished while its lease could not be checked (then the session may be lost).
-    ///   Also when this session's key, found with another value, was gone before it could
-    ///   be rewritten, even if its lease ended.
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (for instance a
     ///   value over its request size limit, 1.5 MiB by default) or could not be reached
     ///   within the session's request timeout.
@@ -216,7 +214,11 @@ impl Election {
             Outcome::NotJoined => return Err(Error::OwnershipLost),
         };
         if !joined.created && joined.value != value {
-            joined.key.put(value).await?;
+            match joined.key.put(value).await {
+                // Gone since the join found it: with the lease, or deleted by someone.
+                Err(Error::OwnershipLost) => return Err(why_gone(&self.session).await),
+                written => written?,
+            }
         }
         wait_for_turn(&mut joined.key, &self.name, &joined.queue, joined.revision).await?;
         if self.session.is_lost() {

@@ -191,8 +191,9 @@ fn keys_before(queue: &[KeyValue], token: i64) -> HashSet<Vec<u8>> {
         .collect()
 }
 
-/// Why a waiter's key vanished: its lease ended, or someone deleted the key.
-async fn why_gone(session: &Session) -> Error {
+/// Why a key of `session`'s that a call was using vanished: its lease ended (then the
+/// session is marked lost), or someone deleted the key.
+pub(crate) async fn why_gone(session: &Session) -> Error {
     match session.check_lease().await {
         Ok(true) => Error::OwnershipLost,
         Ok(false) => Error::SessionLost,

@@ -834,6 +834,43 @@ async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process()
 }
 
 #[tokio::test]
+async fn a_campaign_whose_found_key_goes_with_its_lease_before_the_rewrite_says_session_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let client = cluster.client().await;
+    let name = unique("rewrite-expired");
+    let earlier = session(&client, 30).await;
+    let leading = Election::new(&earlier, &name)
+        .campaign("earlier")
+        .await
+        .unwrap();
+    // The earlier process hands its lease over and exits while it leads.
+    let lease = earlier.lease_id();
+    earlier.orphan();
+    drop(leading); // its key stays: the session has ended
+    let proxy = Proxy::start(&member).await.unwrap();
+    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let later = Session::builder(slow).lease(lease).build().await.unwrap();
+    assert!(exists(&client, hex_key(&name, &later)).await);
+    // The join finds the earlier key and its value; the rewrite reaches etcd a round trip
+    // (2 s) after the join is applied, and the lease is revoked in between.
+    proxy.delay(millis(1_000));
+    let applied = proposals_applied(&member).await;
+    let election = Election::new(&later, &name);
+    let campaign = pin!(election.campaign("later"));
+    let revoked = async {
+        proposals_applied_exceed(&member, applied).await;
+        client.clone().lease_revoke(lease).await.unwrap();
+    };
+    let (campaigned, ()) = within(secs(20), futures::future::join(campaign, revoked)).await;
+    assert!(
+        matches!(campaigned, Err(Error::SessionLost)),
+        "{campaigned:?}"
+    );
+    assert!(later.is_lost(), "the session must know its lease is gone");
+}
+
+#[tokio::test]
 async fn a_join_attempt_that_reaches_etcd_after_the_resign_leaves_no_key() {
     a_late_join_leaves_no_key(async |session, name| {
         let started = Instant::now();
