@@ -316,7 +316,9 @@ impl Stm {
     ///
     /// # Errors
     ///
-    /// - `apply`'s own error, unchanged; nothing is written.
+    /// - `apply`'s own error, unchanged; nothing is written. Except after a read that hit
+    ///   a compacted snapshot: the attempt runs again whatever `apply` returned, since its
+    ///   error most likely is that read's (converted into `E`).
     /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout is zero;
     ///   `apply` does not run.
     /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
