@@ -301,9 +301,10 @@ impl Follower {
     async fn read_snapshot(&mut self) -> Result<Update> {
         let options = self.range(self.read_options.clone());
         let key = &self.key;
-        let read = retry(&self.client, REQUEST_LIMIT, |mut client| {
+        let kv = self.client.kv_client();
+        let read = retry(&kv, REQUEST_LIMIT, |mut kv| {
             let (key, options) = (key.clone(), options.clone());
-            async move { client.get(key, Some(options)).await }
+            async move { kv.get(key, Some(options)).await }
         });
         let (kvs, revision) = match read.await {
             Ok(mut answer) => (answer.take_kvs(), header_revision(answer.header())),
@@ -420,10 +421,11 @@ impl Follower {
     /// never answer), the earlier ones staying in flight, until [`REQUEST_LIMIT`].
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
         let key = &self.key;
-        let opened = retry(&self.client, REQUEST_LIMIT, |mut client| {
+        let watches = self.client.watch_client();
+        let opened = retry(&watches, REQUEST_LIMIT, |mut watches| {
             let (key, options) = (key.clone(), options.clone());
             async move {
-                let mut watch = client.watch(key, Some(options)).await?;
+                let mut watch = watches.watch(key, Some(options)).await?;
                 let created = watch.message().await?.ok_or_else(|| {
                     etcd_client::Error::WatchError("watch closed at creation".into())
                 })?;
