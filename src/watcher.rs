@@ -29,7 +29,9 @@ use tokio::time::Instant;
 use crate::error::{ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted};
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, retry};
 
-/// How long a watch may stay silent before its member is asked whether it is alive.
+/// How long a watch may stay silent before its member is asked whether it is alive, and
+/// then how long the answer may take before the watch is re-opened (so a quiet watch over
+/// round trips longer than this is re-opened again and again).
 const LIVENESS_CHECK: Duration = Duration::from_secs(5);
 /// How often a kept watch that nobody waits on is read.
 const DRAIN_PERIOD: Duration = Duration::from_millis(100);

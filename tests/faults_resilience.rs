@@ -244,7 +244,8 @@ async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
         .unwrap();
     guard.unlock().await.unwrap();
     // Watch liveness notices the silence within 10 s; each re-open or read that lands on
-    // the frozen connection again costs a 2 s cut-off, hence the generous bound.
+    // the frozen connection again waits 2 s before it is sent again, hence the generous
+    // bound.
     let held = within(secs(60), waiting).await.unwrap().unwrap();
     assert!(
         !waiter.is_lost(),
