@@ -2,6 +2,7 @@
 //! detection, and its release when dropped.
 
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
@@ -89,7 +90,13 @@ impl OwnedKey {
     /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached, in which case
     /// the release goes on in the background (as it does when this future is dropped).
     pub(crate) async fn release(mut self) -> Result<()> {
-        let released = fenced_delete(&self.session, &self.key, self.create_revision).await;
+        let released = fenced_delete(
+            &self.session,
+            &self.key,
+            self.create_revision,
+            self.session.request_timeout(),
+        )
+        .await;
         match &released {
             Err(error) if error.is_transient() => {}
             // A newer incarnation of an election's key, made by a campaign since gone, may
@@ -221,7 +228,10 @@ pub(crate) async fn release_while_session_lives(
     revision: i64,
 ) -> bool {
     let released = while_session_lives(&session, |live| async move {
-        match fenced_delete(&live, key, revision).await {
+        // Bounded by the release timeout, as the docs of a background release say, not by
+        // the (perhaps shorter) request timeout.
+        let limit = live.release_timeout();
+        match fenced_delete(&live, key, revision, limit).await {
             Ok(()) => Ok(false),
             Err(Error::OwnershipLost) => Ok(true),
             Err(error) => Err(error),
@@ -302,13 +312,20 @@ enum Fenced {
     RefusedAfterRetry,
 }
 
-/// Applies `op` if `key` still has create revision `revision`, retrying transient failures.
-async fn fenced(session: &Session, key: &[u8], revision: i64, op: TxnOp) -> Result<Fenced> {
+/// Applies `op` if `key` still has create revision `revision`, retrying transient failures
+/// for up to `limit`.
+async fn fenced(
+    session: &Session,
+    key: &[u8],
+    revision: i64,
+    op: TxnOp,
+    limit: Duration,
+) -> Result<Fenced> {
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, revision)])
         .and_then([op]);
     let kv = session.client().kv_client();
-    let (answer, maybe_applied) = retry_write(&kv, session.request_timeout(), |mut kv| {
+    let (answer, maybe_applied) = retry_write(&kv, limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }
     })
@@ -320,12 +337,17 @@ async fn fenced(session: &Session, key: &[u8], revision: i64, op: TxnOp) -> Resu
     })
 }
 
-/// Deletes `key` if it still has create revision `revision`.
+/// Deletes `key` if it still has create revision `revision`, retrying for up to `limit`.
 ///
 /// Errors: [`Error::OwnershipLost`] if it had not; a refusal after an attempt with unknown
 /// outcome counts as done (that attempt may have been the one that deleted it).
-async fn fenced_delete(session: &Session, key: &[u8], revision: i64) -> Result<()> {
-    match fenced(session, key, revision, TxnOp::delete(key, None)).await? {
+async fn fenced_delete(
+    session: &Session,
+    key: &[u8],
+    revision: i64,
+    limit: Duration,
+) -> Result<()> {
+    match fenced(session, key, revision, TxnOp::delete(key, None), limit).await? {
         Fenced::Applied | Fenced::RefusedAfterRetry => Ok(()),
         Fenced::Refused => Err(Error::OwnershipLost),
     }

@@ -209,6 +209,47 @@ async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_att
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_guard_is_released_within_the_release_timeout_over_a_link_slower_than_requests() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let session = Session::builder(slow)
+        .ttl(secs(30))
+        .request_timeout(millis(500))
+        .release_timeout(secs(5))
+        .build()
+        .await
+        .unwrap();
+    let name = unique("slow-release");
+    let mutex = Mutex::new(&session, &name);
+    let guard = within(secs(5), mutex.lock()).await.unwrap();
+    // Round trips of about 0.8 s: over the request timeout, well under the release
+    // timeout that bounds a background release.
+    proxy.delay(millis(400));
+    drop(guard);
+    within(secs(10), no_keys_under(&direct, &name)).await;
+    // Until the release hears that its delete applied, the session's next call on the
+    // name waits for it, and try_lock() says the lock is busy.
+    let tried = within(secs(10), async {
+        loop {
+            match mutex.try_lock().await {
+                Ok(None) => tokio::time::sleep(millis(100)).await,
+                tried => return tried,
+            }
+        }
+    })
+    .await;
+    // Its own join cannot be answered within the request timeout.
+    assert!(matches!(&tried, Err(Error::Timeout { .. })), "{tried:?}");
+    proxy.delay(Duration::ZERO);
+    let guard = within(secs(10), mutex.lock()).await.unwrap();
+    within(secs(5), guard.unlock()).await.unwrap();
+    within(secs(5), session.close()).await.unwrap();
+    assert!(keys_under(&direct, &name).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
     let cluster = EtcdCluster::start(3).await;
     let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
