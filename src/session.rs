@@ -21,8 +21,8 @@ use crate::wait::QueueWatch;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 /// The default of [`SessionBuilder::release_timeout`]: the bound on each attempt to delete
 /// a dropped guard's key, on the whole revoke of a dropped session, and on the revokes of
-/// a lease that a failed build may have granted. No Go counterpart: Go bounds its requests
-/// with the caller's `context`.
+/// a lease that a failed or dropped build may have granted. No Go counterpart: Go bounds
+/// its requests with the caller's `context`.
 pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default of [`SessionBuilder::request_timeout`] and [`Stm::request_timeout`]. No Go
 /// counterpart: Go bounds its requests with the caller's `context`.
@@ -158,8 +158,9 @@ impl Session {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes may leave a granted lease with no
-    /// keep-alive; it expires after its TTL.
+    /// Dropping the future before it completes revokes, in the background, a lease its
+    /// grant may have created (as a build that fails does); a resumed lease is left as it
+    /// was.
     ///
     /// # Panics
     ///
@@ -695,8 +696,8 @@ impl SessionBuilder {
     /// not zero): each attempt to delete the key of a guard dropped without an explicit
     /// release (retried for as long as the session lives), the revoke of a session
     /// dropped without [`Session::close`] (after which the lease's expiry releases), and
-    /// the revokes of a lease that a failed [`build`](Self::build) may have granted. No
-    /// Go counterpart: Go bounds its requests with the caller's `context`.
+    /// the revokes of a lease that a failed or dropped [`build`](Self::build) may have
+    /// granted. No Go counterpart: Go bounds its requests with the caller's `context`.
     pub fn release_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.release_timeout = timeout;
         self
@@ -737,8 +738,9 @@ impl SessionBuilder {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes may leave a granted lease with no
-    /// keep-alive; it expires after its TTL.
+    /// Dropping the future before it completes revokes, in the background, a lease its
+    /// grant may have created (as a build that fails does); a resumed lease is left as it
+    /// was.
     ///
     /// # Panics
     ///
@@ -813,10 +815,12 @@ impl SessionBuilder {
     /// Returns the id and the granted TTL.
     ///
     /// If it fails after an attempt that may have been granted (cut off, or failed in
-    /// transit), that lease is revoked in the background, as a dropped session's is: the
-    /// caller gets an error, not a session, so nothing else would ever revoke it.
+    /// transit), or is dropped while an attempt is in flight, that lease is revoked in the
+    /// background, as a dropped session's is: the caller gets no session, so nothing else
+    /// would ever revoke it.
     async fn grant(&self, ttl: i64) -> Result<(i64, Duration)> {
         let id = rand::random_range(1..i64::MAX);
+        let revoke_unless_kept = RevokeOnDrop(Some((self, id)));
         let options = LeaseGrantOptions::new().with_id(id);
         let (granted, maybe_granted) = retry_write(&self.client, self.request_timeout, |mut c| {
             let options = options.clone();
@@ -834,13 +838,13 @@ impl SessionBuilder {
             }
             Err(error) => Err(error),
         };
-        if result.is_err() && maybe_granted {
-            self.revoke_in_background(id);
+        if result.is_ok() || !maybe_granted {
+            revoke_unless_kept.disarm();
         }
         result
     }
 
-    /// Revokes lease `id`, which a failed build may have granted, in a background task. An
+    /// Revokes lease `id`, which a failed or dropped build may have granted, in a background task. An
     /// attempt cut off may still be in transit and grant the lease after a first revoke
     /// found nothing, so the revoke is repeated, with back-off, for the release timeout.
     fn revoke_in_background(&self, id: i64) {
@@ -866,7 +870,14 @@ impl SessionBuilder {
             }
         };
         let what = "revoking the lease of a session that failed to build";
-        spawn_release(&Handle::current(), what, revokes);
+        match Handle::try_current() {
+            Ok(runtime) => spawn_release(&runtime, what, revokes),
+            Err(_) => tracing::warn!(
+                lease_id = id,
+                "a session build was dropped outside a Tokio runtime; the lease it may have \
+                 granted expires after its TTL"
+            ),
+        }
     }
 
     /// Checks that lease `id` exists and renews it once: the renewal's send time bounds
@@ -897,6 +908,26 @@ impl SessionBuilder {
             stream: Some(stream),
         };
         Ok((id, secs(answer.granted_ttl()), renewed))
+    }
+}
+
+/// Revokes (in the background) the lease a build's grant may have created, when dropped
+/// armed: by a grant that failed after an attempt that may have applied, or whose future
+/// was dropped while an attempt was in flight.
+struct RevokeOnDrop<'a>(Option<(&'a SessionBuilder, i64)>);
+
+impl RevokeOnDrop<'_> {
+    /// The lease is the session's, or was certainly not granted: nothing to revoke.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RevokeOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some((builder, id)) = self.0.take() {
+            builder.revoke_in_background(id);
+        }
     }
 }
 

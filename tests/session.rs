@@ -327,3 +327,30 @@ async fn a_keep_alive_stream_reopened_after_an_outage_counts_from_the_renewal_th
     proxy.heal();
     common::assert_lives_for(&session, &direct, secs(8)).await;
 }
+
+#[tokio::test]
+async fn a_build_dropped_while_its_grant_is_in_flight_revokes_the_lease() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    // The grant reaches etcd a second before its answer comes back.
+    proxy.delay(millis(1_000));
+    let build = Session::builder(slow).ttl(secs(3600)).build();
+    let granted = async {
+        while direct.clone().leases().await.unwrap().leases().is_empty() {
+            tokio::time::sleep(millis(20)).await;
+        }
+    };
+    tokio::select! {
+        built = build => panic!("built before the lease showed: {built:?}"),
+        () = within(secs(10), granted) => {}
+    }
+    // The build is dropped: nothing will ever use or renew the lease it granted.
+    let revoked = async {
+        while !direct.clone().leases().await.unwrap().leases().is_empty() {
+            tokio::time::sleep(millis(20)).await;
+        }
+    };
+    within(secs(10), revoked).await;
+}
