@@ -283,7 +283,10 @@ impl Election {
     /// goes on from there. The stream never ends by itself: it yields an `Err` for an
     /// error that retrying does not cure (e.g. permission denied), then keeps trying with
     /// back-off. Drop it to stop. Only for an empty name does it yield one
-    /// [`Error::InvalidArgument`] and end.
+    /// [`Error::InvalidArgument`] and end. While no member can be reached it yields
+    /// nothing and keeps trying (Go's blocks the same way): to notice an outage, bound each
+    /// `next()` with [`tokio::time::timeout`], or watch the session's
+    /// [`lost`](Session::lost), which resolves once its keep-alive has failed for a TTL.
     ///
     /// Observing only reads: it uses the session's client, not its lease. Poll the stream
     /// steadily, or drop it: while it is not polled its events wait unread in the
