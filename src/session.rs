@@ -159,8 +159,10 @@ impl Session {
     /// # Cancel safety
     ///
     /// Dropping the future before it completes revokes, in the background, a lease its
-    /// grant may have created (as a build that fails does); a resumed lease is left as it
-    /// was.
+    /// grant may have created (as a build that fails does), for up to the release timeout;
+    /// a resumed lease is left as it was. A lease is left to expire after its TTL when the
+    /// future is dropped outside a Tokio runtime or as that runtime shuts down, or when a
+    /// grant held in transit reaches etcd after the release timeout.
     ///
     /// # Panics
     ///
@@ -636,22 +638,18 @@ impl Drop for Shared {
             return;
         }
         let client = self.client.clone();
-        let (id, limit, deadline) = (self.lease_id, self.request_timeout, self.release_timeout);
+        // Bounded by the release timeout alone, not by the (perhaps shorter) request
+        // timeout as well.
+        let (id, limit) = (self.lease_id, self.release_timeout);
         spawn_release(
             &self.runtime,
             "revoking a dropped session's lease",
             async move {
-                match tokio::time::timeout(deadline, revoke(client, id, limit)).await {
-                    Ok(Ok(())) => {
-                        tracing::debug!(lease_id = id, "revoked a dropped session's lease")
-                    }
-                    Ok(Err(error)) => tracing::warn!(
+                match revoke(client, id, limit).await {
+                    Ok(()) => tracing::debug!(lease_id = id, "revoked a dropped session's lease"),
+                    Err(error) => tracing::warn!(
                         error = &error as &dyn std::error::Error,
                         "revoking a dropped session's lease failed; it expires after its TTL"
-                    ),
-                    Err(_) => tracing::warn!(
-                        ?deadline,
-                        "revoking a dropped session's lease timed out; it expires after its TTL"
                     ),
                 }
             },
@@ -739,8 +737,10 @@ impl SessionBuilder {
     /// # Cancel safety
     ///
     /// Dropping the future before it completes revokes, in the background, a lease its
-    /// grant may have created (as a build that fails does); a resumed lease is left as it
-    /// was.
+    /// grant may have created (as a build that fails does), for up to the release timeout;
+    /// a resumed lease is left as it was. A lease is left to expire after its TTL when the
+    /// future is dropped outside a Tokio runtime or as that runtime shuts down, or when a
+    /// grant held in transit reaches etcd after the release timeout.
     ///
     /// # Panics
     ///
@@ -844,9 +844,10 @@ impl SessionBuilder {
         result
     }
 
-    /// Revokes lease `id`, which a failed or dropped build may have granted, in a background task. An
-    /// attempt cut off may still be in transit and grant the lease after a first revoke
-    /// found nothing, so the revoke is repeated, with back-off, for the release timeout.
+    /// Revokes lease `id`, which a failed or dropped build may have granted, in a
+    /// background task. An attempt cut off may still be in transit and grant the lease
+    /// after a first revoke found nothing, so the revoke is repeated, with back-off, for
+    /// the release timeout.
     fn revoke_in_background(&self, id: i64) {
         let (client, limit) = (self.client.clone(), self.release_timeout);
         let revokes = async move {
@@ -859,8 +860,8 @@ impl SessionBuilder {
                         tracing::warn!(
                             error = &error as &dyn std::error::Error,
                             lease_id = id,
-                            "the lease of a session that failed to build could not be \
-                             revoked; it expires after its TTL"
+                            "the lease of a session build that failed or was dropped could \
+                             not be revoked; it expires after its TTL"
                         );
                         return;
                     }
@@ -869,7 +870,7 @@ impl SessionBuilder {
                 tokio::time::sleep_until(deadline.min(Instant::now() + backoff.next_delay())).await;
             }
         };
-        let what = "revoking the lease of a session that failed to build";
+        let what = "revoking the lease of a session build that failed or was dropped";
         match Handle::try_current() {
             Ok(runtime) => spawn_release(&runtime, what, revokes),
             Err(_) => tracing::warn!(

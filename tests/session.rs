@@ -354,3 +354,29 @@ async fn a_build_dropped_while_its_grant_is_in_flight_revokes_the_lease() {
     };
     within(secs(10), revoked).await;
 }
+
+#[tokio::test]
+async fn a_dropped_session_keeps_revoking_its_lease_for_the_release_timeout() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let session = Session::builder(cut_off)
+        .ttl(secs(60))
+        .request_timeout(secs(1))
+        .release_timeout(secs(10))
+        .build()
+        .await
+        .unwrap();
+    proxy.cut();
+    drop(session);
+    // The link comes back after the request timeout, well within the release timeout.
+    tokio::time::sleep(millis(2_500)).await;
+    proxy.heal();
+    let revoked = async {
+        while !direct.clone().leases().await.unwrap().leases().is_empty() {
+            tokio::time::sleep(millis(20)).await;
+        }
+    };
+    within(secs(10), revoked).await;
+}
