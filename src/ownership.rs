@@ -11,7 +11,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
 use crate::release::spawn_release;
-use crate::retry::{Backoff, retry_write};
+use crate::retry::{Backoff, retry, retry_write};
 use crate::session::{ElectionClaim, LastClaim, Session, WeakSession};
 use crate::wait::QueueWatch;
 use crate::watcher::{Follower, Update};
@@ -253,8 +253,11 @@ pub(crate) async fn release_lease_key(session: WeakSession, key: &[u8]) {
 /// [`release_while_session_lives`]) on the way to releasing it.
 async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
     let found = while_session_lives(session, |live| async move {
-        let mut kv = live.client().kv_client();
-        let answer = kv.get(key, None).await?;
+        let kv = live.client().kv_client();
+        let lookup = retry(&kv, live.release_timeout(), |mut kv| async move {
+            kv.get(key, None).await
+        });
+        let answer = lookup.await?;
         let found = answer.kvs().first();
         Ok(found
             .filter(|found| found.lease() == live.lease_id())
