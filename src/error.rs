@@ -59,10 +59,10 @@ pub enum Error {
     /// case; Go's `Resign` and `Unlock` report nothing.
     ///
     /// Also returned by [`Mutex::lock`] and [`Election::campaign`] when the key they wait
-    /// with is deleted while its lease lives, or vanishes while the lease cannot be
-    /// checked (a key gone with its lease is [`Error::SessionLost`]); see their `# Errors`
-    /// for the exceptions. Go's `Lock` returns `ErrSessionExpired` for a waiting key that
-    /// is gone, whatever removed it.
+    /// with (or, for a campaign, the session's key it found and is writing its value to)
+    /// is deleted while its lease lives, or vanishes while the lease cannot be checked (a
+    /// key gone with its lease is [`Error::SessionLost`]). Go's `Lock` returns
+    /// `ErrSessionExpired` for a waiting key that is gone, whatever removed it.
     ///
     /// [`Leadership::proclaim`]: crate::Leadership::proclaim
     /// [`Mutex::lock`]: crate::Mutex::lock

@@ -7,7 +7,8 @@
 //! [`Session`] holds a lease; [`Mutex`] and [`Election`] queue keys under it; [`Stm`] runs
 //! optimistic transactions, and a [`ReadCache`] lets them read a hot key range without
 //! round trips. The [`etcd_client`] crate (0.21) it is built on is re-exported: its
-//! `Client`, `Txn` and `Compare` are the ones taken and returned here.
+//! `Client` is what sessions take, and its `Compare` what guards return for your own
+//! `Txn`.
 //!
 //! # Quick start
 //!

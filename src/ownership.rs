@@ -266,8 +266,8 @@ async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
     found.await.flatten()
 }
 
-/// Runs `attempt` until it succeeds, each attempt bounded by the session's release
-/// timeout, retrying transient failures with back-off for as long as the session lives and
+/// Runs `attempt` (which bounds its requests by the session's release timeout) until it
+/// succeeds, retrying transient failures with back-off for as long as the session lives and
 /// keeps its lease. `None` once the session is gone, has ended or is lost (revoking or
 /// expiring its lease deletes its keys, or they are to stay), or if etcd refuses.
 async fn while_session_lives<T, F, A>(session: &WeakSession, mut attempt: F) -> Option<T>
@@ -282,18 +282,16 @@ where
         if live.has_ended() || live.is_lost() {
             return None;
         }
-        let limit = live.release_timeout();
-        let error = match tokio::time::timeout(limit, attempt(live)).await {
-            Ok(Ok(answer)) => return Some(answer),
-            Ok(Err(error)) if !error.is_transient() => {
+        let error = match attempt(live).await {
+            Ok(answer) => return Some(answer),
+            Err(error) if !error.is_transient() => {
                 tracing::warn!(
                     error = &error as &dyn std::error::Error,
                     "releasing a dropped guard failed; its key stays until the session ends"
                 );
                 return None;
             }
-            Ok(Err(error)) => error,
-            Err(_) => Error::Timeout { after: limit },
+            Err(error) => error,
         };
         if !warned {
             tracing::warn!(

@@ -710,9 +710,9 @@ impl SessionBuilder {
     /// The bound is per request, so a call that needs more than one may take longer: twice
     /// as long for a build whose retried grant found its lease granted (it then reads the
     /// TTL), a resumed lease (checked, then renewed), a `try_lock` that withdraws a
-    /// leftover key and a campaign that finds its key with another value (then written);
-    /// once more for each time a proclaim finds the key rewritten by another leadership of
-    /// the session.
+    /// leftover key and a campaign that finds its key with another value (then written;
+    /// three times if the key is gone by then and the lease is checked); once more for
+    /// each time a proclaim finds the key rewritten by another leadership of the session.
     pub fn request_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.request_timeout = timeout;
         self
