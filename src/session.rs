@@ -38,9 +38,10 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// Creating a session grants a lease (or resumes one) and starts a task that renews it
 /// every TTL/3. When the process dies, renewals stop, the lease expires after its TTL and
 /// etcd deletes every key attached to it: this is how locks and leadership of a crashed
-/// process are released. etcd looks for expired leases every 500 ms, so the release comes
-/// up to about half a second after the TTL (measured with a 2 s TTL: 2.2-2.4 s). Mirrors
-/// Go's `concurrency.Session`.
+/// process are released. The TTL counts from the last renewal, up to TTL/3 before the
+/// crash, and etcd looks for expired leases every 500 ms, so the release comes at most
+/// about half a second after the TTL (measured with a 2 s TTL: 1.8-2.4 s). Mirrors Go's
+/// `concurrency.Session`.
 ///
 /// # Unreachable and frozen members
 ///
