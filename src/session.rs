@@ -159,11 +159,8 @@ impl Session {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes revokes, in the background, a lease its
-    /// grant may have created (as a build that fails does), for up to the release timeout;
-    /// a resumed lease is left as it was. A lease is left to expire after its TTL when the
-    /// future is dropped outside a Tokio runtime or as that runtime shuts down, or when a
-    /// grant held in transit reaches etcd after the release timeout.
+    /// As [`SessionBuilder::build`]: dropping the future revokes, in the background, a
+    /// lease its grant may have created.
     ///
     /// # Panics
     ///
