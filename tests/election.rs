@@ -69,8 +69,7 @@ struct Observed {
 async fn observed_through_a_proxy(name: &str, first: &str) -> Observed {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
     let (leader, watcher) = (session(&client, 10).await, session(&cut_off, 30).await);
     let leading = Election::new(&leader, name).campaign(first).await.unwrap();
     let mut observer = Box::pin(Election::new(&watcher, name).observe());
@@ -848,8 +847,7 @@ async fn a_campaign_whose_found_key_goes_with_its_lease_before_the_rewrite_says_
     let lease = earlier.lease_id();
     earlier.orphan();
     drop(leading); // its key stays: the session has ended
-    let proxy = Proxy::start(&member).await.unwrap();
-    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, slow) = common::behind_proxy(&member).await;
     let later = Session::builder(slow).lease(lease).build().await.unwrap();
     assert!(exists(&client, hex_key(&name, &later)).await);
     // The join finds the earlier key and its value; the rewrite reaches etcd a round trip

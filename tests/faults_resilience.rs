@@ -166,8 +166,7 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
 async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_attempts_time() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
     let waiter = Session::builder(slow)
         .ttl(secs(30))
         .request_timeout(secs(10))
@@ -212,8 +211,7 @@ async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_att
 async fn a_dropped_guard_is_released_within_the_release_timeout_over_a_link_slower_than_requests() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
     let session = Session::builder(slow)
         .ttl(secs(30))
         .request_timeout(millis(500))
@@ -298,8 +296,7 @@ async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_call() {
     let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
     let session = Session::builder(client)
         .ttl(secs(60))
         .request_timeout(secs(1))
@@ -334,8 +331,7 @@ async fn a_lock_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_call(
 async fn a_session_and_its_locks_work_over_a_link_slower_than_an_attempts_time() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
     // Round trips of 2.4 s or more: an attempt is sent again after 2 s unanswered, and
     // the first must still be heard.
     proxy.delay(millis(1_200));

@@ -13,7 +13,7 @@ use common::{
     unique, watch_streams_become, within,
 };
 use etcd_client::{Client, LeaseGrantOptions, LockOptions, Txn, TxnOp};
-use etcd_concurrency::testing::{EtcdCluster, Proxy};
+use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Mutex, Session};
 
 async fn session(client: &Client) -> Session {
@@ -594,8 +594,7 @@ async fn a_kept_queue_watch_that_breaks_is_opened_again() {
     let cluster = EtcdCluster::start(1).await;
     let member = cluster.endpoint(0);
     let direct = cluster.client().await;
-    let proxy = Proxy::start(&member).await.unwrap();
-    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, through_proxy) = common::behind_proxy(&member).await;
     let ours = Session::builder(through_proxy).build().await.unwrap();
     let theirs = Session::builder(direct.clone()).build().await.unwrap();
     let mutex = after_a_wait(&ours, &theirs, &direct, &unique("kept-watch")).await;
@@ -626,8 +625,7 @@ async fn a_join_attempt_that_reaches_etcd_after_the_unlock_leaves_no_key() {
 #[tokio::test]
 async fn a_lock_or_try_lock_in_flight_fails_with_session_lost_when_its_session_is_closed() {
     let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
     let patient = || {
         Session::builder(client.clone())
             .request_timeout(Duration::MAX)
@@ -658,8 +656,7 @@ async fn a_lock_or_try_lock_in_flight_fails_with_session_lost_when_its_session_i
 #[tokio::test]
 async fn a_lock_in_flight_when_its_session_expires_fails_with_session_lost() {
     let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
     // Keep-alives stall too: the session is lost 2 s after its last renewal at the
     // latest, before its join Txn's request timeout (5 s) runs out.
     let session = Session::builder(client).ttl(secs(2)).build().await.unwrap();

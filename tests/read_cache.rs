@@ -51,8 +51,7 @@ async fn caught_up(cache: &ReadCache, revision: i64) {
 /// A cache whose connection goes through a proxy that is then stalled: it keeps the copy
 /// it had, and nothing after.
 async fn frozen_cache(cluster: &EtcdCluster, prefix: &str) -> (ReadCache, Proxy) {
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
     let cache = ReadCache::watch(client, prefix).await.unwrap();
     proxy.stall();
     (cache, proxy)
@@ -516,8 +515,7 @@ async fn reads_come_from_the_copy_without_asking_etcd() {
     put(&client, &key, "cached").await;
     let cache = ReadCache::watch(client, prefix.as_str()).await.unwrap();
     // The transactions' own connection forwards nothing: only the copy can answer.
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
     proxy.stall();
     let stm = Stm::new(cut_off)
         .isolation(Isolation::ReadCommitted) // checks nothing at commit

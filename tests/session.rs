@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::{Deletion, exists, millis, secs, unique, within};
 use etcd_client::{Client, PutOptions};
-use etcd_concurrency::testing::{EtcdCluster, Proxy};
+use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Session};
 
 async fn session_with_ttl(client: Client, ttl: u64) -> Session {
@@ -87,8 +87,7 @@ async fn a_revoke_by_another_client_makes_the_session_lost() {
 #[tokio::test]
 async fn a_client_cut_off_loses_its_session_within_ttl_plus_one_second() {
     let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
     let session = session_with_ttl(client, 2).await;
     let cut_at = Instant::now();
     proxy.cut();
@@ -251,12 +250,7 @@ async fn a_build_that_times_out_leaves_no_lease() {
         }
     }
     assert!(timed_out > 0, "no build timed out");
-    within(secs(10), async {
-        while !client.leases().await.unwrap().leases().is_empty() {
-            tokio::time::sleep(millis(50)).await;
-        }
-    })
-    .await;
+    within(secs(10), common::no_leases(&client)).await;
 }
 
 #[tokio::test]
@@ -317,8 +311,7 @@ async fn a_session_whose_runtime_shut_down_is_lost() {
 async fn a_keep_alive_stream_reopened_after_an_outage_counts_from_the_renewal_that_opened_it() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
     let session = Session::builder(client).ttl(secs(6)).build().await.unwrap();
     // Down for most of a TTL: the stream is opened again by a late attempt, whose renewal
     // the lease then counts from, not from the first attempt's.
@@ -332,8 +325,7 @@ async fn a_keep_alive_stream_reopened_after_an_outage_counts_from_the_renewal_th
 async fn a_build_dropped_while_its_grant_is_in_flight_revokes_the_lease() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let slow = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
     // The grant reaches etcd a second before its answer comes back.
     proxy.delay(millis(1_000));
     let build = Session::builder(slow).ttl(secs(3600)).build();
@@ -347,20 +339,14 @@ async fn a_build_dropped_while_its_grant_is_in_flight_revokes_the_lease() {
         () = within(secs(10), granted) => {}
     }
     // The build is dropped: nothing will ever use or renew the lease it granted.
-    let revoked = async {
-        while !direct.clone().leases().await.unwrap().leases().is_empty() {
-            tokio::time::sleep(millis(20)).await;
-        }
-    };
-    within(secs(10), revoked).await;
+    within(secs(10), common::no_leases(&direct)).await;
 }
 
 #[tokio::test]
 async fn a_dropped_session_keeps_revoking_its_lease_for_the_release_timeout() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
     let session = Session::builder(cut_off)
         .ttl(secs(60))
         .request_timeout(secs(1))
@@ -373,10 +359,5 @@ async fn a_dropped_session_keeps_revoking_its_lease_for_the_release_timeout() {
     // The link comes back after the request timeout, well within the release timeout.
     tokio::time::sleep(millis(2_500)).await;
     proxy.heal();
-    let revoked = async {
-        while !direct.clone().leases().await.unwrap().leases().is_empty() {
-            tokio::time::sleep(millis(20)).await;
-        }
-    };
-    within(secs(10), revoked).await;
+    within(secs(10), common::no_leases(&direct)).await;
 }

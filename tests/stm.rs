@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{amount, millis, secs, total, transfer_concurrently, unique, value_bytes, within};
 use etcd_client::{Client, Txn, TxnOp};
-use etcd_concurrency::testing::{EtcdCluster, Proxy};
+use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Isolation, Stm};
 
 const ACCOUNTS: usize = 5;
@@ -156,8 +156,7 @@ async fn the_closures_own_error_aborts_and_writes_nothing() {
 async fn a_closure_that_goes_on_without_a_failed_read_commits_nothing_it_wrote_then() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let through = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, through) = common::behind_proxy(&cluster.endpoint(0)).await;
     let prefix = unique("unread");
     let (limit, out) = (format!("{prefix}/limit"), format!("{prefix}/out"));
     direct

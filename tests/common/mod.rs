@@ -206,6 +206,23 @@ pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// A proxy in front of the etcd member at `endpoint`, and a client that reaches etcd only
+/// through it.
+pub async fn behind_proxy(endpoint: &str) -> (etcd_concurrency::testing::Proxy, Client) {
+    let proxy = etcd_concurrency::testing::Proxy::start(endpoint)
+        .await
+        .unwrap();
+    let client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    (proxy, client)
+}
+
+/// Waits until etcd holds no lease.
+pub async fn no_leases(client: &Client) {
+    while !client.clone().leases().await.unwrap().leases().is_empty() {
+        tokio::time::sleep(millis(50)).await;
+    }
+}
+
 /// Waits until no key is under `prefix`.
 pub async fn no_keys_under(client: &Client, prefix: &str) {
     while !keys_under(client, prefix).await.is_empty() {
