@@ -413,6 +413,33 @@ async fn campaigning_again_on_one_session_resumes_the_key_with_the_new_value() {
 }
 
 #[tokio::test]
+async fn a_proclaim_while_a_candidate_waits_does_not_elect_it() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("proclaim-waiting");
+    let (a, b) = (session(&client, 10).await, session(&client, 10).await);
+    let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
+    let mut campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
+    within(secs(5), appears(&client, &hex_key(&name, &b))).await;
+    // Each proclaim rewrites the leader's key: an event in the queue that b watches, but
+    // no change of leader.
+    for value in ["a2", "a3", "a4"] {
+        leading_a.proclaim(value).await.unwrap();
+    }
+    within(secs(5), holds(&client, leading_a.key(), b"a4")).await;
+    let early = tokio::time::timeout(millis(500), &mut campaign_b).await;
+    assert!(
+        early.is_err(),
+        "b was told it leads while a still does: {early:?}"
+    );
+    let token_a = leading_a.fencing_token();
+    leading_a.resign().await.unwrap();
+    let leading_b = within(secs(5), campaign_b).await.unwrap().unwrap();
+    assert!(leading_b.fencing_token() > token_a);
+    leading_b.resign().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_deposed_leader_can_neither_proclaim_nor_resign() {
     let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;
