@@ -471,6 +471,32 @@ async fn a_lock_queued_behind_a_guard_of_its_own_session_gets_session_lost() {
 }
 
 #[tokio::test]
+async fn a_lock_refused_for_a_revoked_lease_marks_the_session_lost_at_once() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    for try_only in [false, true] {
+        // A long TTL: the keep-alive hears of the revoke only 20 s later.
+        let ours = Session::builder(client.clone())
+            .ttl(secs(60))
+            .build()
+            .await
+            .unwrap();
+        let name = unique("revoked-before-lock");
+        client.lease_revoke(ours.lease_id()).await.unwrap();
+        let mutex = Mutex::new(&ours, &name);
+        let result = if try_only {
+            within(secs(5), mutex.try_lock()).await.map(drop)
+        } else {
+            within(secs(5), mutex.lock()).await.map(drop)
+        };
+        assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
+        assert!(ours.is_lost(), "etcd refused the key for the lease");
+        within(millis(100), ours.lost()).await;
+        assert!(keys_under(&client, &format!("{name}/")).await.is_empty());
+    }
+}
+
+#[tokio::test]
 async fn a_lost_session_cannot_lock() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
