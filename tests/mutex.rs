@@ -497,6 +497,54 @@ async fn a_lock_refused_for_a_revoked_lease_marks_the_session_lost_at_once() {
 }
 
 #[tokio::test]
+async fn try_lock_on_a_resumed_lease_whose_key_waits_behind_the_holder_gives_none() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("resumed-waiter");
+    let holder = session(&client).await;
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    // An earlier process queued behind the holder, then handed its lease over.
+    let earlier = Session::builder(client.clone())
+        .ttl(secs(30))
+        .build()
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let mutex = Mutex::new(&earlier, &name);
+        async move { mutex.lock().await.map(drop) }
+    });
+    let leftover = hex_key(&name, &earlier);
+    within(secs(5), appears(&client, &leftover)).await;
+    let lease = earlier.lease_id();
+    earlier.orphan();
+    let result = within(secs(5), waiting).await.unwrap();
+    assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
+    assert!(
+        exists(&client, leftover.as_slice()).await,
+        "an orphan's key stays"
+    );
+
+    let resumed = Session::builder(client.clone())
+        .lease(lease)
+        .build()
+        .await
+        .unwrap();
+    let tried = within(secs(5), Mutex::new(&resumed, &name).try_lock()).await;
+    assert!(
+        matches!(&tried, Ok(None)),
+        "the holder still holds: {:?}",
+        tried.map(|guard| guard.map(|guard| guard.fencing_token()))
+    );
+    assert_eq!(
+        keys_under(&client, &format!("{name}/")).await,
+        [String::from_utf8(guard.key().to_vec()).unwrap()],
+        "the leftover key is withdrawn, the holder's kept"
+    );
+    guard.unlock().await.unwrap();
+    resumed.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_lost_session_cannot_lock() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
