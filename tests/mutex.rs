@@ -545,6 +545,36 @@ async fn try_lock_on_a_resumed_lease_whose_key_waits_behind_the_holder_gives_non
 }
 
 #[tokio::test]
+async fn an_unlock_that_fails_in_an_outage_goes_on_in_the_background() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let holder = Session::builder(cut_off)
+        .ttl(secs(30))
+        .request_timeout(secs(1))
+        .build()
+        .await
+        .unwrap();
+    let guard = Mutex::new(&holder, unique("unlock-in-outage"))
+        .lock()
+        .await
+        .unwrap();
+    let key = String::from_utf8(guard.key().to_vec()).unwrap();
+    let deletion = Deletion::of(&client, &key).await;
+    proxy.cut();
+    let unlocked = within(secs(5), guard.unlock()).await;
+    assert!(
+        matches!(&unlocked, Err(error) if error.is_transient()),
+        "{unlocked:?}"
+    );
+    assert!(exists(&client, key.as_str()).await, "nothing reached etcd");
+    // As documented: releasing goes on in the background while the session lives.
+    proxy.heal();
+    within(secs(10), deletion.happened()).await;
+    assert!(!holder.is_lost());
+}
+
+#[tokio::test]
 async fn a_lost_session_cannot_lock() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
