@@ -257,6 +257,48 @@ async fn serializable_reads_see_one_snapshot() {
 }
 
 #[tokio::test]
+async fn a_read_only_retry_after_a_conflict_reads_the_revision_of_the_values_handed_over() {
+    // `a` and `b` are always written together, so any one revision has them equal. The
+    // first attempt reads `a` and conflicts; the second starts from the value of `a` its
+    // failed commit read, reads `b` and is read-only, so at the snapshot levels nothing
+    // checks its reads afterwards: `b` must be read at the revision of `a`'s value.
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let both = |prefix: &str, value: &str| {
+        Txn::new().and_then([
+            TxnOp::put(format!("{prefix}/a"), value, None),
+            TxnOp::put(format!("{prefix}/b"), value, None),
+        ])
+    };
+    for isolation in [Isolation::SerializableSnapshot, Isolation::Serializable] {
+        let prefix = unique("handed-over");
+        let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
+        client.clone().txn(both(&prefix, "0")).await.unwrap();
+        let runs = AtomicU32::new(0);
+        let seen = Stm::new(client.clone())
+            .isolation(isolation)
+            .run(async |tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let seen_a = tx.get(&a).await?;
+                // Both change after each attempt's read of `a`.
+                let value = (run + 1).to_string();
+                client.clone().txn(both(&prefix, &value)).await.unwrap();
+                if run == 0 {
+                    tx.put(format!("{prefix}/written"), "x"); // conflicts: `a` changed
+                    return Ok((0, 0));
+                }
+                // Not read by the failed commit: read now, at the revision of `a`'s value.
+                let seen_b = tx.get(&b).await?;
+                Ok::<_, Error>((amount(seen_a), amount(seen_b)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(runs.into_inner(), 2, "{isolation:?}");
+        assert_eq!(seen, (1, 1), "{isolation:?}: a state that never existed");
+    }
+}
+
+#[tokio::test]
 async fn a_blind_write_after_a_read_does_not_retry_needlessly() {
     // Go's TestSTMSerializableSnapshotPut.
     let cluster = EtcdCluster::start(1).await;
