@@ -480,6 +480,37 @@ async fn a_stale_cache_costs_a_conflict_never_a_lost_update() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_pinned_by_a_read_from_etcd_does_not_read_the_copy() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let (from, _to, cache, _proxy) = accounts_behind_a_frozen_cache(&cluster, &client).await;
+    let outside = unique("outside-the-copy");
+    put(&client, &outside, "x").await;
+    for isolation in [Isolation::SerializableSnapshot, Isolation::Serializable] {
+        // The first read, of a key outside the prefix, pins the attempt's snapshot to
+        // etcd's current revision; the cached key must then be read at that revision too,
+        // not from a copy of another one (here, frozen before `from` became 40).
+        let seen = std::sync::Mutex::new(Vec::new());
+        let stm = Stm::new(client.clone())
+            .read_cache(cache.clone())
+            .isolation(isolation);
+        let balance = within(
+            secs(10),
+            stm.run(async |tx| {
+                tx.get(&outside).await?;
+                let balance = amount(tx.get(&from).await?);
+                seen.lock().unwrap().push(balance);
+                Ok::<_, Error>(balance)
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(balance, 40, "{isolation:?}");
+        assert_eq!(seen.into_inner().unwrap(), [40], "{isolation:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_repeated_conflicts_a_cache_that_fell_behind_is_not_read_again() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
