@@ -8,10 +8,10 @@ mod common;
 
 use std::pin::pin;
 
-use common::{keys_under, secs, unique, within};
-use etcd_client::{Client, ConnectOptions, Permission};
+use common::{keys_under, millis, secs, unique, within};
+use etcd_client::{Client, ConnectOptions, Permission, RoleRevokePermissionOptions};
 use etcd_concurrency::testing::EtcdCluster;
-use etcd_concurrency::{Election, Error, Mutex, ReadCache, Session, Stm};
+use etcd_concurrency::{Election, Error, Isolation, Mutex, ReadCache, Session, Stm};
 use futures::StreamExt;
 
 /// Enables authentication with `root`/`root-secret` and a user `reader`/`reader-secret`
@@ -164,4 +164,66 @@ async fn a_lock_that_never_reached_etcd_leaves_nothing_to_undo() {
     cluster.restart(0).await;
     let guard = within(secs(10), mutex.lock()).await.unwrap();
     within(secs(5), guard.unlock()).await.unwrap();
+}
+
+/// A cache whose watch etcd refuses for good (its user lost the permission to read the
+/// prefix) stops, and transactions read from etcd again, as `ReadCache`'s docs say,
+/// instead of reading its last copy, or an empty one.
+#[tokio::test]
+async fn transactions_read_etcd_once_a_cache_whose_watch_is_refused_has_stopped() {
+    let cluster = EtcdCluster::start(1).await;
+    let admin = cluster.client().await;
+    // Under `/allowed/`, which `reader` may read until the permission is revoked.
+    let prefix = format!("/allowed{}", unique("stopped-cache"));
+    let key = format!("{prefix}/key");
+    admin
+        .clone()
+        .put(key.as_str(), "before", None)
+        .await
+        .unwrap();
+    enable_auth(&mut admin.clone()).await;
+    let root = connect_as(&cluster, "root", "root-secret").await.unwrap();
+    // The reader's cache reaches etcd through a proxy, to break its watch at will.
+    let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
+        .await
+        .unwrap();
+    let options = ConnectOptions::new().with_user("reader", "reader-secret");
+    let reader = Client::connect([proxy.endpoint()], Some(options))
+        .await
+        .unwrap();
+    let cache = within(secs(5), ReadCache::watch(reader, prefix.as_str()))
+        .await
+        .unwrap();
+    assert!(cache.revision() > 0);
+
+    root.clone()
+        .role_revoke_permission(
+            "reader",
+            "/allowed/",
+            Some(RoleRevokePermissionOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    root.clone().put(key.as_str(), "after", None).await.unwrap();
+    // The watch is opened again, and refused.
+    proxy.cut();
+    proxy.heal();
+    within(secs(10), async {
+        while cache.revision() != 0 {
+            tokio::time::sleep(millis(20)).await;
+        }
+    })
+    .await;
+
+    for isolation in [Isolation::ReadCommitted, Isolation::SerializableSnapshot] {
+        let stm = Stm::new(root.clone())
+            .read_cache(cache.clone())
+            .isolation(isolation);
+        let read = within(secs(5), stm.run(async |tx| tx.get(&key).await)).await;
+        assert_eq!(
+            read.unwrap().as_deref(),
+            Some(&b"after"[..]),
+            "{isolation:?}"
+        );
+    }
 }
