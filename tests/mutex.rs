@@ -575,6 +575,40 @@ async fn an_unlock_that_fails_in_an_outage_goes_on_in_the_background() {
 }
 
 #[tokio::test]
+async fn a_waiter_whose_key_is_deleted_while_its_watch_is_broken_gets_ownership_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let client = cluster.client().await;
+    let name = unique("deleted-while-cut-off");
+    let holder = session(&client).await;
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let (proxy, cut_off) = common::behind_proxy(&member).await;
+    let waiter = Session::builder(cut_off)
+        .ttl(secs(10))
+        .build()
+        .await
+        .unwrap();
+    let before = common::watch_streams(&member).await;
+    let attempt = tokio::spawn({
+        let mutex = Mutex::new(&waiter, &name);
+        async move { mutex.lock().await.map(drop) }
+    });
+    let waiter_key = hex_key(&name, &waiter);
+    within(secs(5), appears(&client, &waiter_key)).await;
+    within(secs(5), watch_streams_become(&member, before + 1)).await;
+    // The waiter's watch breaks; while it is down, its key is deleted and the holder
+    // leaves: the queue it reads again on re-opening has nobody ahead, nor its own key.
+    proxy.cut();
+    within(secs(5), watch_streams_become(&member, before)).await;
+    client.clone().delete(waiter_key, None).await.unwrap();
+    guard.unlock().await.unwrap();
+    proxy.heal();
+    let result = within(secs(10), attempt).await.unwrap();
+    assert!(matches!(result, Err(Error::OwnershipLost)), "{result:?}");
+    assert!(keys_under(&client, &format!("{name}/")).await.is_empty());
+}
+
+#[tokio::test]
 async fn a_lost_session_cannot_lock() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
