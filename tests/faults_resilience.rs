@@ -351,3 +351,40 @@ async fn a_session_and_its_locks_work_over_a_link_slower_than_an_attempts_time()
     within(secs(10), session.close()).await.unwrap();
     assert!(keys_under(&direct, &prefix).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_of_a_lock_cut_off_with_its_outcome_unknown_is_deleted_when_no_call_takes_it_up() {
+    let cluster = EtcdCluster::start(1).await;
+    let observer = cluster.client().await;
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = Session::builder(client)
+        .ttl(secs(60))
+        .request_timeout(secs(1))
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let name = unique("unknown-outcome-left");
+        let key = format!("{name}/{:x}", session.lease_id());
+        let mut changes = observer.clone().watch(key.as_str(), None).await.unwrap();
+        // Requests hang: the join may or may not be applied, later.
+        proxy.stall();
+        let locked = within(secs(5), Mutex::new(&session, &name).lock()).await;
+        assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+        // The held attempt reaches etcd now and makes the key, unless the cancellation
+        // that follows it came first. Nobody takes the key up: the session deletes it.
+        proxy.heal();
+        let Ok(made) = tokio::time::timeout(secs(1), common::next_change(&mut changes)).await
+        else {
+            continue;
+        };
+        assert_eq!(made, etcd_client::EventType::Put);
+        assert_eq!(
+            within(secs(5), common::next_change(&mut changes)).await,
+            etcd_client::EventType::Delete,
+            "the key of a lock whose outcome was unknown was left for the session's life"
+        );
+        return;
+    }
+    panic!("no join attempt reached etcd after the heal in 10 tries");
+}
