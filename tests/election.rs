@@ -413,6 +413,47 @@ async fn campaigning_again_on_one_session_resumes_the_key_with_the_new_value() {
 }
 
 #[tokio::test]
+async fn leader_is_the_oldest_candidate_not_the_newest() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("leader-of-many");
+    let sessions = [
+        session(&client, 10).await,
+        session(&client, 10).await,
+        session(&client, 10).await,
+    ];
+    let leading = Election::new(&sessions[0], &name)
+        .campaign("first")
+        .await
+        .unwrap();
+    let mut waiting = Vec::new();
+    for (candidate, value) in sessions[1..].iter().zip(["second", "third"]) {
+        waiting.push(spawn_campaign(&Election::new(candidate, &name), value));
+        within(secs(5), appears(&client, &hex_key(&name, candidate))).await;
+    }
+    let leader = Election::new(&sessions[2], &name)
+        .leader()
+        .await
+        .unwrap()
+        .expect("someone leads");
+    assert_eq!(String::from_utf8_lossy(leader.value()), "first");
+    assert_eq!(leader.key(), leading.key());
+    assert_eq!(leader.create_revision(), leading.fencing_token());
+    leading.resign().await.unwrap();
+    let next = within(secs(5), waiting.remove(0)).await.unwrap().unwrap();
+    let leader = Election::new(&sessions[0], &name).leader().await.unwrap();
+    assert_eq!(leader.expect("someone leads").key(), next.key());
+    next.resign().await.unwrap();
+    within(secs(5), waiting.remove(0))
+        .await
+        .unwrap()
+        .unwrap()
+        .resign()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_proclaim_while_a_candidate_waits_does_not_elect_it() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
