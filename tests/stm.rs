@@ -299,6 +299,47 @@ async fn a_read_only_retry_after_a_conflict_reads_the_revision_of_the_values_han
 }
 
 #[tokio::test]
+async fn a_commit_applied_whose_answer_is_lost_is_not_sent_again() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let key = unique("answer-lost");
+    direct.clone().put(key.as_str(), "0", None).await.unwrap();
+    let mut changes = direct.clone().watch(key.as_str(), None).await.unwrap();
+    let stm = Stm::new(cut_off);
+    let runs = AtomicU32::new(0);
+    let run = stm.run(async |tx| {
+        let run = runs.fetch_add(1, Ordering::SeqCst);
+        let counter = amount(tx.get(&key).await?);
+        if run == 0 {
+            // The commit reaches etcd half a second after it is sent, and its answer
+            // would come back half a second after it is applied.
+            proxy.delay(millis(500));
+        }
+        tx.put(key.as_str(), (counter + 1).to_string());
+        Ok::<_, Error>(counter + 1)
+    });
+    // The link goes down once the commit is applied, before its answer is back.
+    let cut_once_applied = async {
+        let change = common::next_change(&mut changes).await;
+        assert_eq!(change, etcd_client::EventType::Put);
+        proxy.cut();
+        proxy.delay(Duration::ZERO);
+        proxy.heal();
+    };
+    let (result, ()) = within(secs(20), futures::future::join(run, cut_once_applied)).await;
+    // Its outcome is unknown to the client: sending it again (or running the closure
+    // again on the conflict a second copy meets) would count twice.
+    assert!(
+        matches!(&result, Err(error) if error.is_transient()),
+        "{result:?}"
+    );
+    assert_eq!(runs.into_inner(), 1);
+    let stored = common::read(&direct, key.as_str(), None).await;
+    assert_eq!(stored.kvs()[0].value(), b"1");
+}
+
+#[tokio::test]
 async fn a_blind_write_after_a_read_does_not_retry_needlessly() {
     // Go's TestSTMSerializableSnapshotPut.
     let cluster = EtcdCluster::start(1).await;
