@@ -361,3 +361,43 @@ async fn a_dropped_session_keeps_revoking_its_lease_for_the_release_timeout() {
     proxy.heal();
     within(secs(10), common::no_leases(&direct)).await;
 }
+
+#[tokio::test]
+async fn a_renewal_over_a_slow_link_counts_from_when_it_was_sent_not_from_its_answer() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    // Round trips of 3 s or more. The keep-alive stream is opened, with a renewal, as
+    // soon as the session is built; its answer comes 3 s later.
+    proxy.delay(millis(1_500));
+    let build = Session::builder(slow)
+        .ttl(secs(30))
+        .request_timeout(secs(10))
+        .build();
+    let session = within(secs(20), build).await.unwrap();
+    put_on_lease_directly(&direct, &session, "slow-renewal").await;
+    let renewal_sent_by = Instant::now();
+    // The link goes down after that answer and before the next renewal (10 s after it):
+    // the opening's renewal is the last. The session must count its TTL from when that
+    // renewal was sent (before `renewal_sent_by`), as etcd counts from no earlier; from
+    // its answer, it would think itself alive 3 s longer, past etcd's expiry whenever
+    // the answer takes longer to come back than the renewal took to arrive.
+    tokio::time::sleep(secs(6)).await;
+    proxy.cut();
+    within(secs(40), session.lost()).await;
+    let lost_after = renewal_sent_by.elapsed();
+    assert!(
+        lost_after <= secs(31),
+        "lost {lost_after:?} after the last renewal was sent, with a 30 s TTL"
+    );
+}
+
+/// Puts a key `name` (made unique) on `session`'s lease through `client`.
+async fn put_on_lease_directly(client: &Client, session: &Session, name: &str) {
+    let options = PutOptions::new().with_lease(session.lease_id());
+    client
+        .clone()
+        .put(unique(name), "v", Some(options))
+        .await
+        .unwrap();
+}
