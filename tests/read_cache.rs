@@ -666,6 +666,30 @@ async fn a_change_caught_beyond_the_first_compares_is_not_read_from_a_frozen_cop
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_caught_beyond_the_first_compares_is_not_read_from_a_frozen_copy_again() {
+    const KEYS: usize = 2_000; // the check compares 128, then reads the rest keys-only
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("many-frozen-deleted");
+    let keys = put_many(&client, &prefix, KEYS, b"1").await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    client.clone().delete(keys[7].as_str(), None).await.unwrap();
+    // As with a change, but the key is gone: the check reads its mod revision as 0, and
+    // the copy must still show the deletion (at the revision checked) before the second
+    // attempt reads it again.
+    for isolation in [Isolation::SerializableSnapshot, Isolation::RepeatableReads] {
+        let stm = Stm::new(client.clone())
+            .isolation(isolation)
+            .read_cache(cache.clone())
+            .max_attempts(2);
+        let sum = within(secs(20), stm.run(async |tx| sum(tx, &keys).await))
+            .await
+            .unwrap();
+        assert_eq!(sum, KEYS as u64 - 1, "{isolation:?}");
+    }
+}
+
 #[tokio::test]
 async fn deleting_an_absent_cached_key_does_not_stall_the_next_reads() {
     const RUNS: usize = 20;
