@@ -223,6 +223,35 @@ mod tests {
         etcd_client::Error::GRpcStatus(tonic::Status::unavailable("member down"))
     }
 
+    #[test]
+    fn backoff_waits_are_jittered_and_their_step_doubles_up_to_its_cap() {
+        let (first, max) = (Duration::from_millis(10), Duration::from_millis(100));
+        // Samples many back-offs at each of their first steps: every wait is within the
+        // step, and the largest seen comes close to it.
+        let mut longest = [Duration::ZERO; 8];
+        let mut distinct = std::collections::HashSet::new();
+        for _ in 0..400 {
+            let mut backoff = Backoff::with_steps(first, max);
+            for longest in &mut longest {
+                let delay = backoff.next_delay();
+                *longest = (*longest).max(delay);
+                distinct.insert(delay);
+            }
+        }
+        let steps = [10, 20, 40, 80, 100, 100, 100, 100].map(Duration::from_millis);
+        for (i, (longest, step)) in longest.into_iter().zip(steps).enumerate() {
+            assert!(
+                longest <= step,
+                "wait {i}: {longest:?} over its step {step:?}"
+            );
+            assert!(
+                longest >= step * 3 / 4,
+                "wait {i}: at most {longest:?}, step {step:?}"
+            );
+        }
+        assert!(distinct.len() > 100, "waits are not jittered: {distinct:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retries_transient_errors_until_success() {
         let calls = AtomicU32::new(0);
