@@ -401,3 +401,15 @@ async fn put_on_lease_directly(client: &Client, session: &Session, name: &str) {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn closing_a_session_whose_lease_someone_else_revoked_is_not_an_error() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut other = cluster.client().await;
+    let session = session_with_ttl(cluster.client().await, 30).await;
+    other.lease_revoke(session.lease_id()).await.unwrap();
+    // Closed before the keep-alive has noticed, and after: the lease is gone either way.
+    let clone = session.clone();
+    within(secs(5), session.close()).await.unwrap();
+    within(secs(5), clone.close()).await.unwrap();
+}
