@@ -413,3 +413,25 @@ async fn closing_a_session_whose_lease_someone_else_revoked_is_not_an_error() {
     within(secs(5), session.close()).await.unwrap();
     within(secs(5), clone.close()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_close_that_cannot_reach_etcd_says_so_within_the_request_timeout() {
+    let cluster = EtcdCluster::start(1).await;
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = Session::builder(client)
+        .ttl(secs(30))
+        .request_timeout(secs(1))
+        .build()
+        .await
+        .unwrap();
+    let key = unique("close-cut");
+    put_on_lease(&session, &key).await;
+    proxy.cut();
+    let closed = within(secs(3), session.close()).await;
+    assert!(
+        matches!(&closed, Err(error) if error.is_transient()),
+        "{closed:?}"
+    );
+    // Nothing was revoked: the key stays until the lease expires.
+    assert!(exists(&cluster.client().await, key.as_str()).await);
+}
