@@ -435,3 +435,16 @@ async fn a_close_that_cannot_reach_etcd_says_so_within_the_request_timeout() {
     // Nothing was revoked: the key stays until the lease expires.
     assert!(exists(&cluster.client().await, key.as_str()).await);
 }
+
+#[tokio::test]
+async fn the_longest_ttl_etcd_grants_is_accepted() {
+    let cluster = EtcdCluster::start(1).await;
+    let longest = secs(9_000_000_000);
+    let session = Session::builder(cluster.client().await)
+        .ttl(longest)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(session.ttl(), longest);
+    within(secs(5), session.close()).await.unwrap();
+}
