@@ -995,3 +995,22 @@ async fn a_proclaim_attempt_that_reaches_etcd_late_writes_nothing() {
 async fn mod_revision(client: &Client, key: &[u8]) -> i64 {
     read(client, key, None).await.kvs()[0].mod_revision()
 }
+
+#[tokio::test]
+async fn a_leader_whose_session_is_orphaned_proclaims_nothing() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let orphaned = session(&client, 30).await;
+    let election = Election::new(&orphaned, unique("orphaned"));
+    let leading = election.campaign("before").await.unwrap();
+    // The lease and the key stay, but the session no longer keeps them: it is lost.
+    orphaned.clone().orphan();
+    assert!(orphaned.is_lost());
+    let proclaimed = within(secs(5), leading.proclaim("after")).await;
+    assert!(
+        matches!(proclaimed, Err(Error::SessionLost)),
+        "{proclaimed:?}"
+    );
+    let now = read(&client, leading.key(), None).await;
+    assert_eq!(now.kvs()[0].value(), b"before", "nothing written");
+}
