@@ -388,3 +388,42 @@ async fn the_key_of_a_lock_cut_off_with_its_outcome_unknown_is_deleted_when_no_c
     }
     panic!("no join attempt reached etcd after the heal in 10 tries");
 }
+
+/// The waiter's watch is open through a connection that then freezes (the connection
+/// stays open, nothing comes back): only the watch's liveness check (silence, then an
+/// unanswered progress request) can tell, and it re-opens the watch through the healthy
+/// path, so the waiter gets the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiters_watch_open_through_a_connection_that_freezes_is_reopened() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let proxy = Proxy::start(&member).await.unwrap();
+    let waiter_client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let waiter = Session::builder(waiter_client.clone())
+        .ttl(secs(30))
+        .request_timeout(secs(15))
+        .build()
+        .await
+        .unwrap();
+    let holder = Session::builder(cluster.client().await)
+        .ttl(secs(30))
+        .build()
+        .await
+        .unwrap();
+    let name = unique("frozen-watch");
+    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let watches = common::watch_streams(&member).await;
+    let mutex = Mutex::new(&waiter, &name);
+    let waiting = tokio::spawn(async move { mutex.lock().await });
+    // The waiter's watch is open, through the proxy: its only endpoint.
+    within(secs(5), common::watch_streams_become(&member, watches + 1)).await;
+
+    proxy.stall();
+    waiter_client.add_endpoint(member).await.unwrap();
+    guard.unlock().await.unwrap();
+    // 5 s of silence, 5 s more for the progress notification, then a re-open (sent
+    // again after 2 s if it lands on the frozen connection) and a read.
+    let held = within(secs(20), waiting).await.unwrap().unwrap();
+    assert!(!waiter.is_lost());
+    drop(held);
+}
