@@ -817,3 +817,38 @@ async fn the_queue_watch_a_mutex_keeps_between_calls_is_closed_with_its_session(
     within(secs(5), watch_streams_become(&member, 0)).await;
     drop(mutex);
 }
+
+#[tokio::test]
+async fn a_stale_guards_ownership_compare_fails_once_its_lease_holds_the_key_again() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("stale-compare");
+    let data = format!("{name}-data");
+    let first = session(&client).await;
+    let stale = Mutex::new(&first, &name).lock().await.unwrap();
+    client.delete(stale.key(), None).await.unwrap(); // released behind its back
+    within(secs(2), stale.lost()).await;
+    // The same lease takes the lock again: same key, new incarnation.
+    let resumed = Session::builder(client.clone())
+        .lease(first.lease_id())
+        .build()
+        .await
+        .unwrap();
+    let newer = within(secs(5), Mutex::new(&resumed, &name).lock())
+        .await
+        .unwrap();
+    assert_eq!(newer.key(), stale.key());
+    let write = |guard: &etcd_concurrency::MutexGuard, value: &'static str| {
+        Txn::new()
+            .when([guard.ownership_compare()])
+            .and_then([TxnOp::put(data.as_str(), value, None)])
+    };
+    let answer = client.txn(write(&stale, "stale")).await.unwrap();
+    assert!(
+        !answer.succeeded(),
+        "the stale holder's fenced write went in"
+    );
+    let answer = client.txn(write(&newer, "newer")).await.unwrap();
+    assert!(answer.succeeded(), "the holder's fenced write was refused");
+    newer.unlock().await.unwrap();
+}
