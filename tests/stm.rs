@@ -583,3 +583,28 @@ async fn a_read_only_check_of_many_large_values_stays_within_one_answer() {
         .unwrap();
     assert_eq!(read, KEYS * value.len());
 }
+
+#[tokio::test]
+async fn the_first_attempt_reads_prefetched_values_as_they_were_before_it_ran() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let key = unique("prefetched");
+    client.clone().put(key.as_str(), "1", None).await.unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    Stm::new(client.clone())
+        .prefetch([key.as_str()])
+        .run(async |tx| {
+            if seen.lock().unwrap().is_empty() {
+                // Changed after the prefetch, before the closure's read: that read is
+                // answered from the prefetch, and the commit conflicts.
+                client.clone().put(key.as_str(), "2", None).await.unwrap();
+            }
+            let value = tx.get(&key).await?;
+            seen.lock().unwrap().push(amount(value));
+            tx.put(format!("{key}-copy"), "x");
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(*seen.lock().unwrap(), [1, 2]);
+}
