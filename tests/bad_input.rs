@@ -95,12 +95,7 @@ async fn a_wrong_password_and_missing_permissions_give_clear_errors() {
 async fn a_cluster_that_goes_away_gives_errors_in_bounded_time() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let session = Session::builder(client.clone())
-        .ttl(secs(5))
-        .request_timeout(secs(1))
-        .build()
-        .await
-        .unwrap();
+    let session = common::session_with(client.clone(), secs(5), secs(1)).await;
     let mutex = Mutex::new(&session, unique("gone"));
     let stm = Stm::new(client.clone()).request_timeout(secs(1));
     cluster.kill(0); // connections are refused from now on
@@ -126,12 +121,7 @@ async fn a_cluster_that_goes_away_gives_errors_in_bounded_time() {
 async fn a_lock_that_never_reached_etcd_leaves_nothing_to_undo() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let session = Session::builder(client.clone())
-        .ttl(secs(60))
-        .request_timeout(secs(1))
-        .build()
-        .await
-        .unwrap();
+    let session = common::session_with(client.clone(), secs(60), secs(1)).await;
     let mutex = Mutex::new(&session, unique("refused"));
     cluster.kill(0);
     // Until the client has seen its connection close, a request may still be sent on it.

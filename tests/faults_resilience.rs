@@ -167,12 +167,7 @@ async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_att
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let waiter = Session::builder(slow)
-        .ttl(secs(30))
-        .request_timeout(secs(10))
-        .build()
-        .await
-        .unwrap();
+    let waiter = common::session_with(slow, secs(30), secs(10)).await;
     let holder = Session::new(direct.clone()).await.unwrap();
     let name = unique("slow-watch");
     let lock = format!("{name}/lock");
@@ -255,12 +250,7 @@ async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
     let waiter_client = Client::connect([proxy.endpoint()], None).await.unwrap();
     // A plain client keeps sending about half its requests to the frozen connection (no
     // HTTP/2 pings evict it): give requests time for several attempts.
-    let waiter = Session::builder(waiter_client.clone())
-        .ttl(secs(30))
-        .request_timeout(secs(25))
-        .build()
-        .await
-        .unwrap();
+    let waiter = common::session_with(waiter_client.clone(), secs(30), secs(25)).await;
     let client = cluster.client().await;
     let holder = Session::builder(client.clone())
         .ttl(secs(30))
@@ -297,12 +287,7 @@ async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
 async fn a_lock_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_call() {
     let cluster = EtcdCluster::start(1).await;
     let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let session = Session::builder(client)
-        .ttl(secs(60))
-        .request_timeout(secs(1))
-        .build()
-        .await
-        .unwrap();
+    let session = common::session_with(client, secs(60), secs(1)).await;
     let name = unique("unknown-outcome");
     let mutex = Mutex::new(&session, &name);
 
@@ -357,12 +342,7 @@ async fn the_key_of_a_lock_cut_off_with_its_outcome_unknown_is_deleted_when_no_c
     let cluster = EtcdCluster::start(1).await;
     let observer = cluster.client().await;
     let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let session = Session::builder(client)
-        .ttl(secs(60))
-        .request_timeout(secs(1))
-        .build()
-        .await
-        .unwrap();
+    let session = common::session_with(client, secs(60), secs(1)).await;
     for _ in 0..10 {
         let name = unique("unknown-outcome-left");
         let key = format!("{name}/{:x}", session.lease_id());
@@ -399,12 +379,7 @@ async fn a_waiters_watch_open_through_a_connection_that_freezes_is_reopened() {
     let member = cluster.endpoint(0);
     let proxy = Proxy::start(&member).await.unwrap();
     let waiter_client = Client::connect([proxy.endpoint()], None).await.unwrap();
-    let waiter = Session::builder(waiter_client.clone())
-        .ttl(secs(30))
-        .request_timeout(secs(15))
-        .build()
-        .await
-        .unwrap();
+    let waiter = common::session_with(waiter_client.clone(), secs(30), secs(15)).await;
     let holder = Session::builder(cluster.client().await)
         .ttl(secs(30))
         .build()

@@ -549,12 +549,7 @@ async fn an_unlock_that_fails_in_an_outage_goes_on_in_the_background() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let holder = Session::builder(cut_off)
-        .ttl(secs(30))
-        .request_timeout(secs(1))
-        .build()
-        .await
-        .unwrap();
+    let holder = common::session_with(cut_off, secs(30), secs(1)).await;
     let guard = Mutex::new(&holder, unique("unlock-in-outage"))
         .lock()
         .await

@@ -418,12 +418,7 @@ async fn closing_a_session_whose_lease_someone_else_revoked_is_not_an_error() {
 async fn a_close_that_cannot_reach_etcd_says_so_within_the_request_timeout() {
     let cluster = EtcdCluster::start(1).await;
     let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let session = Session::builder(client)
-        .ttl(secs(30))
-        .request_timeout(secs(1))
-        .build()
-        .await
-        .unwrap();
+    let session = common::session_with(client, secs(30), secs(1)).await;
     let key = unique("close-cut");
     put_on_lease(&session, &key).await;
     proxy.cut();

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, GetResponse};
-use etcd_concurrency::{Stm, StmTxn};
+use etcd_concurrency::{Session, Stm, StmTxn};
 
 /// The total length of the values of `keys` (0 for an absent one), read in `tx`.
 pub async fn value_bytes(tx: &mut StmTxn, keys: &[String]) -> etcd_concurrency::Result<usize> {
@@ -204,6 +204,17 @@ pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
         .iter()
         .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
         .collect()
+}
+
+/// A session on `client` whose lease lasts `ttl` and whose requests are given
+/// `request_timeout`.
+pub async fn session_with(client: Client, ttl: Duration, request_timeout: Duration) -> Session {
+    Session::builder(client)
+        .ttl(ttl)
+        .request_timeout(request_timeout)
+        .build()
+        .await
+        .unwrap()
 }
 
 /// A proxy in front of the etcd member at `endpoint`, and a client that reaches etcd only
