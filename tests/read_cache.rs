@@ -644,16 +644,41 @@ async fn a_change_to_any_of_many_keys_read_is_caught_by_the_read_only_check() {
 
 #[tokio::test]
 async fn a_change_caught_beyond_the_first_compares_is_not_read_from_a_frozen_copy_again() {
+    caught_beyond_the_first_compares(Change::Put).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_caught_beyond_the_first_compares_is_not_read_from_a_frozen_copy_again() {
+    // The check reads the deleted key's mod revision as 0, and the copy must still show
+    // the deletion (at the revision checked) before the second attempt reads it again.
+    caught_beyond_the_first_compares(Change::Delete).await;
+}
+
+enum Change {
+    Put,
+    Delete,
+}
+
+/// One of 2,000 keys changes behind a frozen copy. The first attempt reads the copy, and
+/// its check finds the change, most likely among the keys it reads after the compares,
+/// without their values. The second attempt must then not read the copy again.
+async fn caught_beyond_the_first_compares(change: Change) {
     const KEYS: usize = 2_000; // the check compares 128, then reads the rest keys-only
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("many-frozen");
     let keys = put_many(&client, &prefix, KEYS, b"1").await;
     let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
-    put(&client, &keys[7], "2").await;
-    // The first attempt reads the frozen copy, and its check finds the change, most
-    // likely among the keys it reads after the compares, without their values. The
-    // second attempt must then not read the copy again.
+    let expected = match change {
+        Change::Put => {
+            put(&client, &keys[7], "2").await;
+            KEYS as u64 + 1
+        }
+        Change::Delete => {
+            client.clone().delete(keys[7].as_str(), None).await.unwrap();
+            KEYS as u64 - 1
+        }
+    };
     for isolation in [Isolation::SerializableSnapshot, Isolation::RepeatableReads] {
         let stm = Stm::new(client.clone())
             .isolation(isolation)
@@ -662,31 +687,7 @@ async fn a_change_caught_beyond_the_first_compares_is_not_read_from_a_frozen_cop
         let sum = within(secs(20), stm.run(async |tx| sum(tx, &keys).await))
             .await
             .unwrap();
-        assert_eq!(sum, KEYS as u64 + 1, "{isolation:?}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deletion_caught_beyond_the_first_compares_is_not_read_from_a_frozen_copy_again() {
-    const KEYS: usize = 2_000; // the check compares 128, then reads the rest keys-only
-    let cluster = EtcdCluster::start(1).await;
-    let client = cluster.client().await;
-    let prefix = unique("many-frozen-deleted");
-    let keys = put_many(&client, &prefix, KEYS, b"1").await;
-    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
-    client.clone().delete(keys[7].as_str(), None).await.unwrap();
-    // As with a change, but the key is gone: the check reads its mod revision as 0, and
-    // the copy must still show the deletion (at the revision checked) before the second
-    // attempt reads it again.
-    for isolation in [Isolation::SerializableSnapshot, Isolation::RepeatableReads] {
-        let stm = Stm::new(client.clone())
-            .isolation(isolation)
-            .read_cache(cache.clone())
-            .max_attempts(2);
-        let sum = within(secs(20), stm.run(async |tx| sum(tx, &keys).await))
-            .await
-            .unwrap();
-        assert_eq!(sum, KEYS as u64 - 1, "{isolation:?}");
+        assert_eq!(sum, expected, "{isolation:?}");
     }
 }
 
