@@ -521,3 +521,42 @@ pub async fn watch_streams_become(endpoint: &str, count: u64) {
         tokio::time::sleep(millis(20)).await;
     }
 }
+
+/// What this crate logs on the calling thread, at debug level and up, from
+/// [`DebugLog::capture`] until its guard is dropped (a current-thread runtime keeps every
+/// task of a test on that thread).
+#[derive(Clone, Default)]
+pub struct DebugLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl DebugLog {
+    pub fn capture() -> (DebugLog, tracing::subscriber::DefaultGuard) {
+        let log = DebugLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("etcd_concurrency=debug")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        (log, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// How many lines logged so far contain `text`.
+    pub fn lines_with(&self, text: &str) -> usize {
+        let bytes = self.0.lock().unwrap();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|line| line.contains(text))
+            .count()
+    }
+}
+
+impl std::io::Write for DebugLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
