@@ -1014,3 +1014,40 @@ async fn a_leader_whose_session_is_orphaned_proclaims_nothing() {
     let now = read(&client, leading.key(), None).await;
     assert_eq!(now.kvs()[0].value(), b"before", "nothing written");
 }
+
+/// `leader()` sorts the candidates by create revision, not by key: here the oldest
+/// candidate's key (its lease id in hex) sorts after the newer one's, so a read of the
+/// lowest key would name the newer candidate. Lease ids are chosen, as random ones order
+/// the keys either way.
+#[tokio::test]
+async fn leader_is_the_oldest_candidate_even_when_its_key_sorts_last() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("leader-by-revision");
+    let mut on_lease = async |id: i64| {
+        let granted = etcd_client::LeaseGrantOptions::new().with_id(id);
+        client.lease_grant(10, Some(granted)).await.unwrap();
+        Session::builder(client.clone())
+            .lease(id)
+            .build()
+            .await
+            .unwrap()
+    };
+    let (older, newer) = (on_lease(0xb00).await, on_lease(0xa00).await);
+    let leading = Election::new(&older, &name)
+        .campaign("older")
+        .await
+        .unwrap();
+    let waiting = spawn_campaign(&Election::new(&newer, &name), "newer");
+    within(secs(5), appears(&client, &hex_key(&name, &newer))).await;
+    let leader = Election::new(&newer, &name).leader().await.unwrap();
+    assert_eq!(leader.expect("someone leads").key(), leading.key());
+    leading.resign().await.unwrap();
+    within(secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .resign()
+        .await
+        .unwrap();
+}
