@@ -1051,3 +1051,42 @@ async fn leader_is_the_oldest_candidate_even_when_its_key_sorts_last() {
         .await
         .unwrap();
 }
+
+/// An observer that missed the resign of the leader it reported, compacted away, reads
+/// the election again and reports the next leader: the candidates read replace those it
+/// knew, so the one that resigned is forgotten instead of leading on in its view.
+#[tokio::test]
+async fn observe_forgets_a_leader_whose_resign_it_missed_behind_a_compaction() {
+    let name = unique("observe-compacted-resign");
+    let Observed {
+        mut client,
+        proxy,
+        leading,
+        mut observer,
+        _cluster,
+        _watcher,
+    } = observed_through_a_proxy(&name, "first").await;
+    let next = session(&client, 10).await;
+    proxy.cut();
+    let campaign = spawn_campaign(&Election::new(&next, &name), "next");
+    within(secs(5), appears(&client, &hex_key(&name, &next))).await;
+    leading.resign().await.unwrap();
+    let leading_next = within(secs(5), campaign).await.unwrap().unwrap();
+    let revision = client
+        .get("any", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client
+        .compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+    proxy.heal();
+    let leader = next_leader(&mut observer)
+        .await
+        .expect("the next candidate leads");
+    assert_eq!(leader.key(), leading_next.key());
+    leading_next.resign().await.unwrap();
+}
