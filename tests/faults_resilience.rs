@@ -404,3 +404,25 @@ async fn a_waiters_watch_open_through_a_connection_that_freezes_is_reopened() {
     assert!(!waiter.is_lost());
     drop(held);
 }
+
+/// The watch a session keeps for join attempts delivered late ends when the session is
+/// closed, though a handle of it (the `Mutex`) lives on: a closed session's keys went
+/// with its lease, and the watch would otherwise hold a stream on the member for as long
+/// as any handle lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_late_join_watch_of_a_closed_session_is_closed() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let (proxy, client) = common::behind_proxy(&member).await;
+    let session = common::session_with(client, secs(60), secs(1)).await;
+    let mutex = Mutex::new(&session, unique("late-join-watch-closed"));
+    // A join whose outcome is unknown: the session watches its key from then on.
+    proxy.stall();
+    let locked = within(secs(5), mutex.lock()).await;
+    assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+    proxy.heal();
+    within(secs(10), common::watch_streams_become(&member, 1)).await;
+    within(secs(5), session.close()).await.unwrap();
+    within(secs(5), common::watch_streams_become(&member, 0)).await;
+    drop(mutex);
+}
