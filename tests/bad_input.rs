@@ -217,3 +217,27 @@ async fn transactions_read_etcd_once_a_cache_whose_watch_is_refused_has_stopped(
         );
     }
 }
+
+/// An observe whose watch etcd refuses (permission denied) yields the error and then
+/// backs off before trying again, instead of yielding errors as fast as etcd refuses
+/// (each refusal takes a round trip of a millisecond or so).
+#[tokio::test]
+async fn an_observe_refused_backs_off_between_errors() {
+    let cluster = EtcdCluster::start(1).await;
+    enable_auth(&mut cluster.client().await).await;
+    let reader = connect_as(&cluster, "reader", "reader-secret")
+        .await
+        .unwrap();
+    let session = within(secs(5), Session::new(reader)).await.unwrap();
+    let election = Election::new(&session, unique("forbidden-observe"));
+    let mut observer = pin!(election.observe());
+    let mut errors = 0;
+    let _ = tokio::time::timeout(secs(2), async {
+        while let Some(Err(_)) = observer.next().await {
+            errors += 1;
+        }
+    })
+    .await;
+    // Back-off steps from 20 ms doubling to 1 s: about ten errors in 2 s.
+    assert!((1..=30).contains(&errors), "{errors} errors in 2 s");
+}
