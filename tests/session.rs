@@ -443,3 +443,55 @@ async fn the_longest_ttl_etcd_grants_is_accepted() {
     assert_eq!(session.ttl(), longest);
     within(secs(5), session.close()).await.unwrap();
 }
+
+/// A session cut off after renewals over a slow link is lost no later than etcd expires
+/// its lease: each renewal on the keep-alive stream counts from when it was sent, as
+/// etcd's counts from when it arrived. Counted from its answer, the session would think
+/// itself alive half a round trip (0.8 s here) past etcd's expiry. The link is cut while
+/// no renewal is in flight (one that reached etcd unanswered would extend etcd's count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cut_off_after_slow_renewals_is_lost_before_etcd_expires_its_lease() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut direct = cluster.client().await;
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    // Round trips of 1.6 s: under the 2 s after which a renewal is given up as unanswered,
+    // so renewals go on, every 3 s, on the stream the session opened.
+    proxy.delay(millis(800));
+    let session = Session::builder(slow).ttl(secs(9)).build();
+    let session = within(secs(10), session).await.unwrap();
+    let id = session.lease_id();
+    let mut remaining = async || direct.lease_time_to_live(id, None).await.unwrap().ttl();
+    // A periodic renewal arrives when the TTL etcd reports goes up; its answer comes back
+    // 0.8 s later and the next one is sent 2.2 s later: cut in between.
+    let arrived = within(secs(10), async {
+        let mut before = remaining().await;
+        loop {
+            tokio::time::sleep(millis(20)).await;
+            let now = remaining().await;
+            if now > before && before < 7 {
+                return Instant::now();
+            }
+            before = now;
+        }
+    })
+    .await;
+    tokio::time::sleep_until((arrived + millis(1_500)).into()).await;
+    proxy.cut();
+    let lost = tokio::spawn(async move {
+        session.lost().await;
+        Instant::now()
+    });
+    let expired = within(secs(15), async {
+        while remaining().await >= 0 {
+            tokio::time::sleep(millis(20)).await;
+        }
+        Instant::now()
+    })
+    .await;
+    let lost = within(secs(5), lost).await.unwrap();
+    assert!(
+        lost <= expired,
+        "the session was lost {:?} after etcd expired its lease",
+        lost - expired
+    );
+}
