@@ -1090,3 +1090,26 @@ async fn observe_forgets_a_leader_whose_resign_it_missed_behind_a_compaction() {
     assert_eq!(leader.key(), leading_next.key());
     leading_next.resign().await.unwrap();
 }
+
+/// A resign that finds the key re-created on its lease (as a campaign of the session since
+/// cancelled, or an earlier process on the same lease, would make it) reports
+/// OwnershipLost and withdraws that newer key in the background: nobody of the session is
+/// left in the election to use it, and it would otherwise lead for the lease's life.
+#[tokio::test]
+async fn a_resign_that_finds_a_newer_key_of_its_lease_withdraws_it() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("resign-finds-newer");
+    let ours = session(&client, 10).await;
+    let leading = Election::new(&ours, &name).campaign("a").await.unwrap();
+    let key = leading.key().to_vec();
+    client.delete(key.clone(), None).await.unwrap();
+    let lease = etcd_client::PutOptions::new().with_lease(ours.lease_id());
+    client.put(key.clone(), "newer", Some(lease)).await.unwrap();
+    let resigned = leading.resign().await;
+    assert!(
+        matches!(resigned, Err(Error::OwnershipLost)),
+        "{resigned:?}"
+    );
+    within(secs(5), common::no_keys_under(&client, &name)).await;
+}
