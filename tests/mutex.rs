@@ -873,3 +873,26 @@ async fn a_waiter_whose_session_is_orphaned_gets_session_lost_at_once() {
     assert!(exists(&client, key).await, "the lease and its key live on");
     guard.unlock().await.unwrap();
 }
+
+/// A dropped guard holds its session's slot on the name until its background delete is
+/// done: a `try_lock` right after the drop says busy, instead of joining the key that is
+/// about to vanish, and the next `lock()` gets a key that stays.
+#[tokio::test]
+async fn try_lock_right_after_a_guard_is_dropped_says_busy_until_its_key_is_deleted() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let ours = session(&client).await;
+    let mutex = Mutex::new(&ours, unique("dropped-then-tried"));
+    let guard = mutex.lock().await.unwrap();
+    let token = guard.fencing_token();
+    drop(guard);
+    let tried = mutex.try_lock().await.unwrap();
+    assert!(
+        tried.is_none(),
+        "took the lock while its key was being deleted"
+    );
+    let guard = within(secs(5), mutex.lock()).await.unwrap();
+    assert!(guard.fencing_token() > token);
+    assert!(exists(&client, guard.key()).await);
+    guard.unlock().await.unwrap();
+}
