@@ -896,3 +896,27 @@ async fn try_lock_right_after_a_guard_is_dropped_says_busy_until_its_key_is_dele
     assert!(exists(&client, guard.key()).await);
     guard.unlock().await.unwrap();
 }
+
+/// A `lock()` cancelled while its join is in flight holds its session's slot on the name
+/// until the join is undone: a `try_lock` right after says busy, instead of taking up the
+/// key the undo is about to delete.
+#[tokio::test]
+async fn try_lock_right_after_a_lock_cancelled_in_flight_says_busy_until_it_is_undone() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("cancelled-then-tried");
+    let ours = session(&client).await;
+    let mutex = Mutex::new(&ours, &name);
+    let mut locking = Box::pin(mutex.lock());
+    assert!(futures::poll!(locking.as_mut()).is_pending()); // the join Txn is sent
+    drop(locking);
+    let tried = mutex.try_lock().await.unwrap();
+    assert!(
+        tried.is_none(),
+        "took the lock while a cancelled join was undone"
+    );
+    within(secs(5), common::no_keys_under(&client, &name)).await;
+    let guard = within(secs(5), mutex.lock()).await.unwrap();
+    assert!(exists(&client, guard.key()).await);
+    guard.unlock().await.unwrap();
+}
