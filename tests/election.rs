@@ -1113,3 +1113,39 @@ async fn a_resign_that_finds_a_newer_key_of_its_lease_withdraws_it() {
     );
     within(secs(5), common::no_keys_under(&client, &name)).await;
 }
+
+/// A campaign cancelled while its join is in flight leaves the key to the campaign of the
+/// session that shares it: once the join is answered, the undo finds the claim still
+/// held and deletes nothing, and the other campaign goes on to lead.
+#[tokio::test]
+async fn a_campaign_cancelled_while_its_join_is_in_flight_leaves_the_shared_key() {
+    let cluster = EtcdCluster::start(1).await;
+    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
+    let client = cluster.client().await;
+    let name = unique("cancelled-in-flight-shared");
+    let other = session(&client, 10).await;
+    let leading = Election::new(&other, &name)
+        .campaign("other")
+        .await
+        .unwrap();
+    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let ours = session(&through_proxy, 10).await;
+    let election = Election::new(&ours, &name);
+    let first = spawn_campaign(&election, "ours");
+    let our_key = hex_key(&name, &ours);
+    within(secs(5), appears(&client, &our_key)).await;
+    // The second campaign's join is held in the proxy when it is cancelled; it is
+    // answered (finding the shared key) once the proxy heals.
+    proxy.stall();
+    let second = spawn_campaign(&election, "ours");
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    second.abort();
+    assert!(second.await.unwrap_err().is_cancelled());
+    proxy.heal();
+    leading.resign().await.unwrap();
+    let ours_leads = within(secs(10), first).await.unwrap().unwrap();
+    assert_eq!(ours_leads.key(), our_key.as_slice());
+    ours_leads.resign().await.unwrap();
+}
