@@ -92,7 +92,9 @@ async fn waiters_are_served_in_the_order_they_queued() {
     let client = cluster.client().await;
     let name = unique("fifo");
     let holder = session(&client).await;
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(5), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut waiters = Vec::new();
     for i in 0..4 {
@@ -113,7 +115,7 @@ async fn waiters_are_served_in_the_order_they_queued() {
     }
     assert_eq!(order, [0, 1, 2, 3]);
     for waiter in waiters {
-        waiter.await.unwrap();
+        within(secs(5), waiter).await.unwrap();
     }
 }
 
