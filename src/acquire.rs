@@ -288,20 +288,13 @@ impl InFlight {
                         last => last,
                     },
                 };
-                // The last claim on an election's key deletes it whatever became of this
-                // Txn, as an earlier holder may have left it to this call.
-                let election = last_claim.is_some();
-                let leftover = last_claim.as_ref().is_some_and(LastClaim::leftover);
-                let look_up = match left {
-                    Left::Key(revision) => {
-                        let superseded =
-                            release_while_session_lives(session.clone(), &key, revision).await;
-                        superseded && election
-                    }
-                    Left::Unknown => true,
-                    Left::Nothing => election,
-                };
-                if look_up || leftover {
+                if let Left::Key(revision) = left {
+                    release_while_session_lives(session.clone(), &key, revision).await;
+                }
+                // The last claim on an election's key deletes whichever incarnation the
+                // lease holds, whatever became of this Txn: leaving noted that this call
+                // may have left one, and an earlier holder may have left one to it.
+                if last_claim.as_ref().is_some_and(LastClaim::leftover) {
                     release_lease_key(session, &key).await;
                 }
                 drop((local, last_claim));

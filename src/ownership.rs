@@ -191,7 +191,6 @@ impl Drop for OwnedKey {
         if own.is_none() && !leftover {
             return;
         }
-        let last = last_claim.is_some();
         let session = self.session.downgrade();
         let key = std::mem::take(&mut self.key);
         // The next `lock()` or campaign of this session may go once the key is gone.
@@ -200,16 +199,14 @@ impl Drop for OwnedKey {
             self.session.runtime(),
             "releasing a dropped lock guard or leadership",
             async move {
-                let superseded = match own {
-                    Some(revision) => {
-                        release_while_session_lives(session.clone(), &key, revision).await
-                    }
-                    None => false,
-                };
+                if let Some(revision) = own {
+                    release_while_session_lives(session.clone(), &key, revision).await;
+                }
                 // The last claim on an election's key: a newer incarnation than its own
                 // (made by a campaign since gone, after a resign ended this one) is
-                // nobody's either.
-                if leftover || (superseded && last) {
+                // nobody's either. For the last claim, `leftover` holds whenever this drop
+                // released its own key: leaving with it unreleased noted one as possible.
+                if leftover {
                     release_lease_key(session, &key).await;
                 }
                 drop(held);
@@ -220,24 +217,19 @@ impl Drop for OwnedKey {
 
 /// Deletes `key` if it still has create revision `revision`, retrying transient failures
 /// with back-off for as long as the session lives and keeps its lease. Holds the session
-/// only during an attempt, so that dropping its last handle still revokes the lease.
-/// Returns whether the key had no longer that create revision (gone, or re-created).
-pub(crate) async fn release_while_session_lives(
-    session: WeakSession,
-    key: &[u8],
-    revision: i64,
-) -> bool {
-    let released = while_session_lives(&session, |live| async move {
+/// only during an attempt, so that dropping its last handle still revokes the lease. A
+/// key no longer of that create revision (gone, or re-created) is left as it is.
+pub(crate) async fn release_while_session_lives(session: WeakSession, key: &[u8], revision: i64) {
+    let release = while_session_lives(&session, |live| async move {
         // Bounded by the release timeout, as the docs of a background release say, not by
         // the (perhaps shorter) request timeout.
         let limit = live.release_timeout();
         match fenced_delete(&live, key, revision, limit).await {
-            Ok(()) => Ok(false),
-            Err(Error::OwnershipLost) => Ok(true),
+            Ok(()) | Err(Error::OwnershipLost) => Ok(()),
             Err(error) => Err(error),
         }
     });
-    released.await.unwrap_or(false)
+    release.await;
 }
 
 /// Deletes whichever incarnation of `key` the session's lease holds, if any: a key left
