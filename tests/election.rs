@@ -71,7 +71,9 @@ async fn observed_through_a_proxy(name: &str, first: &str) -> Observed {
     let client = cluster.client().await;
     let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
     let (leader, watcher) = (session(&client, 10).await, session(&cut_off, 30).await);
-    let leading = Election::new(&leader, name).campaign(first).await.unwrap();
+    let leading = within(secs(10), Election::new(&leader, name).campaign(first))
+        .await
+        .unwrap();
     let mut observer = Box::pin(Election::new(&watcher, name).observe());
     assert_eq!(
         value_of(&next_leader(&mut observer).await).as_deref(),
@@ -103,7 +105,9 @@ async fn leadership_passes_on_resign_and_observe_shows_every_step() {
     let mut observer = pin!(Election::new(&watcher, &name).observe());
     assert_eq!(next_leader(&mut observer).await, None, "nobody leads yet");
 
-    let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
+    let leading_a = within(secs(10), Election::new(&a, &name).campaign("a"))
+        .await
+        .unwrap();
     assert_eq!(
         value_of(&next_leader(&mut observer).await).as_deref(),
         Some("a")
@@ -142,7 +146,9 @@ async fn a_crashed_leader_is_replaced_within_ttl_plus_one_second() {
     let client = cluster.client().await;
     let name = unique("failover");
     let (a, b) = (session(&client, 1).await, session(&client, 10).await);
-    let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
+    let leading_a = within(secs(10), Election::new(&a, &name).campaign("a"))
+        .await
+        .unwrap();
     let campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
     let crashed_at = Instant::now();
@@ -168,7 +174,9 @@ async fn a_candidate_whose_lease_dies_gets_session_lost_not_leadership() {
     let mut client = cluster.client().await;
     let name = unique("dead-candidate");
     let (a, b) = (session(&client, 10).await, session(&client, 10).await);
-    let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
+    let leading_a = within(secs(10), Election::new(&a, &name).campaign("a"))
+        .await
+        .unwrap();
     let campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
     client.lease_revoke(b.lease_id()).await.unwrap();
@@ -277,7 +285,9 @@ async fn observe_reads_candidates_whose_values_are_too_large_for_one_answer() {
         session(&client, 30).await,
     ];
     let election = Election::new(&sessions[0], &name);
-    let leading = election.campaign(vec![b'a'; SIZE]).await.unwrap();
+    let leading = within(secs(10), election.campaign(vec![b'a'; SIZE]))
+        .await
+        .unwrap();
     let mut waiting = Vec::new();
     for (candidate, fill) in sessions[1..].iter().zip([b'b', b'c']) {
         waiting.push(spawn_campaign(
@@ -341,7 +351,9 @@ async fn observe_survives_the_death_of_each_member_in_turn() {
     let mut observer = pin!(Election::new(&watcher, &name).observe());
     assert_eq!(next_leader(&mut observer).await, None);
     let writer = session(&cluster.client().await, 30).await;
-    let leading = Election::new(&writer, &name).campaign("0").await.unwrap();
+    let leading = within(secs(10), Election::new(&writer, &name).campaign("0"))
+        .await
+        .unwrap();
     assert_eq!(
         value_of(&next_leader(&mut observer).await).as_deref(),
         Some("0")
@@ -401,7 +413,7 @@ async fn campaigning_again_on_one_session_resumes_the_key_with_the_new_value() {
     let name = unique("again");
     let ours = session(&client, 10).await;
     let election = Election::new(&ours, &name);
-    let first = election.campaign("first").await.unwrap();
+    let first = within(secs(10), election.campaign("first")).await.unwrap();
     let second = within(secs(2), election.campaign("second")).await.unwrap();
     assert_eq!(second.key(), first.key());
     assert_eq!(second.fencing_token(), first.fencing_token());
@@ -422,10 +434,12 @@ async fn leader_is_the_oldest_candidate_not_the_newest() {
         session(&client, 10).await,
         session(&client, 10).await,
     ];
-    let leading = Election::new(&sessions[0], &name)
-        .campaign("first")
-        .await
-        .unwrap();
+    let leading = within(
+        secs(10),
+        Election::new(&sessions[0], &name).campaign("first"),
+    )
+    .await
+    .unwrap();
     let mut waiting = Vec::new();
     for (candidate, value) in sessions[1..].iter().zip(["second", "third"]) {
         waiting.push(spawn_campaign(&Election::new(candidate, &name), value));
@@ -459,7 +473,9 @@ async fn a_proclaim_while_a_candidate_waits_does_not_elect_it() {
     let client = cluster.client().await;
     let name = unique("proclaim-waiting");
     let (a, b) = (session(&client, 10).await, session(&client, 10).await);
-    let leading_a = Election::new(&a, &name).campaign("a").await.unwrap();
+    let leading_a = within(secs(10), Election::new(&a, &name).campaign("a"))
+        .await
+        .unwrap();
     let mut campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
     // Each proclaim rewrites the leader's key: an event in the queue that b watches, but
@@ -486,7 +502,9 @@ async fn a_deposed_leader_can_neither_proclaim_nor_resign() {
     let mut client = cluster.client().await;
     let name = unique("deposed");
     let (a, b) = (session(&client, 10).await, session(&client, 10).await);
-    let deposed = Election::new(&a, &name).campaign("a").await.unwrap();
+    let deposed = within(secs(10), Election::new(&a, &name).campaign("a"))
+        .await
+        .unwrap();
     client.delete(deposed.key(), None).await.unwrap();
     within(secs(1), deposed.lost()).await;
     let successor = within(secs(2), Election::new(&b, &name).campaign("b"))
@@ -505,7 +523,7 @@ async fn a_deposed_leader_can_neither_proclaim_nor_resign() {
     // A leader whose session is lost does not write either.
     let lost = session(&client, 10).await;
     let election = Election::new(&lost, unique("deposed-lost"));
-    let leading = election.campaign("x").await.unwrap();
+    let leading = within(secs(10), election.campaign("x")).await.unwrap();
     client.lease_revoke(lost.lease_id()).await.unwrap();
     within(secs(2), leading.lost()).await;
     assert!(leading.proclaim("y").await.is_err());
@@ -518,7 +536,9 @@ async fn a_cancelled_campaign_leaves_no_key_and_a_dropped_leadership_resigns() {
     let client = cluster.client().await;
     let name = unique("cancel-campaign");
     let (a, b) = (session(&client, 10).await, session(&client, 10).await);
-    let leading = Election::new(&a, &name).campaign("a").await.unwrap();
+    let leading = within(secs(10), Election::new(&a, &name).campaign("a"))
+        .await
+        .unwrap();
     let campaign = spawn_campaign(&Election::new(&b, &name), "b");
     let b_key = hex_key(&name, &b);
     within(secs(5), appears(&client, &b_key)).await;
@@ -537,8 +557,7 @@ async fn while_leading_stops_the_job_when_leadership_is_lost() {
     let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;
     let ours = session(&client, 10).await;
-    let leading = Election::new(&ours, unique("job"))
-        .campaign("me")
+    let leading = within(secs(10), Election::new(&ours, unique("job")).campaign("me"))
         .await
         .unwrap();
     let done = leading.while_leading(async { 42 }).await;
@@ -581,7 +600,7 @@ async fn bad_names_and_oversized_values_are_refused_and_leave_nothing() {
     assert!(matches!(&refused, Err(Error::Etcd(_))), "{refused:?}");
     assert!(!refused.unwrap_err().is_transient());
     assert!(keys_under(&client, &format!("{name}/")).await.is_empty());
-    let leading = election.campaign("small").await.unwrap();
+    let leading = within(secs(10), election.campaign("small")).await.unwrap();
     let refused = within(secs(10), leading.proclaim(huge)).await;
     assert!(matches!(refused, Err(Error::Etcd(_))), "{refused:?}");
     assert_eq!(election.leader().await.unwrap().unwrap().value(), b"small");
@@ -594,8 +613,7 @@ async fn cancelling_one_of_two_waiting_campaigns_keeps_the_shared_candidacy() {
     let client = cluster.client().await;
     let name = unique("shared-key");
     let (other, ours) = (session(&client, 10).await, session(&client, 10).await);
-    let leading = Election::new(&other, &name)
-        .campaign("other")
+    let leading = within(secs(10), Election::new(&other, &name).campaign("other"))
         .await
         .unwrap();
     let election = Election::new(&ours, &name);
@@ -624,8 +642,7 @@ async fn cancelling_the_campaign_that_created_a_shared_key_leaves_it_to_the_othe
     let client = cluster.client().await;
     let name = unique("shared-first");
     let (other, ours) = (session(&client, 10).await, session(&client, 10).await);
-    let leading = Election::new(&other, &name)
-        .campaign("other")
+    let leading = within(secs(10), Election::new(&other, &name).campaign("other"))
         .await
         .unwrap();
     let election = Election::new(&ours, &name);
@@ -660,7 +677,7 @@ async fn a_campaign_waits_for_the_delete_of_a_dropped_leadership_instead_of_join
         .await
         .unwrap();
     let election = Election::new(&ours, unique("redo"));
-    let old = election.campaign("old").await.unwrap();
+    let old = within(secs(10), election.campaign("old")).await.unwrap();
     let old_token = old.fencing_token();
     let key = old.key().to_vec();
     // The release of the dropped leadership cannot reach etcd: it keeps timing out and
@@ -693,8 +710,7 @@ async fn a_key_left_to_a_campaign_that_is_then_refused_is_withdrawn() {
     let client = cluster.client().await;
     let name = unique("left-to-refused");
     let other = session(&client, 10).await;
-    let leading = Election::new(&other, &name)
-        .campaign("other")
+    let leading = within(secs(10), Election::new(&other, &name).campaign("other"))
         .await
         .unwrap();
     let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
@@ -728,8 +744,8 @@ async fn the_last_leadership_withdraws_a_key_left_by_a_campaign_cancelled_after_
     let name = unique("after-resign");
     let (ours, other) = (session(&client, 10).await, session(&client, 10).await);
     let election = Election::new(&ours, &name);
-    let first = election.campaign("a").await.unwrap();
-    let second = election.campaign("b").await.unwrap(); // the same key
+    let first = within(secs(10), election.campaign("a")).await.unwrap();
+    let second = within(secs(10), election.campaign("b")).await.unwrap(); // the same key
     let waiting = spawn_campaign(&Election::new(&other, &name), "other");
     within(secs(5), appears(&client, &hex_key(&name, &other))).await;
     first.resign().await.unwrap(); // ends both leaderships: the key is deleted
@@ -763,7 +779,7 @@ async fn resign_in_flight(
     name: &str,
 ) -> ResignInFlight {
     let election = Election::new(ours, name);
-    let leading = election.campaign("a").await.unwrap();
+    let leading = within(secs(10), election.campaign("a")).await.unwrap();
     let waiting = spawn_campaign(&Election::new(other, name), "other");
     within(secs(5), appears(client, &hex_key(name, other))).await;
     let our_key = String::from_utf8(hex_key(name, ours)).unwrap();
@@ -849,7 +865,7 @@ async fn a_leadership_dropped_in_an_outage_while_a_cancelled_join_is_undone_is_r
         .await
         .unwrap();
     let election = Election::new(&ours, unique("outage"));
-    let leading = election.campaign("a").await.unwrap();
+    let leading = within(secs(10), election.campaign("a")).await.unwrap();
     let key = String::from_utf8(leading.key().to_vec()).unwrap();
     let released = Deletion::of(&client, &key).await;
     // In the outage, a campaign's join hangs and the campaign is cancelled: its undo waits
@@ -875,8 +891,7 @@ async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process()
     let client = cluster.client().await;
     let name = unique("leftover");
     let (other, earlier) = (session(&client, 10).await, session(&client, 10).await);
-    let leading = Election::new(&other, &name)
-        .campaign("other")
+    let leading = within(secs(10), Election::new(&other, &name).campaign("other"))
         .await
         .unwrap();
     let waiting = spawn_campaign(&Election::new(&earlier, &name), "earlier");
@@ -907,8 +922,7 @@ async fn a_campaign_whose_found_key_goes_with_its_lease_before_the_rewrite_says_
     let client = cluster.client().await;
     let name = unique("rewrite-expired");
     let earlier = session(&client, 30).await;
-    let leading = Election::new(&earlier, &name)
-        .campaign("earlier")
+    let leading = within(secs(10), Election::new(&earlier, &name).campaign("earlier"))
         .await
         .unwrap();
     // The earlier process hands its lease over and exits while it leads.
@@ -1002,7 +1016,7 @@ async fn a_leader_whose_session_is_orphaned_proclaims_nothing() {
     let client = cluster.client().await;
     let orphaned = session(&client, 30).await;
     let election = Election::new(&orphaned, unique("orphaned"));
-    let leading = election.campaign("before").await.unwrap();
+    let leading = within(secs(10), election.campaign("before")).await.unwrap();
     // The lease and the key stay, but the session no longer keeps them: it is lost.
     orphaned.clone().orphan();
     assert!(orphaned.is_lost());
@@ -1034,8 +1048,7 @@ async fn leader_is_the_oldest_candidate_even_when_its_key_sorts_last() {
             .unwrap()
     };
     let (older, newer) = (on_lease(0xb00).await, on_lease(0xa00).await);
-    let leading = Election::new(&older, &name)
-        .campaign("older")
+    let leading = within(secs(10), Election::new(&older, &name).campaign("older"))
         .await
         .unwrap();
     let waiting = spawn_campaign(&Election::new(&newer, &name), "newer");
@@ -1101,7 +1114,9 @@ async fn a_resign_that_finds_a_newer_key_of_its_lease_withdraws_it() {
     let mut client = cluster.client().await;
     let name = unique("resign-finds-newer");
     let ours = session(&client, 10).await;
-    let leading = Election::new(&ours, &name).campaign("a").await.unwrap();
+    let leading = within(secs(10), Election::new(&ours, &name).campaign("a"))
+        .await
+        .unwrap();
     let key = leading.key().to_vec();
     client.delete(key.clone(), None).await.unwrap();
     let lease = etcd_client::PutOptions::new().with_lease(ours.lease_id());
@@ -1124,8 +1139,7 @@ async fn a_campaign_cancelled_while_its_join_is_in_flight_leaves_the_shared_key(
     let client = cluster.client().await;
     let name = unique("cancelled-in-flight-shared");
     let other = session(&client, 10).await;
-    let leading = Election::new(&other, &name)
-        .campaign("other")
+    let leading = within(secs(10), Election::new(&other, &name).campaign("other"))
         .await
         .unwrap();
     let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();

@@ -169,7 +169,9 @@ async fn a_holder_cut_off_knows_it_lost_the_lock_before_another_gets_it() {
         .build()
         .await
         .unwrap();
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
 
     let client = resilient_client(&cluster.endpoints()).await;
     let waiter = Session::builder(client.clone())

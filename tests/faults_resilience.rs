@@ -124,7 +124,9 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
             Session::new(client.clone()).await.unwrap(),
         );
         let lock = format!("{prefix}/lock");
-        let held = Mutex::new(&a, &lock).lock().await.unwrap();
+        let held = within(secs(10), Mutex::new(&a, &lock).lock())
+            .await
+            .unwrap();
         let waiting = tokio::spawn({
             let mutex = Mutex::new(&b, &lock);
             async move { mutex.lock().await.map(drop) }
@@ -136,7 +138,7 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
         let election = Election::new(&a, format!("{prefix}/election"));
         let mut leaders = pin!(Election::new(&b, format!("{prefix}/election")).observe());
         let _ = within(secs(5), leaders.next()).await;
-        let leading = election.campaign("x").await.unwrap();
+        let leading = within(secs(10), election.campaign("x")).await.unwrap();
         let _ = within(secs(5), leaders.next()).await;
         drop(leading);
         Stm::new(client.clone())
@@ -171,12 +173,16 @@ async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_att
     let holder = Session::new(direct.clone()).await.unwrap();
     let name = unique("slow-watch");
     let lock = format!("{name}/lock");
-    let guard = Mutex::new(&holder, &lock).lock().await.unwrap();
-    let election = format!("{name}/election");
-    let leadership = Election::new(&holder, &election)
-        .campaign("first")
+    let guard = within(secs(10), Mutex::new(&holder, &lock).lock())
         .await
         .unwrap();
+    let election = format!("{name}/election");
+    let leadership = within(
+        secs(10),
+        Election::new(&holder, &election).campaign("first"),
+    )
+    .await
+    .unwrap();
     // Round trips of 2.4 s or more: opening a watch, and reading what it follows, is sent
     // again after 2 s unanswered, and the first attempt must still be heard.
     proxy.delay(millis(1_200));
@@ -258,7 +264,9 @@ async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
         .await
         .unwrap();
     let name = unique("frozen");
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let mutex = Mutex::new(&waiter, &name);
     let waiting = tokio::spawn(async move { mutex.lock().await });
     let key = format!("{name}/{:x}", waiter.lease_id());
@@ -386,7 +394,9 @@ async fn a_waiters_watch_open_through_a_connection_that_freezes_is_reopened() {
         .await
         .unwrap();
     let name = unique("frozen-watch");
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let watches = common::watch_streams(&member).await;
     let mutex = Mutex::new(&waiter, &name);
     let waiting = tokio::spawn(async move { mutex.lock().await });

@@ -47,7 +47,7 @@ async fn six_sessions_never_hold_at_once_and_tokens_grow_in_grant_order() {
             let mutex = Mutex::new(&session, &name);
             let mut client = client;
             for _ in 0..ROUNDS {
-                let guard = mutex.lock().await.unwrap();
+                let guard = within(secs(10), mutex.lock()).await.unwrap();
                 assert!(!held.swap(true, Ordering::SeqCst), "two holders at once");
                 grants.lock().unwrap().push(guard.fencing_token());
                 // A read-modify-write in etcd, fenced by the lock.
@@ -157,7 +157,9 @@ async fn a_cancelled_lock_leaves_no_key() {
     let client = cluster.client().await;
     let name = unique("cancel");
     let (holder, waiter) = (session(&client).await, session(&client).await);
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let mutex = Mutex::new(&waiter, &name);
     let waiting_key = hex_key(&name, &waiter);
     let attempt = tokio::spawn(async move { mutex.lock().await.map(drop) });
@@ -187,7 +189,7 @@ async fn a_guard_dropped_in_an_aborted_task_is_released_within_a_second() {
     let (key_tx, key_rx) = tokio::sync::oneshot::channel();
     let mutex = Mutex::new(&holder, &name);
     let task = tokio::spawn(async move {
-        let guard = mutex.lock().await.unwrap();
+        let guard = within(secs(10), mutex.lock()).await.unwrap();
         key_tx.send(guard.key().to_vec()).unwrap();
         std::future::pending::<()>().await;
     });
@@ -205,7 +207,9 @@ async fn a_stale_unlock_does_not_delete_a_newer_holder() {
     let mut client = cluster.client().await;
     let name = unique("stale");
     let first = session(&client).await;
-    let stale = Mutex::new(&first, &name).lock().await.unwrap();
+    let stale = within(secs(10), Mutex::new(&first, &name).lock())
+        .await
+        .unwrap();
     client.delete(stale.key(), None).await.unwrap(); // released behind its back
     within(secs(2), stale.lost()).await;
     // The same lease takes the lock again: same key, new incarnation.
@@ -214,7 +218,9 @@ async fn a_stale_unlock_does_not_delete_a_newer_holder() {
         .build()
         .await
         .unwrap();
-    let newer = Mutex::new(&resumed, &name).lock().await.unwrap();
+    let newer = within(secs(10), Mutex::new(&resumed, &name).lock())
+        .await
+        .unwrap();
     assert_eq!(newer.key(), stale.key());
     assert!(newer.fencing_token() > stale.fencing_token());
     assert!(matches!(stale.unlock().await, Err(Error::OwnershipLost)));
@@ -229,7 +235,9 @@ async fn a_waiter_whose_lease_is_revoked_gets_session_lost() {
     let mut client = cluster.client().await;
     let name = unique("revoked-waiter");
     let (holder, waiter) = (session(&client).await, session(&client).await);
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let mutex = Mutex::new(&waiter, &name);
     let attempt = tokio::spawn(async move { mutex.lock().await });
     within(secs(5), appears(&client, &hex_key(&name, &waiter))).await;
@@ -254,7 +262,9 @@ async fn a_waiter_whose_key_is_deleted_gets_ownership_lost_even_on_a_one_second_
         .await
         .unwrap();
     assert_eq!(waiter.ttl(), secs(1), "the test cluster grants 1 s leases");
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let mutex = Mutex::new(&waiter, &name);
     let attempt = tokio::spawn({
         let mutex = mutex.clone();
@@ -277,7 +287,9 @@ async fn a_holder_whose_lease_is_revoked_sees_lost() {
     let mut client = cluster.client().await;
     let name = unique("revoked-holder");
     let holder = session(&client).await;
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let still_held = tokio::time::timeout(millis(200), guard.lost()).await;
     assert!(
         still_held.is_err(),
@@ -294,7 +306,9 @@ async fn two_locks_through_one_session_are_serialised() {
     let client = cluster.client().await;
     let name = unique("same-session");
     let shared = session(&client).await;
-    let first = Mutex::new(&shared, &name).lock().await.unwrap();
+    let first = within(secs(10), Mutex::new(&shared, &name).lock())
+        .await
+        .unwrap();
     let second = Mutex::new(&shared, &name);
     let waiting = tokio::time::timeout(millis(300), second.lock()).await;
     assert!(
@@ -400,7 +414,9 @@ async fn a_lease_with_a_negative_id_names_the_key_as_go_does() {
         .build()
         .await
         .unwrap();
-    let guard = Mutex::new(&resumed, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&resumed, &name).lock())
+        .await
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(guard.key()), format!("{name}/-1f4"));
     assert_eq!(
         keys_under(&client, &format!("{name}/")).await,
@@ -424,7 +440,9 @@ async fn bad_names_and_stray_keys() {
 
     // `a` is a prefix of `ab`, but the locks are independent (etcd #6278).
     let name = unique("prefix");
-    let short = Mutex::new(&ours, &name).lock().await.unwrap();
+    let short = within(secs(10), Mutex::new(&ours, &name).lock())
+        .await
+        .unwrap();
     let other = session(&client).await;
     let long = within(secs(2), Mutex::new(&other, format!("{name}b")).lock()).await;
     long.unwrap().unlock().await.unwrap();
@@ -459,7 +477,7 @@ async fn a_lock_queued_behind_a_guard_of_its_own_session_gets_session_lost() {
     let mut client = cluster.client().await;
     let ours = session(&client).await;
     let mutex = Mutex::new(&ours, unique("lost-behind-own-guard"));
-    let guard = mutex.lock().await.unwrap();
+    let guard = within(secs(10), mutex.lock()).await.unwrap();
     let second = tokio::spawn({
         let mutex = mutex.clone();
         async move { mutex.lock().await }
@@ -504,7 +522,9 @@ async fn try_lock_on_a_resumed_lease_whose_key_waits_behind_the_holder_gives_non
     let client = cluster.client().await;
     let name = unique("resumed-waiter");
     let holder = session(&client).await;
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     // An earlier process queued behind the holder, then handed its lease over.
     let earlier = Session::builder(client.clone())
         .ttl(secs(30))
@@ -552,10 +572,12 @@ async fn an_unlock_that_fails_in_an_outage_goes_on_in_the_background() {
     let client = cluster.client().await;
     let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
     let holder = common::session_with(cut_off, secs(30), secs(1)).await;
-    let guard = Mutex::new(&holder, unique("unlock-in-outage"))
-        .lock()
-        .await
-        .unwrap();
+    let guard = within(
+        secs(10),
+        Mutex::new(&holder, unique("unlock-in-outage")).lock(),
+    )
+    .await
+    .unwrap();
     let key = String::from_utf8(guard.key().to_vec()).unwrap();
     let deletion = Deletion::of(&client, &key).await;
     proxy.cut();
@@ -578,7 +600,9 @@ async fn a_waiter_whose_key_is_deleted_while_its_watch_is_broken_gets_ownership_
     let client = cluster.client().await;
     let name = unique("deleted-while-cut-off");
     let holder = session(&client).await;
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let (proxy, cut_off) = common::behind_proxy(&member).await;
     let waiter = Session::builder(cut_off)
         .ttl(secs(10))
@@ -612,7 +636,8 @@ async fn a_lost_session_cannot_lock() {
     let ours = session(&client).await;
     let mutex = Mutex::new(&ours, unique("lost"));
     ours.clone().close().await.unwrap();
-    assert!(matches!(mutex.lock().await, Err(Error::SessionLost)));
+    let locked = within(secs(10), mutex.lock()).await;
+    assert!(matches!(locked, Err(Error::SessionLost)), "{locked:?}");
     assert!(matches!(mutex.try_lock().await, Err(Error::SessionLost)));
 }
 
@@ -622,7 +647,9 @@ async fn a_dropped_unlock_still_releases() {
     let client = cluster.client().await;
     let name = unique("dropped-unlock");
     let holder = session(&client).await;
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let key = String::from_utf8(guard.key().to_vec()).unwrap();
     let deletion = Deletion::of(&client, &key).await;
     // Polled once (no answer can have come) and dropped: the release goes on in the
@@ -649,7 +676,9 @@ async fn idle_mutexes_do_not_let_queue_events_pile_up_in_the_connection() {
     let mut idle = Vec::new();
     for name in &names {
         // One contended lock() each keeps that queue's watch open for the next one.
-        let held = Mutex::new(&busy, name).lock().await.unwrap();
+        let held = within(secs(10), Mutex::new(&busy, name).lock())
+            .await
+            .unwrap();
         let mutex = Mutex::new(&ours, name);
         let waiting = tokio::spawn({
             let mutex = mutex.clone();
@@ -710,7 +739,9 @@ async fn idle_mutexes_do_not_let_queue_events_pile_up_in_the_connection() {
 /// A handle on lock `name` of `ours` that has waited for it behind `theirs`, taken it and
 /// unlocked it, and so keeps its queue watch open between calls; `observer` reads etcd.
 async fn after_a_wait(ours: &Session, theirs: &Session, observer: &Client, name: &str) -> Mutex {
-    let held = Mutex::new(theirs, name).lock().await.unwrap();
+    let held = within(secs(10), Mutex::new(theirs, name).lock())
+        .await
+        .unwrap();
     let mutex = Mutex::new(ours, name);
     let waiting = tokio::spawn({
         let mutex = mutex.clone();
@@ -822,7 +853,9 @@ async fn a_stale_guards_ownership_compare_fails_once_its_lease_holds_the_key_aga
     let name = unique("stale-compare");
     let data = format!("{name}-data");
     let first = session(&client).await;
-    let stale = Mutex::new(&first, &name).lock().await.unwrap();
+    let stale = within(secs(10), Mutex::new(&first, &name).lock())
+        .await
+        .unwrap();
     client.delete(stale.key(), None).await.unwrap(); // released behind its back
     within(secs(2), stale.lost()).await;
     // The same lease takes the lock again: same key, new incarnation.
@@ -859,7 +892,9 @@ async fn a_waiter_whose_session_is_orphaned_gets_session_lost_at_once() {
     let client = cluster.client().await;
     let name = unique("orphaned-waiter");
     let holder = session(&client).await;
-    let guard = Mutex::new(&holder, &name).lock().await.unwrap();
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
     let waiter = Session::builder(client.clone())
         .ttl(secs(60))
         .build()
@@ -885,7 +920,7 @@ async fn try_lock_right_after_a_guard_is_dropped_says_busy_until_its_key_is_dele
     let client = cluster.client().await;
     let ours = session(&client).await;
     let mutex = Mutex::new(&ours, unique("dropped-then-tried"));
-    let guard = mutex.lock().await.unwrap();
+    let guard = within(secs(10), mutex.lock()).await.unwrap();
     let token = guard.fencing_token();
     drop(guard);
     let tried = mutex.try_lock().await.unwrap();
