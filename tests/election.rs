@@ -36,6 +36,18 @@ fn spawn_campaign(
     tokio::spawn(async move { election.campaign(value).await })
 }
 
+/// Spawns `election.campaign(value)` while `proxy` stalls, lets its join Txn go out into
+/// the proxy, where it is held, and cancels the campaign.
+async fn cancel_a_campaign_whose_join_is_held(proxy: &Proxy, election: &Election, value: &str) {
+    proxy.stall();
+    let campaign = spawn_campaign(election, value);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    campaign.abort();
+    assert!(campaign.await.unwrap_err().is_cancelled());
+}
+
 /// The next leader an observer reports, within 5 s.
 async fn next_leader<S>(observer: &mut S) -> Option<Leader>
 where
@@ -667,9 +679,8 @@ async fn cancelling_the_campaign_that_created_a_shared_key_leaves_it_to_the_othe
 #[tokio::test]
 async fn a_campaign_waits_for_the_delete_of_a_dropped_leadership_instead_of_joining_its_key() {
     let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
     let client = cluster.client().await;
-    let cut_off = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
     let ours = Session::builder(cut_off)
         .ttl(secs(10))
         .release_timeout(millis(300))
@@ -703,22 +714,58 @@ async fn a_campaign_waits_for_the_delete_of_a_dropped_leadership_instead_of_join
     new.resign().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_key_left_to_a_campaign_that_is_then_refused_is_withdrawn() {
+/// A campaign of a session that reaches etcd through a proxy, queued behind another
+/// session's leadership.
+struct QueuedThroughAProxy {
+    _cluster: EtcdCluster,
+    /// Connected to the member directly.
+    client: Client,
+    proxy: Proxy,
+    /// The other session's leadership.
+    leading: Leadership,
+    /// Of the session behind the proxy.
+    election: Election,
+    /// Its waiting campaign.
+    first: JoinHandle<etcd_concurrency::Result<Leadership>>,
+    our_key: Vec<u8>,
+}
+
+/// Starts a one-member cluster and returns once the campaign for `value` has queued.
+async fn queued_through_a_proxy(name: &str, value: &str) -> QueuedThroughAProxy {
     let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
     let client = cluster.client().await;
-    let name = unique("left-to-refused");
+    let (proxy, through_proxy) = common::behind_proxy(&cluster.endpoint(0)).await;
     let other = session(&client, 10).await;
-    let leading = within(secs(10), Election::new(&other, &name).campaign("other"))
+    let leading = within(secs(10), Election::new(&other, name).campaign("other"))
         .await
         .unwrap();
-    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
     let ours = session(&through_proxy, 10).await;
-    let election = Election::new(&ours, &name);
-    let first = spawn_campaign(&election, "first");
-    let our_key = hex_key(&name, &ours);
+    let election = Election::new(&ours, name);
+    let first = spawn_campaign(&election, value);
+    let our_key = hex_key(name, &ours);
     within(secs(5), appears(&client, &our_key)).await;
+    QueuedThroughAProxy {
+        _cluster: cluster,
+        client,
+        proxy,
+        leading,
+        election,
+        first,
+        our_key,
+    }
+}
+
+#[tokio::test]
+async fn a_key_left_to_a_campaign_that_is_then_refused_is_withdrawn() {
+    let QueuedThroughAProxy {
+        _cluster,
+        client,
+        proxy,
+        leading,
+        election,
+        first,
+        our_key,
+    } = queued_through_a_proxy(&unique("left-to-refused"), "first").await;
     let withdrawn = Deletion::of(&client, &String::from_utf8(our_key.clone()).unwrap()).await;
     // The second campaign claims the key but cannot send its join yet; the first one,
     // cancelled meanwhile, leaves the key to it. Then etcd refuses the second's join.
@@ -821,10 +868,9 @@ async fn a_resign_in_flight_withdraws_the_key_of_a_campaign_cancelled_meanwhile(
 #[tokio::test]
 async fn a_resign_in_flight_withdraws_the_key_made_by_the_join_of_a_campaign_cancelled_meanwhile() {
     let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
     let client = cluster.client().await;
     let name = unique("join-in-flight");
-    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, through_proxy) = common::behind_proxy(&cluster.endpoint(0)).await;
     let (ours, other) = (
         session(&through_proxy, 10).await,
         session(&client, 10).await,
@@ -838,13 +884,7 @@ async fn a_resign_in_flight_withdraws_the_key_made_by_the_join_of_a_campaign_can
     // The campaign's join is held in the proxy when the campaign is cancelled; it makes a
     // new key once the proxy lets it through.
     let remade_and_withdrawn = Deletion::after_creation_of(&client, &our_key).await;
-    proxy.stall();
-    let again = spawn_campaign(&election, "b");
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-    again.abort();
-    assert!(again.await.unwrap_err().is_cancelled());
+    cancel_a_campaign_whose_join_is_held(&proxy, &election, "b").await;
     proxy.heal();
     within(secs(5), resign).await.unwrap();
     within(secs(5), remade_and_withdrawn.happened()).await;
@@ -854,9 +894,8 @@ async fn a_resign_in_flight_withdraws_the_key_made_by_the_join_of_a_campaign_can
 #[tokio::test]
 async fn a_leadership_dropped_in_an_outage_while_a_cancelled_join_is_undone_is_released_after_it() {
     let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
     let client = cluster.client().await;
-    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, through_proxy) = common::behind_proxy(&cluster.endpoint(0)).await;
     let ours = Session::builder(through_proxy)
         .ttl(secs(20))
         .request_timeout(secs(1))
@@ -871,13 +910,7 @@ async fn a_leadership_dropped_in_an_outage_while_a_cancelled_join_is_undone_is_r
     // In the outage, a campaign's join hangs and the campaign is cancelled: its undo waits
     // for the join's outcome. The leadership is dropped meanwhile, so the undo is left to
     // release the leader's key, and must go on trying until etcd answers.
-    proxy.stall();
-    let again = spawn_campaign(&election, "b");
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-    again.abort();
-    assert!(again.await.unwrap_err().is_cancelled());
+    cancel_a_campaign_whose_join_is_held(&proxy, &election, "b").await;
     drop(leading);
     // The outage outlasts the join's request timeout and a few release attempts.
     tokio::time::sleep(millis(2_000)).await;
@@ -1134,29 +1167,18 @@ async fn a_resign_that_finds_a_newer_key_of_its_lease_withdraws_it() {
 /// held and deletes nothing, and the other campaign goes on to lead.
 #[tokio::test]
 async fn a_campaign_cancelled_while_its_join_is_in_flight_leaves_the_shared_key() {
-    let cluster = EtcdCluster::start(1).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let client = cluster.client().await;
-    let name = unique("cancelled-in-flight-shared");
-    let other = session(&client, 10).await;
-    let leading = within(secs(10), Election::new(&other, &name).campaign("other"))
-        .await
-        .unwrap();
-    let through_proxy = Client::connect([proxy.endpoint()], None).await.unwrap();
-    let ours = session(&through_proxy, 10).await;
-    let election = Election::new(&ours, &name);
-    let first = spawn_campaign(&election, "ours");
-    let our_key = hex_key(&name, &ours);
-    within(secs(5), appears(&client, &our_key)).await;
+    let QueuedThroughAProxy {
+        _cluster,
+        client: _,
+        proxy,
+        leading,
+        election,
+        first,
+        our_key,
+    } = queued_through_a_proxy(&unique("cancelled-in-flight-shared"), "ours").await;
     // The second campaign's join is held in the proxy when it is cancelled; it is
     // answered (finding the shared key) once the proxy heals.
-    proxy.stall();
-    let second = spawn_campaign(&election, "ours");
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-    second.abort();
-    assert!(second.await.unwrap_err().is_cancelled());
+    cancel_a_campaign_whose_join_is_held(&proxy, &election, "ours").await;
     proxy.heal();
     leading.resign().await.unwrap();
     let ours_leads = within(secs(10), first).await.unwrap().unwrap();

@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::{
     keys_under, millis, no_keys_under, secs, task_baseline, tasks_back_to, unique, within,
 };
-use etcd_client::{Client, Txn, TxnOp};
-use etcd_concurrency::testing::{EtcdCluster, Proxy};
+use etcd_client::{Txn, TxnOp};
+use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
 use futures::StreamExt;
 
@@ -251,9 +251,8 @@ async fn a_dropped_guard_is_released_within_the_release_timeout_over_a_link_slow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
     let cluster = EtcdCluster::start(3).await;
-    let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
     // The waiter's session and watch go through the proxy, its only endpoint at first.
-    let waiter_client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, waiter_client) = common::behind_proxy(&cluster.endpoint(0)).await;
     // A plain client keeps sending about half its requests to the frozen connection (no
     // HTTP/2 pings evict it): give requests time for several attempts.
     let waiter = common::session_with(waiter_client.clone(), secs(30), secs(25)).await;
@@ -385,8 +384,7 @@ async fn the_key_of_a_lock_cut_off_with_its_outcome_unknown_is_deleted_when_no_c
 async fn a_waiters_watch_open_through_a_connection_that_freezes_is_reopened() {
     let cluster = EtcdCluster::start(1).await;
     let member = cluster.endpoint(0);
-    let proxy = Proxy::start(&member).await.unwrap();
-    let waiter_client = Client::connect([proxy.endpoint()], None).await.unwrap();
+    let (proxy, waiter_client) = common::behind_proxy(&member).await;
     let waiter = common::session_with(waiter_client.clone(), secs(30), secs(15)).await;
     let holder = Session::builder(cluster.client().await)
         .ttl(secs(30))

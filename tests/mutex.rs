@@ -14,7 +14,7 @@ use common::{
 };
 use etcd_client::{Client, LeaseGrantOptions, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
-use etcd_concurrency::{Error, Mutex, Session};
+use etcd_concurrency::{Error, Mutex, MutexGuard, Session};
 
 async fn session(client: &Client) -> Session {
     Session::builder(client.clone())
@@ -201,27 +201,33 @@ async fn a_guard_dropped_in_an_aborted_task_is_released_within_a_second() {
     again.unwrap().unlock().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_stale_unlock_does_not_delete_a_newer_holder() {
-    let cluster = EtcdCluster::start(1).await;
-    let mut client = cluster.client().await;
-    let name = unique("stale");
-    let first = session(&client).await;
-    let stale = within(secs(10), Mutex::new(&first, &name).lock())
+/// A guard of lock `name` whose key was deleted behind its back, and a newer one on the
+/// same lease: the same key, a new incarnation. Also the stale guard's session, which
+/// revokes that lease when dropped.
+async fn stale_and_newer(client: &mut Client, name: &str) -> (Session, MutexGuard, MutexGuard) {
+    let first = session(client).await;
+    let stale = within(secs(10), Mutex::new(&first, name).lock())
         .await
         .unwrap();
     client.delete(stale.key(), None).await.unwrap(); // released behind its back
     within(secs(2), stale.lost()).await;
-    // The same lease takes the lock again: same key, new incarnation.
     let resumed = Session::builder(client.clone())
         .lease(first.lease_id())
         .build()
         .await
         .unwrap();
-    let newer = within(secs(10), Mutex::new(&resumed, &name).lock())
+    let newer = within(secs(5), Mutex::new(&resumed, name).lock())
         .await
         .unwrap();
     assert_eq!(newer.key(), stale.key());
+    (first, stale, newer)
+}
+
+#[tokio::test]
+async fn a_stale_unlock_does_not_delete_a_newer_holder() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let (_first, stale, newer) = stale_and_newer(&mut client, &unique("stale")).await;
     assert!(newer.fencing_token() > stale.fencing_token());
     assert!(matches!(stale.unlock().await, Err(Error::OwnershipLost)));
     let current = client.get(newer.key(), None).await.unwrap();
@@ -852,23 +858,8 @@ async fn a_stale_guards_ownership_compare_fails_once_its_lease_holds_the_key_aga
     let mut client = cluster.client().await;
     let name = unique("stale-compare");
     let data = format!("{name}-data");
-    let first = session(&client).await;
-    let stale = within(secs(10), Mutex::new(&first, &name).lock())
-        .await
-        .unwrap();
-    client.delete(stale.key(), None).await.unwrap(); // released behind its back
-    within(secs(2), stale.lost()).await;
-    // The same lease takes the lock again: same key, new incarnation.
-    let resumed = Session::builder(client.clone())
-        .lease(first.lease_id())
-        .build()
-        .await
-        .unwrap();
-    let newer = within(secs(5), Mutex::new(&resumed, &name).lock())
-        .await
-        .unwrap();
-    assert_eq!(newer.key(), stale.key());
-    let write = |guard: &etcd_concurrency::MutexGuard, value: &'static str| {
+    let (_first, stale, newer) = stale_and_newer(&mut client, &name).await;
+    let write = |guard: &MutexGuard, value: &'static str| {
         Txn::new()
             .when([guard.ownership_compare()])
             .and_then([TxnOp::put(data.as_str(), value, None)])

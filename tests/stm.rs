@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{amount, millis, secs, total, transfer_concurrently, unique, value_bytes, within};
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
-use etcd_concurrency::{Error, Isolation, Stm};
+use etcd_concurrency::{Error, Isolation, Stm, StmTxn};
 
 const ACCOUNTS: usize = 5;
 const WORKERS: usize = 6;
@@ -204,6 +204,28 @@ async fn a_closure_that_goes_on_without_a_failed_read_commits_nothing_it_wrote_t
     assert!(common::keys_under(&direct, &never).await.is_empty());
 }
 
+/// A Txn that sets every key of `keys` to `round`: any one revision has them all equal.
+fn set_all(keys: &[String], round: u32) -> Txn {
+    let value = round.to_string();
+    Txn::new().and_then(
+        keys.iter()
+            .map(|key| TxnOp::put(key.as_str(), value.as_str(), None))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// The values of `keys`, read in `tx` one by one.
+async fn values_of(
+    tx: &mut StmTxn,
+    keys: &[String],
+) -> etcd_concurrency::Result<Vec<Option<Vec<u8>>>> {
+    let mut values = Vec::new();
+    for key in keys {
+        values.push(tx.get(key).await?);
+    }
+    Ok(values)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serializable_reads_see_one_snapshot() {
     // Go's TestSTMSerialize: keys are rewritten together while transactions read them all.
@@ -211,19 +233,12 @@ async fn serializable_reads_see_one_snapshot() {
     let prefix = unique("snapshot");
     let keys: Vec<String> = (0..5).map(|i| format!("{prefix}/{i}")).collect();
     let writer = cluster.client().await;
-    let batch = |round: u32| {
-        Txn::new().and_then(
-            keys.iter()
-                .map(|k| TxnOp::put(k.as_str(), round.to_string(), None))
-                .collect::<Vec<_>>(),
-        )
-    };
-    writer.clone().txn(batch(0)).await.unwrap();
+    writer.clone().txn(set_all(&keys, 0)).await.unwrap();
     for isolation in [Isolation::Serializable, Isolation::SerializableSnapshot] {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let updates = tokio::spawn({
             let (stop, mut writer) = (stop.clone(), writer.clone());
-            let batches: Vec<Txn> = (1..=200).map(batch).collect();
+            let batches: Vec<Txn> = (1..=200).map(|round| set_all(&keys, round)).collect();
             async move {
                 for txn in batches {
                     if stop.load(Ordering::SeqCst) {
@@ -237,10 +252,7 @@ async fn serializable_reads_see_one_snapshot() {
             let stm = Stm::new(cluster.client().await).isolation(isolation);
             let seen = stm
                 .run(async |tx| {
-                    let mut values = Vec::new();
-                    for key in &keys {
-                        values.push(tx.get(key).await?);
-                    }
+                    let values = values_of(tx, &keys).await?;
                     tx.put(format!("{prefix}/reader"), "seen");
                     Ok::<_, Error>(values)
                 })
@@ -278,24 +290,13 @@ async fn a_read_pinned_ahead_of_its_member_is_read_again_linearizably_at_that_re
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            let value = round.to_string();
-            let puts: Vec<TxnOp> = keys
-                .iter()
-                .map(|key| TxnOp::put(key.as_str(), value.as_str(), None))
-                .collect();
-            writer.txn(Txn::new().and_then(puts)).await.unwrap();
+            writer.txn(set_all(&keys, round)).await.unwrap();
         }
     };
     let read_snapshots = async |stm: Stm| {
         while !stop.load(Ordering::SeqCst) {
             let seen = stm
-                .run(async |tx| {
-                    let mut values = Vec::new();
-                    for key in &keys {
-                        values.push(tx.get(key).await?);
-                    }
-                    Ok::<_, Error>(values)
-                })
+                .run(async |tx| values_of(tx, &keys).await)
                 .await
                 .unwrap();
             assert!(seen.iter().all(|v| *v == seen[0]), "saw {seen:?}");
