@@ -6,8 +6,9 @@ use std::pin::{Pin, pin};
 use std::time::Instant;
 
 use common::{
-    Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, holds, keys_under, millis,
-    proposals_applied, proposals_applied_exceed, read, secs, two_path_session, unique, within,
+    Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, holds,
+    keys_under, millis, proposals_applied, proposals_applied_exceed, read, secs, two_path_session,
+    unique, within,
 };
 use etcd_client::{Client, CompactionOptions, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -988,9 +989,11 @@ async fn a_join_attempt_that_reaches_etcd_after_the_resign_leaves_no_key() {
     a_late_join_leaves_no_key(async |session, name| {
         let started = Instant::now();
         let election = Election::new(session, name);
-        let leading = within(secs(20), election.campaign("a")).await.unwrap();
+        let leading = within(THROUGH_TWO_PATHS, election.campaign("a"))
+            .await
+            .unwrap();
         let took = started.elapsed();
-        leading.resign().await.unwrap();
+        within(THROUGH_TWO_PATHS, leading.resign()).await.unwrap();
         took
     })
     .await;
@@ -1011,7 +1014,9 @@ async fn a_proclaim_attempt_that_reaches_etcd_late_writes_nothing() {
         proxy.stall();
         let started = Instant::now();
         for value in [format!("earlier {round}"), format!("later {round}")] {
-            within(secs(20), leadership.proclaim(value)).await.unwrap();
+            within(THROUGH_TWO_PATHS, leadership.proclaim(value))
+                .await
+                .unwrap();
         }
         let held = started.elapsed() >= millis(1_900);
         let before = mod_revision(&observer, leadership.key()).await;

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Deletion, Etcdctl, a_late_join_leaves_no_key, appears, exists, keys_under, millis, secs,
-    unique, watch_streams_become, within,
+    Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, keys_under,
+    millis, secs, unique, watch_streams_become, within,
 };
 use etcd_client::{Client, LeaseGrantOptions, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
@@ -784,11 +784,11 @@ async fn a_kept_queue_watch_that_breaks_is_opened_again() {
 async fn a_join_attempt_that_reaches_etcd_after_the_unlock_leaves_no_key() {
     a_late_join_leaves_no_key(async |session, name| {
         let started = Instant::now();
-        let guard = within(secs(20), Mutex::new(session, name).lock())
+        let guard = within(THROUGH_TWO_PATHS, Mutex::new(session, name).lock())
             .await
             .unwrap();
         let took = started.elapsed();
-        guard.unlock().await.unwrap();
+        within(THROUGH_TWO_PATHS, guard.unlock()).await.unwrap();
         took
     })
     .await;

@@ -393,8 +393,12 @@ impl Etcdctl {
 }
 
 /// A session whose client reaches the one member of `cluster` two ways, through `proxy`
-/// and directly: a request stalled in the proxy is sent again the direct way, and the
-/// stalled attempt reaches etcd when the proxy heals.
+/// and directly: a request stalled in the proxy is sent again, and the stalled attempt
+/// reaches etcd when the proxy heals. etcd-client's balancer sends each attempt one way or
+/// the other at random, so a request fails only if all its attempts take the stalled
+/// proxy: with the 60 s request timeout here (30 attempts, one every 2 s), one time in
+/// 2^30 (with 20 s, one in 2^10). Bound calls made while the proxy stalls with
+/// [`THROUGH_TWO_PATHS`].
 pub async fn two_path_session(
     cluster: &etcd_concurrency::testing::EtcdCluster,
     proxy: &etcd_concurrency::testing::Proxy,
@@ -404,11 +408,15 @@ pub async fn two_path_session(
         .unwrap();
     etcd_concurrency::Session::builder(client)
         .ttl(secs(30))
-        .request_timeout(secs(20))
+        .request_timeout(secs(60))
         .build()
         .await
         .unwrap()
 }
+
+/// A bound for a call through a [`two_path_session`] while its proxy stalls: the request
+/// timeout and then some.
+pub const THROUGH_TWO_PATHS: Duration = Duration::from_secs(70);
 
 /// Takes a lock or leadership and releases it, with `take_and_release(session, name)`,
 /// through a session that reaches etcd two ways while one of them, a proxy, stalls; until
