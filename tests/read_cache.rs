@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use common::{
-    MIB, amount, millis, move_a_quarter, put_five_mib, put_many, read, secs, task_baseline,
-    tasks_back_to, total, transfer_concurrently, unique, value_bytes, within,
+    MIB, THROUGH_TWO_PATHS, TWO_PATH_REQUEST_TIMEOUT, amount, millis, move_a_quarter, put_five_mib,
+    put_many, read, secs, task_baseline, tasks_back_to, total, transfer_concurrently,
+    two_path_client, unique, value_bytes, within,
 };
 use etcd_client::{Client, Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -429,9 +430,7 @@ async fn a_read_only_check_held_up_in_transit_is_sent_again() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
     let proxy = Proxy::start(&cluster.endpoint(0)).await.unwrap();
-    let two_ways = Client::connect([proxy.endpoint(), cluster.endpoint(0)], None)
-        .await
-        .unwrap();
+    let two_ways = two_path_client(&cluster, &proxy).await;
     let prefix = unique("checked");
     let key = format!("{prefix}/a");
     put(&direct, &key, "1").await;
@@ -440,13 +439,13 @@ async fn a_read_only_check_held_up_in_transit_is_sent_again() {
         .unwrap();
     let stm = Stm::new(two_ways)
         .read_cache(cache)
-        .request_timeout(secs(20));
+        .request_timeout(TWO_PATH_REQUEST_TIMEOUT);
     for _ in 0..20 {
         // The read comes from the copy; the check that ends the run is the one request,
         // and goes through the stalled proxy or the direct way.
         proxy.stall();
         let started = Instant::now();
-        let read = within(secs(30), stm.run(async |tx| tx.get(&key).await)).await;
+        let read = within(THROUGH_TWO_PATHS, stm.run(async |tx| tx.get(&key).await)).await;
         let held = started.elapsed() >= millis(1_900);
         proxy.heal();
         assert_eq!(read.unwrap(), Some(b"1".to_vec()));

@@ -392,31 +392,41 @@ impl Etcdctl {
     }
 }
 
-/// A session whose client reaches the one member of `cluster` two ways, through `proxy`
-/// and directly: a request stalled in the proxy is sent again, and the stalled attempt
-/// reaches etcd when the proxy heals. etcd-client's balancer sends each attempt one way or
-/// the other at random, so a request fails only if all its attempts take the stalled
-/// proxy: with the 60 s request timeout here (30 attempts, one every 2 s), one time in
-/// 2^30 (with 20 s, one in 2^10). Bound calls made while the proxy stalls with
-/// [`THROUGH_TWO_PATHS`].
-pub async fn two_path_session(
+/// A client that reaches the one member of `cluster` two ways, through `proxy` and
+/// directly: a request stalled in the proxy is sent again (with this crate's retries), and
+/// the stalled attempt reaches etcd when the proxy heals. etcd-client's balancer sends each
+/// attempt one way or the other at random, so a request fails only if all its attempts
+/// take the stalled proxy: with a request timeout of [`TWO_PATH_REQUEST_TIMEOUT`] (30
+/// attempts, one every 2 s), one time in 2^30 (with 20 s, one in 2^10). Bound calls made
+/// while the proxy stalls with [`THROUGH_TWO_PATHS`].
+pub async fn two_path_client(
     cluster: &etcd_concurrency::testing::EtcdCluster,
     proxy: &etcd_concurrency::testing::Proxy,
-) -> etcd_concurrency::Session {
-    let client = Client::connect([proxy.endpoint(), cluster.endpoint(0)], None)
-        .await
-        .unwrap();
-    etcd_concurrency::Session::builder(client)
-        .ttl(secs(30))
-        .request_timeout(secs(60))
-        .build()
+) -> Client {
+    Client::connect([proxy.endpoint(), cluster.endpoint(0)], None)
         .await
         .unwrap()
 }
 
-/// A bound for a call through a [`two_path_session`] while its proxy stalls: the request
+/// The request timeout for calls through a [`two_path_client`].
+pub const TWO_PATH_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A bound for a call through a [`two_path_client`] while its proxy stalls: the request
 /// timeout and then some.
 pub const THROUGH_TWO_PATHS: Duration = Duration::from_secs(70);
+
+/// A session of a [`two_path_client`], with a 30 s TTL.
+pub async fn two_path_session(
+    cluster: &etcd_concurrency::testing::EtcdCluster,
+    proxy: &etcd_concurrency::testing::Proxy,
+) -> etcd_concurrency::Session {
+    etcd_concurrency::Session::builder(two_path_client(cluster, proxy).await)
+        .ttl(secs(30))
+        .request_timeout(TWO_PATH_REQUEST_TIMEOUT)
+        .build()
+        .await
+        .unwrap()
+}
 
 /// Takes a lock or leadership and releases it, with `take_and_release(session, name)`,
 /// through a session that reaches etcd two ways while one of them, a proxy, stalls; until
