@@ -13,28 +13,25 @@ use std::time::Duration;
 ///     Ok(guard) => drop(guard),
 ///     Err(Error::SessionLost) => println!("the session's lease is gone: make a new session"),
 ///     Err(error) if error.is_transient() => println!("etcd unreachable, try again: {error}"),
-///     Err(error) => {
-///         // Print the whole chain: `Error::Etcd` keeps etcd-client's error as its source.
-///         let mut text = error.to_string();
-///         let mut source = std::error::Error::source(&error);
-///         while let Some(cause) = source {
-///             text += &format!(": {cause}");
-///             source = cause.source();
-///         }
-///         println!("{text}");
-///     }
+///     // etcd's own words are part of the text, e.g. "etcd request failed: grpc request
+///     // error: code: 'Resource exhausted', message: \"etcdserver: request is too large\"".
+///     Err(error) => println!("{error}"),
 /// }
 /// # }
 /// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// etcd answered a request with an error, or the request could not be delivered.
+    /// etcd answered a request with an error, or the request could not be delivered (a
+    /// refused connection is this, not [`Error::Timeout`]).
     ///
-    /// The source is the [`etcd_client::Error`]; [`Error::is_transient`] tells whether a
-    /// retry may succeed (member unavailable, connection lost, leader changed).
-    #[error("etcd request failed")]
-    Etcd(#[source] etcd_client::Error),
+    /// The text ends with etcd-client's, which holds etcd's message (for instance
+    /// "etcdserver: request is too large"); match the variant to inspect the
+    /// [`etcd_client::Error`] itself, which has no source of its own, so this variant gives
+    /// none either. [`Error::is_transient`] tells whether a retry may succeed (member
+    /// unavailable, connection refused or lost, leader changed).
+    #[error("etcd request failed: {0}")]
+    Etcd(etcd_client::Error),
 
     /// The session's lease is gone: it expired, was revoked (by [`Session::close`] or by
     /// someone else), or no keep-alive succeeded for a whole TTL. Keys attached to it are
@@ -84,8 +81,13 @@ pub enum Error {
         attempts: u32,
     },
 
-    /// etcd gave no answer within the time allowed (`after`), typically because no
-    /// endpoint is reachable.
+    /// etcd gave no answer within the time allowed (`after`): the requests sent were
+    /// neither answered nor failed, as when a network link drops packets or a member hangs.
+    /// Requests that kept failing (an endpoint that refuses connections) give their last
+    /// error, [`Error::Etcd`], instead, except for [`ReadCache::watch`]'s. To tell an
+    /// outage of either kind, use [`Error::is_transient`].
+    ///
+    /// [`ReadCache::watch`]: crate::ReadCache::watch
     #[error("no answer from etcd within {after:?}")]
     Timeout {
         /// How long the request was given.
@@ -210,11 +212,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn messages_are_lowercase_and_do_not_repeat_the_source() {
+    fn messages_are_lowercase_and_say_what_etcd_said() {
         let status = tonic::Status::unavailable("etcdserver: leader changed");
         let error = Error::from(etcd_client::Error::GRpcStatus(status));
-        assert_eq!(error.to_string(), "etcd request failed");
-        assert!(std::error::Error::source(&error).is_some());
+        assert_eq!(
+            error.to_string(),
+            "etcd request failed: grpc request error: code: 'The service is currently \
+             unavailable', message: \"etcdserver: leader changed\""
+        );
+        // The cause is in the text, so chain printers must not find it again.
+        assert!(std::error::Error::source(&error).is_none());
         assert!(error.is_transient());
         for error in [
             Error::SessionLost,

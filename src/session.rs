@@ -724,9 +724,10 @@ impl SessionBuilder {
     /// - [`Error::InvalidArgument`]: the TTL is not a whole number of seconds between 1 and
     ///   etcd's maximum (9 000 000 000 s); both a TTL and a lease were given; the lease to
     ///   resume does not exist or has expired; the release or request timeout is zero.
-    /// - [`Error::Etcd`]: etcd refused the request (e.g. authentication), or kept failing
-    ///   until the request timeout.
-    /// - [`Error::Timeout`]: no answer within the request timeout (no endpoint reachable).
+    /// - [`Error::Etcd`]: etcd refused the request (e.g. authentication), or it kept
+    ///   failing until the request timeout (e.g. every endpoint refuses connections).
+    /// - [`Error::Timeout`]: no answer within the request timeout (endpoints that accept
+    ///   connections but do not answer: a stalled link, a hung member).
     ///
     /// After an error, a lease that an attempt cut off (or failed in transit) may have
     /// granted all the same is revoked in a background task, bounded by the release

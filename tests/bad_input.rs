@@ -58,7 +58,7 @@ async fn a_wrong_password_and_missing_permissions_give_clear_errors() {
     let name = unique("forbidden");
     let denied = |result: &Result<(), Error>| {
         matches!(result, Err(error @ Error::Etcd(_)) if !error.is_transient()
-            && std::error::Error::source(error).unwrap().to_string().contains("permission denied"))
+            && error.to_string().contains("permission denied"))
     };
     let locked = within(secs(5), Mutex::new(&session, &name).lock())
         .await
