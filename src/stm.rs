@@ -314,13 +314,18 @@ impl Stm {
     /// nothing is written, and the error is returned as is. The error type is yours, as
     /// long as this crate's [`Error`] converts into it (for `?` on reads).
     ///
+    /// `apply` is an async closure, `async |tx| { ... }` (Rust 1.85), not a closure that
+    /// returns an `async` block (`|tx| async move { ... }`): the block could not borrow
+    /// `tx`, so the compiler rejects it (asking for type annotations, then for a longer
+    /// lifetime).
+    ///
     /// # Errors
     ///
     /// - `apply`'s own error, unchanged; nothing is written. Except after a read that hit
     ///   a compacted snapshot: the attempt runs again whatever `apply` returned, since its
     ///   error most likely is that read's (converted into `E`).
-    /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout is zero;
-    ///   `apply` does not run.
+    /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout is zero, and
+    ///   `apply` does not run; or `apply` wrote to an empty key, and nothing is written.
     /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
     ///   nothing is written.
     /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed (also
@@ -502,8 +507,8 @@ impl StmTxn {
     ///
     /// # Errors
     ///
-    /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be read within the request
-    /// timeout. A read pinned to a revision that the serving member has not applied yet
+    /// [`Error::InvalidArgument`] if `key` is empty. [`Error::Etcd`] / [`Error::Timeout`]
+    /// if etcd could not be read within the request timeout. A read pinned to a revision that the serving member has not applied yet
     /// (etcd #11963) is not an error: it is sent again as a linearizable read, which waits
     /// for that revision. A read pinned to a revision etcd has compacted (an old copy of a
     /// quiet [`ReadCache`] prefix, or a long attempt) gives [`Error::Etcd`] with etcd's
@@ -533,12 +538,15 @@ impl StmTxn {
     }
 
     /// Buffers a write of `value` to `key`, committed with the transaction. Go's `STM.Put`,
-    /// without its options (such as a lease).
+    /// without its options (such as a lease). An empty `key` makes [`Stm::run`] return
+    /// [`Error::InvalidArgument`] instead of committing: nothing is written.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.writes.insert(key.into(), Write::Put(value.into()));
     }
 
-    /// Buffers a deletion of `key`, committed with the transaction. Go's `STM.Del`.
+    /// Buffers a deletion of `key`, committed with the transaction. Go's `STM.Del`. An
+    /// empty `key` makes [`Stm::run`] return [`Error::InvalidArgument`] instead of
+    /// committing: nothing is written.
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
         self.writes.insert(key.into(), Write::Delete);
     }
@@ -569,6 +577,9 @@ impl StmTxn {
 
     /// The read-set entry of `key`, reading it if needed.
     async fn read(&mut self, key: &[u8]) -> Result<&Read> {
+        if key.is_empty() {
+            return Err(empty_key());
+        }
         if !self.reads.contains_key(key) {
             // Until the read succeeds (it may fail, or be dropped), the attempt lacks it.
             self.unread.insert(key.to_vec());
@@ -660,6 +671,9 @@ impl StmTxn {
 
     /// Commits the writes if the reads are still valid; see [`Outcome`].
     async fn commit(self, prefetch: &[Vec<u8>]) -> Result<Outcome> {
+        if self.writes.contains_key(&[][..]) {
+            return Err(empty_key());
+        }
         if self.writes.is_empty() {
             let checked_anyway = match self.isolation {
                 Isolation::RepeatableReads => true,
@@ -886,6 +900,11 @@ impl Read {
 /// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
 /// connection was refused, no leader, too many requests): a commit whose outcome is
 /// unknown is not sent twice.
+/// etcd refuses an empty key ("key is not provided"); this says so before asking.
+fn empty_key() -> Error {
+    Error::InvalidArgument("an STM key must not be empty".into())
+}
+
 async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();

@@ -553,6 +553,35 @@ async fn a_zero_request_timeout_is_refused_before_the_closure_runs() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
+#[tokio::test]
+async fn an_empty_key_is_refused_and_nothing_is_written() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("empty-key");
+    let stm = Stm::new(client.clone());
+    let read = within(secs(10), stm.run(async |tx| tx.get("").await)).await;
+    assert!(matches!(read, Err(Error::InvalidArgument(_))), "{read:?}");
+    for empty_key_written in [
+        |tx: &mut StmTxn| tx.put("", "x"),
+        |tx: &mut StmTxn| tx.delete(""),
+    ] {
+        let written = within(
+            secs(10),
+            stm.run(async |tx| {
+                tx.put(format!("{prefix}/other"), "ok");
+                empty_key_written(tx);
+                Ok::<_, Error>(())
+            }),
+        )
+        .await;
+        assert!(
+            matches!(written, Err(Error::InvalidArgument(_))),
+            "{written:?}"
+        );
+    }
+    assert!(common::keys_under(&client, &prefix).await.is_empty());
+}
+
 /// Reads `a`, lets another client write `b` (first run only), then writes `b` blind.
 /// Returns how many times the closure ran.
 async fn blind_write_while_someone_writes(client: &Client, isolation: Isolation) -> u32 {
