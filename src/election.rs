@@ -489,8 +489,9 @@ impl Leadership {
     ///
     /// # Errors
     ///
-    /// - [`Error::OwnershipLost`]: the key was already gone or re-created; this leadership
-    ///   had already ended. If no other campaign or leadership of this session is in the
+    /// - [`Error::OwnershipLost`]: the key was already gone (as after
+    ///   [`Session::close`](crate::Session::close)) or re-created; this leadership had
+    ///   already ended. If no other campaign or leadership of this session is in the
     ///   election, a newer key of its lease there (made by a campaign since cancelled) is
     ///   withdrawn in the background. As for
     ///   [`MutexGuard::unlock`](crate::MutexGuard::unlock), not returned after an attempt

@@ -66,10 +66,25 @@
 //! background work (keep-alive, releases) runs as tasks on the runtime it was built on; a
 //! [`ReadCache`]'s watch, on the one it was made on.
 //!
+//! # Logging
+//!
+//! What goes wrong in the background (a release that etcd refused, a guard dropped as its
+//! runtime shuts down, so that its key stays until the lease expires, a read cache that
+//! stopped) is logged as a
+//! [`tracing`](https://docs.rs/tracing) warning; retries are logged at debug level.
+//! Install a subscriber to see them, e.g. `tracing_subscriber::fmt::init()`.
+//!
 //! # Features
 //!
 //! - `testing`: `testing::EtcdCluster` (throwaway etcd clusters of real processes) and
-//!   `testing::Proxy` (cut one client off), for testing code that uses this crate.
+//!   `testing::Proxy` (cut one client off), for testing code that uses this crate. Linux
+//!   only; it runs the `etcd` binary on the `PATH` (Debian's `etcd-server`, 3.4). Enable
+//!   it for tests only:
+//!
+//!   ```toml
+//!   [dev-dependencies]
+//!   etcd-concurrency = { path = "../etcd-concurrency", features = ["testing"] }
+//!   ```
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

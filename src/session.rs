@@ -309,7 +309,8 @@ impl Session {
     }
 
     /// Stops the keep-alive without revoking the lease: attached keys stay until the lease
-    /// expires, one TTL from its last renewal. Use it to hand the lease over (another
+    /// expires, one TTL from its last renewal (guards and leaderships dropped afterwards
+    /// leave their keys; an explicit `unlock()` or `resign()` still deletes its key). Use it to hand the lease over (another
     /// process resumes it with [`SessionBuilder::lease`]) or to simulate a crash. Mirrors
     /// Go's `Session.Orphan()`.
     ///
@@ -884,8 +885,9 @@ impl SessionBuilder {
     /// its expiry exactly (its remaining TTL is only reported in whole seconds).
     async fn resume(&self, id: i64) -> Result<(i64, Duration, Renewed)> {
         let gone = || {
-            let id = lease_hex(id);
-            Error::InvalidArgument(format!("lease {id} does not exist or has expired"))
+            let hex = lease_hex(id);
+            let why = format!("lease {id} (hex {hex}) does not exist or has expired");
+            Error::InvalidArgument(why)
         };
         let answer = retry(&self.client, self.request_timeout, |mut c| async move {
             c.lease_time_to_live(id, None).await

@@ -445,8 +445,8 @@ fn etcd_binary() -> PathBuf {
         .find(|path| path.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "etcd is not installed (not on PATH, and ETCD_BIN is not set): run \
-                 scripts/install-deps, or `apt-get install etcd-server`"
+                "etcd is not installed (not on PATH, and ETCD_BIN is not set): on Debian, \
+                 `apt-get install etcd-server` (this crate's scripts/install-deps does it)"
             )
         })
 }

@@ -4,6 +4,7 @@
 //! loopback ports with their data in tmpfs, and can kill, pause, resume and restart members.
 //! [`Proxy`] sits between one client and one endpoint and can cut or stall its traffic.
 //! Everything started here stops when its handle is dropped, also when a test panics.
+//! Linux only (members die with the test process through `PR_SET_PDEATHSIG`).
 //!
 //! ```no_run
 //! use etcd_concurrency::testing::EtcdCluster;
