@@ -428,11 +428,20 @@ pub async fn two_path_session(
         .unwrap()
 }
 
+/// How many times [`a_late_join_leaves_no_key`] tries to get a join attempt to etcd after
+/// the release. A try gets one only if the join's first attempt took the stalled proxy
+/// (one time in two: the balancer) and, once the proxy heals, etcd applies that attempt
+/// before the reset that cancelled it, queued right behind it (a bit more than one time
+/// in two): 29 of 110 tries measured did, so all of 20 tries missed about one time in
+/// 450 (0.74^20), and all of 50 miss about one time in four million. A try takes 2-8 s.
+const LATE_JOIN_TRIES: usize = 50;
+
 /// Takes a lock or leadership and releases it, with `take_and_release(session, name)`,
 /// through a session that reaches etcd two ways while one of them, a proxy, stalls; until
-/// a join attempt held in the proxy reaches etcd after the release (at most 20 tries).
-/// `take_and_release` returns how long taking took: 1.9 s or more means the join was sent
-/// again. Asserts that the key such a late attempt makes is deleted.
+/// a join attempt held in the proxy reaches etcd after the release (at most
+/// [`LATE_JOIN_TRIES`] tries). `take_and_release` returns how long taking took: 1.9 s or
+/// more means the join was sent again. Asserts that the key such a late attempt makes is
+/// deleted.
 pub async fn a_late_join_leaves_no_key(
     mut take_and_release: impl AsyncFnMut(&etcd_concurrency::Session, &str) -> Duration,
 ) {
@@ -442,7 +451,7 @@ pub async fn a_late_join_leaves_no_key(
         .await
         .unwrap();
     let ours = two_path_session(&cluster, &proxy).await;
-    for _ in 0..20 {
+    for _ in 0..LATE_JOIN_TRIES {
         let name = unique("late-join");
         let key = format!("{name}/{:x}", ours.lease_id());
         let mut changes = observer.clone().watch(key.as_str(), None).await.unwrap();
@@ -452,7 +461,7 @@ pub async fn a_late_join_leaves_no_key(
             return;
         }
     }
-    panic!("no join attempt reached etcd late in 20 tries");
+    panic!("no join attempt reached etcd late in {LATE_JOIN_TRIES} tries");
 }
 
 /// The type of the next event on `changes`, within 30 s.
