@@ -634,9 +634,15 @@ async fn cancelling_one_of_two_waiting_campaigns_keeps_the_shared_candidacy() {
     let our_key = hex_key(&name, &ours);
     within(secs(5), appears(&client, &our_key)).await;
     // A second campaign of the same session shares the waiting key; cancelling it must
-    // not withdraw the first one's candidacy.
+    // not withdraw the first one's candidacy. It is cancelled once etcd has applied its
+    // join (a Txn with a put: a raft proposal, whether or not the put is made).
+    let applied = proposals_applied(&cluster.endpoint(0)).await;
     let second = spawn_campaign(&election, "ours");
-    tokio::time::sleep(millis(200)).await;
+    within(
+        secs(5),
+        proposals_applied_exceed(&cluster.endpoint(0), applied),
+    )
+    .await;
     second.abort();
     tokio::time::sleep(millis(300)).await; // a wrongly spawned release would have run
     assert!(
