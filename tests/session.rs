@@ -198,8 +198,11 @@ async fn bad_ttls_leases_and_timeouts_are_rejected_before_anything_is_granted() 
         .build()
         .await;
     assert!(matches!(both, Err(Error::InvalidArgument(_))), "{both:?}");
-    // Unknown leases are named as Go writes their ids.
-    for (unknown, named) in [(0x1234, "lease 1234 "), (-5, "lease -5 ")] {
+    // Unknown leases are named as given, and as Go writes their ids (hex).
+    for (unknown, named) in [
+        (0x1234, "lease 4660 (hex 1234) "),
+        (-5, "lease -5 (hex -5) "),
+    ] {
         let result = Session::builder(client.clone())
             .lease(unknown)
             .build()
