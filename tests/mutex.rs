@@ -621,8 +621,9 @@ async fn a_waiter_whose_key_is_deleted_while_its_watch_is_broken_gets_ownership_
         async move { mutex.lock().await.map(drop) }
     });
     let waiter_key = hex_key(&name, &waiter);
-    within(secs(5), appears(&client, &waiter_key)).await;
+    // The waiter's watch, counted before `appears` opens a watch stream of its own.
     within(secs(5), watch_streams_become(&member, before + 1)).await;
+    within(secs(5), appears(&client, &waiter_key)).await;
     // The waiter's watch breaks; while it is down, its key is deleted and the holder
     // leaves: the queue it reads again on re-opening has nobody ahead, nor its own key.
     proxy.cut();
