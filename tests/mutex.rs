@@ -545,6 +545,7 @@ async fn try_lock_on_a_resumed_lease_whose_key_waits_behind_the_holder_gives_non
     within(secs(5), appears(&client, &leftover)).await;
     let lease = earlier.lease_id();
     earlier.orphan();
+    // Waiting follows the session, not only its key, which lives on with the lease (30 s).
     let result = within(secs(5), waiting).await.unwrap();
     assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
     assert!(
@@ -873,34 +874,6 @@ async fn a_stale_guards_ownership_compare_fails_once_its_lease_holds_the_key_aga
     let answer = client.txn(write(&newer, "newer")).await.unwrap();
     assert!(answer.succeeded(), "the holder's fenced write was refused");
     newer.unlock().await.unwrap();
-}
-
-/// A waiter whose session is lost while its key stays in the queue (orphaned: the lease,
-/// and the key with it, lives on for its TTL) gets SessionLost at once: waiting follows
-/// the session, not only the key, which goes only when the lease expires.
-#[tokio::test]
-async fn a_waiter_whose_session_is_orphaned_gets_session_lost_at_once() {
-    let cluster = EtcdCluster::start(1).await;
-    let client = cluster.client().await;
-    let name = unique("orphaned-waiter");
-    let holder = session(&client).await;
-    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
-        .await
-        .unwrap();
-    let waiter = Session::builder(client.clone())
-        .ttl(secs(60))
-        .build()
-        .await
-        .unwrap();
-    let key = hex_key(&name, &waiter);
-    let mutex = Mutex::new(&waiter, &name);
-    let waiting = tokio::spawn(async move { mutex.lock().await });
-    within(secs(5), appears(&client, &key)).await;
-    waiter.orphan();
-    let result = within(secs(5), waiting).await.unwrap();
-    assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
-    assert!(exists(&client, key).await, "the lease and its key live on");
-    guard.unlock().await.unwrap();
 }
 
 /// A dropped guard holds its session's slot on the name until its background delete is
