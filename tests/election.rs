@@ -231,17 +231,7 @@ async fn observe_replays_changes_missed_while_cut_off_and_survives_compaction() 
     proxy.cut();
     leading.proclaim("v4").await.unwrap();
     leading.proclaim("v5").await.unwrap();
-    let revision = client
-        .get("any", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    client
-        .compact(revision, Some(CompactionOptions::new().with_physical()))
-        .await
-        .unwrap();
+    compact_all(&mut client).await;
     proxy.heal();
     assert_eq!(
         value_of(&next_leader(&mut observer).await).as_deref(),
@@ -1049,6 +1039,22 @@ async fn a_proclaim_attempt_that_reaches_etcd_late_writes_nothing() {
     panic!("no proclaim attempt reached etcd late in 20 tries");
 }
 
+/// Compacts the history up to etcd's current revision, and waits until the compaction is
+/// physically applied.
+async fn compact_all(client: &mut Client) {
+    let revision = client
+        .get("any", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client
+        .compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .unwrap();
+}
+
 /// The mod revision of `key`, which exists.
 async fn mod_revision(client: &Client, key: &[u8]) -> i64 {
     read(client, key, None).await.kvs()[0].mod_revision()
@@ -1080,18 +1086,10 @@ async fn a_leader_whose_session_is_orphaned_proclaims_nothing() {
 #[tokio::test]
 async fn leader_is_the_oldest_candidate_even_when_its_key_sorts_last() {
     let cluster = EtcdCluster::start(1).await;
-    let mut client = cluster.client().await;
+    let client = cluster.client().await;
     let name = unique("leader-by-revision");
-    let mut on_lease = async |id: i64| {
-        let granted = etcd_client::LeaseGrantOptions::new().with_id(id);
-        client.lease_grant(10, Some(granted)).await.unwrap();
-        Session::builder(client.clone())
-            .lease(id)
-            .build()
-            .await
-            .unwrap()
-    };
-    let (older, newer) = (on_lease(0xb00).await, on_lease(0xa00).await);
+    let older = common::session_on_lease(&client, 0xb00).await;
+    let newer = common::session_on_lease(&client, 0xa00).await;
     let leading = within(secs(10), Election::new(&older, &name).campaign("older"))
         .await
         .unwrap();
@@ -1129,17 +1127,7 @@ async fn observe_forgets_a_leader_whose_resign_it_missed_behind_a_compaction() {
     within(secs(5), appears(&client, &hex_key(&name, &next))).await;
     leading.resign().await.unwrap();
     let leading_next = within(secs(5), campaign).await.unwrap().unwrap();
-    let revision = client
-        .get("any", None)
-        .await
-        .unwrap()
-        .header()
-        .unwrap()
-        .revision();
-    client
-        .compact(revision, Some(CompactionOptions::new().with_physical()))
-        .await
-        .unwrap();
+    compact_all(&mut client).await;
     proxy.heal();
     let leader = next_leader(&mut observer)
         .await

@@ -12,7 +12,7 @@ use common::{
     Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, keys_under,
     millis, secs, unique, watch_streams_become, within,
 };
-use etcd_client::{Client, LeaseGrantOptions, LockOptions, Txn, TxnOp};
+use etcd_client::{Client, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Mutex, MutexGuard, Session};
 
@@ -408,18 +408,8 @@ async fn a_lease_with_a_negative_id_names_the_key_as_go_does() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let name = unique("negative-lease");
-    // etcd grants any non-zero id it is asked for; Go writes an int64 with `%x`: "-1f4".
-    let granted = LeaseGrantOptions::new().with_id(-500);
-    client
-        .lease_client()
-        .grant(10, Some(granted))
-        .await
-        .unwrap();
-    let resumed = Session::builder(client.clone())
-        .lease(-500)
-        .build()
-        .await
-        .unwrap();
+    // Go writes an int64 with `%x`: "-1f4".
+    let resumed = common::session_on_lease(&client, -500).await;
     let guard = within(secs(10), Mutex::new(&resumed, &name).lock())
         .await
         .unwrap();

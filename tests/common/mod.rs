@@ -217,6 +217,22 @@ pub async fn session_with(client: Client, ttl: Duration, request_timeout: Durati
         .unwrap()
 }
 
+/// A session on a 10 s lease granted with the chosen `id` (etcd grants any non-zero id it
+/// is asked for), resumed with `SessionBuilder::lease`.
+pub async fn session_on_lease(client: &Client, id: i64) -> Session {
+    let granted = etcd_client::LeaseGrantOptions::new().with_id(id);
+    client
+        .lease_client()
+        .grant(10, Some(granted))
+        .await
+        .unwrap();
+    Session::builder(client.clone())
+        .lease(id)
+        .build()
+        .await
+        .unwrap()
+}
+
 /// A proxy in front of the etcd member at `endpoint`, and a client that reaches etcd only
 /// through it.
 pub async fn behind_proxy(endpoint: &str) -> (etcd_concurrency::testing::Proxy, Client) {
