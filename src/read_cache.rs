@@ -137,9 +137,9 @@ impl ReadCache {
     ///
     /// - [`Error::InvalidArgument`] if `prefix` is empty (the whole keyspace).
     /// - [`Error::Etcd`] if etcd refuses the read or the watch (e.g. permission denied).
-    /// - [`Error::Timeout`] if the copy could not be made within 5 s: no member
-    ///   reachable (connections refused or unanswered), or round trips over about 2.4 s (opening the watch and reading the
-    ///   range take one each).
+    /// - [`Error::Timeout`] if the copy could not be made within 5 s: no member reachable
+    ///   (connections refused or unanswered), or round trips over about 2.4 s (opening the
+    ///   watch and reading the range take one each).
     ///
     /// # Cancel safety
     ///

@@ -310,9 +310,9 @@ impl Session {
 
     /// Stops the keep-alive without revoking the lease: attached keys stay until the lease
     /// expires, one TTL from its last renewal (guards and leaderships dropped afterwards
-    /// leave their keys; an explicit `unlock()` or `resign()` still deletes its key). Use it to hand the lease over (another
-    /// process resumes it with [`SessionBuilder::lease`]) or to simulate a crash. Mirrors
-    /// Go's `Session.Orphan()`.
+    /// leave their keys; an explicit `unlock()` or `resign()` still deletes its key). Use
+    /// it to hand the lease over (another process resumes it with
+    /// [`SessionBuilder::lease`]) or to simulate a crash. Mirrors Go's `Session.Orphan()`.
     ///
     /// # Example
     ///

@@ -508,12 +508,13 @@ impl StmTxn {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if `key` is empty. [`Error::Etcd`] / [`Error::Timeout`]
-    /// if etcd could not be read within the request timeout. A read pinned to a revision that the serving member has not applied yet
-    /// (etcd #11963) is not an error: it is sent again as a linearizable read, which waits
-    /// for that revision. A read pinned to a revision etcd has compacted (an old copy of a
-    /// quiet [`ReadCache`] prefix, or a long attempt) gives [`Error::Etcd`] with etcd's
-    /// "compacted" error: return it (with `?`), and the closure runs again from a fresh
-    /// snapshot, which does not count as a conflict; nothing it did in that run commits.
+    /// if etcd could not be read within the request timeout. A read pinned to a revision
+    /// that the serving member has not applied yet (etcd #11963) is not an error: it is
+    /// sent again as a linearizable read, which waits for that revision. A read pinned to a
+    /// revision etcd has compacted (an old copy of a quiet [`ReadCache`] prefix, or a long
+    /// attempt) gives [`Error::Etcd`] with etcd's "compacted" error: return it (with `?`),
+    /// and the closure runs again from a fresh snapshot, which does not count as a
+    /// conflict; nothing it did in that run commits.
     ///
     /// A closure that goes on after a failed read and returns `Ok` anyway commits nothing
     /// either, unless it read the key successfully later in the run: as in Go, where a
@@ -897,14 +898,14 @@ impl Read {
     }
 }
 
-/// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
-/// connection was refused, no leader, too many requests): a commit whose outcome is
-/// unknown is not sent twice.
 /// etcd refuses an empty key ("key is not provided"); this says so before asking.
 fn empty_key() -> Error {
     Error::InvalidArgument("an STM key must not be empty".into())
 }
 
+/// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
+/// connection was refused, no leader, too many requests): a commit whose outcome is
+/// unknown is not sent twice.
 async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
