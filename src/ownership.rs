@@ -4,9 +4,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
@@ -346,10 +344,12 @@ async fn fenced_delete(
     }
 }
 
-/// Resolves when `key` no longer has create revision `revision`.
+/// Resolves when `key` no longer has create revision `revision`. Only a deletion ends
+/// that, so the watch leaves out puts (a leader's proclaims).
 async fn key_gone(session: &Session, key: &[u8], revision: i64) {
     let read = GetOptions::new().with_keys_only();
-    let mut follower = Follower::new(session.client().clone(), key.to_vec(), false, read, 0);
+    let mut follower =
+        Follower::new(session.client().clone(), key.to_vec(), false, read, 0).deletes_only();
     loop {
         match follower.next().await {
             Ok(Update::Snapshot { kvs, .. }) => {
@@ -357,15 +357,8 @@ async fn key_gone(session: &Session, key: &[u8], revision: i64) {
                     return;
                 }
             }
-            Ok(Update::Events(events)) => {
-                let gone = events.iter().any(|event| {
-                    event.event_type() == EventType::Delete
-                        || event.kv().map(|kv| kv.create_revision()) != Some(revision)
-                });
-                if gone {
-                    return;
-                }
-            }
+            // Only deletions come as events.
+            Ok(Update::Events(_)) => return,
             Err(error) => {
                 tracing::warn!(
                     error = &error as &dyn std::error::Error,

@@ -19,8 +19,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Event, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse, WatchOptions,
-    WatchResponse, WatchStream,
+    Client, Event, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse, WatchFilterType,
+    WatchOptions, WatchResponse, WatchStream,
 };
 
 use futures::FutureExt;
@@ -72,6 +72,8 @@ pub(crate) struct Follower {
     /// A progress notification was asked for and has not come yet.
     progress_asked: bool,
     backoff: Backoff,
+    /// The watch asks etcd to leave out puts (the snapshots still read every key).
+    deletes_only: bool,
 }
 
 /// What a live watch said, or that it said nothing for too long.
@@ -104,7 +106,16 @@ impl Follower {
             heard_at: Instant::now(),
             progress_asked: false,
             backoff: Backoff::new(),
+            deletes_only: false,
         }
+    }
+
+    /// Has etcd leave puts out of the watch, for a caller that needs only deletions: etcd
+    /// then neither encodes nor sends them (a queue's joins, say, which every waiter on
+    /// the prefix would otherwise receive).
+    pub(crate) fn deletes_only(mut self) -> Follower {
+        self.deletes_only = true;
+        self
     }
 
     /// Starts a new view, current as of `revision` and re-read with `read_options`
@@ -268,6 +279,9 @@ impl Follower {
         let mut options = WatchOptions::new();
         if self.prefix {
             options = options.with_prefix();
+        }
+        if self.deletes_only {
+            options = options.with_filters([WatchFilterType::NoPut]);
         }
         if self.replay && self.revision > 0 && !self.history_gone {
             let options = options.with_start_revision(self.revision + 1);
