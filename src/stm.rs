@@ -288,11 +288,11 @@ impl Stm {
     }
 
     /// How many runs of the closure may conflict: the last of them returns
-    /// [`Error::TooManyConflicts`] (at least 1; default [`DEFAULT_MAX_ATTEMPTS`]). A run
-    /// whose snapshot etcd compacted (see [`StmTxn::get`]) does not count. Go retries
-    /// without limit.
+    /// [`Error::TooManyConflicts`] (default [`DEFAULT_MAX_ATTEMPTS`]; zero makes
+    /// [`run`](Self::run) return [`Error::InvalidArgument`]). A run whose snapshot etcd
+    /// compacted (see [`StmTxn::get`]) does not count. Go retries without limit.
     pub fn max_attempts(mut self, attempts: u32) -> Stm {
-        self.max_attempts = attempts.max(1);
+        self.max_attempts = attempts;
         self
     }
 
@@ -324,8 +324,8 @@ impl Stm {
     /// - `apply`'s own error, unchanged; nothing is written. Except after a read that hit
     ///   a compacted snapshot: the attempt runs again whatever `apply` returned, since its
     ///   error most likely is that read's (converted into `E`).
-    /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout is zero, and
-    ///   `apply` does not run; or `apply` wrote to an empty key, and nothing is written.
+    /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout or
+    ///   [`max_attempts`](Self::max_attempts) is zero, and `apply` does not run; or `apply` wrote to an empty key, and nothing is written.
     /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
     ///   nothing is written.
     /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed (also
@@ -382,6 +382,10 @@ impl Stm {
     {
         if self.request_timeout.is_zero() {
             let why = "a request timeout of zero would fail every request".into();
+            return Err(Error::InvalidArgument(why).into());
+        }
+        if self.max_attempts == 0 {
+            let why = "max_attempts of zero would allow no attempt".into();
             return Err(Error::InvalidArgument(why).into());
         }
         let kv = self.client.kv_client();

@@ -536,21 +536,25 @@ async fn a_value_over_the_request_limit_is_refused_and_nothing_is_written() {
 }
 
 #[tokio::test]
-async fn a_zero_request_timeout_is_refused_before_the_closure_runs() {
+async fn a_zero_request_timeout_or_max_attempts_is_refused_before_the_closure_runs() {
     let cluster = EtcdCluster::start(1).await;
-    let stm = Stm::new(cluster.client().await).request_timeout(Duration::ZERO);
-    let runs = AtomicU32::new(0);
-    let result = stm
-        .run(async |_| {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Error>(())
-        })
-        .await;
-    assert!(
-        matches!(result, Err(Error::InvalidArgument(_))),
-        "{result:?}"
-    );
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let client = cluster.client().await;
+    let zero_timeout = Stm::new(client.clone()).request_timeout(Duration::ZERO);
+    let zero_attempts = Stm::new(client).max_attempts(0);
+    for stm in [zero_timeout, zero_attempts] {
+        let runs = AtomicU32::new(0);
+        let result = stm
+            .run(async |_| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(())
+            })
+            .await;
+        assert!(
+            matches!(result, Err(Error::InvalidArgument(_))),
+            "{result:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
 }
 
 #[tokio::test]
