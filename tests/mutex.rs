@@ -666,10 +666,10 @@ async fn idle_mutexes_do_not_let_queue_events_pile_up_in_the_connection() {
     let others = cluster.client().await;
     let (ours, busy) = (session(&shared).await, session(&others).await);
     // Unread watch messages hold HTTP/2 flow-control windows (measured: three unread
-    // watches froze a connection after 6 MB). Kilobyte-long names make that quick.
+    // watches froze a connection after 6 MB). Two-kilobyte names make that quick.
     let base = unique("idle");
     let names: Vec<String> = (0..LOCKS)
-        .map(|i| format!("{base}-{i}-{}", "x".repeat(1024)))
+        .map(|i| format!("{base}-{i}-{}", "x".repeat(2048)))
         .collect();
     let mut idle = Vec::new();
     for name in &names {
@@ -691,7 +691,8 @@ async fn idle_mutexes_do_not_let_queue_events_pile_up_in_the_connection() {
     // The application's own watch, on the same connection.
     let probe = format!("{base}-probe");
     let mut watch = shared.clone().watch(probe.as_str(), None).await.unwrap();
-    // Others use every lock while ours sit idle: 2 000 events (2 MB) on each queue.
+    // Others use every lock while ours sit idle: 1 000 deletions (2 MB) reach each idle
+    // queue's watch, which carries no puts.
     within(secs(120), async {
         for _ in 0..CYCLES {
             for name in &names {
