@@ -558,10 +558,9 @@ impl Leadership {
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe; each call opens its own watch, closed when the future is dropped.
-    /// The watch also receives this leadership's proclaims: poll the future steadily (as
-    /// `tokio::select!` does) or drop it, since large values left unread hold HTTP/2
-    /// flow-control windows of the connection.
+    /// Cancel-safe; each call opens its own watch, closed when the future is dropped. The
+    /// watch carries only the key's deletion, so a future left unpolled while this
+    /// leadership proclaims holds nothing back on the connection.
     ///
     /// # Example
     ///

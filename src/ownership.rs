@@ -155,8 +155,7 @@ impl OwnedKey {
     /// Resolves once ownership can no longer be assumed: the session is lost, or the key is
     /// deleted or re-created. Also resolves if the key cannot be watched at all (a
     /// permission error), since ownership can then not be confirmed. The watch exists
-    /// while the future does; it sees one key, but that key's every write with its value
-    /// (an election's proclaims), which left unread hold HTTP/2 flow-control windows.
+    /// while the future does, and carries only that key's deletion.
     pub(crate) async fn lost(&self) {
         tokio::select! {
             () = self.session.lost() => {}

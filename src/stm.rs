@@ -325,7 +325,8 @@ impl Stm {
     ///   a compacted snapshot: the attempt runs again whatever `apply` returned, since its
     ///   error most likely is that read's (converted into `E`).
     /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout or
-    ///   [`max_attempts`](Self::max_attempts) is zero, and `apply` does not run; or `apply` wrote to an empty key, and nothing is written.
+    ///   [`max_attempts`](Self::max_attempts) is zero, and `apply` does not run; or
+    ///   `apply` wrote to an empty key, and nothing is written.
     /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
     ///   nothing is written.
     /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed (also
