@@ -161,13 +161,12 @@ async fn follow_until_turn(
                     .any(|kv| kv.key() == key && kv.create_revision() == token)
             }
             Update::Events(deletions) => {
+                let mut still_mine = true;
                 for kv in deletions.iter().filter_map(Event::kv) {
                     ahead.remove(kv.key());
+                    still_mine &= kv.key() != key;
                 }
-                !deletions
-                    .iter()
-                    .filter_map(Event::kv)
-                    .any(|kv| kv.key() == key)
+                still_mine
             }
         };
         if !still_mine {
