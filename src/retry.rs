@@ -112,6 +112,8 @@ where
     let mut in_flight: VecDeque<(u64, AbortHandle)> = VecDeque::new();
     let mut sent = 0;
     let mut send_at = Instant::now();
+    // The next attempt waits for a back-off after a failure, not for an answer.
+    let mut backing_off = false;
     loop {
         let now = Instant::now();
         // The first attempt is sent whatever the limit; none after the deadline.
@@ -127,6 +129,7 @@ where
             in_flight.push_back((number, abort));
             sent += 1;
             send_at = Instant::now() + resend;
+            backing_off = false;
         }
         let (number, answer) = tokio::select! {
             // An answer that is there counts, whatever time it is.
@@ -134,7 +137,9 @@ where
             Some(answered) = attempts.next() => answered,
             () = tokio::time::sleep_until(send_at.min(deadline)) => {
                 if Instant::now() < deadline {
-                    tracing::debug!("no answer within {resend:?}; sending again");
+                    if !backing_off {
+                        tracing::debug!("no answer within {resend:?}; sending again");
+                    }
                     continue;
                 }
                 // The last error says more than "no answer" (e.g. connection refused).
@@ -156,6 +161,7 @@ where
                 tracing::debug!(%error, ?delay, "transient etcd error; retrying");
                 last_error = Some(error);
                 // Past the deadline, nothing more is sent; attempts in flight may answer.
+                backing_off |= resend_at < send_at;
                 send_at = send_at.min(resend_at);
             }
         }
