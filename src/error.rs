@@ -84,10 +84,8 @@ pub enum Error {
     /// etcd gave no answer within the time allowed (`after`): the requests sent were
     /// neither answered nor failed, as when a network link drops packets or a member hangs.
     /// Requests that kept failing (an endpoint that refuses connections) give their last
-    /// error, [`Error::Etcd`], instead, except for [`ReadCache::watch`]'s. To tell an
-    /// outage of either kind, use [`Error::is_transient`].
-    ///
-    /// [`ReadCache::watch`]: crate::ReadCache::watch
+    /// error, [`Error::Etcd`], instead. To tell an outage of either kind, use
+    /// [`Error::is_transient`].
     #[error("no answer from etcd within {after:?}")]
     Timeout {
         /// How long the request was given.

@@ -136,10 +136,12 @@ impl ReadCache {
     /// # Errors
     ///
     /// - [`Error::InvalidArgument`] if `prefix` is empty (the whole keyspace).
-    /// - [`Error::Etcd`] if etcd refuses the read or the watch (e.g. permission denied).
-    /// - [`Error::Timeout`] if the copy could not be made within 5 s: no member reachable
-    ///   (connections refused or unanswered), or round trips over about 2.4 s (opening the
-    ///   watch and reading the range take one each).
+    /// - [`Error::Etcd`] if etcd refuses the read or the watch (e.g. permission denied),
+    ///   or if the copy could not be made within 5 s and the last attempt failed: its
+    ///   error, such as a refused connection when no member is reachable.
+    /// - [`Error::Timeout`] if the copy could not be made within 5 s and the last attempt
+    ///   went unanswered: no member answering, or round trips over about 2.4 s (opening
+    ///   the watch and reading the range take one each).
     ///
     /// # Cancel safety
     ///
@@ -157,11 +159,7 @@ impl ReadCache {
             ));
         }
         let mut follower = Follower::new(client, prefix.clone(), true, GetOptions::new(), 0);
-        let first = tokio::time::timeout(FIRST_COPY_LIMIT, follower.next())
-            .await
-            .map_err(|_| Error::Timeout {
-                after: FIRST_COPY_LIMIT,
-            })??;
+        let first = follower.next_within(FIRST_COPY_LIMIT).await?;
         let (view, subscribed) = watch::channel(View::default());
         publish(&view, first);
         let follower = tokio::spawn(keep_current(follower, view));

@@ -38,7 +38,7 @@ const DRAIN_PERIOD: Duration = Duration::from_millis(100);
 /// How long one request (a read, or opening a watch) is sent again while unanswered
 /// before the follower gives up on it and starts over: as long as [`retry`] keeps an
 /// attempt in flight, so that a link or a member slower than [`ATTEMPT_TIMEOUT`] still
-/// answers.
+/// answers. [`Follower::next_within`] gives its requests less.
 const REQUEST_LIMIT: Duration = ATTEMPT_TIMEOUT.saturating_mul(MAX_IN_FLIGHT as u32);
 
 /// What changed since the last update.
@@ -74,6 +74,11 @@ pub(crate) struct Follower {
     backoff: Backoff,
     /// The watch asks etcd to leave out puts (the snapshots still read every key).
     deletes_only: bool,
+    /// Why the last attempt to open the watch (or read its snapshot) failed, if none has
+    /// succeeded since.
+    open_failure: Option<Error>,
+    /// How long one request is sent again while unanswered before it is given up.
+    request_limit: Duration,
 }
 
 /// What a live watch said, or that it said nothing for too long.
@@ -107,6 +112,8 @@ impl Follower {
             progress_asked: false,
             backoff: Backoff::new(),
             deletes_only: false,
+            open_failure: None,
+            request_limit: REQUEST_LIMIT,
         }
     }
 
@@ -166,6 +173,26 @@ impl Follower {
         }
     }
 
+    /// [`next`](Self::next), for at most `limit`, each request (opening the watch, reading
+    /// the range) given half of it. Past `limit`, returns the error of the last request
+    /// if it failed ([`Error::Etcd`], such as a refused connection), or
+    /// [`Error::Timeout`] if it went unanswered.
+    ///
+    /// Cancel-safe as `next` is, but a dropped call leaves its shorter request limit.
+    pub(crate) async fn next_within(&mut self, limit: Duration) -> Result<Update> {
+        self.request_limit = limit / 2;
+        self.open_failure = None;
+        let next = tokio::time::timeout(limit, self.next()).await;
+        self.request_limit = REQUEST_LIMIT;
+        match next {
+            Ok(update) => update,
+            Err(_) => Err(match self.open_failure.take() {
+                Some(failed @ Error::Etcd(_)) => failed,
+                _ => Error::Timeout { after: limit },
+            }),
+        }
+    }
+
     /// Makes re-opened watches replay the events missed while the watch was broken, so
     /// that every change is reported, not only the state after it.
     pub(crate) fn replaying(mut self) -> Follower {
@@ -198,11 +225,16 @@ impl Follower {
                 };
             }
             let Some(watch) = self.watch.as_mut() else {
-                match self.open().await {
+                let opened = self.open().await;
+                if opened.is_ok() {
+                    self.open_failure = None;
+                }
+                match opened {
                     Ok(Some(snapshot)) => return Ok(snapshot),
                     Ok(None) => continue,
                     Err(error) if error.is_transient() => {
                         tracing::debug!(%error, "cannot open a watch; retrying");
+                        self.open_failure = Some(error);
                         self.backoff_once().await;
                         continue;
                     }
@@ -318,7 +350,7 @@ impl Follower {
         let options = self.range(self.read_options.clone());
         let key = &self.key;
         let kv = self.client.kv_client();
-        let read = retry(&kv, REQUEST_LIMIT, |mut kv| {
+        let read = retry(&kv, self.request_limit, |mut kv| {
             let (key, options) = (key.clone(), options.clone());
             async move { kv.get(key, Some(options)).await }
         });
@@ -366,7 +398,7 @@ impl Follower {
                 .map(|key| TxnOp::get(key.clone(), Some(at.clone())))
                 .collect::<Vec<_>>();
             let txn = Txn::new().and_then(gets);
-            let read = retry(&kv, REQUEST_LIMIT, |mut kv| {
+            let read = retry(&kv, self.request_limit, |mut kv| {
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
             });
@@ -401,7 +433,7 @@ impl Follower {
             if self.prefix {
                 options = options.with_range(range_end(&self.key));
             }
-            let page_from = retry(kv, REQUEST_LIMIT, |mut kv| {
+            let page_from = retry(kv, self.request_limit, |mut kv| {
                 let (from, options) = (from.clone(), options.clone());
                 async move { kv.get(from, Some(options)).await }
             });
@@ -434,11 +466,11 @@ impl Follower {
 
     /// Opens a watch and reads its first answer, which says whether it was created; an
     /// open unanswered after [`ATTEMPT_TIMEOUT`] is sent again (a frozen member would
-    /// never answer), the earlier ones staying in flight, until [`REQUEST_LIMIT`].
+    /// never answer), the earlier ones staying in flight, until the request limit.
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
         let key = &self.key;
         let watches = self.client.watch_client();
-        let opened = retry(&watches, REQUEST_LIMIT, |mut watches| {
+        let opened = retry(&watches, self.request_limit, |mut watches| {
             let (key, options) = (key.clone(), options.clone());
             async move {
                 let mut watch = watches.watch(key, Some(options)).await?;
