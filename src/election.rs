@@ -576,8 +576,10 @@ impl Leadership {
 
     /// Runs `work` while leading: returns `Some(output)` if it finished, or `None` if
     /// leadership was lost first (as [`lost`](Self::lost) tells), in which case `work` is
-    /// dropped (cancelled) at once. The leadership is kept either way; resign or drop it
-    /// when done. No Go counterpart; in Go, select on `Session.Done()`.
+    /// dropped (cancelled) at once. [`lost`](Self::lost) is checked before each poll of
+    /// `work`, so a leadership already known to be lost (its session lost or closed)
+    /// returns `None` without starting `work`. The leadership is kept either way; resign
+    /// or drop it when done. No Go counterpart; in Go, select on `Session.Done()`.
     ///
     /// # Cancel safety
     ///
@@ -596,8 +598,9 @@ impl Leadership {
     /// ```
     pub async fn while_leading<F: Future>(&self, work: F) -> Option<F::Output> {
         tokio::select! {
-            output = work => Some(output),
+            biased;
             () = self.lost() => None,
+            output = work => Some(output),
         }
     }
 }

@@ -506,7 +506,8 @@ impl Session {
     }
 
     /// Runs `work` until it is done (`Some` of its output) or the session is lost or ends
-    /// (`None`, `work` dropped). Holds nothing of the session.
+    /// (`None`, `work` dropped; never started if the session had ended already). Holds
+    /// nothing of the session.
     pub(crate) fn until_ended<F: Future>(
         &self,
         work: F,
@@ -514,8 +515,9 @@ impl Session {
         let mut ended = self.ended_signal();
         async move {
             tokio::select! {
-                output = work => Some(output),
+                biased;
                 _ = ended.wait_for(|ended| *ended) => None,
+                output = work => Some(output),
             }
         }
     }

@@ -574,6 +574,31 @@ async fn while_leading_stops_the_job_when_leadership_is_lost() {
     assert_eq!(stopped, None);
 }
 
+/// A leader-only job must not start, even for a moment, once leadership is known to be
+/// lost: `while_leading` looks at `lost()` before it polls the job.
+#[tokio::test]
+async fn while_leading_never_starts_the_job_after_leadership_was_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let ours = session(&client, 10).await;
+    let leading = within(
+        secs(10),
+        Election::new(&ours, unique("late")).campaign("me"),
+    )
+    .await
+    .unwrap();
+    within(secs(5), ours.close()).await.unwrap();
+    let mut started = 0;
+    for _ in 0..20 {
+        let job = async {
+            started += 1;
+            42
+        };
+        assert_eq!(within(secs(1), leading.while_leading(job)).await, None);
+    }
+    assert_eq!(started, 0, "a job started after leadership was lost");
+}
+
 #[tokio::test]
 async fn bad_names_and_oversized_values_are_refused_and_leave_nothing() {
     let cluster = EtcdCluster::start(1).await;
