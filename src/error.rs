@@ -14,7 +14,9 @@ use std::time::Duration;
 ///     Err(Error::SessionLost) => println!("the session's lease is gone: make a new session"),
 ///     Err(error) if error.is_transient() => println!("etcd unreachable, try again: {error}"),
 ///     // etcd's own words are part of the text, e.g. "etcd request failed: grpc request
-///     // error: code: 'Resource exhausted', message: \"etcdserver: request is too large\"".
+///     // error: code: 'Client specified an invalid argument', message: \"etcdserver:
+///     // request is too large\"" (over 2 MiB, etcd's gRPC server refuses the message
+///     // instead: "... message: \"grpc: received message larger than max ...\"").
 ///     Err(error) => println!("{error}"),
 /// }
 /// # }

@@ -312,7 +312,9 @@ impl Stm {
     ///
     /// `apply` gets the attempt's [`StmTxn`]; returning `Err` aborts the transaction:
     /// nothing is written, and the error is returned as is. The error type is yours, as
-    /// long as this crate's [`Error`] converts into it (for `?` on reads).
+    /// long as this crate's [`Error`] converts into it (for `?` on reads). The compiler
+    /// cannot infer it from a bare `Ok(())` (error E0283, even where `run`'s result meets a
+    /// `?`), so name it in the closure: `Ok::<_, Error>(())`, or your own type.
     ///
     /// `apply` is an async closure, `async |tx| { ... }` (Rust 1.85), not a closure that
     /// returns an `async` block (`|tx| async move { ... }`): the block could not borrow
