@@ -495,7 +495,9 @@ impl Leadership {
     ///   election, a newer key of its lease there (made by a campaign since cancelled) is
     ///   withdrawn in the background. As for
     ///   [`MutexGuard::unlock`](crate::MutexGuard::unlock), not returned after an attempt
-    ///   of the delete whose outcome is unknown.
+    ///   of the delete whose outcome is unknown, and returned at once, without a request,
+    ///   if the session already knows its lease is gone (expired, revoked, or not renewed
+    ///   for a whole TTL: every key on it went too).
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached; resigning goes on in the background for as long as the
     ///   session lives.

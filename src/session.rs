@@ -67,7 +67,8 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// When the last handle (including those held by [`Mutex`](crate::Mutex),
 /// [`Election`](crate::Election), guards and leaderships) is dropped without
 /// [`close`](Self::close) or [`orphan`](Self::orphan), the keep-alive stops and the lease
-/// is revoked in a background task with its own deadline.
+/// is revoked in a background task with its own deadline (unless the session already
+/// knows the lease is gone: then there is nothing to revoke).
 ///
 /// Before the process exits, [`close`](Self::close) the session (after `unlock()` or
 /// `resign()`): background releases run as tasks on the runtime, and one that is ending
@@ -116,6 +117,9 @@ struct Shared {
     keep_alive: AbortHandle,
     /// Set by `close` and `orphan`: the lease needs no revoke on drop.
     ended: AtomicBool,
+    /// Set once the lease is known to be gone (expired, revoked, or not renewed for a
+    /// whole TTL): nothing is left to revoke on drop.
+    lease_gone: Arc<AtomicBool>,
     /// One queue slot per mutex name, so that two `lock()` calls on this session (which
     /// share one key in etcd) never both believe they hold it.
     queues: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::Mutex<QueueWatch>>>>,
@@ -341,6 +345,12 @@ impl Session {
         WeakSession(Arc::downgrade(&self.shared))
     }
 
+    /// Whether the lease is known to be gone (expired, revoked, or not renewed for a whole
+    /// TTL), and with it every key attached to it.
+    pub(crate) fn lease_gone(&self) -> bool {
+        self.shared.lease_gone.load(Ordering::SeqCst)
+    }
+
     /// Whether [`close`](Self::close) or [`orphan`](Self::orphan) was called: keys on the
     /// lease are then gone or deliberately kept until expiry, so nothing is released.
     pub(crate) fn has_ended(&self) -> bool {
@@ -362,6 +372,7 @@ impl Session {
     /// Marks the session lost (its key vanished with the lease; the keep-alive will see the
     /// same soon).
     pub(crate) fn mark_lost(&self) {
+        self.shared.lease_gone.store(true, Ordering::SeqCst);
         self.shared.lost.send_replace(true);
     }
 
@@ -635,7 +646,7 @@ impl Drop for Shared {
         for (_, watch) in late_joins.drain() {
             watch.task.abort();
         }
-        if self.ended.load(Ordering::SeqCst) {
+        if self.ended.load(Ordering::SeqCst) || self.lease_gone.load(Ordering::SeqCst) {
             return;
         }
         let client = self.client.clone();
@@ -786,11 +797,13 @@ impl SessionBuilder {
             }
         };
         let (lost, _) = watch::channel(false);
+        let lease_gone = Arc::new(AtomicBool::new(false));
         let keep_alive = tokio::spawn(keep_alive(
             self.client.clone(),
             lease_id,
             ttl,
             renewed,
+            Arc::clone(&lease_gone),
             MarkLostOnExit(lost.clone()),
         ))
         .abort_handle();
@@ -805,6 +818,7 @@ impl SessionBuilder {
                 lost,
                 keep_alive,
                 ended: AtomicBool::new(false),
+                lease_gone,
                 queues: Default::default(),
                 elections: Default::default(),
                 late_joins: Default::default(),
@@ -965,7 +979,8 @@ struct Renewed {
     stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
 }
 
-/// Renews the lease every TTL/3 until it is gone, then marks the session lost.
+/// Renews the lease every TTL/3 until it is gone, then sets `lease_gone` and marks the
+/// session lost.
 ///
 /// `alive_until` is when the lease expires at the latest without a further renewal: an
 /// answered renewal moves it to (the time that renewal was sent + TTL). The keep-alive
@@ -977,6 +992,7 @@ async fn keep_alive(
     lease_id: i64,
     ttl: Duration,
     renewed: Renewed,
+    lease_gone: Arc<AtomicBool>,
     // Dropped with the future, also unpolled, as when its runtime shuts down first.
     _lost: MarkLostOnExit,
 ) {
@@ -1019,6 +1035,7 @@ async fn keep_alive(
         }
     }
     tracing::debug!(lease_id, "lease lost");
+    lease_gone.store(true, Ordering::SeqCst);
 }
 
 /// Marks the session lost when dropped: however the keep-alive task ends, nothing renews

@@ -306,6 +306,26 @@ async fn a_holder_whose_lease_is_revoked_sees_lost() {
     assert!(matches!(guard.unlock().await, Err(Error::OwnershipLost)));
 }
 
+/// Once its session knows the lease is gone, an unlock has nothing left to delete: it
+/// says so at once, even with etcd out of reach, instead of retrying for the session's
+/// request timeout and then reporting an outage.
+#[tokio::test]
+async fn an_unlock_after_the_lease_ran_out_is_ownership_lost_at_once() {
+    let cluster = EtcdCluster::start(1).await;
+    let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let holder = common::session_with(cut_off, secs(2), secs(5)).await;
+    let guard = within(secs(5), Mutex::new(&holder, unique("ran-out")).lock())
+        .await
+        .unwrap();
+    proxy.cut();
+    within(secs(4), holder.lost()).await;
+    let unlocked = within(secs(1), guard.unlock()).await;
+    assert!(
+        matches!(unlocked, Err(Error::OwnershipLost)),
+        "{unlocked:?}"
+    );
+}
+
 #[tokio::test]
 async fn two_locks_through_one_session_are_serialised() {
     let cluster = EtcdCluster::start(1).await;

@@ -155,6 +155,23 @@ async fn dropping_the_last_handle_revokes_in_the_background() {
     within(secs(2), deletion.happened()).await;
 }
 
+/// A session that knows its lease is gone has nothing to revoke when dropped: it starts
+/// no background revoke (which would only fail, or warn at shutdown that the lease's
+/// expiry will release instead).
+#[tokio::test]
+async fn dropping_a_session_whose_lease_is_gone_starts_no_revoke() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let session = session_with_ttl(client.clone(), 3).await;
+    client.lease_revoke(session.lease_id()).await.unwrap();
+    // Noticed at the next renewal, at most TTL/3 later.
+    within(secs(2), session.lost()).await;
+    let tasks = tokio::runtime::Handle::current().metrics();
+    let before = tasks.num_alive_tasks();
+    drop(session);
+    assert_eq!(tasks.num_alive_tasks(), before, "a revoke was started");
+}
+
 #[tokio::test]
 async fn an_existing_lease_can_be_resumed() {
     let cluster = EtcdCluster::start(1).await;
