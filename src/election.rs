@@ -496,8 +496,8 @@ impl Leadership {
     ///   withdrawn in the background. As for
     ///   [`MutexGuard::unlock`](crate::MutexGuard::unlock), not returned after an attempt
     ///   of the delete whose outcome is unknown, and returned at once, without a request,
-    ///   if the session already knows its lease is gone (expired, revoked, or not renewed
-    ///   for a whole TTL: every key on it went too).
+    ///   if etcd has already told the session that its lease is gone (expired or revoked:
+    ///   every key on it went too).
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached; resigning goes on in the background for as long as the
     ///   session lives.

@@ -67,8 +67,8 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// When the last handle (including those held by [`Mutex`](crate::Mutex),
 /// [`Election`](crate::Election), guards and leaderships) is dropped without
 /// [`close`](Self::close) or [`orphan`](Self::orphan), the keep-alive stops and the lease
-/// is revoked in a background task with its own deadline (unless the session already
-/// knows the lease is gone: then there is nothing to revoke).
+/// is revoked in a background task with its own deadline (unless etcd has already said
+/// that the lease is gone: then there is nothing to revoke).
 ///
 /// Before the process exits, [`close`](Self::close) the session (after `unlock()` or
 /// `resign()`): background releases run as tasks on the runtime, and one that is ending
@@ -117,8 +117,9 @@ struct Shared {
     keep_alive: AbortHandle,
     /// Set by `close` and `orphan`: the lease needs no revoke on drop.
     ended: AtomicBool,
-    /// Set once the lease is known to be gone (expired, revoked, or not renewed for a
-    /// whole TTL): nothing is left to revoke on drop.
+    /// Set once etcd has said that the lease is gone (expired or revoked): nothing is left
+    /// to revoke on drop. Not set when the session is lost only by its own clock (no
+    /// renewal answered for a whole TTL), as renewals may have reached etcd unanswered.
     lease_gone: Arc<AtomicBool>,
     /// One queue slot per mutex name, so that two `lock()` calls on this session (which
     /// share one key in etcd) never both believe they hold it.
@@ -345,8 +346,8 @@ impl Session {
         WeakSession(Arc::downgrade(&self.shared))
     }
 
-    /// Whether the lease is known to be gone (expired, revoked, or not renewed for a whole
-    /// TTL), and with it every key attached to it.
+    /// Whether etcd has said that the lease is gone (expired or revoked), and with it
+    /// every key attached to it.
     pub(crate) fn lease_gone(&self) -> bool {
         self.shared.lease_gone.load(Ordering::SeqCst)
     }
@@ -979,8 +980,8 @@ struct Renewed {
     stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
 }
 
-/// Renews the lease every TTL/3 until it is gone, then sets `lease_gone` and marks the
-/// session lost.
+/// Renews the lease every TTL/3 until it is gone, then marks the session lost (and sets
+/// `lease_gone` if etcd said so, rather than the time running out).
 ///
 /// `alive_until` is when the lease expires at the latest without a further renewal: an
 /// answered renewal moves it to (the time that renewal was sent + TTL). The keep-alive
@@ -1000,17 +1001,18 @@ async fn keep_alive(
     let mut stream = renewed.stream;
     let mut backoff = Backoff::new();
     let period = renewal_period(ttl);
-    loop {
+    let said_by_etcd = loop {
         if let Some((mut keeper, mut answers)) = stream.take() {
             backoff = Backoff::new();
-            let ended = renew(&mut keeper, &mut answers, period, &mut alive_until).await;
-            if ended == StreamEnd::LeaseGone {
-                break;
+            match renew(&mut keeper, &mut answers, period, &mut alive_until).await {
+                StreamEnd::LeaseGone => break true,
+                StreamEnd::TimeRanOut => break false,
+                StreamEnd::Reopen => {}
             }
         }
         let now = Instant::now();
         if now >= alive_until {
-            break;
+            break false;
         }
         // Another attempt soon: one sent to a frozen member must not use up the time left
         // for another member to renew the lease.
@@ -1021,7 +1023,7 @@ async fn keep_alive(
             async move { Ok((attempted, client.lease_keep_alive(lease_id).await?)) }
         });
         match opening.await {
-            Err(Error::Etcd(error)) if is_lease_not_found(&error) => break,
+            Err(Error::Etcd(error)) if is_lease_not_found(&error) => break true,
             Err(error) => {
                 tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
                 let delay = backoff.next_delay();
@@ -1033,9 +1035,11 @@ async fn keep_alive(
                 stream = Some(opened);
             }
         }
+    };
+    tracing::debug!(lease_id, said_by_etcd, "lease lost");
+    if said_by_etcd {
+        lease_gone.store(true, Ordering::SeqCst);
     }
-    tracing::debug!(lease_id, "lease lost");
-    lease_gone.store(true, Ordering::SeqCst);
 }
 
 /// Marks the session lost when dropped: however the keep-alive task ends, nothing renews
@@ -1059,10 +1063,13 @@ fn answer_due(period: Duration) -> Duration {
     period.min(ATTEMPT_TIMEOUT)
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum StreamEnd {
-    /// Expired, revoked, or not renewed in time.
+    /// etcd answered a renewal with TTL 0: expired or revoked.
     LeaseGone,
+    /// No renewal answered for a whole TTL: the lease has expired, unless renewals
+    /// reached etcd and only their answers were lost.
+    TimeRanOut,
     /// The stream broke or stopped answering: open another.
     Reopen,
 }
@@ -1081,7 +1088,7 @@ async fn renew(
     loop {
         let overdue = pending_since.map_or(*alive_until, |since| since + answer_due(period));
         tokio::select! {
-            () = tokio::time::sleep_until(*alive_until) => return StreamEnd::LeaseGone,
+            () = tokio::time::sleep_until(*alive_until) => return StreamEnd::TimeRanOut,
             // Unanswered for too long: try again, perhaps through another member.
             () = tokio::time::sleep_until(overdue), if pending_since.is_some() => {
                 return StreamEnd::Reopen;

@@ -172,6 +172,21 @@ async fn dropping_a_session_whose_lease_is_gone_starts_no_revoke() {
     assert_eq!(tasks.num_alive_tasks(), before, "a revoke was started");
 }
 
+/// A session lost by its own clock (no renewal answered for a whole TTL) cannot tell
+/// whether its renewals reached etcd and kept the lease: dropped, it still revokes.
+#[tokio::test]
+async fn dropping_a_session_lost_by_its_own_clock_still_revokes() {
+    let cluster = EtcdCluster::start(1).await;
+    let (proxy, cut_off) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = session_with_ttl(cut_off, 2).await;
+    proxy.cut();
+    within(secs(4), session.lost()).await;
+    let tasks = tokio::runtime::Handle::current().metrics();
+    let before = tasks.num_alive_tasks();
+    drop(session);
+    assert_eq!(tasks.num_alive_tasks(), before + 1, "no revoke was started");
+}
+
 #[tokio::test]
 async fn an_existing_lease_can_be_resumed() {
     let cluster = EtcdCluster::start(1).await;
