@@ -912,20 +912,24 @@ fn empty_key() -> Error {
 
 /// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
 /// connection was refused, no leader, too many requests): a commit whose outcome is
-/// unknown is not sent twice.
+/// unknown is not sent twice. At the deadline, the last such refusal says more than
+/// "no answer".
 async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
+    let mut refused = None;
     loop {
         let answer = tokio::time::timeout_at(deadline, kv.clone().txn(txn.clone())).await;
         match answer {
             Ok(Ok(answer)) => return Ok(answer),
             Ok(Err(error)) if was_not_applied(&error) && tokio::time::Instant::now() < deadline => {
                 tracing::debug!(%error, "STM commit not applied; sending again");
-                backoff.wait().await;
+                refused = Some(error);
+                let resend_at = tokio::time::Instant::now() + backoff.next_delay();
+                tokio::time::sleep_until(resend_at.min(deadline)).await;
             }
             Ok(Err(error)) => return Err(Error::Etcd(error)),
-            Err(_) => return Err(Error::Timeout { after: limit }),
+            Err(_) => return Err(refused.map_or(Error::Timeout { after: limit }, Error::Etcd)),
         }
     }
 }

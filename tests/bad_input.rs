@@ -110,6 +110,19 @@ async fn a_cluster_that_goes_away_gives_errors_in_bounded_time() {
         matches!(&ran, Err(error) if error.is_transient()),
         "{ran:?}"
     );
+    // A commit refused until the deadline says so, as a read does, not "no answer".
+    let written = within(
+        secs(3),
+        stm.run(async |tx| {
+            tx.put("k", "v");
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    assert!(
+        matches!(&written, Err(error @ Error::Etcd(_)) if error.is_transient()),
+        "{written:?}"
+    );
     within(secs(6), session.lost()).await;
 }
 
