@@ -495,9 +495,7 @@ impl Leadership {
     ///   election, a newer key of its lease there (made by a campaign since cancelled) is
     ///   withdrawn in the background. As for
     ///   [`MutexGuard::unlock`](crate::MutexGuard::unlock), not returned after an attempt
-    ///   of the delete whose outcome is unknown, and returned at once, without a request,
-    ///   if etcd has already told the session that its lease is gone (expired or revoked:
-    ///   every key on it went too).
+    ///   of the delete whose outcome is unknown.
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached; resigning goes on in the background for as long as the
     ///   session lives.

@@ -84,16 +84,10 @@ impl OwnedKey {
 
     /// Deletes the key if it is still this incarnation.
     ///
-    /// Errors: [`Error::OwnershipLost`] if it was not (deleted or re-created meanwhile), or
-    /// at once, without a request, if etcd has said that the session's lease is gone
-    /// (every key on it went too); [`Error::Etcd`] / [`Error::Timeout`] if etcd could not
-    /// be reached, in which case the release goes on in the background (as it does when
-    /// this future is dropped).
+    /// Errors: [`Error::OwnershipLost`] if it was not (deleted or re-created meanwhile);
+    /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached, in which case
+    /// the release goes on in the background (as it does when this future is dropped).
     pub(crate) async fn release(mut self) -> Result<()> {
-        if self.session.lease_gone() {
-            self.release_on_drop = false;
-            return Err(Error::OwnershipLost);
-        }
         let released = fenced_delete(
             &self.session,
             &self.key,

@@ -346,12 +346,6 @@ impl Session {
         WeakSession(Arc::downgrade(&self.shared))
     }
 
-    /// Whether etcd has said that the lease is gone (expired or revoked), and with it
-    /// every key attached to it.
-    pub(crate) fn lease_gone(&self) -> bool {
-        self.shared.lease_gone.load(Ordering::SeqCst)
-    }
-
     /// Whether [`close`](Self::close) or [`orphan`](Self::orphan) was called: keys on the
     /// lease are then gone or deliberately kept until expiry, so nothing is released.
     pub(crate) fn has_ended(&self) -> bool {
@@ -370,10 +364,12 @@ impl Session {
         &self.shared.runtime
     }
 
-    /// Marks the session lost (its key vanished with the lease; the keep-alive will see the
-    /// same soon).
+    /// Marks the session lost, etcd having said that its lease is gone (a key vanished
+    /// with it): the keep-alive stops too, so that if etcd was wrong the lease still ends
+    /// within a TTL.
     pub(crate) fn mark_lost(&self) {
         self.shared.lease_gone.store(true, Ordering::SeqCst);
+        self.shared.keep_alive.abort();
         self.shared.lost.send_replace(true);
     }
 
