@@ -137,11 +137,11 @@ impl ReadCache {
     ///
     /// - [`Error::InvalidArgument`] if `prefix` is empty (the whole keyspace).
     /// - [`Error::Etcd`] if etcd refuses the read or the watch (e.g. permission denied),
-    ///   or if the copy could not be made within 5 s and the last attempt failed: its
-    ///   error, such as a refused connection when no member is reachable.
-    /// - [`Error::Timeout`] if the copy could not be made within 5 s and the last attempt
-    ///   went unanswered: no member answering, or round trips over about 2.4 s (opening
-    ///   the watch and reading the range take one each).
+    ///   or if the copy could not be made within 5 s and an attempt failed: the last
+    ///   failure, such as a refused connection when no member is reachable.
+    /// - [`Error::Timeout`] if the copy could not be made within 5 s and its attempts went
+    ///   unanswered without failing: no member answering, or round trips over about 2.4 s
+    ///   (opening the watch and reading the range take one each).
     ///
     /// # Cancel safety
     ///

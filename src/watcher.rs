@@ -174,9 +174,9 @@ impl Follower {
     }
 
     /// [`next`](Self::next), for at most `limit`, each request (opening the watch, reading
-    /// the range) given half of it. Past `limit`, returns the error of the last request
-    /// if it failed ([`Error::Etcd`], such as a refused connection), or
-    /// [`Error::Timeout`] if it went unanswered.
+    /// the range) given half of it. Past `limit`, returns the last failure of a request
+    /// since the last successful open ([`Error::Etcd`], such as a refused connection), or
+    /// [`Error::Timeout`] if none failed, only went unanswered.
     ///
     /// Cancel-safe as `next` is, but a dropped call leaves its shorter request limit.
     pub(crate) async fn next_within(&mut self, limit: Duration) -> Result<Update> {

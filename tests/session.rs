@@ -166,6 +166,8 @@ async fn dropping_a_session_whose_lease_is_gone_starts_no_revoke() {
     client.lease_revoke(session.lease_id()).await.unwrap();
     // Noticed at the next renewal, at most TTL/3 later.
     within(secs(2), session.lost()).await;
+    // On this current-thread runtime no task starts or ends between the two counts but
+    // those the drop spawns.
     let tasks = tokio::runtime::Handle::current().metrics();
     let before = tasks.num_alive_tasks();
     drop(session);
@@ -181,6 +183,8 @@ async fn dropping_a_session_lost_by_its_own_clock_still_revokes() {
     let session = session_with_ttl(cut_off, 2).await;
     proxy.cut();
     within(secs(4), session.lost()).await;
+    // On this current-thread runtime no task starts or ends between the two counts but
+    // those the drop spawns.
     let tasks = tokio::runtime::Handle::current().metrics();
     let before = tasks.num_alive_tasks();
     drop(session);
