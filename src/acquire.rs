@@ -132,7 +132,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         }
     };
     if in_flight.maybe_late {
-        session.watch_for_late_joins(name, owner);
+        session.sweep_for_late_joins(name, owner);
     }
     let (local, claim) = (in_flight.local.take(), in_flight.claim.take());
     let revision = answer.header().map_or(0, |h| h.revision());
@@ -246,7 +246,7 @@ impl InFlight {
         match (&sent, self.owner) {
             (Sent::Refused, Owner::Mutex) if !maybe_late => self.local = None,
             (Sent::Unknown, Owner::Mutex) => {
-                self.session.watch_for_late_joins(&self.name, self.owner);
+                self.session.sweep_for_late_joins(&self.name, self.owner);
                 self.local = None;
             }
             _ => self.spawn_undo(async move { (sent, maybe_late) }),
@@ -270,7 +270,7 @@ impl InFlight {
                 let (sent, maybe_late) = sent.await;
                 if maybe_late || matches!(sent, Sent::Unknown) {
                     if let Some(live) = session.upgrade() {
-                        live.watch_for_late_joins(&name, owner);
+                        live.sweep_for_late_joins(&name, owner);
                     }
                 }
                 let left = left_behind(sent);

@@ -1,23 +1,41 @@
 //! Join attempts delivered late. A join Txn that went unanswered is sent again, and one
-//! whose outcome is unknown is undone by looking its key up (a lock's is left to the watch
+//! whose outcome is unknown is undone by looking its key up (a lock's is left to the sweep
 //! below, which deletes it unless a later call takes it up); but the first attempt may only
 //! have been held up (a stalled link that heals, a paused member that resumes) and reach
 //! etcd after the key was released or looked up. Its condition then holds again and it
 //! creates the key anew, for nobody: a holder or candidate that blocks everyone else while
-//! the session lives. So after such a join the session watches its key for as long as it
-//! lives, and deletes every incarnation that no handle of it uses.
+//! the session lives.
+//!
+//! Such an attempt may come at any time while the lease lives, so after such a join the
+//! session remembers the key for as long as it lives, and sweeps: it lists the keys on its
+//! lease (one LeaseTimeToLive request, however many keys it remembers) within
+//! [`SWEEP_FIRST`] of each such join, then at intervals doubling up to [`SWEEP_MAX`], and
+//! deletes every incarnation of a remembered key that no handle of it uses. One task and
+//! one request per sweep for the whole session, not a watch per key: a long-lived session
+//! whose lock names vary would otherwise gain a watch stream and its tasks for each name
+//! that ever saw a join sent again.
 
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, KeyValue};
-use tokio::time::Instant;
+use etcd_client::{Client, GetOptions, LeaseTimeToLiveOptions};
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 
+use crate::error::Result;
 use crate::ownership::{release_lease_key, release_while_session_lives};
-use crate::retry::Backoff;
+use crate::retry::{Backoff, retry};
 use crate::session::{Session, WeakSession};
-use crate::watcher::{Follower, Update};
 
-/// What the watched key belongs to: the in-process slot that says whether a handle of
+/// The first sweep after a join that may be delivered late comes within this.
+const SWEEP_FIRST: Duration = Duration::from_millis(250);
+/// Sweeps come at most this far apart: the longest a late incarnation stays.
+const SWEEP_MAX: Duration = Duration::from_secs(10);
+/// How many of a remembered key's joined incarnations are remembered.
+const JOINED_REMEMBERED: usize = 16;
+
+/// What the remembered key belongs to: the in-process slot that says whether a handle of
 /// the session uses it.
 #[derive(Clone, Copy)]
 pub(crate) enum Owner {
@@ -25,96 +43,206 @@ pub(crate) enum Owner {
     Election,
 }
 
-impl Session {
-    /// Watches this session's key in lock or election `name` for incarnations made by a
-    /// late join attempt, until the session is lost, closed, orphaned or dropped (or etcd
-    /// refuses the watch: a later such join starts it again); once per key.
-    pub(crate) fn watch_for_late_joins(&self, name: &[u8], owner: Owner) {
-        let key = self.key_in(name);
-        let watch = withdraw_late_joins(self.downgrade(), name.to_vec(), key.clone(), owner);
-        self.spawn_late_join_watch(key, watch);
+/// A session's keys that join attempts delivered late may make, and its sweeper.
+#[derive(Default)]
+pub(crate) struct LateJoins {
+    keys: HashMap<Vec<u8>, Remembered>,
+    sweeper: Option<Sweeper>,
+}
+
+/// One key of the session in a lock or election that a late join attempt may make.
+struct Remembered {
+    name: Vec<u8>,
+    owner: Owner,
+    /// The create revisions of the key's latest incarnations that a join of the session
+    /// took up (created, or found): theirs, not late ones.
+    joined: VecDeque<i64>,
+    /// The incarnation the last sweep found and left, waiting for a handle to let go.
+    suspect: Option<Suspect>,
+}
+
+struct Sweeper {
+    task: AbortHandle,
+    /// Asks for a sweep now, with the intervals starting over.
+    soon: Arc<Notify>,
+}
+
+impl LateJoins {
+    /// Stops the sweeper (the session is dropped).
+    pub(crate) fn stop(&mut self) {
+        if let Some(sweeper) = self.sweeper.take() {
+            sweeper.task.abort();
+        }
     }
 }
 
-/// An incarnation of the watched key that no join of the session noted (yet).
+impl Session {
+    /// Remembers this session's key in lock or election `name` as one a late join attempt
+    /// may make, and sweeps for it soon, then until the session is lost, closed, orphaned
+    /// or dropped.
+    pub(crate) fn sweep_for_late_joins(&self, name: &[u8], owner: Owner) {
+        let key = self.key_in(name);
+        let mut late = self.late_joins();
+        late.keys.entry(key).or_insert_with(|| Remembered {
+            name: name.to_vec(),
+            owner,
+            joined: VecDeque::new(),
+            suspect: None,
+        });
+        match &late.sweeper {
+            Some(sweeper) => sweeper.soon.notify_one(),
+            None => {
+                let soon = Arc::new(Notify::new());
+                let task = self.runtime().spawn(sweep(self.downgrade(), soon.clone()));
+                let task = task.abort_handle();
+                late.sweeper = Some(Sweeper { task, soon });
+            }
+        }
+    }
+
+    /// Notes that a join of this session took up incarnation `revision` of `key`, if
+    /// that key is remembered.
+    pub(crate) fn note_joined(&self, key: &[u8], revision: i64) {
+        if let Some(remembered) = self.late_joins().keys.get_mut(key) {
+            if remembered.joined.len() == JOINED_REMEMBERED {
+                remembered.joined.pop_front();
+            }
+            remembered.joined.push_back(revision);
+        }
+    }
+
+    /// Whether a join of this session took up incarnation `revision` of remembered `key`.
+    pub(crate) fn was_joined(&self, key: &[u8], revision: i64) -> bool {
+        self.late_joins()
+            .keys
+            .get(key)
+            .is_some_and(|remembered| remembered.joined.contains(&revision))
+    }
+}
+
+/// An incarnation of a remembered key that no join of the session noted (yet).
 struct Suspect {
     revision: i64,
     /// Election only: the campaigns and leaderships holding the claim were told of it.
     told: bool,
 }
 
-async fn withdraw_late_joins(session: WeakSession, name: Vec<u8>, key: Vec<u8>, owner: Owner) {
+/// Sweeps until the session ends or is dropped: within [`SWEEP_FIRST`] of being asked
+/// to, then at intervals doubling up to [`SWEEP_MAX`] (jittered).
+async fn sweep(session: WeakSession, soon: Arc<Notify>) {
     let Some((client, mut ended)) = session
         .upgrade()
         .map(|live| (live.client().clone(), live.ended_signal()))
     else {
         return;
     };
-    let mut follower = Follower::new(client, key.clone(), false, GetOptions::new(), 0);
-    // The key has one incarnation at a time: the newest one seen, until it is deleted.
-    let mut suspect: Option<Suspect> = None;
-    let mut backoff = Backoff::new();
-    let tick = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(tick);
+    let mut pace = Backoff::with_steps(SWEEP_FIRST, SWEEP_MAX);
     loop {
-        // Events are read all along, also while a suspect waits (unread, they would hold
-        // up the whole connection), and a read in progress (perhaps re-opening the watch)
-        // is never cut short by a tick.
-        let next = follower.next();
-        tokio::pin!(next);
-        let update = loop {
-            tokio::select! {
-                update = &mut next => break update,
-                _ = ended.wait_for(|ended| *ended) => return,
-                () = &mut tick, if suspect.is_some() => {}
-            }
-            if let Some(waiting) = suspect.take() {
-                suspect = settle(&session, &name, &key, owner, waiting).await;
-            }
-            tick.as_mut().reset(Instant::now() + backoff.next_delay());
+        tokio::select! {
+            biased;
+            _ = ended.wait_for(|ended| *ended) => return,
+            () = soon.notified() => pace = Backoff::with_steps(SWEEP_FIRST, SWEEP_MAX),
+            () = tokio::time::sleep(pace.next_delay()) => {}
+        }
+        let swept = tokio::select! {
+            biased;
+            _ = ended.wait_for(|ended| *ended) => return,
+            swept = sweep_once(&session, &client) => swept,
         };
-        let update = match update {
-            Ok(update) => update,
-            Err(error) => {
-                tracing::warn!(
-                    error = &error as &dyn std::error::Error,
-                    "watching for late join attempts failed; a late one would leave its key"
-                );
-                return;
+        match swept {
+            Ok(()) => {}
+            Err(error) if error.is_transient() => tracing::debug!(
+                error = &error as &dyn std::error::Error,
+                "sweeping for keys of late joins failed; trying again later"
+            ),
+            Err(error) => tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "sweeping for keys of late joins failed; a late one would stay until it works"
+            ),
+        }
+    }
+}
+
+/// Lists the keys on the session's lease and deals with the remembered ones among them.
+async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
+    let Some((lease, limit)) = session
+        .upgrade()
+        .map(|live| (live.lease_id(), live.request_timeout()))
+    else {
+        return Ok(());
+    };
+    let answer = retry(client, limit, |mut client| async move {
+        let keys = LeaseTimeToLiveOptions::new().with_keys();
+        client.lease_time_to_live(lease, Some(keys)).await
+    })
+    .await?;
+    let Some(live) = session.upgrade() else {
+        return Ok(());
+    };
+    if answer.ttl() < 0 {
+        // etcd no longer knows the lease: its keys went with it.
+        live.mark_lost();
+        return Ok(());
+    }
+    let on_lease: HashSet<&[u8]> = answer.keys().iter().map(Vec::as_slice).collect();
+    let mut present = Vec::new();
+    for (key, remembered) in &mut live.late_joins().keys {
+        match on_lease.contains(key.as_slice()) {
+            true => present.push(key.clone()),
+            false => remembered.suspect = None,
+        }
+    }
+    drop(live);
+    for key in present {
+        let found = retry(client, limit, |mut client| {
+            let key = key.clone();
+            async move {
+                client
+                    .get(key, Some(GetOptions::new().with_keys_only()))
+                    .await
             }
+        })
+        .await?;
+        let incarnation = found
+            .kvs()
+            .first()
+            .filter(|kv| kv.lease() == lease)
+            .map(|kv| kv.create_revision());
+        let Some(live) = session.upgrade() else {
+            return Ok(());
         };
-        let Some(lease) = session.upgrade().map(|live| live.lease_id()) else {
-            return;
+        let Some((name, owner, Some(suspect))) = live
+            .late_joins()
+            .keys
+            .get_mut(&key)
+            .map(|remembered| remembered.suspect_at(incarnation))
+        else {
+            continue;
         };
-        let ours = |kv: &KeyValue| kv.lease() == lease;
-        match update {
-            Update::Snapshot { kvs, .. } => {
-                suspect = kvs.iter().find(|kv| ours(kv)).map(|kv| Suspect {
-                    revision: kv.create_revision(),
-                    told: false,
-                });
-            }
-            Update::Events(events) => {
-                for event in &events {
-                    let Some(kv) = event.kv() else { continue };
-                    match event.event_type() {
-                        EventType::Delete => suspect = None,
-                        EventType::Put if ours(kv) && kv.version() == 1 => {
-                            suspect = Some(Suspect {
-                                revision: kv.create_revision(),
-                                told: false,
-                            });
-                        }
-                        EventType::Put => {}
-                    }
-                }
+        drop(live);
+        let left = settle(session, &name, &key, owner, suspect).await;
+        if let Some(live) = session.upgrade() {
+            if let Some(remembered) = live.late_joins().keys.get_mut(&key) {
+                remembered.suspect = left;
             }
         }
-        if let Some(waiting) = suspect.take() {
-            suspect = settle(&session, &name, &key, owner, waiting).await;
-            backoff = Backoff::new();
-            tick.as_mut().reset(Instant::now() + backoff.next_delay());
-        }
+    }
+    Ok(())
+}
+
+impl Remembered {
+    /// The key's name and owner, and the incarnation found (create revision), if any, as
+    /// a suspect to settle: the one the last sweep left, if it is the same.
+    fn suspect_at(&mut self, incarnation: Option<i64>) -> (Vec<u8>, Owner, Option<Suspect>) {
+        let earlier = self.suspect.take();
+        let suspect = incarnation.map(|revision| match earlier {
+            Some(earlier) if earlier.revision == revision => earlier,
+            _ => Suspect {
+                revision,
+                told: false,
+            },
+        });
+        (self.name.clone(), self.owner, suspect)
     }
 }
 

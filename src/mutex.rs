@@ -155,7 +155,7 @@ impl Mutex {
     /// Cancel-safe: dropping the future deletes this session's key in the background (also
     /// when the Txn creating it was in flight: it is left to finish, then undone, retried
     /// while the session lives; if its outcome stays unknown, the key it may have made is
-    /// left to the session's watch for late joins), so a timed-out waiter leaves nothing
+    /// left to the session's sweep for late joins), so a timed-out waiter leaves nothing
     /// in the queue.
     ///
     /// # Example

@@ -1,6 +1,6 @@
 //! [`Session`]: a lease kept alive in the background, the basis of every lock and election.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -13,6 +13,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result, is_lease_gone, is_lease_not_found, is_lease_taken};
+use crate::late_join::LateJoins;
 use crate::release::spawn_release;
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff, deadline_after, retry, retry_every, retry_write};
 use crate::wait::QueueWatch;
@@ -49,11 +50,15 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// a write stuck behind a dead raft leader goes through another member; the first attempt
 /// stays in flight, for a slow link), until the session's request timeout.
 /// An abandoned attempt to join a lock's or election's queue may still reach etcd later
-/// and make the session's key there again, for nobody: after such a join the session
-/// watches that key, with one watch, until it is lost, closed, orphaned or dropped, and
-/// deletes any incarnation no guard, leadership or waiting call of the session took up.
-/// The key of a `lock()` that failed with its outcome unknown is left to that watch too,
-/// so the next `lock()` does not wait for it to be looked up.
+/// and make the session's key there again, for nobody. So the session remembers the key
+/// of each such join until it is lost, closed, orphaned or dropped, and sweeps: one task
+/// lists the keys on its lease (one LeaseTimeToLive request for all the keys it
+/// remembers) within 250 ms of such a join, then at intervals doubling up to 10 s, and
+/// deletes any incarnation of a remembered key that no guard, leadership or waiting call
+/// of the session took up. A late incarnation thus lasts at most about 10 s (plus a
+/// request timeout if etcd is slow to answer). The key of a `lock()` that failed with its
+/// outcome unknown is left to that sweep too, so the next `lock()` does not wait for it
+/// to be looked up.
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
 /// re-opened if it does not come; but a member cut off from its peers still answers
 /// them, from its stale state, so waits and `observe()` through it hear of nothing until
@@ -127,21 +132,10 @@ struct Shared {
     /// One claim slot per election name: this session's campaigns and leaderships there
     /// share one key in etcd.
     elections: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::RwLock<Leftover>>>>,
-    /// The keys of this session watched for join attempts delivered late.
-    late_joins: std::sync::Mutex<HashMap<Vec<u8>, LateJoinWatch>>,
+    /// The keys of this session swept for incarnations made by join attempts delivered
+    /// late.
+    late_joins: std::sync::Mutex<LateJoins>,
 }
-
-/// The watch of one key for join attempts delivered late.
-struct LateJoinWatch {
-    /// Its task, stopped with the session.
-    task: AbortHandle,
-    /// The create revisions of the key's latest incarnations that a join of the session
-    /// took up (created, or found): theirs, not late ones.
-    joined: VecDeque<i64>,
-}
-
-/// How many of a watched key's joined incarnations are remembered.
-const JOINED_REMEMBERED: usize = 16;
 
 /// Configures and creates a [`Session`]; see [`Session::builder`] for an example.
 #[derive(Clone)]
@@ -391,54 +385,8 @@ impl Session {
         Ok(alive)
     }
 
-    /// Runs `task`, the watch of `key` for join attempts delivered late, on the session's
-    /// runtime, unless one runs for `key` already; it is aborted when the session is
-    /// dropped, and forgotten when it ends.
-    pub(crate) fn spawn_late_join_watch<F>(&self, key: Vec<u8>, task: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let mut watches = self.late_join_watches();
-        if watches.contains_key(&key) {
-            return;
-        }
-        let session = self.downgrade();
-        let forgotten = key.clone();
-        let task = self.shared.runtime.spawn(async move {
-            task.await;
-            if let Some(live) = session.upgrade() {
-                live.late_join_watches().remove(&forgotten);
-            }
-        });
-        let joined = VecDeque::new();
-        watches.insert(
-            key,
-            LateJoinWatch {
-                task: task.abort_handle(),
-                joined,
-            },
-        );
-    }
-
-    /// Notes that a join of this session took up incarnation `revision` of `key`, if
-    /// that key is watched for late joins.
-    pub(crate) fn note_joined(&self, key: &[u8], revision: i64) {
-        if let Some(watch) = self.late_join_watches().get_mut(key) {
-            if watch.joined.len() == JOINED_REMEMBERED {
-                watch.joined.pop_front();
-            }
-            watch.joined.push_back(revision);
-        }
-    }
-
-    /// Whether a join of this session took up incarnation `revision` of watched `key`.
-    pub(crate) fn was_joined(&self, key: &[u8], revision: i64) -> bool {
-        self.late_join_watches()
-            .get(key)
-            .is_some_and(|watch| watch.joined.contains(&revision))
-    }
-
-    fn late_join_watches(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, LateJoinWatch>> {
+    /// The keys of this session swept for join attempts delivered late.
+    pub(crate) fn late_joins(&self) -> std::sync::MutexGuard<'_, LateJoins> {
         self.shared
             .late_joins
             .lock()
@@ -636,13 +584,10 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.keep_alive.abort();
-        let late_joins = self
-            .late_joins
+        self.late_joins
             .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (_, watch) in late_joins.drain() {
-            watch.task.abort();
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .stop();
         if self.ended.load(Ordering::SeqCst) || self.lease_gone.load(Ordering::SeqCst) {
             return;
         }
