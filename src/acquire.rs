@@ -255,8 +255,8 @@ impl InFlight {
 
     /// As [`undo_in_background`](Self::undo_in_background), for the outcome `sent` gives
     /// with whether an attempt that did not succeed may have been applied. If so, or if
-    /// the outcome is unknown, the session then watches the key for an attempt delivered
-    /// late. A lock key of unknown fate is left to that watch, which deletes it unless a
+    /// the outcome is unknown, the session then sweeps for the key of an attempt delivered
+    /// late. A lock key of unknown fate is left to that sweep, which deletes it unless a
     /// later call of the session takes it up: the slot is freed at once, so that the next
     /// call asks etcd instead of waiting for a look-up that lasts as long as a partition.
     fn spawn_undo(&mut self, sent: impl Future<Output = (Sent, bool)> + Send + 'static) {

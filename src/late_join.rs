@@ -10,8 +10,9 @@
 //! session remembers the key for as long as it lives, and sweeps: it lists the keys on its
 //! lease (one LeaseTimeToLive request, however many keys it remembers) within
 //! [`SWEEP_FIRST`] of each such join, then at intervals doubling up to [`SWEEP_MAX`], and
-//! deletes every incarnation of a remembered key that no handle of it uses. One task and
-//! one request per sweep for the whole session, not a watch per key: a long-lived session
+//! deletes every incarnation of a remembered key that no handle of it uses (one keys-only
+//! Range for each remembered key found on the lease). One task for the whole session, not
+//! a watch per key: a long-lived session
 //! whose lock names vary would otherwise gain a watch stream and its tasks for each name
 //! that ever saw a join sent again.
 
@@ -180,8 +181,8 @@ async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
         return Ok(());
     };
     if answer.ttl() < 0 {
-        // etcd no longer knows the lease: its keys went with it.
-        live.mark_lost();
+        // etcd no longer knows the lease, or is about to revoke it: its keys go with it.
+        // The keep-alive, not this one answer, decides whether the session is lost.
         return Ok(());
     }
     let on_lease: HashSet<&[u8]> = answer.keys().iter().map(Vec::as_slice).collect();
