@@ -12,9 +12,8 @@
 //! [`SWEEP_FIRST`] of each such join, then at intervals doubling up to [`SWEEP_MAX`], and
 //! deletes every incarnation of a remembered key that no handle of it uses (one keys-only
 //! Range for each remembered key found on the lease). One task for the whole session, not
-//! a watch per key: a long-lived session
-//! whose lock names vary would otherwise gain a watch stream and its tasks for each name
-//! that ever saw a join sent again.
+//! a watch per key: a long-lived session whose lock names vary would otherwise gain a
+//! watch stream and its tasks for each name that ever saw a join sent again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -137,12 +136,13 @@ async fn sweep(session: WeakSession, soon: Arc<Notify>) {
     else {
         return;
     };
-    let mut pace = Backoff::with_steps(SWEEP_FIRST, SWEEP_MAX);
+    let first_pace = || Backoff::with_steps(SWEEP_FIRST, SWEEP_MAX);
+    let mut pace = first_pace();
     loop {
         tokio::select! {
             biased;
             _ = ended.wait_for(|ended| *ended) => return,
-            () = soon.notified() => pace = Backoff::with_steps(SWEEP_FIRST, SWEEP_MAX),
+            () = soon.notified() => pace = first_pace(),
             () = tokio::time::sleep(pace.next_delay()) => {}
         }
         let swept = tokio::select! {

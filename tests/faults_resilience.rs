@@ -438,16 +438,8 @@ async fn the_keys_of_late_joins_are_swept_without_a_watch_or_task_per_name() {
         assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
         proxy.heal();
         drop(mutex);
-        match with_one_name {
-            None => {
-                with_one_name = Some(
-                    tokio::runtime::Handle::current()
-                        .metrics()
-                        .num_alive_tasks(),
-                )
-            }
-            Some(tasks) => tasks_back_to(tasks).await,
-        }
+        let metrics = tokio::runtime::Handle::current().metrics();
+        tasks_back_to(*with_one_name.get_or_insert_with(|| metrics.num_alive_tasks())).await;
     }
     assert_eq!(common::watch_streams(&member).await, 0);
     within(secs(5), session.close()).await.unwrap();
