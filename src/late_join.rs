@@ -13,7 +13,10 @@
 //! deletes every incarnation of a remembered key that no handle of it uses (one keys-only
 //! Range for each remembered key found on the lease). One task for the whole session, not
 //! a watch per key: a long-lived session whose lock names vary would otherwise gain a
-//! watch stream and its tasks for each name that ever saw a join sent again.
+//! watch stream and its tasks for each name that ever saw a join sent again. Where etcd
+//! will not list the lease's keys (their names take more than the client's 4 MiB answer
+//! limit, or, with auth, etcd 3.4.26+ and 3.5.9+ refuse a user that may not read them
+//! all), a sweep reads every remembered key instead.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -172,29 +175,43 @@ async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
     else {
         return Ok(());
     };
-    let answer = retry(client, limit, |mut client| async move {
+    let listed = retry(client, limit, |mut client| async move {
         let keys = LeaseTimeToLiveOptions::new().with_keys();
         client.lease_time_to_live(lease, Some(keys)).await
     })
-    .await?;
+    .await;
     let Some(live) = session.upgrade() else {
         return Ok(());
     };
-    if answer.ttl() < 0 {
+    let to_read: Vec<Vec<u8>> = match listed {
         // etcd no longer knows the lease, or is about to revoke it: its keys go with it.
         // The keep-alive, not this one answer, decides whether the session is lost.
-        return Ok(());
-    }
-    let on_lease: HashSet<&[u8]> = answer.keys().iter().map(Vec::as_slice).collect();
-    let mut present = Vec::new();
-    for (key, remembered) in &mut live.late_joins().keys {
-        match on_lease.contains(key.as_slice()) {
-            true => present.push(key.clone()),
-            false => remembered.suspect = None,
+        Ok(answer) if answer.ttl() < 0 => return Ok(()),
+        Ok(answer) => {
+            let on_lease: HashSet<&[u8]> = answer.keys().iter().map(Vec::as_slice).collect();
+            let mut present = Vec::new();
+            for (key, remembered) in &mut live.late_joins().keys {
+                match on_lease.contains(key.as_slice()) {
+                    true => present.push(key.clone()),
+                    false => remembered.suspect = None,
+                }
+            }
+            present
         }
-    }
+        // The application may have put keys of its own on the session's lease: their
+        // names may take more than the client's answer limit, or (etcd 3.4.26+ and
+        // 3.5.9+, #15656) the user may not read them all. Read every remembered key.
+        Err(error) if !error.is_transient() => {
+            tracing::debug!(
+                error = &error as &dyn std::error::Error,
+                "cannot list the keys on the lease; reading each remembered key"
+            );
+            live.late_joins().keys.keys().cloned().collect()
+        }
+        Err(error) => return Err(error),
+    };
     drop(live);
-    for key in present {
+    for key in to_read {
         let found = retry(client, limit, |mut client| {
             let key = key.clone();
             async move {

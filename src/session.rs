@@ -53,12 +53,15 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// and make the session's key there again, for nobody. So the session remembers the key
 /// of each such join until it is lost, closed, orphaned or dropped, and sweeps: one task
 /// lists the keys on its lease (one LeaseTimeToLive request for all the keys it
-/// remembers) within 250 ms of such a join, then at intervals doubling up to 10 s, and
-/// deletes any incarnation of a remembered key that no guard, leadership or waiting call
-/// of the session took up. With etcd answering, a late incarnation thus lasts about 10 s
-/// at most, unless a handle of the session still holds the name. The key of a `lock()` that
-/// failed with its outcome unknown is left to that sweep too, so the next `lock()` does not
-/// wait for it to be looked up.
+/// remembers; where etcd will not answer it, one Range per remembered key instead: key
+/// names over the client's answer limit, 4 MiB by default, or, with auth on etcd 3.4.26+
+/// and 3.5.9+, a user that may not read every key on the lease) within 250 ms of such a
+/// join, then at intervals doubling up to 10 s, and deletes any incarnation of a
+/// remembered key that no guard, leadership or waiting call of the session took up. With
+/// etcd answering, a late incarnation thus lasts about 10 s at most, unless a handle of
+/// the session still holds the name. The key of a `lock()` that failed with its outcome
+/// unknown is left to that sweep too, so the next `lock()` does not wait for it to be
+/// looked up.
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
 /// re-opened if it does not come; but a member cut off from its peers still answers
 /// them, from its stale state, so waits and `observe()` through it hear of nothing until

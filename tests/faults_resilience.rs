@@ -418,6 +418,51 @@ async fn a_waiters_watch_open_through_a_connection_that_freezes_is_reopened() {
     drop(held);
 }
 
+/// The sweep for keys of late joins lists the keys on the session's lease. Where etcd will
+/// not answer that (here: the application put keys on the lease whose names take more than
+/// the client's 4 MiB; with auth, etcd 3.4.26+ also refuses a user that may not read them
+/// all), it reads every remembered key instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_join_is_swept_when_etcd_will_not_list_the_keys_on_the_lease() {
+    let cluster = EtcdCluster::start(1).await;
+    let observer = cluster.client().await;
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = common::session_with(client, secs(60), secs(1)).await;
+    let lease = session.lease_id();
+    let on_lease = etcd_client::PutOptions::new().with_lease(lease);
+    let prefix = unique("long-names");
+    for i in 0..4 {
+        let name = format!("{prefix}/{i}/{}", "n".repeat(1_200_000));
+        let mut kv = observer.kv_client();
+        kv.put(name, "", Some(on_lease.clone())).await.unwrap();
+    }
+    let with_keys = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+    let listed = observer
+        .lease_client()
+        .time_to_live(lease, Some(with_keys))
+        .await;
+    assert!(listed.is_err(), "4.8 MiB of key names fit in one answer");
+
+    let name = unique("late-join-unlisted");
+    let mutex = Mutex::new(&session, &name);
+    // A join whose outcome is unknown: the session remembers its key from then on.
+    proxy.stall();
+    let locked = within(secs(5), mutex.lock()).await;
+    assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+    proxy.heal();
+    let guard = within(secs(10), mutex.lock()).await.unwrap();
+    within(secs(5), guard.unlock()).await.unwrap();
+    within(secs(10), no_keys_under(&observer, &name)).await;
+
+    // An incarnation no handle took up, as a join attempt delivered late makes it.
+    let key = format!("{name}/{lease:x}");
+    let mut kv = observer.kv_client();
+    kv.put(key, "", Some(on_lease)).await.unwrap();
+    // Sweeps come at most 10 s apart.
+    within(secs(20), no_keys_under(&observer, &name)).await;
+    within(secs(5), session.close()).await.unwrap();
+}
+
 /// A session remembers the key of each join whose attempts may be delivered late for as
 /// long as it lives, but sweeps for them all with one task and no watch: a session whose
 /// lock names vary holds no stream or task per name that saw a join cut off, and the sweep
