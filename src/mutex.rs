@@ -343,11 +343,11 @@ impl MutexGuard {
 
     /// Resolves once holding the lock can no longer be assumed: the session is lost
     /// (lease expired, revoked, or not renewed for a TTL; also once it is closed or
-    /// orphaned) or the key was deleted or re-created. Use it to
-    /// stop work that must only run under the lock (Curator's `LOST`, Consul's lock
-    /// channel; Go's nearest is `Session.Done()`). It watches the key while awaited, and
-    /// also resolves if etcd refuses that watch (for instance permission denied), since
-    /// holding the lock can then not be confirmed.
+    /// orphaned) or the key was deleted or re-created. Use it to stop work that must only
+    /// run under the lock (Curator's `LOST`, Consul's lock channel; Go's nearest is
+    /// `Session.Done()`). It watches the key while awaited, and also resolves if etcd
+    /// refuses that watch (for instance permission denied), since holding the lock can
+    /// then not be confirmed.
     ///
     /// # Cancel safety
     ///

@@ -32,8 +32,8 @@ struct State {
 /// Point a client at [`endpoint`](Self::endpoint) instead of the member's own URL; then
 /// [`cut`](Self::cut) or [`stall`](Self::stall) isolates that client while everyone else
 /// keeps talking to etcd, and [`heal`](Self::heal) reconnects it; [`delay`](Self::delay)
-/// makes its link slow. The proxy runs on the
-/// Tokio runtime it was started on and stops (dropping every connection) when dropped.
+/// makes its link slow. The proxy runs on the Tokio runtime it was started on and stops
+/// (dropping every connection) when dropped.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
