@@ -258,9 +258,12 @@ async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
     let cluster = EtcdCluster::start(3).await;
     // The waiter's session and watch go through the proxy, its only endpoint at first.
     let (proxy, waiter_client) = common::behind_proxy(&cluster.endpoint(0)).await;
-    // A plain client keeps sending about half its requests to the frozen connection (no
-    // HTTP/2 pings evict it): give requests time for several attempts.
-    let waiter = common::session_with(waiter_client.clone(), secs(30), secs(25)).await;
+    // A plain client keeps sending half its requests, at random, to the frozen connection
+    // (no HTTP/2 pings evict it), and a request unanswered for 2 s is sent again: it fails
+    // only if every attempt within its timeout lands there, a chance of 2^-(1 + timeout /
+    // 2 s). With 25 s (2^-13) an unlock timed out once on a busy machine; 45 s makes it
+    // 2^-23, and the TTL gives keep-alives as many tries.
+    let waiter = common::session_with(waiter_client.clone(), secs(60), secs(45)).await;
     let client = cluster.client().await;
     let holder = Session::builder(client.clone())
         .ttl(secs(30))
@@ -287,12 +290,12 @@ async fn a_waiter_whose_connection_freezes_still_gets_the_lock() {
     // Watch liveness notices the silence within 10 s; each re-open or read that lands on
     // the frozen connection again waits 2 s before it is sent again, hence the generous
     // bound.
-    let held = within(secs(60), waiting).await.unwrap().unwrap();
+    let held = within(secs(90), waiting).await.unwrap().unwrap();
     assert!(
         !waiter.is_lost(),
         "the session must survive through the healthy member"
     );
-    within(secs(30), held.unlock()).await.unwrap();
+    within(secs(50), held.unlock()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
