@@ -433,10 +433,10 @@ async fn a_late_join_is_swept_when_etcd_will_not_list_the_keys_on_the_lease() {
     let session = common::session_with(client, secs(60), secs(1)).await;
     let lease = session.lease_id();
     let on_lease = etcd_client::PutOptions::new().with_lease(lease);
+    let mut kv = observer.kv_client();
     let prefix = unique("long-names");
     for i in 0..4 {
         let name = format!("{prefix}/{i}/{}", "n".repeat(1_200_000));
-        let mut kv = observer.kv_client();
         kv.put(name, "", Some(on_lease.clone())).await.unwrap();
     }
     let with_keys = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
@@ -459,7 +459,6 @@ async fn a_late_join_is_swept_when_etcd_will_not_list_the_keys_on_the_lease() {
 
     // An incarnation no handle took up, as a join attempt delivered late makes it.
     let key = format!("{name}/{lease:x}");
-    let mut kv = observer.kv_client();
     kv.put(key, "", Some(on_lease)).await.unwrap();
     // Sweeps come at most 10 s apart.
     within(secs(20), no_keys_under(&observer, &name)).await;
