@@ -65,11 +65,14 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// Watches that stay silent for 5 s ask their member for a progress notification and are
 /// re-opened if it does not come; but a member cut off from its peers still answers
 /// them, from its stale state, so waits and `observe()` through it hear of nothing until
-/// the partition heals, unless etcd cancels their watches for want of a leader. To
-/// detect a frozen member sooner, and to have such watches cancelled, configure the
-/// client with HTTP/2 pings and `require_leader`:
+/// the partition heals, unless etcd cancels their watches for want of a leader. To have
+/// such watches cancelled, and whatever is stuck on a frozen member failed (and so sent
+/// again) after the ping interval plus timeout, configure the client with HTTP/2 pings
+/// and `require_leader`:
 /// `ConnectOptions::new().with_keep_alive(interval, timeout).with_require_leader(true)`
 /// (etcd refuses pings more frequent than its `--grpc-keepalive-min-time`, 5 s by default).
+/// Pings do not stop etcd-client from sending new requests to a frozen member, which
+/// still accepts connections; removing its endpoint does (`Client::remove_endpoint`).
 ///
 /// `Session` is a cheap [`Clone`] handle to shared state; all clones share one lease.
 /// When the last handle (including those held by [`Mutex`](crate::Mutex),
