@@ -279,8 +279,11 @@ impl Election {
     ///
     /// It follows all candidates through one watch. A broken watch (member killed,
     /// connection lost) is re-opened from the last revision seen + 1, so no change is
-    /// missed; if that history was compacted, the election is read again and the stream
-    /// goes on from there. The stream never ends by itself: it yields an `Err` for an
+    /// missed, with two exceptions: if that history was compacted, or if replaying it
+    /// takes an answer over the client's size limit (4 MiB in etcd-client; Go's client
+    /// takes up to 2 GiB), the election is read again and the stream goes on from there:
+    /// it yields the leader as it is then, and the changes in between are not reported.
+    /// The stream never ends by itself: it yields an `Err` for an
     /// error that retrying does not cure (e.g. permission denied), then keeps trying with
     /// back-off. Drop it to stop. Only for an empty name does it yield one
     /// [`Error::InvalidArgument`] and end. While no member can be reached it yields

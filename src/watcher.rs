@@ -12,9 +12,10 @@
 //! way, with jittered back-off, for as long as the caller keeps asking. So is a silent one:
 //! after [`LIVENESS_CHECK`] without a message the member is asked for a progress
 //! notification, and if that goes unanswered too (a frozen member keeps its connection
-//! open but answers nothing) the watch is re-opened, perhaps through another member. A follower that
-//! must report every change ([`Follower::replaying`]) re-opens from its last revision + 1
-//! instead, and falls back to a re-read only when that history has been compacted.
+//! open but answers nothing) the watch is re-opened, perhaps through another member. A
+//! follower that must report every change ([`Follower::replaying`]) re-opens from its last
+//! revision + 1 instead, and falls back to a re-read only when that history has been
+//! compacted or its replay is too large for one answer of the client's.
 
 use std::time::Duration;
 
