@@ -42,12 +42,13 @@ use crate::watcher::{Follower, Update};
 /// since, the attempt conflicts and the run's next attempts read it from etcd, but the
 /// first attempt of each later run conflicts again, until something under the prefix
 /// changes: keep keys that change often and are read with the cached ones under the
-/// prefix too. At [`Isolation::SerializableSnapshot`], a key outside the prefix that it
-/// writes without reading must be unchanged since that revision or, if newer, since the
-/// newest revision at which etcd answered a commit or a check of the same [`Stm`] (or a
-/// clone). Either is sound, as the commit checks that every read is still current; the
-/// newer one keeps a quiet prefix from turning the `Stm`'s own earlier writes into
-/// conflicts. Transactions that keep to the prefix are not affected.
+/// prefix too. At [`Isolation::SerializableSnapshot`], a key that an attempt reading the
+/// copy writes without reading (under the prefix or not) must be unchanged since the
+/// copy's revision or, if newer, since the newest revision at which etcd answered a
+/// commit or a check of the same [`Stm`] (or a clone), so a write to it in between is not
+/// a conflict. Either is sound, as the commit checks that every read is still current;
+/// the newer one keeps a quiet prefix from turning the `Stm`'s own earlier writes into
+/// conflicts, and a lagging copy from failing every attempt on such a key.
 ///
 /// Worth it for a small, hot range read by many transactions (the account balances of
 /// the bank example): each transaction saves one round trip per key read, and etcd
@@ -235,6 +236,11 @@ impl View {
             Some(entry) => (Some(entry.value.clone()), entry.mod_revision),
             None => (None, 0),
         }
+    }
+
+    /// The mod revision of `key` in this view (0 if absent).
+    pub(crate) fn mod_revision(&self, key: &[u8]) -> i64 {
+        self.entries.get(key).map_or(0, |entry| entry.mod_revision)
     }
 
     /// The view made of a range read at `revision`.

@@ -27,8 +27,11 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
 /// commit read (as Go does); after that, each retry backs off first and reads them again.
 const IMMEDIATE_RETRIES: u32 = 1;
 /// How long an attempt waits for the cache to show the last write made through it before
-/// reading it anyway (reading it stale costs a conflict). The write is an event under the
-/// cache's prefix, so only a broken watch makes the wait run out.
+/// reading it anyway (reading it stale costs a conflict), or a change a failed commit or
+/// check found before reading etcd instead. Either is an event under the cache's prefix,
+/// so only a broken watch makes the wait run out, but for a deletion the copy had not yet
+/// shown when the check ended: its revision is not known, so the copy must reach the
+/// check's, which on a quiet prefix it does not.
 const CATCH_UP_LIMIT: Duration = Duration::from_millis(100);
 /// The back-off then: jittered, from 2 ms doubling up to 100 ms.
 const CONFLICT_BACKOFF: (Duration, Duration) =
@@ -40,7 +43,7 @@ const CONFLICT_BACKOFF: (Duration, Duration) =
 ///
 /// | level | reads | the commit succeeds only if | guarantee |
 /// |---|---|---|---|
-/// | [`SerializableSnapshot`](Self::SerializableSnapshot) (default) | the first read is linearizable; later ones read that revision | every key read is unchanged, and no key written was modified after the first read's revision | serializable; a concurrent write to a key only written here is a conflict too (first committer wins) |
+/// | [`SerializableSnapshot`](Self::SerializableSnapshot) (default) | the first read is linearizable; later ones read that revision | every key read is unchanged, and no key written was modified after the first read's revision (with a [`ReadCache`], see there) | serializable; a concurrent put to a key only written here is a conflict too (first committer wins; a concurrent delete is not, as in Go) |
 /// | [`Serializable`](Self::Serializable) | as above | every key read is unchanged | serializable |
 /// | [`RepeatableReads`](Self::RepeatableReads) | each read from any member, at its latest revision | every key read is unchanged | committed transactions are serializable, but one attempt may see values from different revisions (a state that never existed) before its commit fails |
 /// | [`ReadCommitted`](Self::ReadCommitted) | each read from any member, at its latest revision | always | reads see committed data only; concurrent transactions can overwrite each other (lost updates) |
@@ -620,7 +623,12 @@ impl StmTxn {
             cache.caught_up(needed, CATCH_UP_LIMIT).await;
             let view = cache.view()?;
             if view.revision < self.copy_at_least {
-                self.cache = None; // still behind a change a check found: read etcd
+                tracing::debug!(
+                    copy = view.revision,
+                    needed = self.copy_at_least,
+                    "cache copy behind a change a check found; reading from etcd"
+                );
+                self.cache = None;
                 return None;
             }
             if self.isolation.snapshot_reads() {
@@ -817,7 +825,14 @@ impl StmTxn {
                 if now == read.mod_revision {
                     continue;
                 }
-                let shown_from = copy_must_show(&self.noted_in, key, now, revision, pinned);
+                let shown_from = copy_must_show(
+                    &self.noted_in,
+                    key,
+                    read.mod_revision,
+                    now,
+                    revision,
+                    pinned,
+                );
                 changed = Some(changed.unwrap_or(0).max(shown_from));
             }
             if let Some(changed) = changed {
@@ -963,11 +978,10 @@ async fn newest_changes(
     let latest = 0;
     let asked = keys.iter().map(Vec::as_slice);
     let (now, revision) = mod_revisions_at(kv, limit, asked, latest).await?;
-    let changes = keys
-        .iter()
-        .zip(now)
-        .filter(|(key, now)| read(key).is_some_and(|read| read != *now))
-        .map(|(key, now)| copy_must_show(cache, key, now, revision, pinned));
+    let changes = keys.iter().zip(now).filter_map(|(key, now)| {
+        let read = read(key).filter(|read| *read != now)?;
+        Some(copy_must_show(cache, key, read, now, revision, pinned))
+    });
     Ok(Outcome::Changed {
         revision: changes.max().unwrap_or(0),
         checked_at: revision,
@@ -975,22 +989,30 @@ async fn newest_changes(
 }
 
 /// The revision `cache`'s copy must have reached before an attempt reads `key` through
-/// it, `key`'s mod revision being `now` (0: deleted) at `revision`: the revision of that
-/// change, if the copy holds the key or, at the snapshot levels (`pinned`), if it does not
-/// but is read at the copy's revision; 0 otherwise (read from etcd, it is current).
+/// it, `key` having been read with mod revision `read` and having mod revision `now` (0:
+/// deleted) at `revision`: the revision of that change, if the copy holds the key or, at
+/// the snapshot levels (`pinned`), if it does not but is read at the copy's revision; 0
+/// otherwise (read from etcd, it is current). A deletion's revision is not known, only
+/// that it is `revision` at the latest: a copy past `read` that no longer holds the key
+/// shows a deletion already (its revision now will do, and reading the key as absent
+/// there agrees with etcd); any other must reach `revision`.
 fn copy_must_show(
     cache: &Option<ReadCache>,
     key: &[u8],
+    read: i64,
     now: i64,
     revision: i64,
     pinned: bool,
 ) -> i64 {
-    let read_through_copy = pinned || cache.as_ref().is_some_and(|cache| cache.covers(key));
-    match (read_through_copy, now) {
-        (false, _) => 0,
-        // A deleted key changed at `revision` at the latest.
-        (true, 0) => revision,
-        (true, now) => now,
+    let holder = cache.as_ref().filter(|cache| cache.covers(key));
+    match (holder, now) {
+        (None, _) if !pinned => 0,
+        (Some(cache), 0) => match cache.view() {
+            Some(view) if view.revision >= read && view.mod_revision(key) == 0 => view.revision,
+            _ => revision,
+        },
+        (_, 0) => revision,
+        (_, now) => now,
     }
 }
 

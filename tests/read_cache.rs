@@ -186,6 +186,62 @@ async fn a_conflict_over_values_too_large_to_read_back_is_not_read_from_a_frozen
     }
 }
 
+/// What `Stm` logs when an attempt gives up on a copy that lags behind a change a failed
+/// commit or check found.
+const COPY_BEHIND: &str = "cache copy behind a change a check found";
+
+// One task thread, so that the log captures every attempt's events.
+#[tokio::test]
+async fn a_deletion_the_copy_shows_keeps_the_next_attempt_on_the_copy() {
+    // Six values of 1 MiB, one deleted per case: the failed commit or check cannot read the
+    // four or five left back in one answer, so it learns of the deletion from mod
+    // revisions alone; etcd then moves on, while the copy, whose prefix stays quiet, does
+    // not.
+    let (log, _capture) = common::DebugLog::capture();
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("deleted-large");
+    let keys = put_many(&client, &prefix, 6, &vec![b'v'; MIB]).await;
+    let cache = ReadCache::watch(client.clone(), prefix.as_str())
+        .await
+        .unwrap();
+    let (elsewhere, sum) = (unique("elsewhere"), unique("deleted-sum"));
+    let deleted = AtomicU32::new(0);
+    // With a write, the commit fails; read-only, its check does.
+    for (isolation, writes) in [
+        (Isolation::SerializableSnapshot, true),
+        (Isolation::RepeatableReads, false),
+    ] {
+        let runs = AtomicU32::new(0);
+        let stm = Stm::new(client.clone())
+            .isolation(isolation)
+            .read_cache(cache.clone());
+        let bytes = within(
+            secs(20),
+            stm.run(async |tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let bytes = value_bytes(tx, &keys).await?;
+                if run == 0 {
+                    let index = deleted.fetch_add(1, Ordering::SeqCst) as usize;
+                    let gone = client.clone().delete(keys[index].as_str(), None).await;
+                    caught_up(&cache, gone.unwrap().header().unwrap().revision()).await;
+                    put(&client, &elsewhere, "moves etcd on").await;
+                }
+                if writes {
+                    tx.put(sum.as_str(), bytes.to_string());
+                }
+                Ok::<_, Error>(bytes)
+            }),
+        )
+        .await
+        .unwrap();
+        let left = 6 - deleted.load(Ordering::SeqCst) as usize;
+        assert_eq!(bytes, left * MIB, "{isolation:?}");
+        assert_eq!(runs.into_inner(), 2, "{isolation:?}");
+    }
+    assert_eq!(log.lines_with(COPY_BEHIND), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_follows_puts_and_deletes() {
     let cluster = EtcdCluster::start(1).await;
