@@ -487,7 +487,13 @@ impl Stm {
                 let pinned = self.isolation.snapshot_reads();
                 fresh = match &cache {
                     Some(cache) if fresh.seen_by(cache, pinned) => Fresh::default(),
-                    _ => {
+                    behind => {
+                        if behind.is_some() {
+                            tracing::debug!(
+                                "cache copy behind the values a failed commit read; \
+                                 reading them from etcd"
+                            );
+                        }
                         let keys = fresh.values.into_keys().collect();
                         read_many(&kv, self.request_timeout, keys).await?
                     }
@@ -888,16 +894,25 @@ impl fmt::Debug for StmTxn {
 
 impl Fresh {
     /// Whether the next attempt can read `cache` instead of these values: its copy has
-    /// reached every change they show (a key now absent may have been deleted as late as
-    /// these values' revision) for the keys it holds and, at the snapshot levels
-    /// (`pinned`), for the others too, which are then read at the copy's revision.
+    /// reached every change they show for the keys it holds and, at the snapshot levels
+    /// (`pinned`), for the others too, which are then read at the copy's revision. A key
+    /// now absent may have been deleted as late as these values' revision; a copy that
+    /// holds no such key agrees with them already.
     fn seen_by(&self, cache: &ReadCache, pinned: bool) -> bool {
+        let view = cache.view();
+        let holds_none = |key: &[u8]| {
+            cache.covers(key)
+                && view
+                    .as_ref()
+                    .is_some_and(|view| view.mod_revision(key) == 0)
+        };
         let newest = self
             .values
             .iter()
             .filter(|(key, _)| pinned || cache.covers(key))
-            .map(|(_, read)| match read.value {
+            .map(|(key, read)| match read.value {
                 Some(_) => read.mod_revision,
+                None if holds_none(key) => 0,
                 None => self.revision,
             })
             .max();

@@ -242,6 +242,55 @@ async fn a_deletion_the_copy_shows_keeps_the_next_attempt_on_the_copy() {
     assert_eq!(log.lines_with(COPY_BEHIND), 0);
 }
 
+/// What `Stm` logs when an attempt after a back-off reads the values the failed commit
+/// read from etcd again, the copy not having caught up with them.
+const VALUES_BEHIND: &str = "cache copy behind the values a failed commit read";
+
+// One task thread, so that the log captures every attempt's events.
+#[tokio::test]
+async fn after_a_back_off_a_key_deleted_and_gone_from_the_copy_is_read_from_the_copy() {
+    let (log, _capture) = common::DebugLog::capture();
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("deleted-back-off");
+    let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
+    put(&client, &a, "10").await;
+    put(&client, &b, "20").await;
+    let cache = ReadCache::watch(client.clone(), prefix.as_str())
+        .await
+        .unwrap();
+    let (elsewhere, seen) = (unique("elsewhere"), unique("seen"));
+    let stm = Stm::new(client.clone()).read_cache(cache.clone());
+    let runs = AtomicU32::new(0);
+    // The first attempt conflicts over the deletion of `b`, the retry with the values its
+    // commit read over a put to `a`; each time etcd then moves on while the copy, whose
+    // prefix stays quiet, does not. The third attempt comes after a back-off.
+    let read = within(
+        secs(20),
+        stm.run(async |tx| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            let read = (tx.get(&a).await?, tx.get(&b).await?);
+            if run < 2 {
+                let changed = if run == 0 {
+                    let gone = client.clone().delete(b.as_str(), None).await.unwrap();
+                    gone.header().unwrap().revision()
+                } else {
+                    put(&client, &a, "11").await
+                };
+                caught_up(&cache, changed).await;
+                put(&client, &elsewhere, "moves etcd on").await;
+            }
+            tx.put(seen.as_str(), format!("{read:?}"));
+            Ok::<_, Error>(read)
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(read, (Some(b"11".to_vec()), None));
+    assert_eq!(runs.into_inner(), 3);
+    assert_eq!(log.lines_with(VALUES_BEHIND), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_follows_puts_and_deletes() {
     let cluster = EtcdCluster::start(1).await;
