@@ -10,7 +10,7 @@ use common::{
     keys_under, millis, proposals_applied, proposals_applied_exceed, read, secs, two_path_session,
     unique, within,
 };
-use etcd_client::{Client, CompactionOptions, Txn, TxnOp};
+use etcd_client::{Client, CompactionOptions, ResignOptions, Txn, TxnOp, WatchOptions};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Election, Error, Leader, Leadership, Session};
 use futures::{Stream, StreamExt};
@@ -406,7 +406,90 @@ async fn etcdctl_elect_and_our_election_see_each_other() {
         within(secs(5), listener.next_line()).await.unwrap(),
         "proclaimed"
     );
+
+    // An etcdctl candidate waits behind us, and leads once we resign.
+    let prefix = format!("{name}/");
+    let options = WatchOptions::new().with_prefix();
+    let mut joins = client
+        .clone()
+        .watch(prefix.as_str(), Some(options))
+        .await
+        .expect("watch");
+    let mut second = Etcdctl::spawn(&cluster.endpoints(), &["elect", &name, "their-second"]);
+    within(secs(10), async {
+        while let Some(answer) = joins.message().await.expect("watch") {
+            if !answer.events().is_empty() {
+                return;
+            }
+        }
+    })
+    .await;
+    let early = tokio::time::timeout(millis(300), second.next_line()).await;
+    assert!(early.is_err(), "etcdctl must wait while we lead");
     leading.resign().await.unwrap();
+    let their_key = within(secs(5), second.next_line())
+        .await
+        .expect("etcdctl leads");
+    assert!(their_key.starts_with(&prefix), "{their_key}");
+    let leader = election.leader().await.unwrap().expect("etcdctl leads");
+    assert_eq!(leader.value(), b"their-second");
+    second.interrupt().await;
+    listener.interrupt().await;
+}
+
+#[tokio::test]
+async fn etcd_server_side_election_and_our_election_elect_among_each_other() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("election-service");
+    let theirs = session(&client, 10).await; // a kept-alive lease for the server-side calls
+    let their_key = hex_key(&name, &theirs);
+    let ours = session(&client, 10).await;
+    let election = Election::new(&ours, &name);
+
+    // They lead; our campaign waits behind them and wins when they resign.
+    let answer = client
+        .campaign(name.as_str(), "theirs", theirs.lease_id())
+        .await
+        .unwrap();
+    let their_leadership = answer.leader().expect("a leader key").clone();
+    assert_eq!(their_leadership.key(), their_key.as_slice());
+    let leader = election.leader().await.unwrap().expect("they lead");
+    assert_eq!(leader.value(), b"theirs");
+    let campaign = spawn_campaign(&election, "ours");
+    within(secs(5), appears(&client, &hex_key(&name, &ours))).await;
+    assert!(
+        !campaign.is_finished(),
+        "the Election service leads: we must wait"
+    );
+    let resign = ResignOptions::new().with_leader(their_leadership);
+    client.resign(Some(resign)).await.unwrap();
+    let leading = within(secs(5), campaign).await.unwrap().unwrap();
+
+    // We lead; the service says so, and its campaign waits until we resign.
+    let said = client.leader(name.as_str()).await.unwrap();
+    assert_eq!(said.kv().map(|kv| kv.value()), Some(b"ours".as_slice()));
+    let (mut their_client, name_for_them) = (client.clone(), name.clone());
+    let lease = theirs.lease_id();
+    let mut theirs_waits = tokio::spawn(async move {
+        their_client
+            .campaign(name_for_them.as_str(), "theirs again", lease)
+            .await
+    });
+    within(secs(5), appears(&client, &their_key)).await;
+    let early = tokio::time::timeout(millis(300), &mut theirs_waits).await;
+    assert!(
+        early.is_err(),
+        "the Election service must wait while we lead"
+    );
+    leading.resign().await.unwrap();
+    let answer = within(secs(5), theirs_waits).await.unwrap().unwrap();
+    let their_leadership = answer.leader().expect("a leader key").clone();
+    let leader = election.leader().await.unwrap().expect("they lead again");
+    assert_eq!(leader.value(), b"theirs again");
+    let resign = ResignOptions::new().with_leader(their_leadership);
+    client.resign(Some(resign)).await.unwrap();
+    assert!(election.leader().await.unwrap().is_none());
 }
 
 #[tokio::test]
