@@ -42,7 +42,7 @@ const EXAMPLES: [Example; 4] = [
     Example {
         name: "leader_job",
         args: &[],
-        shows: "3 candidates campaign; the leader's job is fenced; SIGKILL the leader, watch failover",
+        shows: "3 candidates campaign; the leader's job is fenced; SIGKILL a leader, SIGSTOP the next",
     },
     Example {
         name: "bank_transfer",

@@ -12,12 +12,18 @@
 //! SIGKILL, as a crash: nothing resigns, the leader's lease simply stops being renewed and
 //! etcd expires it within its TTL. The next candidate takes over, and the example prints
 //! the time from the kill to the new leader being observed. After the second leader has
-//! run for `--lead-for`, everything stops cleanly (SIGTERM: waiting candidates withdraw,
-//! the leader resigns).
+//! run for `--lead-for`, the example stops it with SIGSTOP for longer than its TTL, as a
+//! long GC pause or a frozen VM would: its lease expires and the last candidate takes
+//! over, while the paused process still believes it leads. Resumed with SIGCONT, it must
+//! find out on its own (its session is lost, or its next heartbeat is refused by the
+//! fence), stop its job and exit. After the third leader has run for `--lead-for`,
+//! everything stops cleanly (SIGTERM: the leader resigns).
 //!
 //! The verdict checks the heartbeat history in etcd: at most one process ran the job at
 //! any moment (in revision order, the fencing tokens never go back to an older leader's,
-//! and each token belongs to one candidate), and the failover took at most TTL + 2 s.
+//! and each token belongs to one candidate), so no heartbeat of the paused leader
+//! committed after its successor's; the paused leader stopped on its own once resumed;
+//! and the failover after the kill took at most TTL + 2 s.
 //!
 //! ```sh
 //! cargo run --release --example leader_job
@@ -56,8 +62,16 @@ const FAILOVER_LIMIT: Duration = Duration::from_secs(4);
 const HEARTBEAT_PERIOD: Duration = Duration::from_millis(100);
 /// Nothing in the example runs longer than this; child processes give up after it.
 const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// The longest `--lead-for`: three leaders' runs, two failovers and the stops fit in
+/// [`RUN_LIMIT`].
+const LEAD_FOR_LIMIT: Duration = Duration::from_secs(15);
+/// How long the second leader is paused: past its TTL, so that its lease expires.
+const PAUSE: Duration = Duration::from_millis(3500);
 /// How long a child may take to stop after SIGTERM before it is killed.
 const STOP_LIMIT: Duration = Duration::from_secs(5);
+/// How long the paused leader may take, once resumed, to find its leadership lost, stop
+/// its job and exit.
+const RESUME_LIMIT: Duration = Duration::from_secs(15);
 const CANDIDATES: [&str; 3] = ["candidate-1", "candidate-2", "candidate-3"];
 
 /// Three processes campaign to run a job; the leader is killed and another takes over.
@@ -65,8 +79,8 @@ const CANDIDATES: [&str; 3] = ["candidate-1", "candidate-2", "candidate-3"];
 struct Args {
     #[command(flatten)]
     etcd: EtcdArgs,
-    /// How long each of the two leaders runs its job (e.g. 2s, 1500ms)
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    /// How long each of the three leaders runs its job (e.g. 2s, 1500ms; at most 15s)
+    #[arg(long, default_value = "2s", value_parser = lead_for)]
     lead_for: Duration,
     /// Run as the candidate NAME (set by the parent process)
     #[arg(long, hide = true, requires = "prefix")]
@@ -98,6 +112,17 @@ async fn main() -> ExitCode {
         }
         None => common::conclude(run_parent(args).await),
     }
+}
+
+/// Parses `--lead-for`: a duration up to [`LEAD_FOR_LIMIT`].
+fn lead_for(text: &str) -> std::result::Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if duration > LEAD_FOR_LIMIT {
+        return Err(format!(
+            "at most {LEAD_FOR_LIMIT:?}, so that the run fits in {RUN_LIMIT:?}"
+        ));
+    }
+    Ok(duration)
 }
 
 /// The election's name; candidates' keys are `<name>/<lease id>`.
@@ -143,23 +168,35 @@ async fn run_candidate(name: &str, prefix: &str, endpoints: &[String]) -> Result
         leadership.fencing_token()
     );
     let job = heartbeat_job(&client, &leadership, name, prefix);
-    tokio::select! {
+    let ended = tokio::select! {
         finished = leadership.while_leading(job) => match finished {
-            None => println!("leadership lost: the job was stopped"),
+            None => LEADERSHIP_LOST,
             Some(Err(error)) => return Err(error),
-            Some(Ok(())) => println!("the job reached its time limit"),
+            Some(Ok(JobEnd::Fenced)) => FENCED,
+            Some(Ok(JobEnd::TimeLimit)) => "the job reached its time limit",
         },
-        _ = terminate.recv() => println!("SIGTERM: stopping the job"),
-    }
+        _ = terminate.recv() => "SIGTERM: the job was stopped",
+    };
+    println!("{ended}");
     match within(REQUEST_LIMIT, "resign", leadership.resign()).await {
         Ok(()) => println!("resigned"),
-        Err(error) => println!(
-            "could not resign ({}); the lease's expiry will end the leadership",
-            common::describe(&*error)
-        ),
+        Err(error) => println!("could not resign: {}", common::describe(&*error)),
     }
     within(REQUEST_LIMIT, "close the session", session.close()).await?;
+    println!("done: {ended}");
     Ok(())
+}
+
+/// How a leader's run ends when `while_leading` sees its session lost or its key gone.
+const LEADERSHIP_LOST: &str = "leadership lost: the job was stopped";
+/// How it ends when the fence refuses a heartbeat first.
+const FENCED: &str = "leadership lost: a heartbeat was refused by its fence; the job stopped";
+
+/// Why the heartbeat job ended by itself.
+enum JobEnd {
+    TimeLimit,
+    /// A heartbeat was refused by its fence: the leadership is over.
+    Fenced,
 }
 
 /// Returns once `key` does not exist.
@@ -172,13 +209,13 @@ async fn until_deleted(client: &Client, key: &str) -> Result<()> {
 
 /// The leader's job: a heartbeat every 100 ms, each to its own key and fenced by the
 /// leadership, so that a deposed leader's heartbeat can never be written. Ends after
-/// [`RUN_LIMIT`], or with an error if a heartbeat is refused.
+/// [`RUN_LIMIT`], or as soon as a heartbeat is refused.
 async fn heartbeat_job(
     client: &Client,
     leadership: &Leadership,
     name: &str,
     prefix: &str,
-) -> Result<()> {
+) -> Result<JobEnd> {
     let token = leadership.fencing_token();
     let started = Instant::now();
     let mut ticks = tokio::time::interval(HEARTBEAT_PERIOD);
@@ -198,13 +235,13 @@ async fn heartbeat_job(
         )
         .await?;
         if !answer.succeeded() {
-            return Err("a heartbeat was refused by its fence: no longer the leader".into());
+            return Ok(JobEnd::Fenced);
         }
         if beat % 10 == 0 {
             println!("job: {beat} heartbeats written (fencing token {token})");
         }
     }
-    Ok(())
+    Ok(JobEnd::TimeLimit)
 }
 
 async fn run_observer(prefix: &str, endpoints: &[String]) -> Result<()> {
@@ -294,17 +331,41 @@ async fn run_parent(args: Args) -> Result<Verdict> {
     );
     tokio::time::sleep(args.lead_for).await;
 
-    let leader = candidates
+    let paused = candidates
         .remove(second_name.as_str())
         .ok_or_else(|| format!("the leader {second_name:?} is none of the candidates"))?;
+    paused.signal(libc::SIGSTOP);
+    let paused_at = Instant::now();
     println!(
-        "parent: stopping everything with SIGTERM: waiting candidates withdraw, the leader resigns"
+        "parent: paused {second_name} with SIGSTOP for {PAUSE:?}, past its TTL ({CANDIDATE_TTL:?}); it still believes it leads"
     );
+    let third = next_leader(&mut leaders, Some(&second), Duration::from_secs(10)).await?;
+    let third_name = candidate_name(&third);
+    println!(
+        "parent: {third_name} took over {:.2} s into the pause",
+        paused_at.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep_until(paused_at + PAUSE).await;
+    paused.signal(libc::SIGCONT);
+    println!("parent: resumed {second_name} with SIGCONT; it must stop its job by itself");
+    let deposed = match paused.wait(RESUME_LIMIT).await {
+        Ok((status, last_line)) => {
+            let said = last_line.unwrap_or_default();
+            status.success() && said.starts_with("done: leadership lost")
+        }
+        Err(error) => {
+            println!("parent: {second_name}: {}", common::describe(&*error));
+            false
+        }
+    };
+    tokio::time::sleep(args.lead_for).await;
+
+    let leader = candidates
+        .remove(third_name.as_str())
+        .ok_or_else(|| format!("the leader {third_name:?} is none of the candidates"))?;
+    println!("parent: stopping the leader and the observer with SIGTERM");
     let mut unclean = Vec::new();
-    for (name, candidate) in candidates {
-        stop(candidate, name, &mut unclean).await?;
-    }
-    stop(leader, &second_name, &mut unclean).await?;
+    stop(leader, &third_name, &mut unclean).await?;
     // Let the observer report that nobody leads any more before stopping it.
     let _ = tokio::time::timeout(Duration::from_secs(1), leaders.next()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -354,14 +415,24 @@ async fn run_parent(args: Args) -> Result<Verdict> {
     let expected = [
         (&first_name, first.create_revision()),
         (&second_name, second.create_revision()),
+        (&third_name, third.create_revision()),
     ];
     let observed: Vec<(&String, i64)> = runs.iter().map(|run| (&run.name, run.token)).collect();
     checks.check(
         observed == expected,
         format!(
-            "the job ran under {first_name} (token {}), then {second_name} (token {})",
+            "the job ran under {first_name} (token {}), then {second_name} (token {}), then \
+             {third_name} (token {})",
             first.create_revision(),
-            second.create_revision()
+            second.create_revision(),
+            third.create_revision()
+        ),
+    );
+    checks.check(
+        deposed,
+        format!(
+            "{second_name}, paused past its TTL and resumed, found its leadership lost by itself, \
+             stopped its job and exited"
         ),
     );
     checks.check(
@@ -375,8 +446,9 @@ async fn run_parent(args: Args) -> Result<Verdict> {
     );
     common::delete_prefix(&client, &format!("{prefix}/")).await?;
     Ok(checks.verdict(format!(
-        "failover from {first_name} to {second_name} in {:.2} s after SIGKILL; one leader at \
-         a time over {} heartbeats",
+        "failover from {first_name} to {second_name} in {:.2} s after SIGKILL; \
+         {second_name}, paused past its TTL, stopped its job by itself when resumed; one leader \
+         at a time over {} heartbeats",
         failover.as_secs_f64(),
         beats.len()
     )))
