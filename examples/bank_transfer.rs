@@ -145,10 +145,21 @@ async fn run(args: Args) -> Result<Verdict> {
     let etcd = args.etcd.cluster().await?;
     let client = common::connect(&etcd.endpoints).await?;
     let prefix = common::fresh_prefix("bank-transfer");
+    let transfers = transfer(&args, &etcd.endpoints, &client, &prefix);
+    common::cleaning_up(&client, &format!("{prefix}/"), transfers).await
+}
+
+/// Opens the accounts under `prefix`, runs the workers and checks the total.
+async fn transfer(
+    args: &Args,
+    endpoints: &[String],
+    client: &Client,
+    prefix: &str,
+) -> Result<Verdict> {
     let accounts: Arc<[String]> = (0..args.accounts)
         .map(|i| format!("{prefix}/accounts/{i:04}"))
         .collect();
-    open_accounts(&client, &accounts).await?;
+    open_accounts(client, &accounts).await?;
     let expected_total = OPENING_BALANCE * u64::from(args.accounts);
     println!(
         "{} accounts of {OPENING_BALANCE} under {prefix}/accounts/ (total {expected_total}); \
@@ -177,7 +188,7 @@ async fn run(args: Args) -> Result<Verdict> {
     let stats = Arc::new(Stats::default());
     let mut workers = Vec::new();
     for _ in 0..args.workers {
-        let connection = common::connect(&etcd.endpoints).await?;
+        let connection = common::connect(endpoints).await?;
         let mut stm = Stm::new(connection).isolation(args.isolation.into());
         if let Some(cache) = &cache {
             stm = stm.read_cache(cache.clone());
@@ -208,7 +219,7 @@ async fn run(args: Args) -> Result<Verdict> {
     }
 
     println!("checking the balances in etcd:");
-    let balances = read_balances(&client, &format!("{prefix}/accounts/")).await?;
+    let balances = read_balances(client, &format!("{prefix}/accounts/")).await?;
     let total: u64 = balances.iter().sum();
     let commits = stats.commits.load(Ordering::Relaxed);
     let attempts = stats.attempts.load(Ordering::Relaxed);
@@ -244,7 +255,6 @@ async fn run(args: Args) -> Result<Verdict> {
             format!("total conserved: {total} (expected {expected_total}, drift {drift:+})"),
         );
     }
-    common::delete_prefix(&client, &format!("{prefix}/")).await?;
     let level = args.isolation.name();
     Ok(checks.verdict(match (args.isolation, conserved) {
         (IsolationLevel::ReadCommitted, true) => format!(

@@ -9,8 +9,9 @@
 //! record's mod revision (so a concurrent writer cannot be overwritten unnoticed).
 //!
 //! Afterwards the parent reads the record back from etcd and checks that every worker
-//! finished, that there were workers × rounds critical sections, that none overlapped,
-//! that the fencing tokens strictly increase, and that the lock left no key behind.
+//! finished, that there were workers × rounds critical sections, that no two recorded
+//! sections (from `in` to `out`) overlapped, that the fencing tokens strictly increase,
+//! and that the lock left no key behind.
 //!
 //! ```sh
 //! cargo run --release --example critical_section
@@ -28,7 +29,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use etcd_concurrency::{Mutex, MutexGuard, Session};
 use tokio::process::Command;
@@ -76,8 +77,23 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if args.workers * args.rounds > MAX_SECTIONS {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "--workers × --rounds may be at most {MAX_SECTIONS}: the record of every \
+                     section is one etcd value, which etcd limits to 1.5 MiB"
+                ),
+            )
+            .exit();
+    }
     common::conclude(run_parent(args).await)
 }
+
+/// The most critical sections a run may have, so that their record stays well within
+/// etcd's default 1.5 MiB request limit (each section adds about 30 bytes).
+const MAX_SECTIONS: u32 = 20_000;
 
 /// The lock's name; its holders' and waiters' keys are `<name>/<lease id>`.
 fn lock_name(prefix: &str) -> String {
@@ -160,21 +176,33 @@ async fn append(client: &Client, guard: &MutexGuard, record: &str, entry: &str) 
 }
 
 async fn run_parent(args: Args) -> Result<Verdict> {
-    let (workers, rounds) = (args.workers, args.rounds);
     let etcd = args.etcd.cluster().await?;
+    let client = common::connect(&etcd.endpoints).await?;
     let prefix = common::fresh_prefix("critical-section");
+    let run = run_workers(&args, &etcd.endpoints, &client, &prefix);
+    common::cleaning_up(&client, &format!("{prefix}/"), run).await
+}
+
+/// Runs the worker processes and checks what they left in etcd.
+async fn run_workers(
+    args: &Args,
+    endpoints: &[String],
+    client: &Client,
+    prefix: &str,
+) -> Result<Verdict> {
+    let (workers, rounds) = (args.workers, args.rounds);
     println!(
         "{workers} worker processes take the lock {} {rounds} times each",
-        lock_name(&prefix)
+        lock_name(prefix)
     );
     let executable = std::env::current_exe()?;
     let mut children = Vec::new();
     for id in 1..=workers {
         let mut command = Command::new(&executable);
         command
-            .args(["--worker", &id.to_string(), "--prefix", &prefix])
+            .args(["--worker", &id.to_string(), "--prefix", prefix])
             .args(["--rounds", &rounds.to_string()])
-            .args(["--endpoints", &etcd.endpoints.join(",")]);
+            .args(["--endpoints", &endpoints.join(",")]);
         children.push(Relayed::spawn(command, &format!("[worker {id}] "))?);
     }
     // Each worker bounds its own waits; this bounds the whole run.
@@ -188,9 +216,8 @@ async fn run_parent(args: Args) -> Result<Verdict> {
     }
 
     println!("checking the record and the lock in etcd:");
-    let client = common::connect(&etcd.endpoints).await?;
-    let record = read_record(&client, &record_key(&prefix)).await?;
-    let lock_keys = count_keys(&client, &format!("{}/", lock_name(&prefix))).await?;
+    let record = read_record(client, &record_key(prefix)).await?;
+    let lock_keys = count_keys(client, &format!("{}/", lock_name(prefix))).await?;
 
     let mut checks = Checks::default();
     checks.check(
@@ -245,9 +272,8 @@ async fn run_parent(args: Args) -> Result<Verdict> {
     );
     checks.check(
         lock_keys == 0,
-        format!("keys left under {}/: {lock_keys}", lock_name(&prefix)),
+        format!("keys left under {}/: {lock_keys}", lock_name(prefix)),
     );
-    common::delete_prefix(&client, &format!("{prefix}/")).await?;
     Ok(checks.verdict(format!(
         "{} acquisitions by {workers} processes, 0 overlaps, fencing tokens strictly \
          increasing, no lock keys left",

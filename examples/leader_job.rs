@@ -284,20 +284,32 @@ async fn run_parent(args: Args) -> Result<Verdict> {
     let etcd = args.etcd.cluster().await?;
     let prefix = common::fresh_prefix("leader-job");
     let client = common::connect(&etcd.endpoints).await?;
+    let run = run_candidates(&args, &etcd.endpoints, &client, &prefix);
+    common::cleaning_up(&client, &format!("{prefix}/"), run).await
+}
+
+/// Runs the candidates and the observer through a crash and a pause, and checks the
+/// heartbeats they left in etcd.
+async fn run_candidates(
+    args: &Args,
+    endpoints: &[String],
+    client: &Client,
+    prefix: &str,
+) -> Result<Verdict> {
     // The parent observes too, to know whom to kill and when the next leader took over.
     let session = Session::builder(client.clone()).ttl(OBSERVER_TTL).build();
     let session = within(REQUEST_LIMIT, "create a session", session).await?;
-    let election = Election::new(&session, election_name(&prefix));
+    let election = Election::new(&session, election_name(prefix));
     let mut leaders = pin!(election.observe());
 
-    println!("three candidates campaign in {}", election_name(&prefix));
+    println!("three candidates campaign in {}", election_name(prefix));
     let executable = std::env::current_exe()?;
-    let endpoints = etcd.endpoints.join(",");
+    let endpoints = endpoints.join(",");
     let spawn = |role: &[&str], label: &str| {
         let mut command = Command::new(&executable);
         command
             .args(role)
-            .args(["--prefix", &prefix, "--endpoints", &endpoints]);
+            .args(["--prefix", prefix, "--endpoints", &endpoints]);
         Relayed::spawn(command, label)
     };
     let observer = spawn(&["--observer"], "[observer]    ")?;
@@ -373,7 +385,7 @@ async fn run_parent(args: Args) -> Result<Verdict> {
     within(REQUEST_LIMIT, "close the session", session.close()).await?;
 
     println!("checking the heartbeat history in etcd:");
-    let beats = read_beats(&client, &beats_prefix(&prefix)).await?;
+    let beats = read_beats(client, &beats_prefix(prefix)).await?;
     let runs = leader_runs(&beats);
     for run in &runs {
         println!(
@@ -444,7 +456,6 @@ async fn run_parent(args: Args) -> Result<Verdict> {
             FAILOVER_LIMIT.as_secs()
         ),
     );
-    common::delete_prefix(&client, &format!("{prefix}/")).await?;
     Ok(checks.verdict(format!(
         "failover from {first_name} to {second_name} in {:.2} s after SIGKILL; \
          {second_name}, paused past its TTL, stopped its job by itself when resumed; one leader \

@@ -41,7 +41,7 @@ const MAX_TTL_SECS: u64 = 9_000_000_000;
 /// etcd deletes every key attached to it: this is how locks and leadership of a crashed
 /// process are released. The TTL counts from the last renewal, up to TTL/3 before the
 /// crash, and etcd looks for expired leases every 500 ms, so the release comes at most
-/// about half a second after the TTL (measured with a 2 s TTL: 1.45-2.4 s). Mirrors Go's
+/// about half a second after the TTL (measured with a 2 s TTL: 1.45-2.44 s). Mirrors Go's
 /// `concurrency.Session`.
 ///
 /// # Unreachable and frozen members

@@ -39,11 +39,11 @@ pub struct Etcd {
 
 impl EtcdArgs {
     /// The cluster at `--endpoints`, or a throwaway 3-member cluster when none is given.
-    pub async fn cluster(self) -> Result<Etcd> {
+    pub async fn cluster(&self) -> Result<Etcd> {
         if !self.endpoints.is_empty() {
             println!("using etcd at {}", self.endpoints.join(","));
             return Ok(Etcd {
-                endpoints: self.endpoints,
+                endpoints: self.endpoints.clone(),
                 _throwaway: None,
             });
         }
@@ -91,6 +91,21 @@ pub async fn delete_prefix(client: &Client, prefix: &str) -> Result<()> {
     .await?;
     println!("deleted the example's keys under {prefix}");
     Ok(())
+}
+
+/// Runs `run`, then deletes every key under `prefix` whether it succeeded or not, so that
+/// a run that fails half-way leaves nothing on a shared cluster either. Returns what `run`
+/// returned, or the clean-up's error if only that failed.
+pub async fn cleaning_up<T>(
+    client: &Client,
+    prefix: &str,
+    run: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let outcome = run.await;
+    let cleaned = delete_prefix(client, prefix).await;
+    let value = outcome?;
+    cleaned?;
+    Ok(value)
 }
 
 /// Awaits `future`, failing with a message naming `what` if it takes longer than `limit`
