@@ -296,6 +296,13 @@ impl Election {
     /// connection, where they hold HTTP/2 flow-control windows (a few such watches on busy
     /// elections can stall every request on the connection).
     ///
+    /// # Errors
+    ///
+    /// Items, not the end of the stream: [`Error::InvalidArgument`] for an empty name (the
+    /// only item; the stream then ends); [`Error::Etcd`] when etcd refuses a read or the
+    /// watch (e.g. permission denied), after which the stream keeps trying with back-off.
+    /// Never [`Error::Timeout`]: while etcd cannot be reached it yields nothing.
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping a `next()` future loses no change, as the read in progress

@@ -107,7 +107,8 @@ impl From<etcd_client::Error> for Error {
 impl Error {
     /// Whether retrying the same request may succeed: the member was unavailable, the
     /// connection broke, the leader changed, or no answer came in time. A transient error
-    /// from a write may leave its outcome unknown.
+    /// from a write may leave its outcome unknown. No Go counterpart: Go's callers inspect
+    /// the gRPC status code (`codes.Unavailable`, `codes.DeadlineExceeded`) themselves.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Etcd(error) => is_transient(error),

@@ -150,7 +150,8 @@ impl ReadCache {
     ///
     /// # Panics
     ///
-    /// Outside a Tokio runtime (the watch is read by a spawned task).
+    /// Outside a Tokio runtime (the watch is read by a spawned task), or in one without
+    /// its time driver (the first copy is read within a time limit).
     pub async fn watch(client: Client, prefix: impl Into<Vec<u8>>) -> Result<ReadCache> {
         const FIRST_COPY_LIMIT: Duration = Duration::from_secs(5);
         let prefix = prefix.into();

@@ -212,7 +212,9 @@ impl Session {
     }
 
     /// The lease's id (Go's `Session.Lease()`). Keys of locks and elections end with it in
-    /// lowercase hex.
+    /// lowercase hex as Go writes it: a negative id (only a resumed lease can have one) as
+    /// `-` and the hex of its magnitude, where Rust's `{:x}` would print the two's
+    /// complement.
     pub fn lease_id(&self) -> i64 {
         self.shared.lease_id
     }
@@ -679,7 +681,8 @@ impl SessionBuilder {
     }
 
     /// Grants (or resumes) the lease and starts keeping it alive in a task on the current
-    /// Tokio runtime; if that runtime shuts down, the session is lost.
+    /// Tokio runtime; if that runtime shuts down, the session is lost. Mirrors Go's
+    /// `concurrency.NewSession` (its lease grant, or `WithLease`, and keep-alive).
     ///
     /// # Errors
     ///

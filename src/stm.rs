@@ -21,7 +21,8 @@ use crate::retry::{Backoff, deadline_after, retry};
 use crate::session::DEFAULT_REQUEST_TIMEOUT;
 
 /// How many times [`Stm::run`] runs a transaction by default before giving up; a run
-/// whose snapshot etcd compacted does not count (see [`Stm::max_attempts`]).
+/// whose snapshot etcd compacted does not count (see [`Stm::max_attempts`]). Go's STM has
+/// no such limit: it runs the transaction again until it commits or its context ends.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
 /// How many times a conflicting transaction runs again at once, with the values the failed
 /// commit read (as Go does); after that, each retry backs off first and reads them again.
@@ -262,7 +263,8 @@ impl Stm {
     /// `--max-txn-ops` (128 by default) keys, or every run fails with etcd's error. If
     /// their values are over the client's answer size limit together (4 MiB by default),
     /// the closure reads them one by one instead. At the snapshot levels, prefetched values
-    /// fix the attempt's snapshot, so it does not read a [`ReadCache`].
+    /// fix the attempt's snapshot, so it does not read a [`ReadCache`]. An empty key makes
+    /// [`run`](Self::run) return [`Error::InvalidArgument`] before sending anything.
     pub fn prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
         self.prefetch = keys.into_iter().map(Into::into).collect();
         self
@@ -330,8 +332,9 @@ impl Stm {
     ///   a compacted snapshot: the attempt runs again whatever `apply` returned, since its
     ///   error most likely is that read's (converted into `E`).
     /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout or
-    ///   [`max_attempts`](Self::max_attempts) is zero, and `apply` does not run; or
-    ///   `apply` wrote to an empty key, and nothing is written.
+    ///   [`max_attempts`](Self::max_attempts) is zero, or a [`prefetch`](Self::prefetch)
+    ///   key is empty, and `apply` does not run; or `apply` wrote to an empty key, and
+    ///   nothing is written.
     /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
     ///   nothing is written.
     /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed (also
@@ -393,6 +396,9 @@ impl Stm {
         if self.max_attempts == 0 {
             let why = "max_attempts of zero would allow no attempt".into();
             return Err(Error::InvalidArgument(why).into());
+        }
+        if self.prefetch.iter().any(Vec::is_empty) {
+            return Err(empty_key().into());
         }
         let kv = self.client.kv_client();
         let mut fresh = if self.prefetch.is_empty() {
@@ -545,6 +551,9 @@ impl StmTxn {
     /// on as after a failed read (above).
     pub async fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
         let key = key.as_ref();
+        if key.is_empty() {
+            return Err(empty_key());
+        }
         if let Some(write) = self.writes.get(key) {
             return Ok(match write {
                 Write::Put(value) => Some(value.clone()),

@@ -565,6 +565,41 @@ async fn an_empty_key_is_refused_and_nothing_is_written() {
     let stm = Stm::new(client.clone());
     let read = within(secs(10), stm.run(async |tx| tx.get("").await)).await;
     assert!(matches!(read, Err(Error::InvalidArgument(_))), "{read:?}");
+    // Also a read of the empty key after a write to it, which the attempt answers itself.
+    let refused = std::sync::atomic::AtomicBool::new(false);
+    let _ = within(
+        secs(10),
+        stm.run(async |tx| {
+            tx.put("", "x");
+            let read_back = tx.get("").await;
+            refused.store(
+                matches!(read_back, Err(Error::InvalidArgument(_))),
+                Ordering::SeqCst,
+            );
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    assert!(
+        refused.load(Ordering::SeqCst),
+        "a read of the empty key after a write to it"
+    );
+    // An empty prefetch key is refused before the closure runs.
+    let runs = AtomicU32::new(0);
+    let prefetching = Stm::new(client.clone()).prefetch([format!("{prefix}/a"), String::new()]);
+    let prefetched = within(
+        secs(10),
+        prefetching.run(async |_tx| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    assert!(
+        matches!(prefetched, Err(Error::InvalidArgument(_))),
+        "{prefetched:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
     for empty_key_written in [
         |tx: &mut StmTxn| tx.put("", "x"),
         |tx: &mut StmTxn| tx.delete(""),
