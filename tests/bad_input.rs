@@ -207,7 +207,6 @@ async fn transactions_read_etcd_once_a_cache_whose_watch_is_refused_has_stopped(
         )
         .await
         .unwrap();
-    root.clone().put(key.as_str(), "after", None).await.unwrap();
     // The watch is opened again, and refused.
     proxy.cut();
     proxy.heal();
@@ -217,6 +216,8 @@ async fn transactions_read_etcd_once_a_cache_whose_watch_is_refused_has_stopped(
         }
     })
     .await;
+    // Written only now, so that no copy can have it: only reads from etcd see it.
+    root.clone().put(key.as_str(), "after", None).await.unwrap();
 
     for isolation in [Isolation::ReadCommitted, Isolation::SerializableSnapshot] {
         let stm = Stm::new(root.clone())

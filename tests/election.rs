@@ -131,9 +131,10 @@ async fn leadership_passes_on_resign_and_observe_shows_every_step() {
         Some("a2")
     );
 
-    let campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
+    let mut campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
-    assert!(!campaign_b.is_finished());
+    let early = tokio::time::timeout(millis(300), &mut campaign_b).await;
+    assert!(early.is_err(), "a leads: b must wait");
     let token_a = leading_a.fencing_token();
     leading_a.resign().await.unwrap();
     let leading_b = within(secs(5), campaign_b).await.unwrap().unwrap();
@@ -389,9 +390,10 @@ async fn etcdctl_elect_and_our_election_see_each_other() {
     let leader = election.leader().await.unwrap().expect("etcdctl leads");
     assert_eq!(leader.value(), b"their-proposal");
     assert_eq!(leader.key(), their_key.as_bytes());
-    let campaign = spawn_campaign(&election, "our-proposal");
+    let mut campaign = spawn_campaign(&election, "our-proposal");
     within(secs(5), appears(&client, &hex_key(&name, &ours))).await;
-    assert!(!campaign.is_finished(), "etcdctl leads: we must wait");
+    let early = tokio::time::timeout(millis(300), &mut campaign).await;
+    assert!(early.is_err(), "etcdctl leads: we must wait");
     theirs.interrupt().await;
     let leading = within(secs(5), campaign).await.unwrap().unwrap();
 
@@ -456,12 +458,10 @@ async fn etcd_server_side_election_and_our_election_elect_among_each_other() {
     assert_eq!(their_leadership.key(), their_key.as_slice());
     let leader = election.leader().await.unwrap().expect("they lead");
     assert_eq!(leader.value(), b"theirs");
-    let campaign = spawn_campaign(&election, "ours");
+    let mut campaign = spawn_campaign(&election, "ours");
     within(secs(5), appears(&client, &hex_key(&name, &ours))).await;
-    assert!(
-        !campaign.is_finished(),
-        "the Election service leads: we must wait"
-    );
+    let early = tokio::time::timeout(millis(300), &mut campaign).await;
+    assert!(early.is_err(), "the Election service leads: we must wait");
     let resign = ResignOptions::new().with_leader(their_leadership);
     client.resign(Some(resign)).await.unwrap();
     let leading = within(secs(5), campaign).await.unwrap().unwrap();
@@ -507,7 +507,11 @@ async fn campaigning_again_on_one_session_resumes_the_key_with_the_new_value() {
     assert_eq!(leader.value(), b"second");
     second.resign().await.unwrap();
     within(secs(1), first.lost()).await; // they shared the key
-    assert!(matches!(first.resign().await, Err(Error::OwnershipLost)));
+    let resigned = within(secs(5), first.resign()).await;
+    assert!(
+        matches!(resigned, Err(Error::OwnershipLost)),
+        "{resigned:?}"
+    );
 }
 
 #[tokio::test]
@@ -596,12 +600,17 @@ async fn a_deposed_leader_can_neither_proclaim_nor_resign() {
     let successor = within(secs(2), Election::new(&b, &name).campaign("b"))
         .await
         .unwrap();
-    assert!(matches!(
-        deposed.proclaim("a again").await,
-        Err(Error::OwnershipLost)
-    ));
+    let proclaimed = within(secs(5), deposed.proclaim("a again")).await;
+    assert!(
+        matches!(proclaimed, Err(Error::OwnershipLost)),
+        "{proclaimed:?}"
+    );
     assert!(!exists(&client, deposed.key()).await, "nothing written");
-    assert!(matches!(deposed.resign().await, Err(Error::OwnershipLost)));
+    let resigned = within(secs(5), deposed.resign()).await;
+    assert!(
+        matches!(resigned, Err(Error::OwnershipLost)),
+        "{resigned:?}"
+    );
     let leader = Election::new(&b, &name).leader().await.unwrap().unwrap();
     assert_eq!(leader.key(), successor.key());
     assert_eq!(leader.value(), b"b");
@@ -612,7 +621,7 @@ async fn a_deposed_leader_can_neither_proclaim_nor_resign() {
     let leading = within(secs(10), election.campaign("x")).await.unwrap();
     client.lease_revoke(lost.lease_id()).await.unwrap();
     within(secs(2), leading.lost()).await;
-    assert!(leading.proclaim("y").await.is_err());
+    assert!(within(secs(5), leading.proclaim("y")).await.is_err());
     assert_eq!(election.leader().await.unwrap(), None);
 }
 
@@ -910,7 +919,11 @@ async fn the_last_leadership_withdraws_a_key_left_by_a_campaign_cancelled_after_
     let withdrawn = Deletion::of(&client, &String::from_utf8(our_key).unwrap()).await;
     third.abort();
     assert!(third.await.unwrap_err().is_cancelled());
-    assert!(matches!(second.resign().await, Err(Error::OwnershipLost)));
+    let resigned = within(secs(5), second.resign()).await;
+    assert!(
+        matches!(resigned, Err(Error::OwnershipLost)),
+        "{resigned:?}"
+    );
     within(secs(5), withdrawn.happened()).await;
     other_leads.resign().await.unwrap();
 }
@@ -1261,7 +1274,7 @@ async fn a_resign_that_finds_a_newer_key_of_its_lease_withdraws_it() {
     client.delete(key.clone(), None).await.unwrap();
     let lease = etcd_client::PutOptions::new().with_lease(ours.lease_id());
     client.put(key.clone(), "newer", Some(lease)).await.unwrap();
-    let resigned = leading.resign().await;
+    let resigned = within(secs(5), leading.resign()).await;
     assert!(
         matches!(resigned, Err(Error::OwnershipLost)),
         "{resigned:?}"

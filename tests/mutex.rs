@@ -131,13 +131,18 @@ async fn try_lock_gives_none_while_held_leaves_no_key_and_some_after_release() {
         .unwrap()
         .expect("free");
     let contender = Mutex::new(&other, &name);
-    assert!(contender.try_lock().await.unwrap().is_none());
+    assert!(
+        within(secs(5), contender.try_lock())
+            .await
+            .unwrap()
+            .is_none()
+    );
     let keys = keys_under(&client, &format!("{name}/")).await;
     assert_eq!(keys, [String::from_utf8(guard.key().to_vec()).unwrap()]);
     // Another guard of the same session is "held" too.
+    let same_session = Mutex::new(&holder, &name);
     assert!(
-        Mutex::new(&holder, &name)
-            .try_lock()
+        within(secs(5), same_session.try_lock())
             .await
             .unwrap()
             .is_none()
@@ -170,8 +175,11 @@ async fn a_cancelled_lock_leaves_no_key() {
     assert!(exists(&client, guard.key()).await);
 
     // A deadline through tokio::time::timeout behaves the same.
+    let waiting = std::str::from_utf8(&waiting_key).unwrap();
+    let deletion = Deletion::after_creation_of(&client, waiting).await;
     let timed_out = tokio::time::timeout(millis(300), Mutex::new(&waiter, &name).lock()).await;
     assert!(timed_out.is_err());
+    within(secs(1), deletion.happened()).await;
     guard.unlock().await.unwrap();
     let next = within(secs(5), Mutex::new(&waiter, &name).lock())
         .await
@@ -229,7 +237,11 @@ async fn a_stale_unlock_does_not_delete_a_newer_holder() {
     let mut client = cluster.client().await;
     let (_first, stale, newer) = stale_and_newer(&mut client, &unique("stale")).await;
     assert!(newer.fencing_token() > stale.fencing_token());
-    assert!(matches!(stale.unlock().await, Err(Error::OwnershipLost)));
+    let unlocked = within(secs(5), stale.unlock()).await;
+    assert!(
+        matches!(unlocked, Err(Error::OwnershipLost)),
+        "{unlocked:?}"
+    );
     let current = client.get(newer.key(), None).await.unwrap();
     assert_eq!(current.kvs()[0].create_revision(), newer.fencing_token());
     newer.unlock().await.unwrap();
@@ -303,7 +315,11 @@ async fn a_holder_whose_lease_is_revoked_sees_lost() {
     );
     client.lease_revoke(holder.lease_id()).await.unwrap();
     within(secs(1), guard.lost()).await;
-    assert!(matches!(guard.unlock().await, Err(Error::OwnershipLost)));
+    let unlocked = within(secs(5), guard.unlock()).await;
+    assert!(
+        matches!(unlocked, Err(Error::OwnershipLost)),
+        "{unlocked:?}"
+    );
 }
 
 #[tokio::test]
@@ -341,7 +357,7 @@ async fn etcdctl_lock_and_our_mutex_exclude_each_other() {
         .await
         .expect("etcdctl holds");
     assert!(their_key.starts_with(&format!("{name}/")), "{their_key}");
-    assert!(mutex.try_lock().await.unwrap().is_none());
+    assert!(within(secs(5), mutex.try_lock()).await.unwrap().is_none());
     let ours_waits = tokio::spawn({
         let mutex = mutex.clone();
         async move { mutex.lock().await }
@@ -375,7 +391,7 @@ async fn etcd_server_side_lock_and_our_mutex_exclude_each_other() {
     let held = client.lock(name.as_str(), with_lease()).await.unwrap();
     let ours = session(&client).await;
     let mutex = Mutex::new(&ours, &name);
-    assert!(mutex.try_lock().await.unwrap().is_none());
+    assert!(within(secs(5), mutex.try_lock()).await.unwrap().is_none());
     assert!(
         tokio::time::timeout(millis(300), mutex.lock())
             .await
@@ -449,7 +465,7 @@ async fn bad_names_and_stray_keys() {
     let stray = format!("{name}/stray");
     client.put(stray.as_str(), "", None).await.unwrap();
     let mutex = Mutex::new(&ours, &name);
-    assert!(mutex.try_lock().await.unwrap().is_none());
+    assert!(within(secs(5), mutex.try_lock()).await.unwrap().is_none());
     let waiting = tokio::spawn({
         let mutex = mutex.clone();
         async move { mutex.lock().await }
@@ -636,7 +652,8 @@ async fn a_lost_session_cannot_lock() {
     ours.clone().close().await.unwrap();
     let locked = within(secs(10), mutex.lock()).await;
     assert!(matches!(locked, Err(Error::SessionLost)), "{locked:?}");
-    assert!(matches!(mutex.try_lock().await, Err(Error::SessionLost)));
+    let tried = within(secs(5), mutex.try_lock()).await;
+    assert!(matches!(tried, Err(Error::SessionLost)), "{tried:?}");
 }
 
 #[tokio::test]

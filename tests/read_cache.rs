@@ -186,6 +186,9 @@ async fn a_conflict_over_values_too_large_to_read_back_is_not_read_from_a_frozen
     }
 }
 
+/// What `Stm` logs at each conflict.
+const CONFLICT: &str = "STM conflict; running again";
+
 /// What `Stm` logs when an attempt gives up on a copy that lags behind a change a failed
 /// commit or check found.
 const COPY_BEHIND: &str = "cache copy behind a change a check found";
@@ -239,6 +242,10 @@ async fn a_deletion_the_copy_shows_keeps_the_next_attempt_on_the_copy() {
         assert_eq!(bytes, left * MIB, "{isolation:?}");
         assert_eq!(runs.into_inner(), 2, "{isolation:?}");
     }
+    assert!(
+        log.lines_with(CONFLICT) >= 2,
+        "the capture sees the conflicts"
+    );
     assert_eq!(log.lines_with(COPY_BEHIND), 0);
 }
 
@@ -288,6 +295,10 @@ async fn after_a_back_off_a_key_deleted_and_gone_from_the_copy_is_read_from_the_
     .unwrap();
     assert_eq!(read, (Some(b"11".to_vec()), None));
     assert_eq!(runs.into_inner(), 3);
+    assert!(
+        log.lines_with(CONFLICT) >= 2,
+        "the capture sees the conflicts"
+    );
     assert_eq!(log.lines_with(VALUES_BEHIND), 0);
 }
 
@@ -314,17 +325,19 @@ async fn the_cache_follows_puts_and_deletes() {
     // A read-only transaction whose reads all hit a current cache needs one run.
     let runs = AtomicU32::new(0);
     let stm = Stm::new(client.clone()).read_cache(cache.clone());
-    let seen = stm
-        .run(async |tx| {
+    let seen = within(
+        secs(20),
+        stm.run(async |tx| {
             runs.fetch_add(1, Ordering::SeqCst);
             Ok::<_, Error>((
                 tx.get(&kept).await?,
                 tx.get(&gone).await?,
                 tx.get(&later).await?,
             ))
-        })
-        .await
-        .unwrap();
+        }),
+    )
+    .await
+    .unwrap();
     assert_eq!(seen, (Some(b"1".to_vec()), None, Some(b"3".to_vec())));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
@@ -342,10 +355,13 @@ async fn a_transaction_reads_the_writes_of_the_previous_one_from_the_copy() {
         .isolation(Isolation::ReadCommitted);
     for i in 1..=20 {
         let written = i.to_string();
-        stm.run(async |tx| {
-            tx.put(key.as_str(), written.as_str());
-            Ok::<_, Error>(())
-        })
+        within(
+            secs(20),
+            stm.run(async |tx| {
+                tx.put(key.as_str(), written.as_str());
+                Ok::<_, Error>(())
+            }),
+        )
         .await
         .unwrap();
         let read = within(secs(5), stm.run(async |tx| tx.get(&key).await)).await;
@@ -405,10 +421,13 @@ async fn reads_stay_at_the_copys_revision_when_the_stm_has_seen_newer_ones() {
     client.clone().txn(both).await.unwrap();
     // A commit of this Stm after that shows it a revision newer than the copy's.
     let stm = Stm::new(client.clone()).read_cache(cache);
-    stm.run(async |tx| {
-        tx.put(other.as_str(), "x");
-        Ok::<_, Error>(())
-    })
+    within(
+        secs(20),
+        stm.run(async |tx| {
+            tx.put(other.as_str(), "x");
+            Ok::<_, Error>(())
+        }),
+    )
     .await
     .unwrap();
 
@@ -842,9 +861,11 @@ async fn dropping_the_last_handle_stops_the_watch_task() {
     let stm = Stm::new(client).read_cache(cache.clone());
     assert!(metrics.num_alive_tasks() > baseline, "the cache has a task");
     drop(cache);
+    // The task would end within a scheduler turn or two if the drop had stopped it.
+    let stopped = tokio::time::timeout(millis(300), tasks_back_to(baseline)).await;
     assert!(
-        metrics.num_alive_tasks() > baseline,
-        "the Stm holds a handle"
+        stopped.is_err(),
+        "the Stm holds a handle: the task must live on"
     );
     drop(stm);
     tasks_back_to(baseline).await;

@@ -78,19 +78,22 @@ async fn increment_while_someone_writes(client: &Client, isolation: Isolation) -
     let key = unique("counter");
     client.clone().put(key.as_str(), "0", None).await.unwrap();
     let runs = AtomicU32::new(0);
-    Stm::new(client.clone())
-        .isolation(isolation)
-        .run(async |tx| {
-            let run = runs.fetch_add(1, Ordering::SeqCst);
-            let seen = amount(tx.get(&key).await?);
-            if run == 0 {
-                client.clone().put(key.as_str(), "5", None).await.unwrap();
-            }
-            tx.put(key.as_str(), (seen + 1).to_string());
-            Ok::<_, Error>(())
-        })
-        .await
-        .unwrap();
+    within(
+        secs(20),
+        Stm::new(client.clone())
+            .isolation(isolation)
+            .run(async |tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let seen = amount(tx.get(&key).await?);
+                if run == 0 {
+                    client.clone().put(key.as_str(), "5", None).await.unwrap();
+                }
+                tx.put(key.as_str(), (seen + 1).to_string());
+                Ok::<_, Error>(())
+            }),
+    )
+    .await
+    .unwrap();
     let answer = client.clone().get(key.as_str(), None).await.unwrap();
     (
         amount(answer.kvs().first().map(|kv| kv.value().to_vec())),
@@ -138,16 +141,18 @@ async fn the_closures_own_error_aborts_and_writes_nothing() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("abort");
-    let result = Stm::new(client.clone())
-        .run(async |tx| {
+    let result = within(
+        secs(20),
+        Stm::new(client.clone()).run(async |tx| {
             tx.put(format!("{prefix}/written"), "x");
             let balance = amount(tx.get(format!("{prefix}/balance")).await?);
             if balance < 10 {
                 return Err(Refusal::Overdrawn);
             }
             Ok(balance)
-        })
-        .await;
+        }),
+    )
+    .await;
     assert_eq!(result, Err(Refusal::Overdrawn));
     assert!(common::keys_under(&client, &prefix).await.is_empty());
 }
@@ -250,14 +255,16 @@ async fn serializable_reads_see_one_snapshot() {
         });
         for _ in 0..20 {
             let stm = Stm::new(cluster.client().await).isolation(isolation);
-            let seen = stm
-                .run(async |tx| {
+            let seen = within(
+                secs(20),
+                stm.run(async |tx| {
                     let values = values_of(tx, &keys).await?;
                     tx.put(format!("{prefix}/reader"), "seen");
                     Ok::<_, Error>(values)
-                })
-                .await
-                .unwrap();
+                }),
+            )
+            .await
+            .unwrap();
             assert!(
                 seen.iter().all(|v| *v == seen[0]),
                 "{isolation:?} saw {seen:?}"
@@ -295,8 +302,7 @@ async fn a_read_pinned_ahead_of_its_member_is_read_again_linearizably_at_that_re
     };
     let read_snapshots = async |stm: Stm| {
         while !stop.load(Ordering::SeqCst) {
-            let seen = stm
-                .run(async |tx| values_of(tx, &keys).await)
+            let seen = within(secs(20), stm.run(async |tx| values_of(tx, &keys).await))
                 .await
                 .unwrap();
             assert!(seen.iter().all(|v| *v == seen[0]), "saw {seen:?}");
@@ -338,24 +344,27 @@ async fn a_read_only_retry_after_a_conflict_reads_the_revision_of_the_values_han
         let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
         client.clone().txn(both(&prefix, "0")).await.unwrap();
         let runs = AtomicU32::new(0);
-        let seen = Stm::new(client.clone())
-            .isolation(isolation)
-            .run(async |tx| {
-                let run = runs.fetch_add(1, Ordering::SeqCst);
-                let seen_a = tx.get(&a).await?;
-                // Both change after each attempt's read of `a`.
-                let value = (run + 1).to_string();
-                client.clone().txn(both(&prefix, &value)).await.unwrap();
-                if run == 0 {
-                    tx.put(format!("{prefix}/written"), "x"); // conflicts: `a` changed
-                    return Ok((0, 0));
-                }
-                // Not read by the failed commit: read now, at the revision of `a`'s value.
-                let seen_b = tx.get(&b).await?;
-                Ok::<_, Error>((amount(seen_a), amount(seen_b)))
-            })
-            .await
-            .unwrap();
+        let seen = within(
+            secs(20),
+            Stm::new(client.clone())
+                .isolation(isolation)
+                .run(async |tx| {
+                    let run = runs.fetch_add(1, Ordering::SeqCst);
+                    let seen_a = tx.get(&a).await?;
+                    // Both change after each attempt's read of `a`.
+                    let value = (run + 1).to_string();
+                    client.clone().txn(both(&prefix, &value)).await.unwrap();
+                    if run == 0 {
+                        tx.put(format!("{prefix}/written"), "x"); // conflicts: `a` changed
+                        return Ok((0, 0));
+                    }
+                    // Not read by the failed commit: read now, at the revision of `a`'s value.
+                    let seen_b = tx.get(&b).await?;
+                    Ok::<_, Error>((amount(seen_a), amount(seen_b)))
+                }),
+        )
+        .await
+        .unwrap();
         assert_eq!(runs.into_inner(), 2, "{isolation:?}");
         assert_eq!(seen, (1, 1), "{isolation:?}: a state that never existed");
     }
@@ -413,12 +422,15 @@ async fn a_blind_write_after_a_read_does_not_retry_needlessly() {
     let stm = Stm::new(client.clone()).isolation(Isolation::SerializableSnapshot);
     for _ in 0..2 {
         let runs = AtomicU32::new(0);
-        stm.run(async |tx| {
-            runs.fetch_add(1, Ordering::SeqCst);
-            tx.get(&a).await?;
-            tx.put(b.as_str(), "1");
-            Ok::<_, Error>(())
-        })
+        within(
+            secs(20),
+            stm.run(async |tx| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tx.get(&a).await?;
+                tx.put(b.as_str(), "1");
+                Ok::<_, Error>(())
+            }),
+        )
         .await
         .unwrap();
         assert_eq!(runs.into_inner(), 1);
@@ -438,8 +450,9 @@ async fn absent_and_empty_differ_and_binary_data_round_trips() {
     binary_key.extend_from_slice(&[0x00, 0xff, 0xfe, b'\n']);
     let binary_value: Vec<u8> = (0..=255).collect();
     let stm = Stm::new(client.clone());
-    let (absent, blank) = stm
-        .run(async |tx| {
+    let (absent, blank) = within(
+        secs(20),
+        stm.run(async |tx| {
             let absent = tx.get(format!("{prefix}/absent")).await?;
             let blank = tx.get(&empty).await?;
             assert_eq!(tx.mod_revision(format!("{prefix}/absent")).await?, 0);
@@ -449,41 +462,20 @@ async fn absent_and_empty_differ_and_binary_data_round_trips() {
             tx.delete(empty.as_str());
             assert_eq!(tx.get(&empty).await?, None, "a deleted key reads as absent");
             Ok::<_, Error>((absent, blank))
-        })
-        .await
-        .unwrap();
+        }),
+    )
+    .await
+    .unwrap();
     assert_eq!(absent, None);
     assert_eq!(blank, Some(Vec::new()));
-    let stored = stm
-        .run(async |tx| Ok::<_, Error>(tx.get(&binary_key).await?))
-        .await
-        .unwrap();
+    let stored = within(
+        secs(20),
+        stm.run(async |tx| Ok::<_, Error>(tx.get(&binary_key).await?)),
+    )
+    .await
+    .unwrap();
     assert_eq!(stored, Some(binary_value));
     assert!(!common::exists(&client, empty.as_str()).await);
-}
-
-#[tokio::test]
-async fn prefetched_keys_are_read_before_the_first_attempt() {
-    let cluster = EtcdCluster::start(1).await;
-    let client = cluster.client().await;
-    let prefix = unique("prefetch");
-    let keys: Vec<String> = (0..3).map(|i| format!("{prefix}/{i}")).collect();
-    for key in &keys {
-        client.clone().put(key.as_str(), "1", None).await.unwrap();
-    }
-    let sum = Stm::new(client.clone())
-        .prefetch(keys.clone())
-        .run(async |tx| {
-            let mut sum = 0;
-            for key in &keys {
-                sum += amount(tx.get(key).await?);
-            }
-            tx.put(format!("{prefix}/sum"), sum.to_string());
-            Ok::<_, Error>(sum)
-        })
-        .await
-        .unwrap();
-    assert_eq!(sum, 3);
 }
 
 #[tokio::test]
@@ -493,9 +485,10 @@ async fn conflicting_on_every_attempt_gives_too_many_conflicts() {
     let key = unique("hot");
     let written = format!("{key}-mine");
     let runs = AtomicU32::new(0);
-    let result = Stm::new(client.clone())
-        .max_attempts(3)
-        .run(async |tx| {
+    let stm = Stm::new(client.clone()).max_attempts(3);
+    let result = within(
+        secs(20),
+        stm.run(async |tx| {
             runs.fetch_add(1, Ordering::SeqCst);
             tx.get(&key).await?;
             client
@@ -505,8 +498,9 @@ async fn conflicting_on_every_attempt_gives_too_many_conflicts() {
                 .unwrap();
             tx.put(written.as_str(), "x");
             Ok::<_, Error>(())
-        })
-        .await;
+        }),
+    )
+    .await;
     assert!(
         matches!(result, Err(Error::TooManyConflicts { attempts: 3 })),
         "{result:?}"
@@ -543,12 +537,14 @@ async fn a_zero_request_timeout_or_max_attempts_is_refused_before_the_closure_ru
     let zero_attempts = Stm::new(client).max_attempts(0);
     for stm in [zero_timeout, zero_attempts] {
         let runs = AtomicU32::new(0);
-        let result = stm
-            .run(async |_| {
+        let result = within(
+            secs(20),
+            stm.run(async |_| {
                 runs.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, Error>(())
-            })
-            .await;
+            }),
+        )
+        .await;
         assert!(
             matches!(result, Err(Error::InvalidArgument(_))),
             "{result:?}"
@@ -628,23 +624,26 @@ async fn blind_write_while_someone_writes(client: &Client, isolation: Isolation)
     let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
     client.clone().put(a.as_str(), "0", None).await.unwrap();
     let runs = AtomicU32::new(0);
-    Stm::new(client.clone())
-        .isolation(isolation)
-        .run(async |tx| {
-            let run = runs.fetch_add(1, Ordering::SeqCst);
-            tx.get(&a).await?;
-            if run == 0 {
-                client
-                    .clone()
-                    .put(b.as_str(), "theirs", None)
-                    .await
-                    .unwrap();
-            }
-            tx.put(b.as_str(), "ours");
-            Ok::<_, Error>(())
-        })
-        .await
-        .unwrap();
+    within(
+        secs(20),
+        Stm::new(client.clone())
+            .isolation(isolation)
+            .run(async |tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                tx.get(&a).await?;
+                if run == 0 {
+                    client
+                        .clone()
+                        .put(b.as_str(), "theirs", None)
+                        .await
+                        .unwrap();
+                }
+                tx.put(b.as_str(), "ours");
+                Ok::<_, Error>(())
+            }),
+    )
+    .await
+    .unwrap();
     runs.into_inner()
 }
 
@@ -722,20 +721,23 @@ async fn the_first_attempt_reads_prefetched_values_as_they_were_before_it_ran() 
     let key = unique("prefetched");
     client.clone().put(key.as_str(), "1", None).await.unwrap();
     let seen = std::sync::Mutex::new(Vec::new());
-    Stm::new(client.clone())
-        .prefetch([key.as_str()])
-        .run(async |tx| {
-            if seen.lock().unwrap().is_empty() {
-                // Changed after the prefetch, before the closure's read: that read is
-                // answered from the prefetch, and the commit conflicts.
-                client.clone().put(key.as_str(), "2", None).await.unwrap();
-            }
-            let value = tx.get(&key).await?;
-            seen.lock().unwrap().push(amount(value));
-            tx.put(format!("{key}-copy"), "x");
-            Ok::<_, Error>(())
-        })
-        .await
-        .unwrap();
+    within(
+        secs(20),
+        Stm::new(client.clone())
+            .prefetch([key.as_str()])
+            .run(async |tx| {
+                if seen.lock().unwrap().is_empty() {
+                    // Changed after the prefetch, before the closure's read: that read is
+                    // answered from the prefetch, and the commit conflicts.
+                    client.clone().put(key.as_str(), "2", None).await.unwrap();
+                }
+                let value = tx.get(&key).await?;
+                seen.lock().unwrap().push(amount(value));
+                tx.put(format!("{key}-copy"), "x");
+                Ok::<_, Error>(())
+            }),
+    )
+    .await
+    .unwrap();
     assert_eq!(*seen.lock().unwrap(), [1, 2]);
 }

@@ -568,19 +568,41 @@ pub async fn watch_streams_become(endpoint: &str, count: u64) {
 /// What this crate logs on the calling thread, at debug level and up, from
 /// [`DebugLog::capture`] until its guard is dropped (a current-thread runtime keeps every
 /// task of a test on that thread).
+///
+/// One global subscriber takes every debug event of the crate and hands it to the
+/// capture of the thread it was logged on, if any: a subscriber per thread would leave
+/// events out whenever tracing's per-callsite cache was filled while no capture wanted
+/// debug events (tests run in parallel in one process).
 #[derive(Clone, Default)]
 pub struct DebugLog(Arc<std::sync::Mutex<Vec<u8>>>);
 
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<DebugLog>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Ends the calling thread's capture when dropped.
+pub struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE.with(|capture| capture.borrow_mut().take());
+    }
+}
+
 impl DebugLog {
-    pub fn capture() -> (DebugLog, tracing::subscriber::DefaultGuard) {
+    pub fn capture() -> (DebugLog, CaptureGuard) {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter("etcd_concurrency=debug")
+                .with_writer(|| ThreadCapture)
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        });
         let log = DebugLog::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("etcd_concurrency=debug")
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        (log, tracing::subscriber::set_default(subscriber))
+        CAPTURE.with(|capture| *capture.borrow_mut() = Some(log.clone()));
+        (log, CaptureGuard)
     }
 
     /// How many lines logged so far contain `text`.
@@ -590,6 +612,22 @@ impl DebugLog {
             .lines()
             .filter(|line| line.contains(text))
             .count()
+    }
+}
+
+/// Writes an event to the calling thread's capture, or nowhere.
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        CAPTURE.with(|capture| match capture.borrow_mut().as_mut() {
+            Some(log) => log.write(bytes),
+            None => Ok(bytes.len()),
+        })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
