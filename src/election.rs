@@ -279,17 +279,17 @@ impl Election {
     ///
     /// It follows all candidates through one watch. A broken watch (member killed,
     /// connection lost) is re-opened from the last revision seen + 1, so no change is
-    /// missed, with two exceptions: if that history was compacted, or if replaying it
-    /// takes an answer over the client's size limit (4 MiB in etcd-client; Go's client
-    /// takes up to 2 GiB), the election is read again and the stream goes on from there:
-    /// it yields the leader as it is then, and the changes in between are not reported.
-    /// The stream never ends by itself: it yields an `Err` for an
-    /// error that retrying does not cure (e.g. permission denied), then keeps trying with
-    /// back-off. Drop it to stop. Only for an empty name does it yield one
-    /// [`Error::InvalidArgument`] and end. While no member can be reached it yields
-    /// nothing and keeps trying (Go's blocks the same way): to notice an outage, bound each
-    /// `next()` with [`tokio::time::timeout`], or watch the session's
-    /// [`lost`](Session::lost), which resolves once its keep-alive has failed for a TTL.
+    /// missed, with two exceptions: if that history was compacted, or if replaying it takes
+    /// an answer over the client's size limit (4 MiB in etcd-client; Go's client takes up
+    /// to 2 GiB), the election is read again and the stream goes on from there: it yields
+    /// the leader as it is then, and the changes in between are not reported. The stream
+    /// never ends by itself: it yields an `Err` for an error that retrying does not cure
+    /// (e.g. permission denied), then keeps trying with back-off. Drop it to stop. Only for
+    /// an empty name does it yield one [`Error::InvalidArgument`] and end. While no member
+    /// can be reached it yields nothing and keeps trying (Go's blocks the same way): to
+    /// notice an outage, bound each `next()` with [`tokio::time::timeout`], or watch the
+    /// session's [`lost`](Session::lost), which resolves once its keep-alive has failed for
+    /// a TTL.
     ///
     /// Observing only reads: it uses the session's client, not its lease. Poll the stream
     /// steadily, or drop it: while it is not polled its events wait unread in the
