@@ -118,6 +118,7 @@ pub fn unique(name: &str) -> String {
 
 /// A read that retries for up to 5 s: after a member restarts, etcd-client may hand the
 /// next request a stale connection error (the library retries those; tests must too).
+/// Each attempt is bounded too, so a read that hangs fails the test.
 pub async fn read(
     client: &Client,
     key: impl Into<Vec<u8>>,
@@ -126,14 +127,18 @@ pub async fn read(
     let key = key.into();
     let deadline = tokio::time::Instant::now() + secs(5);
     loop {
-        match client.clone().get(key.clone(), options.clone()).await {
-            Ok(answer) => return answer,
-            Err(error) if tokio::time::Instant::now() < deadline => {
-                eprintln!("read failed, retrying: {error}");
-                tokio::time::sleep(millis(50)).await;
-            }
-            Err(error) => panic!("read failed: {error}"),
+        let mut kv = client.clone();
+        let attempt = kv.get(key.clone(), options.clone());
+        let error = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(answer)) => return answer,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => panic!("read got no answer within 5 s"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            panic!("read failed: {error}");
         }
+        eprintln!("read failed, retrying: {error}");
+        tokio::time::sleep(millis(50)).await;
     }
 }
 
