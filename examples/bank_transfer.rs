@@ -142,11 +142,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<Verdict> {
-    let etcd = args.etcd.cluster().await?;
-    let client = common::connect(&etcd.endpoints).await?;
-    let prefix = common::fresh_prefix("bank-transfer");
-    let transfers = transfer(&args, &etcd.endpoints, &client, &prefix);
-    common::cleaning_up(&client, &format!("{prefix}/"), transfers).await
+    let transfers = async |endpoints: &[String], client: &Client, prefix: &str| {
+        transfer(&args, endpoints, client, prefix).await
+    };
+    common::on_fresh_prefix(&args.etcd, "bank-transfer", transfers).await
 }
 
 /// Opens the accounts under `prefix`, runs the workers and checks the total.

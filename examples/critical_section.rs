@@ -176,11 +176,10 @@ async fn append(client: &Client, guard: &MutexGuard, record: &str, entry: &str) 
 }
 
 async fn run_parent(args: Args) -> Result<Verdict> {
-    let etcd = args.etcd.cluster().await?;
-    let client = common::connect(&etcd.endpoints).await?;
-    let prefix = common::fresh_prefix("critical-section");
-    let run = run_workers(&args, &etcd.endpoints, &client, &prefix);
-    common::cleaning_up(&client, &format!("{prefix}/"), run).await
+    let run = async |endpoints: &[String], client: &Client, prefix: &str| {
+        run_workers(&args, endpoints, client, prefix).await
+    };
+    common::on_fresh_prefix(&args.etcd, "critical-section", run).await
 }
 
 /// Runs the worker processes and checks what they left in etcd.

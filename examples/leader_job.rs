@@ -281,11 +281,10 @@ fn describe_leader(leader: &Leader) -> String {
 }
 
 async fn run_parent(args: Args) -> Result<Verdict> {
-    let etcd = args.etcd.cluster().await?;
-    let prefix = common::fresh_prefix("leader-job");
-    let client = common::connect(&etcd.endpoints).await?;
-    let run = run_candidates(&args, &etcd.endpoints, &client, &prefix);
-    common::cleaning_up(&client, &format!("{prefix}/"), run).await
+    let run = async |endpoints: &[String], client: &Client, prefix: &str| {
+        run_candidates(&args, endpoints, client, prefix).await
+    };
+    common::on_fresh_prefix(&args.etcd, "leader-job", run).await
 }
 
 /// Runs the candidates and the observer through a crash and a pause, and checks the

@@ -39,7 +39,7 @@ pub struct Etcd {
 
 impl EtcdArgs {
     /// The cluster at `--endpoints`, or a throwaway 3-member cluster when none is given.
-    pub async fn cluster(&self) -> Result<Etcd> {
+    async fn cluster(&self) -> Result<Etcd> {
         if !self.endpoints.is_empty() {
             println!("using etcd at {}", self.endpoints.join(","));
             return Ok(Etcd {
@@ -69,7 +69,7 @@ pub async fn start_throwaway_cluster() -> Result<EtcdCluster> {
 }
 
 /// A key prefix no other run uses: `/demo/<example>/<random hex>`.
-pub fn fresh_prefix(example: &str) -> String {
+fn fresh_prefix(example: &str) -> String {
     format!("/demo/{example}/{:08x}", rand::random::<u32>())
 }
 
@@ -93,16 +93,20 @@ pub async fn delete_prefix(client: &Client, prefix: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `run`, then deletes every key under `prefix` whether it succeeded or not, so that
-/// a run that fails half-way leaves nothing on a shared cluster either. Returns what `run`
-/// returned, or the clean-up's error if only that failed.
-pub async fn cleaning_up<T>(
-    client: &Client,
-    prefix: &str,
-    run: impl Future<Output = Result<T>>,
+/// Runs `run` against the cluster of `etcd` with its endpoints, a client and a fresh key
+/// prefix for `example`, then deletes every key under that prefix whether it succeeded or
+/// not, so that a run that fails half-way leaves nothing on a shared cluster either.
+/// Returns what `run` returned, or the clean-up's error if only that failed.
+pub async fn on_fresh_prefix<T>(
+    etcd: &EtcdArgs,
+    example: &str,
+    run: impl AsyncFnOnce(&[String], &Client, &str) -> Result<T>,
 ) -> Result<T> {
-    let outcome = run.await;
-    let cleaned = delete_prefix(client, prefix).await;
+    let etcd = etcd.cluster().await?;
+    let client = connect(&etcd.endpoints).await?;
+    let prefix = fresh_prefix(example);
+    let outcome = run(&etcd.endpoints, &client, &prefix).await;
+    let cleaned = delete_prefix(&client, &format!("{prefix}/")).await;
     let value = outcome?;
     cleaned?;
     Ok(value)
