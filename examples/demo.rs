@@ -81,23 +81,12 @@ async fn main() -> ExitCode {
     common::init_tracing();
     // On Ctrl-C or SIGTERM (e.g. from `timeout`), `run` is dropped, and with it the
     // cluster: its members and their data (in tmpfs, where it would hold memory).
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminated = async {
-        match terminate.as_mut() {
-            Some(terminate) => terminate.recv().await,
-            None => std::future::pending().await,
-        }
-    };
+    let stopped = common::StopSignal::listen();
     let finished = tokio::select! {
         finished = run() => finished,
-        _ = tokio::signal::ctrl_c() => {
-            println!("interrupted: stopped the etcd cluster");
-            return ExitCode::from(130);
-        }
-        _ = terminated => {
-            println!("terminated: stopped the etcd cluster");
-            return ExitCode::from(143);
+        signal = stopped => {
+            println!("{signal}: stopped the etcd cluster");
+            return signal.exit_code();
         }
     };
     match finished {

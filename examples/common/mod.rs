@@ -15,6 +15,7 @@ use etcd_concurrency::testing::EtcdCluster;
 use futures::FutureExt;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::task::JoinHandle;
 
 pub type BoxError = Box<dyn Error + Send + Sync>;
@@ -94,22 +95,79 @@ pub async fn delete_prefix(client: &Client, prefix: &str) -> Result<()> {
 }
 
 /// Runs `run` against the cluster of `etcd` with its endpoints, a client and a fresh key
-/// prefix for `example`, then deletes every key under that prefix whether it succeeded or
-/// not, so that a run that fails half-way leaves nothing on a shared cluster either.
-/// Returns what `run` returned, or the clean-up's error if only that failed.
+/// prefix for `example`, then deletes every key under that prefix whether it succeeded,
+/// failed or was stopped by Ctrl-C or SIGTERM, so that no run leaves keys on a shared
+/// cluster. A throwaway cluster stops on return, with its data. Returns what `run`
+/// returned (an error naming the signal if one stopped it), or the clean-up's error if
+/// only that failed.
 pub async fn on_fresh_prefix<T>(
     etcd: &EtcdArgs,
     example: &str,
     run: impl AsyncFnOnce(&[String], &Client, &str) -> Result<T>,
 ) -> Result<T> {
+    let stopped = StopSignal::listen();
     let etcd = etcd.cluster().await?;
     let client = connect(&etcd.endpoints).await?;
     let prefix = fresh_prefix(example);
-    let outcome = run(&etcd.endpoints, &client, &prefix).await;
+    let outcome = tokio::select! {
+        outcome = run(&etcd.endpoints, &client, &prefix) => outcome,
+        signal = stopped => Err(format!("{signal}: the run was stopped").into()),
+    };
     let cleaned = delete_prefix(&client, &format!("{prefix}/")).await;
     let value = outcome?;
     cleaned?;
     Ok(value)
+}
+
+/// A signal that asks a run to stop.
+#[derive(Clone, Copy, Debug)]
+pub enum StopSignal {
+    /// SIGINT, from Ctrl-C.
+    Interrupt,
+    /// SIGTERM, from `kill` or `timeout`, say.
+    Terminate,
+}
+
+impl StopSignal {
+    /// Starts listening for both signals at once (they no longer end the process) and
+    /// resolves with the first one to come.
+    pub fn listen() -> impl Future<Output = StopSignal> {
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            tokio::select! {
+                () = next(interrupt) => StopSignal::Interrupt,
+                () = next(terminate) => StopSignal::Terminate,
+            }
+        }
+    }
+
+    /// The exit code of a process this signal ended: 128 plus the signal's number.
+    pub fn exit_code(self) -> ExitCode {
+        ExitCode::from(match self {
+            StopSignal::Interrupt => 130,
+            StopSignal::Terminate => 143,
+        })
+    }
+}
+
+impl std::fmt::Display for StopSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopSignal::Interrupt => "interrupted (SIGINT)",
+            StopSignal::Terminate => "terminated (SIGTERM)",
+        })
+    }
+}
+
+/// Waits for the next delivery of a signal that could be listened for; never, if not.
+async fn next(listener: std::io::Result<Signal>) {
+    match listener {
+        Ok(mut listener) => {
+            listener.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// Awaits `future`, failing with a message naming `what` if it takes longer than `limit`
