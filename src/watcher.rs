@@ -140,22 +140,25 @@ impl Follower {
     /// (then hands the follower back) or the watch fails for good. An open watch must be
     /// read: its unread messages hold HTTP/2 flow-control windows, and a few such watches
     /// freeze the whole connection. Reading in batches costs a wake-up per period, not
-    /// per event.
+    /// per event. A follower whose view must be read again anyway (see
+    /// [`restart_view`](Self::restart_view)) only waits for `stop`, its watch closed.
     pub(crate) async fn drain(
         mut self,
         mut stop: tokio::sync::oneshot::Receiver<()>,
     ) -> Option<Follower> {
         if self.stale {
             // Its view is read again on the next use, as it would be after re-opening:
-            // the watch is not worth keeping, and reading it would read that view first.
+            // the watch is not worth keeping, and re-opening it is left to that use.
             self.watch = None;
+            let _ = stop.await;
+            return Some(self);
         }
         loop {
             tokio::select! {
                 _ = &mut stop => return Some(self),
                 () = tokio::time::sleep(DRAIN_PERIOD) => {}
             }
-            if self.watch.is_none() && !self.stale {
+            if self.watch.is_none() {
                 // It broke: open it again (a round trip at least), for the next wait to
                 // find it open.
                 tokio::select! {
