@@ -1,12 +1,13 @@
 //! A loopback TCP proxy that can cut, stall or slow down one client's traffic to etcd.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -32,8 +33,10 @@ struct State {
 /// Point a client at [`endpoint`](Self::endpoint) instead of the member's own URL; then
 /// [`cut`](Self::cut) or [`stall`](Self::stall) isolates that client while everyone else
 /// keeps talking to etcd, and [`heal`](Self::heal) reconnects it; [`delay`](Self::delay)
-/// makes its link slow. The proxy runs on the Tokio runtime it was started on and stops
-/// (dropping every connection) when dropped.
+/// makes its link slow. Each direction of a connection is forwarded until its sender
+/// closes it, so a client's half-close still gets the answer. The proxy runs on the Tokio
+/// runtime it was started on; once dropped, it stops (closing its port and every
+/// connection) as soon as that runtime next runs its task.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -101,7 +104,9 @@ impl Proxy {
     }
 
     /// Keeps connections open but forwards nothing in either direction, as with a
-    /// partition that drops packets silently: requests hang instead of failing.
+    /// partition that drops packets silently: requests hang instead of failing. New
+    /// connections are accepted (the client's TCP connect succeeds, unlike across a real
+    /// partition) and connected to the target only once healed.
     pub fn stall(&self) {
         self.mode.send_modify(|state| state.mode = Mode::Stalled);
     }
@@ -114,7 +119,9 @@ impl Proxy {
 
     /// Delivers each byte that arrives from now on `delay` after it arrived, in either
     /// direction, as over a slow link: a request's round trip takes at least twice
-    /// `delay`. [`Duration::ZERO`] (the default) forwards at once again.
+    /// `delay`. Up to 4 MiB per direction of a connection may be on its way; beyond
+    /// that the proxy reads no more until some is delivered. [`Duration::ZERO`] (the
+    /// default) forwards at once again.
     pub fn delay(&self, delay: Duration) {
         self.mode.send_modify(|state| state.delay = delay);
     }
@@ -132,7 +139,11 @@ async fn accept_loop(listener: TcpListener, target: String, mode: watch::Receive
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((client, _)) = accepted else { continue };
+                let Ok((client, _)) = accepted else {
+                    // Out of file descriptors, say: give the connections time to end.
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                };
                 let state = *mode.borrow();
                 if state.mode == Mode::Cut {
                     continue; // dropped: the client sees the connection closed at once
@@ -144,34 +155,55 @@ async fn accept_loop(listener: TcpListener, target: String, mode: watch::Receive
     }
 }
 
-/// Forwards one connection until either side closes it or the proxy is cut again (its
-/// cut count moves past `cuts`, the count when the connection was accepted).
+/// How long the accept loop waits after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// Forwards one connection until both sides have closed it or the proxy is cut again (its
+/// cut count moves past `cuts`, the count when the connection was accepted). One side's
+/// close (its FIN) is passed on to the other once what it sent is delivered.
 async fn forward(client: TcpStream, target: String, mode: watch::Receiver<State>, cuts: u64) {
-    let Ok(upstream) = TcpStream::connect(&target).await else {
+    let mut cut = mode.clone();
+    let upstream = tokio::select! {
+        biased;
+        _ = cut.wait_for(|state| state.cuts != cuts) => return,
+        upstream = async {
+            // Not even connected while stalled, as across a partition.
+            let _ = mode.clone().wait_for(|state| state.mode != Mode::Stalled).await;
+            TcpStream::connect(&target).await
+        } => upstream,
+    };
+    let Ok(upstream) = upstream else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
-    let mut cut = mode.clone();
     tokio::select! {
         // The cut first: nothing is forwarded on a connection that was cut.
         biased;
         _ = cut.wait_for(|state| state.cuts != cuts) => {}
-        _ = pump(client_read, upstream_write, mode.clone()) => {}
-        _ = pump(upstream_read, client_write, mode) => {}
+        _ = async {
+            tokio::join!(
+                pump(client_read, upstream_write, mode.clone()),
+                pump(upstream_read, client_write, mode),
+            )
+        } => {}
     }
 }
 
-/// How many chunks read may wait to be written: beyond that, reading waits, and the
-/// sender feels TCP's back-pressure (as behind a stalled link).
-const QUEUED_CHUNKS: usize = 16;
+/// How many bytes read may wait to be written: beyond that, reading waits, and the sender
+/// feels TCP's back-pressure (as behind a stalled link).
+const QUEUED_BYTES: usize = 4 << 20;
+/// The most read at once, at most [`QUEUED_BYTES`].
+const CHUNK_BYTES: usize = 64 << 10;
 
 /// Copies bytes one way, each chunk once its delay has passed, holding them while the
-/// proxy is stalled. Ends once all that was read is written, or a write fails.
+/// proxy is stalled. Ends once all that was read is written, or a write fails; dropping
+/// `to` then closes that direction.
 async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, mode: watch::Receiver<State>) {
-    let (queue, queued) = mpsc::channel(QUEUED_CHUNKS);
+    // Each queued chunk holds a permit per byte (the bound), and its time.
+    let (queue, queued) = mpsc::unbounded_channel();
     let deliver = deliver(queued, to, mode.clone());
     tokio::pin!(deliver);
     tokio::select! {
@@ -182,20 +214,30 @@ async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, mode: watch::Receiver<Sta
     }
 }
 
+/// A chunk read, the time it is due, and its share of the queue's bound.
+type Queued = (Instant, Vec<u8>, OwnedSemaphorePermit);
+
 /// Reads chunks into `queue`, each with the time it is due, until the connection ends.
 async fn receive(
     mut from: OwnedReadHalf,
-    queue: mpsc::Sender<(Instant, Vec<u8>)>,
+    queue: mpsc::UnboundedSender<Queued>,
     mode: watch::Receiver<State>,
 ) {
-    let mut buffer = vec![0u8; 64 * 1024];
+    let room = Arc::new(Semaphore::new(QUEUED_BYTES));
+    let mut buffer = vec![0u8; CHUNK_BYTES];
     loop {
+        // Room for a whole chunk first, so that a byte read is never held back.
+        let room_for_a_chunk = room.clone().acquire_many_owned(CHUNK_BYTES as u32);
+        let Ok(mut permit) = room_for_a_chunk.await else {
+            return;
+        };
         let n = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         let due = Instant::now() + mode.borrow().delay;
-        if queue.send((due, buffer[..n].to_vec())).await.is_err() {
+        drop(permit.split(CHUNK_BYTES - n));
+        if queue.send((due, buffer[..n].to_vec(), permit)).is_err() {
             return;
         }
     }
@@ -203,11 +245,11 @@ async fn receive(
 
 /// Writes the queued chunks, each when it is due and the proxy is not stalled.
 async fn deliver(
-    mut queued: mpsc::Receiver<(Instant, Vec<u8>)>,
+    mut queued: mpsc::UnboundedReceiver<Queued>,
     mut to: OwnedWriteHalf,
     mut mode: watch::Receiver<State>,
 ) {
-    while let Some((due, chunk)) = queued.recv().await {
+    while let Some((due, chunk, _room)) = queued.recv().await {
         tokio::time::sleep_until(due).await;
         match mode.wait_for(|state| state.mode != Mode::Stalled).await {
             Ok(state) if state.mode == Mode::Open => {}
