@@ -185,16 +185,7 @@ async fn a_stalled_proxy_holds_requests_until_healed() {
 async fn a_connection_cut_is_closed_even_when_healed_at_once() {
     // An echo server as the target: the connection's fate is seen without etcd's retries.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = echo.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = socket.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+    let (target, _) = echo_server().await;
     let proxy = Proxy::start(&target).await.unwrap();
     let address = proxy.endpoint().trim_start_matches("http://").to_owned();
     let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
@@ -261,4 +252,74 @@ async fn a_stalled_proxy_holds_its_sender_back() {
     }
     // What the proxy queues, plus the sockets' buffers: a few MiB, not all that was sent.
     assert!(accepted < LIMIT, "the proxy took {} MiB", accepted >> 20);
+}
+
+/// An echo server on a free loopback port, as a proxy's target: its address, and a
+/// receiver of one message per connection it accepts.
+async fn echo_server() -> (String, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap().to_string();
+    let (accepted, accepts) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = echo.accept().await {
+            let _ = accepted.send(());
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    (target, accepts)
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_still_gets_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (target, _) = echo_server().await;
+    let proxy = Proxy::start(&target).await.unwrap();
+    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
+    let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
+    connection.write_all(b"hello").await.unwrap();
+    connection.shutdown().await.unwrap(); // FIN: nothing more to send
+    let mut answer = Vec::new();
+    within(secs(5), connection.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert_eq!(answer, b"hello");
+}
+
+#[tokio::test]
+async fn a_stalled_proxy_connects_new_clients_to_the_target_only_once_healed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (target, mut accepts) = echo_server().await;
+    let proxy = Proxy::start(&target).await.unwrap();
+    proxy.stall();
+    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
+    let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
+    connection.write_all(b"a").await.unwrap();
+    assert!(
+        tokio::time::timeout(millis(300), accepts.recv())
+            .await
+            .is_err(),
+        "a stalled proxy connected to the target"
+    );
+    proxy.heal();
+    within(secs(5), async { accepts.recv().await.ok_or("no accept") })
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    within(secs(5), connection.read_exact(&mut byte))
+        .await
+        .unwrap();
+    assert_eq!(&byte, b"a", "the byte sent while stalled was delivered");
+}
+
+#[test]
+#[should_panic(expected = "IO is disabled")]
+fn a_cluster_on_a_runtime_without_its_io_driver_fails_at_once() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(EtcdCluster::start(1));
 }

@@ -70,7 +70,8 @@ impl EtcdCluster {
     ///
     /// If `members` is not 1 or 3, if `etcd` is not installed (the message says how to
     /// install it), if a member does not become healthy within 30 s (the message holds
-    /// the tail of its log), or outside a Tokio runtime with its time driver.
+    /// the tail of its log), or outside a Tokio runtime with its I/O and time drivers
+    /// (which the health checks, `restart` and `leader` need too).
     ///
     /// # Cancel safety
     ///
@@ -80,6 +81,8 @@ impl EtcdCluster {
             members == 1 || members == 3,
             "EtcdCluster::start takes 1 or 3 members, not {members}"
         );
+        // At once, with Tokio's message, rather than after 30 s of failed health checks.
+        let _ = tokio::net::TcpListener::bind("127.0.0.1:0").await;
         let binary = etcd_binary();
         let mut last_failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -476,8 +479,12 @@ fn data_root() -> tempfile::TempDir {
         .expect("create a directory for etcd data")
 }
 
-/// Deletes the member data directories in `parent` whose process no longer runs.
+/// Deletes the member data directories in `parent` whose process no longer runs. Without
+/// `/proc`, whether one runs is not known, and nothing is deleted.
 fn delete_orphans(parent: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
@@ -488,7 +495,7 @@ fn delete_orphans(parent: &Path) {
             .and_then(|name| name.strip_prefix(DATA_PREFIX))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok());
-        if let Some(pid) = owner {
+        if let Some(pid) = owner.filter(|&pid| pid != std::process::id()) {
             if !Path::new(&format!("/proc/{pid}")).exists() {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
