@@ -106,12 +106,17 @@ pub async fn on_fresh_prefix<T>(
     run: impl AsyncFnOnce(&[String], &Client, &str) -> Result<T>,
 ) -> Result<T> {
     let stopped = StopSignal::listen();
-    let etcd = etcd.cluster().await?;
+    tokio::pin!(stopped);
+    let stopped_by = |signal: StopSignal| format!("{signal}: the run was stopped").into();
+    let etcd = tokio::select! {
+        etcd = etcd.cluster() => etcd?,
+        signal = &mut stopped => return Err(stopped_by(signal)),
+    };
     let client = connect(&etcd.endpoints).await?;
     let prefix = fresh_prefix(example);
     let outcome = tokio::select! {
         outcome = run(&etcd.endpoints, &client, &prefix) => outcome,
-        signal = stopped => Err(format!("{signal}: the run was stopped").into()),
+        signal = &mut stopped => Err(stopped_by(signal)),
     };
     let cleaned = delete_prefix(&client, &format!("{prefix}/")).await;
     let value = outcome?;
