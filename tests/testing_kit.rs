@@ -187,8 +187,7 @@ async fn a_connection_cut_is_closed_even_when_healed_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (target, _) = echo_server().await;
     let proxy = Proxy::start(&target).await.unwrap();
-    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
-    let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut connection = connect_through(&proxy).await;
     let mut byte = [0u8; 1];
     connection.write_all(b"a").await.unwrap();
     connection.read_exact(&mut byte).await.unwrap();
@@ -239,8 +238,7 @@ async fn a_stalled_proxy_holds_its_sender_back() {
     });
     let proxy = Proxy::start(&target).await.unwrap();
     proxy.stall();
-    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
-    let mut sender = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut sender = connect_through(&proxy).await;
     const LIMIT: usize = 64 << 20;
     let chunk = vec![0u8; 1 << 20];
     let mut accepted = 0;
@@ -252,6 +250,12 @@ async fn a_stalled_proxy_holds_its_sender_back() {
     }
     // What the proxy queues, plus the sockets' buffers: a few MiB, not all that was sent.
     assert!(accepted < LIMIT, "the proxy took {} MiB", accepted >> 20);
+}
+
+/// A TCP connection to `proxy`'s port.
+async fn connect_through(proxy: &Proxy) -> tokio::net::TcpStream {
+    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
+    tokio::net::TcpStream::connect(address).await.unwrap()
 }
 
 /// An echo server on a free loopback port, as a proxy's target: its address, and a
@@ -277,8 +281,7 @@ async fn a_client_that_half_closes_still_gets_the_answer() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (target, _) = echo_server().await;
     let proxy = Proxy::start(&target).await.unwrap();
-    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
-    let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut connection = connect_through(&proxy).await;
     connection.write_all(b"hello").await.unwrap();
     connection.shutdown().await.unwrap(); // FIN: nothing more to send
     let mut answer = Vec::new();
@@ -294,8 +297,7 @@ async fn a_stalled_proxy_connects_new_clients_to_the_target_only_once_healed() {
     let (target, mut accepts) = echo_server().await;
     let proxy = Proxy::start(&target).await.unwrap();
     proxy.stall();
-    let address = proxy.endpoint().trim_start_matches("http://").to_owned();
-    let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut connection = connect_through(&proxy).await;
     connection.write_all(b"a").await.unwrap();
     assert!(
         tokio::time::timeout(millis(300), accepts.recv())

@@ -163,33 +163,32 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// close (its FIN) is passed on to the other once what it sent is delivered.
 async fn forward(client: TcpStream, target: String, mode: watch::Receiver<State>, cuts: u64) {
     let mut cut = mode.clone();
-    let upstream = tokio::select! {
+    tokio::select! {
+        // The cut first: nothing is forwarded on a connection that was cut.
         biased;
-        _ = cut.wait_for(|state| state.cuts != cuts) => return,
-        upstream = async {
-            // Not even connected while stalled, as across a partition.
-            let _ = mode.clone().wait_for(|state| state.mode != Mode::Stalled).await;
-            TcpStream::connect(&target).await
-        } => upstream,
-    };
-    let Ok(upstream) = upstream else {
+        _ = cut.wait_for(|state| state.cuts != cuts) => {}
+        () = relay(client, &target, mode) => {}
+    }
+}
+
+/// Connects `client` to `target` once the proxy is not stalled (as across a partition,
+/// not even that happens while it is), then pumps both directions until both have ended.
+async fn relay(client: TcpStream, target: &str, mode: watch::Receiver<State>) {
+    let _ = mode
+        .clone()
+        .wait_for(|state| state.mode != Mode::Stalled)
+        .await;
+    let Ok(upstream) = TcpStream::connect(target).await else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
-    tokio::select! {
-        // The cut first: nothing is forwarded on a connection that was cut.
-        biased;
-        _ = cut.wait_for(|state| state.cuts != cuts) => {}
-        _ = async {
-            tokio::join!(
-                pump(client_read, upstream_write, mode.clone()),
-                pump(upstream_read, client_write, mode),
-            )
-        } => {}
-    }
+    tokio::join!(
+        pump(client_read, upstream_write, mode.clone()),
+        pump(upstream_read, client_write, mode),
+    );
 }
 
 /// How many bytes read may wait to be written: beyond that, reading waits, and the sender
