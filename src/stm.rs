@@ -1,6 +1,9 @@
 //! Software transactional memory over etcd: [`Stm`] runs a closure as an optimistic
 //! transaction, re-running it on conflict.
 
+mod isolation;
+mod requests;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
@@ -9,15 +12,16 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, GetResponse, KvClient, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
 };
 
-use crate::error::{
-    ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted, is_future_revision,
-    was_not_applied,
+pub use self::isolation::Isolation;
+use self::requests::{
+    commit_once, gets, mod_revisions_at, read_many, read_set, send_read_only,
+    unless_values_too_large,
 };
+use crate::error::{ETCD_MAX_TXN_OPS, Error, Result, is_compacted, is_future_revision};
 use crate::read_cache::{ReadCache, View};
-use crate::retry::{Backoff, deadline_after, retry};
+use crate::retry::{Backoff, retry};
 use crate::session::DEFAULT_REQUEST_TIMEOUT;
 
 /// How many times [`Stm::run`] runs a transaction by default before giving up; a run
@@ -37,59 +41,6 @@ const CATCH_UP_LIMIT: Duration = Duration::from_millis(100);
 /// The back-off then: jittered, from 2 ms doubling up to 100 ms.
 const CONFLICT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(2), Duration::from_millis(100));
-
-/// The isolation level of an [`Stm`] transaction: which reads it makes and what its
-/// commit checks. The same four levels as Go's `concurrency.NewSTM`, with the same commit
-/// conditions.
-///
-/// | level | reads | the commit succeeds only if | guarantee |
-/// |---|---|---|---|
-/// | [`SerializableSnapshot`](Self::SerializableSnapshot) (default) | the first read is linearizable; later ones read that revision | every key read is unchanged, and no key written was modified after the first read's revision (with a [`ReadCache`], see there) | serializable; a concurrent put to a key only written here is a conflict too (first committer wins; a concurrent delete is not, as in Go) |
-/// | [`Serializable`](Self::Serializable) | as above | every key read is unchanged | serializable |
-/// | [`RepeatableReads`](Self::RepeatableReads) | each read from any member, at its latest revision | every key read is unchanged | committed transactions are serializable, but one attempt may see values from different revisions (a state that never existed) before its commit fails |
-/// | [`ReadCommitted`](Self::ReadCommitted) | each read from any member, at its latest revision | always | reads see committed data only; concurrent transactions can overwrite each other (lost updates) |
-///
-/// At every level, a key read twice in one attempt gives the same value, and a key written
-/// reads back as written. A read-only attempt at the two snapshot levels that read only
-/// from etcd sends no commit: its reads are of one revision, current at its first
-/// (linearizable) read, which makes it serializable already; Go sends a commit Txn that
-/// checks them once more.
-///
-/// With a [`ReadCache`] ([`Stm::read_cache`]), an attempt reads the cached keys from one
-/// revision of the copy, taken at its first cached read; at the snapshot levels, only if
-/// that is its first read (and no prefetched values fixed its snapshot). The commit, even
-/// a read-only one, at every level but [`ReadCommitted`](Self::ReadCommitted), then
-/// checks those reads against etcd, so the guarantees above hold and what a committed
-/// transaction read was current when it committed.
-///
-/// ```no_run
-/// use etcd_concurrency::{Isolation, Stm};
-/// # fn example(client: etcd_client::Client) {
-/// let stm = Stm::new(client).isolation(Isolation::Serializable);
-/// # }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Isolation {
-    /// Go's `SerializableSnapshot`.
-    #[default]
-    SerializableSnapshot,
-    /// Go's `Serializable`.
-    Serializable,
-    /// Go's `RepeatableReads`.
-    RepeatableReads,
-    /// Go's `ReadCommitted`.
-    ReadCommitted,
-}
-
-impl Isolation {
-    /// Whether reads after the first are pinned to its revision.
-    fn snapshot_reads(self) -> bool {
-        matches!(
-            self,
-            Isolation::SerializableSnapshot | Isolation::Serializable
-        )
-    }
-}
 
 /// Runs closures as transactions over etcd keys: optimistic, re-run on conflict. Mirrors
 /// Go's `concurrency.NewSTM`.
@@ -883,13 +834,6 @@ fn refresh_keys<'a>(
     keys
 }
 
-/// A Get of each of `keys`, in order.
-fn gets(keys: &[Vec<u8>]) -> Vec<TxnOp> {
-    keys.iter()
-        .map(|key| TxnOp::get(key.clone(), None))
-        .collect()
-}
-
 impl fmt::Debug for StmTxn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StmTxn")
@@ -949,41 +893,6 @@ fn empty_key() -> Error {
     Error::InvalidArgument("an STM key must not be empty".into())
 }
 
-/// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
-/// connection was refused, no leader, too many requests): a commit whose outcome is
-/// unknown is not sent twice. At the deadline, the last such refusal says more than
-/// "no answer".
-async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
-    let deadline = deadline_after(limit);
-    let mut backoff = Backoff::new();
-    let mut refused = None;
-    loop {
-        let answer = tokio::time::timeout_at(deadline, kv.clone().txn(txn.clone())).await;
-        match answer {
-            Ok(Ok(answer)) => return Ok(answer),
-            Ok(Err(error)) if was_not_applied(&error) && tokio::time::Instant::now() < deadline => {
-                tracing::debug!(%error, "STM commit not applied; sending again");
-                refused = Some(error);
-                let resend_at = tokio::time::Instant::now() + backoff.next_delay();
-                tokio::time::sleep_until(resend_at.min(deadline)).await;
-            }
-            Ok(Err(error)) => return Err(Error::Etcd(error)),
-            Err(_) => return Err(refused.map_or(Error::Timeout { after: limit }, Error::Etcd)),
-        }
-    }
-}
-
-/// The answer to a Txn whose success branch holds only writes, which answer in a few bytes
-/// each: `None` if it was over the client's size limit, which only the values its failure
-/// branch reads back can make it: then the Txn failed.
-fn unless_values_too_large(answer: Result<TxnResponse>) -> Result<Option<TxnResponse>> {
-    match answer {
-        Ok(answer) => Ok(Some(answer)),
-        Err(Error::Etcd(error)) if is_answer_too_large(&error) => Ok(None),
-        Err(error) => Err(error),
-    }
-}
-
 /// For a failed Txn whose values were too large to read back: the revision `cache`'s copy
 /// must reach before the next attempt reads from it (see [`copy_must_show`]), from the
 /// mod revisions of `keys` read now without values and those the attempt read (`read`:
@@ -1037,60 +946,5 @@ fn copy_must_show(
         },
         (_, 0) => revision,
         (_, now) => now,
-    }
-}
-
-/// Sends `reads` in one read-only Txn, retrying transient failures.
-async fn read_txn(kv: &KvClient, limit: Duration, reads: Vec<TxnOp>) -> Result<TxnResponse> {
-    send_read_only(kv, limit, Txn::new().and_then(reads)).await
-}
-
-/// Sends `txn`, which writes nothing, retrying transient failures.
-async fn send_read_only(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
-    retry(kv, limit, |mut kv| {
-        let txn = txn.clone();
-        async move { kv.txn(txn).await }
-    })
-    .await
-}
-
-/// Reads `keys` in one Txn, at one revision; nothing if their values are over the client's
-/// answer size limit together (the attempt then reads them one by one).
-async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
-    match read_txn(kv, limit, gets(&keys)).await {
-        Ok(answer) => Ok(read_set(keys, &answer)),
-        Err(Error::Etcd(error)) if is_answer_too_large(&error) => Ok(Fresh::default()),
-        Err(error) => Err(error),
-    }
-}
-
-/// The mod revisions of `keys` at `revision` (0: the latest; 0 for an absent key), in one
-/// Txn, without their values; with etcd's revision when it answered.
-async fn mod_revisions_at<'a>(
-    kv: &KvClient,
-    limit: Duration,
-    keys: impl Iterator<Item = &'a [u8]>,
-    revision: i64,
-) -> Result<(Vec<i64>, i64)> {
-    let at = GetOptions::new().with_revision(revision).with_keys_only();
-    let gets = keys.map(|key| TxnOp::get(key, Some(at.clone()))).collect();
-    let answer = read_txn(kv, limit, gets).await?;
-    let read_at = answer.header().map_or(revision, |h| h.revision());
-    let revisions = answer.op_responses().into_iter().filter_map(|op| match op {
-        TxnOpResponse::Get(get) => Some(get.kvs().first().map_or(0, |kv| kv.mod_revision())),
-        _ => None,
-    });
-    Ok((revisions.collect(), read_at))
-}
-
-/// Pairs `keys` with the Get answers of a Txn, in order.
-fn read_set(keys: Vec<Vec<u8>>, answer: &TxnResponse) -> Fresh {
-    let gets = answer.op_responses().into_iter().filter_map(|op| match op {
-        TxnOpResponse::Get(get) => Some(Read::from_answer(&get)),
-        _ => None,
-    });
-    Fresh {
-        values: keys.into_iter().zip(gets).collect(),
-        revision: answer.header().map_or(0, |h| h.revision()),
     }
 }
