@@ -32,11 +32,12 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
 /// commit read (as Go does); after that, each retry backs off first and reads them again.
 const IMMEDIATE_RETRIES: u32 = 1;
 /// How long an attempt waits for the cache to show the last write made through it before
-/// reading it anyway (reading it stale costs a conflict), or a change a failed commit or
-/// check found before reading etcd instead. Either is an event under the cache's prefix,
-/// so only a broken watch makes the wait run out, but for a deletion the copy had not yet
-/// shown when the check ended: its revision is not known, so the copy must reach the
-/// check's, which on a quiet prefix it does not.
+/// reading it anyway (reading it stale costs a conflict), or a change to a key under the
+/// prefix that a failed commit or check found before reading etcd instead. Either is an
+/// event under the cache's prefix, so only a broken watch makes the wait run out, but for
+/// a deletion the copy had not yet shown when the check ended: its revision is not known,
+/// so the copy must reach the check's, which on a quiet prefix it does not. (A change
+/// outside the prefix is no event of the copy's: it is not waited for, see [`CopyNeeds`].)
 const CATCH_UP_LIMIT: Duration = Duration::from_millis(100);
 /// The back-off then: jittered, from 2 ms doubling up to 100 ms.
 const CONFLICT_BACKOFF: (Duration, Duration) =
@@ -137,9 +138,9 @@ pub struct StmTxn {
     /// The newest revision this Stm had seen when the attempt began: an attempt that read
     /// the cache checks its blind writes from no earlier.
     seen: i64,
-    /// A change found by an earlier attempt's check, whose value it could not hand over:
-    /// a copy that does not show it yet is not read.
-    copy_at_least: i64,
+    /// Changes found by an earlier attempt's check, whose values it could not hand over:
+    /// a copy that does not show them yet is not read.
+    copy_needs: CopyNeeds,
 }
 
 /// How a commit ended.
@@ -151,10 +152,32 @@ enum Outcome {
     Conflict(Fresh),
     /// The reads were no longer valid, and no values came back: a read-only check found a
     /// change among more keys than one Txn compares, or a failed Txn's values were too
-    /// large to read back. `revision`: the copy of the `ReadCache` must be at least there
-    /// to show the changes to keys it holds (0 if none); `checked_at`: the revision the
-    /// keys were checked at.
-    Changed { revision: i64, checked_at: i64 },
+    /// large to read back. `needs`: where the copy of the `ReadCache` must be to show the
+    /// changes; `checked_at`: the revision the keys were checked at.
+    Changed { needs: CopyNeeds, checked_at: i64 },
+}
+
+/// Where the copy of a `ReadCache` must be before an attempt reads it, after a check found
+/// changes without their values (0: anywhere).
+#[derive(Clone, Copy, Debug, Default)]
+struct CopyNeeds {
+    /// The newest change to a key under the prefix: its event brings the copy there, so an
+    /// attempt waits for it, up to [`CATCH_UP_LIMIT`].
+    shown: i64,
+    /// At the snapshot levels, the newest change to a key outside the prefix, which an
+    /// attempt pinned to the copy's revision would read stale. The copy passes it only
+    /// when something under the prefix changes later, so an attempt does not wait for it:
+    /// it reads from etcd unless the copy is past it already.
+    passed: i64,
+}
+
+impl CopyNeeds {
+    fn max(self, other: CopyNeeds) -> CopyNeeds {
+        CopyNeeds {
+            shown: self.shown.max(other.shown),
+            passed: self.passed.max(other.passed),
+        }
+    }
 }
 
 /// Values read together in one Txn, at `revision`.
@@ -362,7 +385,7 @@ impl Stm {
         let mut backoff = Backoff::with_steps(first, max);
         let mut cache = self.cache.clone();
         let (mut conflicts, mut compactions) = (0, 0);
-        let mut copy_at_least = 0;
+        let mut copy_needs = CopyNeeds::default();
         loop {
             // Reads pinned to a snapshot use the fresh values' revision, so that an attempt
             // never mixes them with newer reads.
@@ -382,7 +405,7 @@ impl Stm {
                 noted_in: self.cache.clone(),
                 view: None,
                 seen: self.seen.load(Ordering::Relaxed),
-                copy_at_least,
+                copy_needs,
             };
             let output = apply(&mut txn).await;
             if let Some(compaction) = txn.compacted {
@@ -420,12 +443,9 @@ impl Stm {
                     fresh = values;
                 }
                 // The next attempts must not read that key from a copy that lags again.
-                Outcome::Changed {
-                    revision,
-                    checked_at,
-                } => {
+                Outcome::Changed { needs, checked_at } => {
                     self.seen.fetch_max(checked_at, Ordering::Relaxed);
-                    copy_at_least = copy_at_least.max(revision);
+                    copy_needs = copy_needs.max(needs);
                 }
             }
             compactions = 0;
@@ -585,15 +605,20 @@ impl StmTxn {
                 return None; // pinned already, by a read from etcd
             }
             let cache = self.cache.clone()?;
-            let needed = cache.written().max(self.copy_at_least);
-            cache.caught_up(needed, CATCH_UP_LIMIT).await;
+            let needs = self.copy_needs;
+            cache
+                .caught_up(cache.written().max(needs.shown), CATCH_UP_LIMIT)
+                .await;
             let view = cache.view()?;
-            if view.revision < self.copy_at_least {
-                tracing::debug!(
-                    copy = view.revision,
-                    needed = self.copy_at_least,
-                    "cache copy behind a change a check found; reading from etcd"
-                );
+            let behind = if view.revision < needs.shown {
+                Some("cache copy behind a change a check found; reading from etcd")
+            } else if view.revision < needs.passed {
+                Some("cache copy not past a change outside its prefix; reading from etcd")
+            } else {
+                None
+            };
+            if let Some(why) = behind {
+                tracing::debug!(copy = view.revision, ?needs, "{why}");
                 self.cache = None;
                 return None;
             }
@@ -786,12 +811,12 @@ impl StmTxn {
                 }
                 Err(error) => return Err(error),
             };
-            let mut changed = None;
+            let mut changed: Option<CopyNeeds> = None;
             for ((key, read), now) in chunk.iter().zip(now) {
                 if now == read.mod_revision {
                     continue;
                 }
-                let shown_from = copy_must_show(
+                let needs = copy_must_show(
                     &self.noted_in,
                     key,
                     read.mod_revision,
@@ -799,11 +824,11 @@ impl StmTxn {
                     revision,
                     pinned,
                 );
-                changed = Some(changed.unwrap_or(0).max(shown_from));
+                changed = Some(changed.unwrap_or_default().max(needs));
             }
-            if let Some(changed) = changed {
+            if let Some(needs) = changed {
                 return Ok(Outcome::Changed {
-                    revision: changed,
+                    needs,
                     checked_at: revision,
                 });
             }
@@ -893,8 +918,8 @@ fn empty_key() -> Error {
     Error::InvalidArgument("an STM key must not be empty".into())
 }
 
-/// For a failed Txn whose values were too large to read back: the revision `cache`'s copy
-/// must reach before the next attempt reads from it (see [`copy_must_show`]), from the
+/// For a failed Txn whose values were too large to read back: where `cache`'s copy must be
+/// before the next attempt reads from it (see [`copy_must_show`]), from the
 /// mod revisions of `keys` read now without values and those the attempt read (`read`:
 /// none for a key it did not read, such as a prefetch key, which cannot have failed the
 /// Txn). If none of them changed, the Txn failed on a key it only wrote: the revision they
@@ -916,19 +941,20 @@ async fn newest_changes(
         Some(copy_must_show(cache, key, read, now, revision, pinned))
     });
     Ok(Outcome::Changed {
-        revision: changes.max().unwrap_or(0),
+        needs: changes.fold(CopyNeeds::default(), CopyNeeds::max),
         checked_at: revision,
     })
 }
 
-/// The revision `cache`'s copy must have reached before an attempt reads `key` through
-/// it, `key` having been read with mod revision `read` and having mod revision `now` (0:
-/// deleted) at `revision`: the revision of that change, if the copy holds the key or, at
-/// the snapshot levels (`pinned`), if it does not but is read at the copy's revision; 0
-/// otherwise (read from etcd, it is current). A deletion's revision is not known, only
-/// that it is `revision` at the latest: a copy past `read` that no longer holds the key
-/// shows a deletion already (its revision now will do, and reading the key as absent
-/// there agrees with etcd); any other must reach `revision`.
+/// Where `cache`'s copy must be before an attempt reads `key` through it, `key` having been
+/// read with mod revision `read` and having mod revision `now` (0: deleted) at
+/// `revision`: at the revision of that change, if the copy holds the key (shown by an
+/// event) or, at the snapshot levels (`pinned`), if it does not but is read at the copy's
+/// revision (passed without an event of its own); anywhere otherwise (read from etcd, it
+/// is current). A deletion's revision is not known, only that it is `revision` at the
+/// latest: a copy past `read` that no longer holds the key shows a deletion already (its
+/// revision now will do, and reading the key as absent there agrees with etcd); any other
+/// must reach `revision`.
 fn copy_must_show(
     cache: &Option<ReadCache>,
     key: &[u8],
@@ -936,15 +962,25 @@ fn copy_must_show(
     now: i64,
     revision: i64,
     pinned: bool,
-) -> i64 {
+) -> CopyNeeds {
     let holder = cache.as_ref().filter(|cache| cache.covers(key));
-    match (holder, now) {
-        (None, _) if !pinned => 0,
+    let changed_at = match (holder, now) {
         (Some(cache), 0) => match cache.view() {
             Some(view) if view.revision >= read && view.mod_revision(key) == 0 => view.revision,
             _ => revision,
         },
         (_, 0) => revision,
         (_, now) => now,
+    };
+    match holder {
+        Some(_) => CopyNeeds {
+            shown: changed_at,
+            passed: 0,
+        },
+        None if pinned => CopyNeeds {
+            shown: 0,
+            passed: changed_at,
+        },
+        None => CopyNeeds::default(),
     }
 }

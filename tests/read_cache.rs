@@ -483,8 +483,14 @@ async fn a_key_outside_a_quiet_copy_changed_since_its_revision_is_read_from_etcd
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
 
+/// What `Stm` logs when an attempt reads from etcd, without waiting, because the copy has
+/// not passed a change outside its prefix that a check found.
+const COPY_NOT_PAST: &str = "cache copy not past a change outside its prefix";
+
+// One task thread, so that the log captures every attempt's events.
 #[tokio::test]
-async fn a_change_outside_a_quiet_copy_found_without_values_is_not_read_at_its_revision_again() {
+async fn a_change_outside_a_quiet_copy_found_without_values_is_read_from_etcd_without_waiting() {
+    let (log, _capture) = common::DebugLog::capture();
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let prefix = unique("quiet-large");
@@ -493,18 +499,33 @@ async fn a_change_outside_a_quiet_copy_found_without_values_is_not_read_at_its_r
     let large = put_five_mib(&client, &unique("large")).await;
     let stm = cached_stm(&client, &prefix).await.max_attempts(2);
     put(&client, &large[0], "changed").await;
-    // A read-only run, with no writer meanwhile: its check finds a value changed since the
-    // copy's revision, without the values, and the next attempt must read them from etcd.
-    let bytes = within(
-        secs(30),
-        stm.run(async |tx| {
-            assert_eq!(tx.get(&config).await?, Some(b"on".to_vec()));
-            value_bytes(tx, &large).await
-        }),
-    )
-    .await
-    .unwrap();
-    assert_eq!(bytes, 4 * MIB + "changed".len());
+    // Read-only runs, with no writer meanwhile: the check of each run's first attempt
+    // finds a value changed since the copy's revision, without the values, and the next
+    // attempt must read them from etcd. The copy's prefix stays quiet, so the copy never
+    // passes that change: the attempt must not wait for it to.
+    for run in 0..3 {
+        let bytes = within(
+            secs(30),
+            stm.run(async |tx| {
+                assert_eq!(tx.get(&config).await?, Some(b"on".to_vec()));
+                value_bytes(tx, &large).await
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(bytes, 4 * MIB + "changed".len(), "run {run}");
+    }
+    assert_eq!(
+        log.lines_with(CONFLICT),
+        3,
+        "the capture sees the conflicts"
+    );
+    assert_eq!(log.lines_with(COPY_NOT_PAST), 3);
+    assert_eq!(
+        log.lines_with(COPY_BEHIND),
+        0,
+        "an attempt waited for the copy"
+    );
 }
 
 #[tokio::test]
