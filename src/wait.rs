@@ -188,9 +188,17 @@ fn keys_before(queue: &[KeyValue], token: i64) -> HashSet<Vec<u8>> {
 }
 
 /// Why a key of `session`'s that a call was using vanished: its lease ended (then the
-/// session is marked lost), or someone deleted the key.
+/// session is marked lost), or someone deleted the key. The session being lost meanwhile
+/// answers it too, so that a check that gets no answer (with an unbounded request
+/// timeout, a partition) holds the caller no longer than that.
 pub(crate) async fn why_gone(session: &Session) -> Error {
-    match session.check_lease().await {
+    tracing::debug!("a waiting key vanished; asking etcd whether the lease lives");
+    let checked = tokio::select! {
+        biased;
+        () = session.lost() => return Error::SessionLost,
+        checked = session.check_lease() => checked,
+    };
+    match checked {
         Ok(true) => Error::OwnershipLost,
         Ok(false) => Error::SessionLost,
         Err(error) => {

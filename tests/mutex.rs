@@ -643,6 +643,50 @@ async fn a_waiter_whose_key_is_deleted_while_its_watch_is_broken_gets_ownership_
     assert!(keys_under(&client, &format!("{name}/")).await.is_empty());
 }
 
+// One task thread, so that the log captures the waiter's events.
+#[tokio::test]
+async fn a_waiter_whose_key_vanished_while_it_cannot_ask_why_gets_session_lost_once_lost() {
+    let (log, _capture) = common::DebugLog::capture();
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("vanished-then-stalled");
+    let holder = session(&client).await;
+    let guard = within(secs(10), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    // Requests retried for as long as it takes: only the session's loss can end the wait.
+    let waiter = Session::builder(slow)
+        .ttl(secs(5))
+        .request_timeout(Duration::MAX)
+        .build()
+        .await
+        .unwrap();
+    let attempt = tokio::spawn({
+        let mutex = Mutex::new(&waiter, &name);
+        async move { mutex.lock().await.map(drop) }
+    });
+    let waiter_key = hex_key(&name, &waiter);
+    within(secs(5), appears(&client, &waiter_key)).await;
+    // The deletion reaches the waiter half a second late, and so its question whether
+    // its lease lives would reach etcd: stalled before then, it gets no answer.
+    proxy.delay(millis(500));
+    client.clone().delete(waiter_key, None).await.unwrap();
+    let asking = "a waiting key vanished; asking etcd whether the lease lives";
+    within(secs(5), async {
+        while log.lines_with(asking) == 0 {
+            tokio::time::sleep(millis(5)).await;
+        }
+    })
+    .await;
+    proxy.stall();
+    let result = within(secs(15), attempt).await.unwrap();
+    assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
+    assert!(waiter.is_lost());
+    proxy.heal();
+    guard.unlock().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_lost_session_cannot_lock() {
     let cluster = EtcdCluster::start(1).await;
