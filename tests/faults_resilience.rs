@@ -332,19 +332,19 @@ async fn a_session_and_its_locks_work_over_a_link_slower_than_an_attempts_time()
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
-    // Round trips of 2.4 s or more: an attempt is sent again after 2 s unanswered, and
-    // the first must still be heard.
+    // Round trips of 2.4 s or more: an attempt (a renewal too) is followed by another
+    // after 2 s unanswered, and the first must still be heard.
     proxy.delay(millis(1_200));
     let prefix = unique("slow-link");
     let session = Session::builder(slow)
-        .ttl(secs(20))
+        .ttl(secs(10))
         .request_timeout(secs(10))
         .build();
     let session = within(secs(30), session).await.unwrap();
     let mutex = Mutex::new(&session, format!("{prefix}/lock"));
     let guard = within(secs(30), mutex.lock()).await.unwrap();
     within(secs(30), guard.unlock()).await.unwrap();
-    // The lease was granted before the build returned, so it expires within 20 s of now
+    // The lease was granted before the build returned, so it expires within 10 s of now
     // unless the keep-alive, whose renewals take 2.4 s, renews it.
     common::assert_lives_for(&session, &direct, secs(21)).await;
     proxy.delay(Duration::ZERO);

@@ -1,22 +1,28 @@
 //! The keep-alive task of a session: renews its lease until the lease is gone.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use etcd_client::Client;
+use futures::future::OptionFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::secs;
-use crate::error::{Error, is_lease_not_found};
+use crate::error::{Error, Result, is_lease_not_found};
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff, retry_every};
+
+/// A keep-alive stream: the sender of renewals, and their answers.
+pub(super) type Stream = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
 
 /// A renewal that has just succeeded: when it was sent, and the keep-alive stream it was
 /// sent on, if any.
 pub(super) struct Renewed {
     pub(super) at: Instant,
-    pub(super) stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    pub(super) stream: Option<Stream>,
 }
 
 /// Renews the lease every TTL/3 until it is gone, then marks the session lost (and sets
@@ -24,9 +30,10 @@ pub(super) struct Renewed {
 ///
 /// `alive_until` is when the lease expires at the latest without a further renewal: an
 /// answered renewal moves it to (the time that renewal was sent + TTL). The keep-alive
-/// stream is re-opened when it breaks or an answer is overdue (its member may be down),
-/// until `alive_until` passes. Opening it is sent again when unanswered for
-/// [`answer_due`], the earlier attempts staying in flight in case their link is only slow.
+/// stream is re-opened when it breaks, and another is opened beside it when an answer is
+/// overdue (its member may be down), until `alive_until` passes; the first to answer is
+/// kept. Opening one is sent again when unanswered for [`answer_due`], the earlier
+/// attempts staying in flight in case their link is only slow.
 pub(super) async fn keep_alive(
     client: Client,
     lease_id: i64,
@@ -37,31 +44,31 @@ pub(super) async fn keep_alive(
     _lost: MarkLostOnExit,
 ) {
     let mut alive_until = renewed.at + ttl;
-    let mut stream = renewed.stream;
+    let mut stream = renewed.stream.map(|stream| (stream, renewed.at));
     let mut backoff = Backoff::new();
     let period = renewal_period(ttl);
+    let renewing = Renewing {
+        client: &client,
+        lease_id,
+        ttl,
+    };
     let said_by_etcd = loop {
-        if let Some((mut keeper, mut answers)) = stream.take() {
+        if let Some((current, renewed_at)) = stream.take() {
             backoff = Backoff::new();
-            match renew(&mut keeper, &mut answers, period, &mut alive_until).await {
+            match renewing.renew(current, renewed_at, &mut alive_until).await {
                 StreamEnd::LeaseGone => break true,
                 StreamEnd::TimeRanOut => break false,
-                StreamEnd::Reopen => {}
+                StreamEnd::Broken => {}
+                StreamEnd::Replaced(replacement, attempted) => {
+                    stream = Some((*replacement, attempted));
+                    continue;
+                }
             }
         }
-        let now = Instant::now();
-        if now >= alive_until {
+        if Instant::now() >= alive_until {
             break false;
         }
-        // Another attempt soon: one sent to a frozen member must not use up the time left
-        // for another member to renew the lease.
-        let left = alive_until - now;
-        let opening = retry_every(answer_due(period), &client, left, |mut client| {
-            // Taken before this attempt is sent: the renewal it makes counts from here.
-            let attempted = Instant::now();
-            async move { Ok((attempted, client.lease_keep_alive(lease_id).await?)) }
-        });
-        match opening.await {
+        match open(client.clone(), lease_id, period, alive_until).await {
             Err(Error::Etcd(error)) if is_lease_not_found(&error) => break true,
             Err(error) => {
                 tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
@@ -70,8 +77,8 @@ pub(super) async fn keep_alive(
             }
             Ok((attempted, opened)) => {
                 // Opening sent a renewal and etcd-client checked that its answer had TTL > 0.
-                alive_until = attempted + ttl;
-                stream = Some(opened);
+                alive_until = alive_until.max(attempted + ttl);
+                stream = Some((opened, attempted));
             }
         }
     };
@@ -79,6 +86,25 @@ pub(super) async fn keep_alive(
     if said_by_etcd {
         lease_gone.store(true, Ordering::SeqCst);
     }
+}
+
+/// Opening a keep-alive stream, which sends a renewal: when the attempt that opened it
+/// was sent, and the stream.
+type Opening = Pin<Box<dyn Future<Output = Result<(Instant, Stream)>> + Send>>;
+
+/// Opens a keep-alive stream for `lease_id`, trying until `until`. Another attempt goes
+/// out whenever one is unanswered for [`answer_due`]: one sent to a frozen member must not
+/// use up the time left for another member to renew the lease.
+fn open(client: Client, lease_id: i64, period: Duration, until: Instant) -> Opening {
+    Box::pin(async move {
+        let left = until.saturating_duration_since(Instant::now());
+        retry_every(answer_due(period), &client, left, |mut client| {
+            // Taken before this attempt is sent: the renewal it makes counts from here.
+            let attempted = Instant::now();
+            async move { Ok((attempted, client.lease_keep_alive(lease_id).await?)) }
+        })
+        .await
+    })
 }
 
 /// Marks the session lost when dropped: however the keep-alive task ends, nothing renews
@@ -96,59 +122,104 @@ fn renewal_period(ttl: Duration) -> Duration {
     (ttl / 3).max(Duration::from_millis(100))
 }
 
-/// How long a renewal may go unanswered before its stream is given up: an answer takes
-/// milliseconds, so at most 2 s, leaving time for several other members before expiry.
+/// How long a renewal, or an attempt to open a stream, may go unanswered before another
+/// stream is tried: an answer takes milliseconds, so at most 2 s, leaving time for several
+/// other members before expiry.
 fn answer_due(period: Duration) -> Duration {
     period.min(ATTEMPT_TIMEOUT)
 }
 
-#[derive(Debug)]
 enum StreamEnd {
     /// etcd answered a renewal with TTL 0: expired or revoked.
     LeaseGone,
     /// No renewal answered for a whole TTL: the lease has expired, unless renewals
     /// reached etcd and only their answers were lost.
     TimeRanOut,
-    /// The stream broke or stopped answering: open another.
-    Reopen,
+    /// The stream broke: open another.
+    Broken,
+    /// Another stream, opened while an answer was overdue, answered first; with when the
+    /// attempt that opened it was sent.
+    Replaced(Box<Stream>, Instant),
 }
 
-/// Renews through one keep-alive stream until it fails or the lease is gone.
-async fn renew(
-    keeper: &mut etcd_client::LeaseKeeper,
-    answers: &mut etcd_client::LeaseKeepAliveStream,
-    period: Duration,
-    alive_until: &mut Instant,
-) -> StreamEnd {
-    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // When the renewal awaiting its answer was sent.
-    let mut pending_since: Option<Instant> = None;
-    loop {
-        let overdue = pending_since.map_or(*alive_until, |since| since + answer_due(period));
-        tokio::select! {
-            () = tokio::time::sleep_until(*alive_until) => return StreamEnd::TimeRanOut,
-            // Unanswered for too long: try again, perhaps through another member.
-            () = tokio::time::sleep_until(overdue), if pending_since.is_some() => {
-                return StreamEnd::Reopen;
-            }
-            _ = ticks.tick(), if pending_since.is_none() => {
-                // Taken before the send: the lease is counted from no later than etcd's.
-                let sending = Instant::now();
-                if keeper.keep_alive().await.is_err() {
-                    return StreamEnd::Reopen;
+/// What renewing through a stream needs besides the stream.
+struct Renewing<'a> {
+    client: &'a Client,
+    lease_id: i64,
+    ttl: Duration,
+}
+
+impl Renewing<'_> {
+    /// Renews through `stream` every TTL/3, counted from when the last renewal was sent
+    /// (`renewed_at` at first), until the stream breaks or the lease is gone. While a
+    /// renewal is overdue, another stream is opened beside it (see [`open`]); its
+    /// renewal, or a late answer on this stream, whichever comes first, counts.
+    async fn renew(
+        &self,
+        (mut keeper, mut answers): Stream,
+        renewed_at: Instant,
+        alive_until: &mut Instant,
+    ) -> StreamEnd {
+        let period = renewal_period(self.ttl);
+        let mut next_renewal = renewed_at + period;
+        // When the renewal awaiting its answer was sent.
+        let mut pending_since: Option<Instant> = None;
+        // When to open another stream, while a renewal is unanswered.
+        let mut replace_at: Option<Instant> = None;
+        let mut replacement: Option<Opening> = None;
+        let mut backoff = Backoff::new();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(*alive_until) => return StreamEnd::TimeRanOut,
+                () = tokio::time::sleep_until(next_renewal), if pending_since.is_none() => {
+                    // Taken before the send: the lease is counted from no later than etcd's.
+                    let sending = Instant::now();
+                    if keeper.keep_alive().await.is_err() {
+                        return StreamEnd::Broken;
+                    }
+                    pending_since = Some(sending);
+                    replace_at = Some(sending + answer_due(period));
                 }
-                pending_since = Some(sending);
-            }
-            answer = answers.message() => match answer {
-                Ok(Some(answer)) if answer.ttl() > 0 => {
-                    if let Some(since) = pending_since.take() {
-                        *alive_until = since + secs(answer.ttl());
+                // Unanswered for long: perhaps its member is down; try through another,
+                // while this answer, perhaps only slow, may still come.
+                () = tokio::time::sleep_until(replace_at.unwrap_or(*alive_until)),
+                    if replace_at.is_some() =>
+                {
+                    let (client, until) = (self.client.clone(), *alive_until);
+                    replacement = Some(open(client, self.lease_id, period, until));
+                    replace_at = None;
+                }
+                Some(opened) = OptionFuture::from(replacement.as_mut()),
+                    if replacement.is_some() =>
+                {
+                    match opened {
+                        Ok((attempted, stream)) => {
+                            // Opening sent a renewal, answered with TTL > 0.
+                            *alive_until = (*alive_until).max(attempted + self.ttl);
+                            return StreamEnd::Replaced(Box::new(stream), attempted);
+                        }
+                        Err(Error::Etcd(error)) if is_lease_not_found(&error) => {
+                            return StreamEnd::LeaseGone;
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "cannot open another keep-alive stream");
+                            replacement = None;
+                            replace_at = Some(Instant::now() + backoff.next_delay());
+                        }
                     }
                 }
-                Ok(Some(_)) => return StreamEnd::LeaseGone,
-                Ok(None) | Err(_) => return StreamEnd::Reopen,
-            },
+                answer = answers.message() => match answer {
+                    Ok(Some(answer)) if answer.ttl() > 0 => {
+                        if let Some(since) = pending_since.take() {
+                            *alive_until = (*alive_until).max(since + secs(answer.ttl()));
+                            next_renewal = since + period;
+                        }
+                        (replace_at, replacement) = (None, None);
+                    }
+                    Ok(Some(_)) => return StreamEnd::LeaseGone,
+                    Ok(None) | Err(_) => return StreamEnd::Broken,
+                },
+            }
         }
     }
 }
