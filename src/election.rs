@@ -214,7 +214,12 @@ impl Election {
             Outcome::NotJoined => return Err(Error::OwnershipLost),
         };
         if !joined.created && joined.value != value {
-            match joined.key.put(value).await {
+            let rewritten = tokio::select! {
+                biased;
+                () = self.session.lost() => return Err(Error::SessionLost),
+                rewritten = joined.key.put(value) => rewritten,
+            };
+            match rewritten {
                 // Gone since the join found it: with the lease, or deleted by someone.
                 Err(Error::OwnershipLost) => return Err(why_gone(&self.session).await),
                 written => written?,

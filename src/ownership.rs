@@ -24,7 +24,8 @@ use crate::watcher::{Follower, Update};
 /// retried for as long as the session lives: while its lease is renewed, nothing else
 /// would free the key. Nothing is released once the session has ended (closed: the key
 /// went with the lease; orphaned: it stays until the lease expires) or is lost, nor while
-/// another campaign or leadership of the session shares an election's key. The last of
+/// another campaign or leadership of the session shares an election's key, unless a
+/// release of this handle was cut short (it ends them all, as it would have). The last of
 /// those to go, released or not, deletes any other incarnation of the key that one of them
 /// left behind (see [`ElectionClaim::leave`]).
 pub(crate) struct OwnedKey {
@@ -34,6 +35,10 @@ pub(crate) struct OwnedKey {
     /// The key's mod revision as this handle last wrote or read it.
     mod_revision: AtomicI64,
     release_on_drop: bool,
+    /// Set while [`release`](Self::release) runs, and after it failed in transit: dropped
+    /// then, the handle deletes its incarnation in the background even while others of the
+    /// session share the key, as the release would have.
+    releasing: bool,
     /// Held until the key is deleted: the in-process slot of a mutex's queue, if any.
     local: Option<OwnedMutexGuard<QueueWatch>>,
     /// Held until the key is deleted: the claim of an election's campaign, if any.
@@ -55,6 +60,7 @@ impl OwnedKey {
             create_revision,
             mod_revision: AtomicI64::new(mod_revision),
             release_on_drop: true,
+            releasing: false,
             local,
             claim,
         }
@@ -88,6 +94,7 @@ impl OwnedKey {
     /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached, in which case
     /// the release goes on in the background (as it does when this future is dropped).
     pub(crate) async fn release(mut self) -> Result<()> {
+        self.releasing = true;
         let released = fenced_delete(
             &self.session,
             &self.key,
@@ -98,8 +105,8 @@ impl OwnedKey {
         match &released {
             Err(error) if error.is_transient() => {}
             // A newer incarnation of an election's key, made by a campaign since gone, may
-            // be left: the drop looks for it.
-            Err(Error::OwnershipLost) if self.claim.is_some() => {}
+            // be left: the drop looks for it, if it holds the last claim.
+            Err(Error::OwnershipLost) if self.claim.is_some() => self.releasing = false,
             _ => self.release_on_drop = false,
         }
         released
@@ -177,8 +184,11 @@ impl Drop for OwnedKey {
             .take()
             .map(|claim| claim.leave(self.release_on_drop));
         let last_claim = match leaving {
-            None => None,         // a mutex's key
-            Some(None) => return, // another campaign or leadership of the session uses it
+            None => None, // a mutex's key
+            // Another campaign or leadership of the session uses it: it stays, unless this
+            // handle was resigning, which ends them all.
+            Some(None) if self.releasing && self.release_on_drop => None,
+            Some(None) => return,
             Some(Some(last)) => Some(last),
         };
         // A handle that left before this last claim may have left an incarnation that

@@ -3,7 +3,7 @@
 mod common;
 
 use std::pin::{Pin, pin};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{
     Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, holds,
@@ -1304,4 +1304,66 @@ async fn a_campaign_cancelled_while_its_join_is_in_flight_leaves_the_shared_key(
     let ours_leads = within(secs(10), first).await.unwrap().unwrap();
     assert_eq!(ours_leads.key(), our_key.as_slice());
     ours_leads.resign().await.unwrap();
+}
+
+// One task thread: the rewrite's answer is held in the proxy when the link stalls.
+#[tokio::test]
+async fn a_campaign_whose_rewrite_goes_unanswered_gets_session_lost_once_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("rewrite-stalled");
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    // Requests retried for as long as it takes: only the session's loss can end the wait.
+    let candidate = Session::builder(slow)
+        .ttl(secs(6))
+        .request_timeout(Duration::MAX)
+        .build()
+        .await
+        .unwrap();
+    let election = Election::new(&candidate, &name);
+    let leading = within(secs(10), election.campaign("a")).await.unwrap();
+    proxy.delay(millis(1_000));
+    // A second campaign of the session finds its key and rewrites its value.
+    let campaign = spawn_campaign(&election, "b");
+    // The rewrite is applied; its answer is on its way back when the link stalls.
+    within(secs(10), holds(&client, &hex_key(&name, &candidate), b"b")).await;
+    proxy.stall();
+    within(secs(20), candidate.lost()).await;
+    let result = within(secs(5), campaign).await.unwrap();
+    assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
+    proxy.heal();
+    drop(leading);
+}
+
+#[tokio::test]
+async fn a_resign_cut_off_goes_on_in_the_background_and_ends_the_sessions_other_leaderships() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("resign-sibling");
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let leader = Session::builder(slow)
+        .ttl(secs(30))
+        .request_timeout(secs(1))
+        .build()
+        .await
+        .unwrap();
+    let election = Election::new(&leader, &name);
+    let first = within(secs(10), election.campaign("a")).await.unwrap();
+    let second = within(secs(10), election.campaign("a")).await.unwrap();
+    let other = session(&client, 30).await;
+    let next = spawn_campaign(&Election::new(&other, &name), "next");
+    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
+    proxy.cut();
+    let resigned = within(secs(10), first.resign()).await;
+    assert!(
+        resigned.as_ref().is_err_and(Error::is_transient),
+        "{resigned:?}"
+    );
+    proxy.heal();
+    // As the resign would have, its delete ends the other leadership sharing the key.
+    let elected = within(secs(15), next).await.unwrap().unwrap();
+    assert_eq!(elected.key(), hex_key(&name, &other).as_slice());
+    within(secs(5), second.lost()).await;
+    drop(second);
+    within(secs(5), elected.resign()).await.unwrap();
 }
