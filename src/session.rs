@@ -14,6 +14,7 @@ use etcd_client::Client;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 pub use self::builder::SessionBuilder;
 use self::election_claim::Leftover;
@@ -21,7 +22,7 @@ pub(crate) use self::election_claim::{ElectionClaim, LastClaim};
 use crate::error::{Error, Result, is_lease_gone};
 use crate::late_join::LateJoins;
 use crate::release::spawn_release;
-use crate::retry::retry;
+use crate::retry::{Backoff, deadline_after, retry};
 use crate::wait::QueueWatch;
 
 /// The TTL of [`Session::new`], as in Go's `concurrency.NewSession`.
@@ -136,6 +137,10 @@ struct Shared {
     /// to revoke on drop. Not set when the session is lost only by its own clock (no
     /// renewal answered for a whole TTL), as renewals may have reached etcd unanswered.
     lease_gone: Arc<AtomicBool>,
+    /// Whether an attempt of the grant may still be in transit (the grant was answered
+    /// after another attempt went unanswered): reaching etcd after the lease ended, it
+    /// would grant it again, so a revoke is repeated for the release timeout.
+    late_grant: bool,
     /// One queue slot per mutex name, so that two `lock()` calls on this session (which
     /// share one key in etcd) never both believe they hold it.
     queues: std::sync::Mutex<HashMap<Vec<u8>, Weak<tokio::sync::Mutex<QueueWatch>>>>,
@@ -295,11 +300,19 @@ impl Session {
     pub fn close(self) -> impl Future<Output = Result<()>> + Send + 'static {
         self.shared.end();
         let shared = &self.shared;
-        revoke(
-            shared.client.clone(),
-            shared.lease_id,
-            shared.request_timeout,
-        )
+        let (client, id) = (shared.client.clone(), shared.lease_id);
+        let revoking = revoke(client.clone(), id, shared.request_timeout);
+        let again = shared
+            .late_grant
+            .then(|| (shared.runtime.clone(), shared.release_timeout));
+        async move {
+            let revoked = revoking.await;
+            if let Some((runtime, limit)) = again {
+                let what = "revoking a closed session's lease again, for a late grant attempt";
+                spawn_release(&runtime, what, revoke_repeatedly(client, id, limit));
+            }
+            revoked
+        }
     }
 
     /// Stops the keep-alive without revoking the lease: attached keys stay until the lease
@@ -487,6 +500,11 @@ impl Drop for Shared {
         // Bounded by the release timeout alone, not by the (perhaps shorter) request
         // timeout as well.
         let (id, limit) = (self.lease_id, self.release_timeout);
+        if self.late_grant {
+            let what = "revoking a dropped session's lease, again for a late grant attempt";
+            spawn_release(&self.runtime, what, revoke_repeatedly(client, id, limit));
+            return;
+        }
         spawn_release(
             &self.runtime,
             "revoking a dropped session's lease",
@@ -505,6 +523,29 @@ impl Drop for Shared {
 
 fn secs(seconds: i64) -> Duration {
     Duration::from_secs(seconds.max(0) as u64)
+}
+
+/// Revokes lease `id` again and again, with back-off, for `limit`: a grant attempt cut
+/// off in transit may still grant it after a revoke found nothing.
+async fn revoke_repeatedly(client: Client, id: i64, limit: Duration) {
+    let deadline = deadline_after(limit);
+    let mut backoff = Backoff::new();
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match revoke(client.clone(), id, left).await {
+            Err(error) if !error.is_transient() => {
+                tracing::warn!(
+                    error = &error as &dyn std::error::Error,
+                    lease_id = id,
+                    "a lease that a grant attempt may have made could not be revoked; it \
+                     expires after its TTL"
+                );
+                return;
+            }
+            _ => {}
+        }
+        tokio::time::sleep_until(deadline.min(Instant::now() + backoff.next_delay())).await;
+    }
 }
 
 async fn revoke(client: Client, lease_id: i64, limit: Duration) -> Result<()> {

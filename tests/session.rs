@@ -552,3 +552,52 @@ async fn a_session_cut_off_after_slow_renewals_is_lost_before_etcd_expires_its_l
         lost - expired
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_attempt_that_reaches_etcd_after_close_leaves_no_lease() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
+        .await
+        .unwrap();
+    let client = common::two_path_client(&cluster, &proxy).await;
+    let release_timeout = secs(2);
+    let alive = async |id: i64| {
+        let answer = direct.clone().lease_time_to_live(id, None).await;
+        answer.unwrap().ttl() > 0
+    };
+    // A build whose grant goes first through the stalled proxy is answered when sent
+    // again 2 s later the direct way; the attempt held in the proxy reaches etcd once it
+    // heals, after the close, and may grant the lease again. The client picks a path at
+    // random, and etcd may drop the held attempt: try until the lease is seen again.
+    for _ in 0..30 {
+        proxy.stall();
+        let build = Session::builder(client.clone())
+            .ttl(secs(3600))
+            .release_timeout(release_timeout)
+            .request_timeout(common::TWO_PATH_REQUEST_TIMEOUT)
+            .build();
+        let session = within(common::THROUGH_TWO_PATHS, build).await.unwrap();
+        let id = session.lease_id();
+        within(common::THROUGH_TWO_PATHS, session.close())
+            .await
+            .unwrap();
+        let closed = Instant::now();
+        proxy.heal();
+        let granted_again = tokio::time::timeout(secs(1), async {
+            while !alive(id).await {
+                tokio::time::sleep(millis(2)).await;
+            }
+        });
+        if granted_again.await.is_ok() {
+            // Revoked again within the release timeout, and not granted after.
+            tokio::time::sleep_until((closed + release_timeout + secs(1)).into()).await;
+            assert!(
+                !alive(id).await,
+                "the closed session's lease is alive again"
+            );
+            return;
+        }
+    }
+    panic!("no grant attempt reached etcd after the close in 30 tries");
+}

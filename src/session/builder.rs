@@ -13,11 +13,11 @@ use tokio::time::Instant;
 use super::keep_alive::{MarkLostOnExit, Renewed, keep_alive};
 use super::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, Shared, lease_hex,
-    revoke, secs,
+    revoke_repeatedly, secs,
 };
 use crate::error::{Error, Result, is_lease_not_found, is_lease_taken};
 use crate::release::spawn_release;
-use crate::retry::{Backoff, deadline_after, retry, retry_write};
+use crate::retry::{retry, retry_write};
 
 /// The largest TTL etcd grants (its `MaxLeaseTTL`), in seconds.
 const MAX_TTL_SECS: u64 = 9_000_000_000;
@@ -120,7 +120,11 @@ impl SessionBuilder {
     ///
     /// After an error, a lease that an attempt cut off (or failed in transit) may have
     /// granted all the same is revoked in a background task, bounded by the release
-    /// timeout.
+    /// timeout. When the grant is answered on an attempt sent again, the earlier one may
+    /// still be in transit and grant the lease anew once the session has ended: closing or
+    /// dropping the session then repeats its revoke, with back-off, for the release
+    /// timeout (a grant that arrives later still makes a lease with no keys, which
+    /// expires after its TTL).
     ///
     /// # Cancel safety
     ///
@@ -153,22 +157,25 @@ impl SessionBuilder {
                 "a release or request timeout of zero would fail every attempt".into(),
             ));
         }
-        let (lease_id, ttl, renewed) = match (self.lease, self.ttl) {
+        let (lease_id, ttl, renewed, late_grant) = match (self.lease, self.ttl) {
             (Some(_), Some(_)) => {
                 return Err(Error::InvalidArgument(
                     "a resumed lease keeps its own TTL: give either `ttl` or `lease`".into(),
                 ));
             }
-            (Some(id), None) => self.resume(id).await?,
+            (Some(id), None) => {
+                let (id, ttl, renewed) = self.resume(id).await?;
+                (id, ttl, renewed, false)
+            }
             (None, ttl) => {
                 let ttl = validate_ttl(ttl.unwrap_or(DEFAULT_TTL))?;
                 let sent = Instant::now();
-                let (id, granted) = self.grant(ttl).await?;
+                let (id, granted, late_grant) = self.grant(ttl).await?;
                 let renewed = Renewed {
                     at: sent,
                     stream: None,
                 };
-                (id, granted, renewed)
+                (id, granted, renewed, late_grant)
             }
         };
         let (lost, _) = watch::channel(false);
@@ -194,6 +201,7 @@ impl SessionBuilder {
                 keep_alive,
                 ended: AtomicBool::new(false),
                 lease_gone,
+                late_grant,
                 queues: Default::default(),
                 elections: Default::default(),
                 late_joins: Default::default(),
@@ -203,13 +211,14 @@ impl SessionBuilder {
 
     /// Grants a lease of `ttl` seconds under an id chosen here, so that a retried grant
     /// whose first attempt was applied finds its lease instead of leaking a second one.
-    /// Returns the id and the granted TTL.
+    /// Returns the id, the granted TTL, and whether another attempt may still be in
+    /// transit and grant the lease again once it has ended.
     ///
     /// If it fails after an attempt that may have been granted (cut off, or failed in
     /// transit), or is dropped while an attempt is in flight, that lease is revoked in the
     /// background, as a dropped session's is: the caller gets no session, so nothing else
     /// would ever revoke it.
-    async fn grant(&self, ttl: i64) -> Result<(i64, Duration)> {
+    async fn grant(&self, ttl: i64) -> Result<(i64, Duration, bool)> {
         let id = rand::random_range(1..i64::MAX);
         let revoke_unless_kept = RevokeOnDrop(Some((self, id)));
         let options = LeaseGrantOptions::new().with_id(id);
@@ -219,13 +228,13 @@ impl SessionBuilder {
         })
         .await;
         let result = match granted {
-            Ok(answer) => Ok((answer.id(), secs(answer.ttl()))),
+            Ok(answer) => Ok((answer.id(), secs(answer.ttl()), maybe_granted)),
             Err(Error::Etcd(error)) if is_lease_taken(&error) => {
                 retry(&self.client, self.request_timeout, |mut c| async move {
                     c.lease_time_to_live(id, None).await
                 })
                 .await
-                .map(|answer| (id, secs(answer.granted_ttl())))
+                .map(|answer| (id, secs(answer.granted_ttl()), maybe_granted))
             }
             Err(error) => Err(error),
         };
@@ -240,27 +249,7 @@ impl SessionBuilder {
     /// after a first revoke found nothing, so the revoke is repeated, with back-off, for
     /// the release timeout.
     fn revoke_in_background(&self, id: i64) {
-        let (client, limit) = (self.client.clone(), self.release_timeout);
-        let revokes = async move {
-            let deadline = deadline_after(limit);
-            let mut backoff = Backoff::new();
-            while Instant::now() < deadline {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match revoke(client.clone(), id, left).await {
-                    Err(error) if !error.is_transient() => {
-                        tracing::warn!(
-                            error = &error as &dyn std::error::Error,
-                            lease_id = id,
-                            "the lease of a session build that failed or was dropped could \
-                             not be revoked; it expires after its TTL"
-                        );
-                        return;
-                    }
-                    _ => {}
-                }
-                tokio::time::sleep_until(deadline.min(Instant::now() + backoff.next_delay())).await;
-            }
-        };
+        let revokes = revoke_repeatedly(self.client.clone(), id, self.release_timeout);
         let what = "revoking the lease of a session build that failed or was dropped";
         match Handle::try_current() {
             Ok(runtime) => spawn_release(&runtime, what, revokes),
