@@ -214,12 +214,7 @@ impl Election {
             Outcome::NotJoined => return Err(Error::OwnershipLost),
         };
         if !joined.created && joined.value != value {
-            let rewritten = tokio::select! {
-                biased;
-                () = self.session.lost() => return Err(Error::SessionLost),
-                rewritten = joined.key.put(value) => rewritten,
-            };
-            match rewritten {
+            match joined.key.put(value).await {
                 // Gone since the join found it: with the lease, or deleted by someone.
                 Err(Error::OwnershipLost) => return Err(why_gone(&self.session).await),
                 written => written?,
@@ -466,7 +461,9 @@ impl Leadership {
     ///
     /// # Errors
     ///
-    /// - [`Error::SessionLost`]: the session is lost; nothing is written.
+    /// - [`Error::SessionLost`]: the session is lost (then nothing is written), or becomes
+    ///   lost before etcd answers (the value may have been written; the key goes with the
+    ///   lease).
     /// - [`Error::OwnershipLost`]: the key is gone or belongs to a newer incarnation (this
     ///   leader was deposed); nothing is written, unless an earlier attempt of this call
     ///   that failed in transit was applied before the key was lost.
@@ -513,14 +510,17 @@ impl Leadership {
     ///   of the delete whose outcome is unknown.
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached; resigning goes on in the background for as long as the
-    ///   session lives.
+    ///   session lives, ending the session's other leaderships here too, as the resign
+    ///   would have. A campaign of this session that starts meanwhile may join the key
+    ///   before that delete lands, and then fail with [`Error::OwnershipLost`] or lose
+    ///   the leadership it won.
     /// - Any other [`Error::Etcd`]: etcd refused the delete (for instance permission
     ///   denied); the key stays until the session ends.
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe: if the future is dropped before the delete is known to be applied,
-    /// resigning goes on in the background, as for a dropped `Leadership`.
+    /// resigning goes on in the background, as after a transient error.
     ///
     /// # Example
     ///

@@ -117,8 +117,18 @@ impl OwnedKey {
     /// saw it, so that an attempt re-sent unanswered whose first copy reaches etcd late
     /// finds the key changed and writes nothing, instead of replacing a newer value.
     ///
-    /// Errors: as [`release`](Self::release).
+    /// Errors: as [`release`](Self::release); [`Error::SessionLost`] as soon as the
+    /// session is lost or has ended, even with the put unanswered (its lease is gone, or
+    /// going, and the key with it).
     pub(crate) async fn put(&self, value: Vec<u8>) -> Result<()> {
+        tokio::select! {
+            biased;
+            () = self.session.lost() => Err(Error::SessionLost),
+            written = self.put_while_owned(value) => written,
+        }
+    }
+
+    async fn put_while_owned(&self, value: Vec<u8>) -> Result<()> {
         let lease = PutOptions::new().with_lease(self.session.lease_id());
         let put = TxnOp::put(self.key.clone(), value.clone(), Some(lease));
         let kv = self.session.client().kv_client();

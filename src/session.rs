@@ -301,18 +301,13 @@ impl Session {
         self.shared.end();
         let shared = &self.shared;
         let (client, id) = (shared.client.clone(), shared.lease_id);
-        let revoking = revoke(client.clone(), id, shared.request_timeout);
-        let again = shared
-            .late_grant
-            .then(|| (shared.runtime.clone(), shared.release_timeout));
-        async move {
-            let revoked = revoking.await;
-            if let Some((runtime, limit)) = again {
-                let what = "revoking a closed session's lease again, for a late grant attempt";
-                spawn_release(&runtime, what, revoke_repeatedly(client, id, limit));
-            }
-            revoked
+        if shared.late_grant {
+            // Spawned now: the future returned may never be polled to its end.
+            let what = "revoking a closed session's lease again, for a late grant attempt";
+            let again = revoke_repeatedly(client.clone(), id, shared.release_timeout);
+            spawn_release(&shared.runtime, what, again);
         }
+        revoke(client, id, shared.request_timeout)
     }
 
     /// Stops the keep-alive without revoking the lease: attached keys stay until the lease
@@ -493,7 +488,11 @@ impl Drop for Shared {
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .stop();
-        if self.ended.load(Ordering::SeqCst) || self.lease_gone.load(Ordering::SeqCst) {
+        // Ended: closed (which revokes) or orphaned (which keeps the lease).
+        if self.ended.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.lease_gone.load(Ordering::SeqCst) && !self.late_grant {
             return;
         }
         let client = self.client.clone();

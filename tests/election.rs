@@ -1367,3 +1367,31 @@ async fn a_resign_cut_off_goes_on_in_the_background_and_ends_the_sessions_other_
     drop(second);
     within(secs(5), elected.resign()).await.unwrap();
 }
+
+// One task thread: the proclaim's answer is held in the proxy when the link stalls.
+#[tokio::test]
+async fn a_proclaim_that_goes_unanswered_gets_session_lost_once_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("proclaim-stalled");
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    // Requests retried for as long as it takes: only the session's loss can end the wait.
+    let leader = Session::builder(slow)
+        .ttl(secs(6))
+        .request_timeout(Duration::MAX)
+        .build()
+        .await
+        .unwrap();
+    let leadership = within(secs(10), Election::new(&leader, &name).campaign("a"))
+        .await
+        .unwrap();
+    proxy.delay(millis(1_000));
+    let proclaiming = tokio::spawn(async move { leadership.proclaim("b").await });
+    // The put is applied; its answer is on its way back when the link stalls.
+    within(secs(10), holds(&client, &hex_key(&name, &leader), b"b")).await;
+    proxy.stall();
+    within(secs(20), leader.lost()).await;
+    let result = within(secs(5), proclaiming).await.unwrap();
+    assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
+    proxy.heal();
+}

@@ -53,12 +53,13 @@ pub(super) async fn keep_alive(
         ttl,
     };
     let said_by_etcd = loop {
+        let mut opening = None;
         if let Some((current, renewed_at)) = stream.take() {
             backoff = Backoff::new();
             match renewing.renew(current, renewed_at, &mut alive_until).await {
                 StreamEnd::LeaseGone => break true,
                 StreamEnd::TimeRanOut => break false,
-                StreamEnd::Broken => {}
+                StreamEnd::Broken(replacement) => opening = replacement,
                 StreamEnd::Replaced(replacement, attempted) => {
                     stream = Some((*replacement, attempted));
                     continue;
@@ -68,7 +69,9 @@ pub(super) async fn keep_alive(
         if Instant::now() >= alive_until {
             break false;
         }
-        match open(client.clone(), lease_id, period, alive_until).await {
+        let opening =
+            opening.unwrap_or_else(|| open(client.clone(), lease_id, period, alive_until));
+        match opening.await {
             Err(Error::Etcd(error)) if is_lease_not_found(&error) => break true,
             Err(error) => {
                 tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
@@ -135,8 +138,8 @@ enum StreamEnd {
     /// No renewal answered for a whole TTL: the lease has expired, unless renewals
     /// reached etcd and only their answers were lost.
     TimeRanOut,
-    /// The stream broke: open another.
-    Broken,
+    /// The stream broke: open another, or take the one being opened beside it, if any.
+    Broken(Option<Opening>),
     /// Another stream, opened while an answer was overdue, answered first; with when the
     /// attempt that opened it was sent.
     Replaced(Box<Stream>, Instant),
@@ -175,7 +178,7 @@ impl Renewing<'_> {
                     // Taken before the send: the lease is counted from no later than etcd's.
                     let sending = Instant::now();
                     if keeper.keep_alive().await.is_err() {
-                        return StreamEnd::Broken;
+                        return StreamEnd::Broken(replacement);
                     }
                     pending_since = Some(sending);
                     replace_at = Some(sending + answer_due(period));
@@ -217,7 +220,7 @@ impl Renewing<'_> {
                         (replace_at, replacement) = (None, None);
                     }
                     Ok(Some(_)) => return StreamEnd::LeaseGone,
-                    Ok(None) | Err(_) => return StreamEnd::Broken,
+                    Ok(None) | Err(_) => return StreamEnd::Broken(replacement),
                 },
             }
         }
