@@ -121,11 +121,8 @@ impl OwnedKey {
     /// session is lost or has ended, even with the put unanswered (its lease is gone, or
     /// going, and the key with it).
     pub(crate) async fn put(&self, value: Vec<u8>) -> Result<()> {
-        tokio::select! {
-            biased;
-            () = self.session.lost() => Err(Error::SessionLost),
-            written = self.put_while_owned(value) => written,
-        }
+        let written = self.session.until_ended(self.put_while_owned(value));
+        written.await.unwrap_or(Err(Error::SessionLost))
     }
 
     async fn put_while_owned(&self, value: Vec<u8>) -> Result<()> {

@@ -193,10 +193,8 @@ fn keys_before(queue: &[KeyValue], token: i64) -> HashSet<Vec<u8>> {
 /// timeout, a partition) holds the caller no longer than that.
 pub(crate) async fn why_gone(session: &Session) -> Error {
     tracing::debug!("a waiting key vanished; asking etcd whether the lease lives");
-    let checked = tokio::select! {
-        biased;
-        () = session.lost() => return Error::SessionLost,
-        checked = session.check_lease() => checked,
+    let Some(checked) = session.until_ended(session.check_lease()).await else {
+        return Error::SessionLost;
     };
     match checked {
         Ok(true) => Error::OwnershipLost,

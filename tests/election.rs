@@ -1314,12 +1314,7 @@ async fn a_campaign_whose_rewrite_goes_unanswered_gets_session_lost_once_lost() 
     let name = unique("rewrite-stalled");
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
     // Requests retried for as long as it takes: only the session's loss can end the wait.
-    let candidate = Session::builder(slow)
-        .ttl(secs(6))
-        .request_timeout(Duration::MAX)
-        .build()
-        .await
-        .unwrap();
+    let candidate = common::session_with(slow, secs(6), Duration::MAX).await;
     let election = Election::new(&candidate, &name);
     let leading = within(secs(10), election.campaign("a")).await.unwrap();
     proxy.delay(millis(1_000));
@@ -1341,12 +1336,7 @@ async fn a_resign_cut_off_goes_on_in_the_background_and_ends_the_sessions_other_
     let client = cluster.client().await;
     let name = unique("resign-sibling");
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let leader = Session::builder(slow)
-        .ttl(secs(30))
-        .request_timeout(secs(1))
-        .build()
-        .await
-        .unwrap();
+    let leader = common::session_with(slow, secs(30), secs(1)).await;
     let election = Election::new(&leader, &name);
     let first = within(secs(10), election.campaign("a")).await.unwrap();
     let second = within(secs(10), election.campaign("a")).await.unwrap();
@@ -1376,12 +1366,7 @@ async fn a_proclaim_that_goes_unanswered_gets_session_lost_once_lost() {
     let name = unique("proclaim-stalled");
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
     // Requests retried for as long as it takes: only the session's loss can end the wait.
-    let leader = Session::builder(slow)
-        .ttl(secs(6))
-        .request_timeout(Duration::MAX)
-        .build()
-        .await
-        .unwrap();
+    let leader = common::session_with(slow, secs(6), Duration::MAX).await;
     let leadership = within(secs(10), Election::new(&leader, &name).campaign("a"))
         .await
         .unwrap();

@@ -656,12 +656,7 @@ async fn a_waiter_whose_key_vanished_while_it_cannot_ask_why_gets_session_lost_o
         .unwrap();
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
     // Requests retried for as long as it takes: only the session's loss can end the wait.
-    let waiter = Session::builder(slow)
-        .ttl(secs(5))
-        .request_timeout(Duration::MAX)
-        .build()
-        .await
-        .unwrap();
+    let waiter = common::session_with(slow, secs(5), Duration::MAX).await;
     let attempt = tokio::spawn({
         let mutex = Mutex::new(&waiter, &name);
         async move { mutex.lock().await.map(drop) }

@@ -439,11 +439,7 @@ async fn a_session_lives_over_round_trips_longer_than_a_renewal_may_go_unanswere
     // Round trips of 1.8 s, longer than a renewal every 5/3 s may go unanswered before
     // another stream is tried: the late answer must still count.
     proxy.delay(millis(900));
-    let build = Session::builder(slow)
-        .ttl(secs(5))
-        .request_timeout(secs(10))
-        .build();
-    let session = within(secs(20), build).await.unwrap();
+    let session = within(secs(20), common::session_with(slow, secs(5), secs(10))).await;
     common::assert_lives_for(&session, &direct, secs(12)).await;
     proxy.delay(Duration::ZERO);
     within(secs(10), session.close()).await.unwrap();
