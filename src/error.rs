@@ -134,12 +134,27 @@ pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
                     | Code::DeadlineExceeded
                     | Code::Cancelled
             ) || etcd_says(error, Code::ResourceExhausted, TOO_MANY_REQUESTS)
+                || is_broken_connection(status)
         }
         E::LeaseKeepAliveError(_) => !is_lease_not_found(error),
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) => true,
         _ => false,
     }
 }
+
+/// Whether tonic reports that the HTTP/2 connection failed under a request: the member
+/// sent GOAWAY as it shut down, or reset the stream (`ENHANCE_YOUR_CALM` under load),
+/// which tonic reports as `Internal` or `ResourceExhausted`. grpc-go reports the same
+/// failures as `Unavailable`, and Go's callers retry them.
+fn is_broken_connection(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Internal | tonic::Code::ResourceExhausted
+    ) && status.message().starts_with(H2_ERROR)
+}
+
+/// How tonic's message for a failure of the HTTP/2 connection begins.
+const H2_ERROR: &str = "h2 protocol error";
 
 /// Whether etcd-client reports that a keep-alive found no such lease (expired or revoked).
 pub(crate) fn is_lease_not_found(error: &etcd_client::Error) -> bool {
@@ -260,5 +275,22 @@ mod tests {
         assert!(is_lease_gone(&etcd_client::Error::GRpcStatus(gone)));
         let taken = tonic::Status::failed_precondition("etcdserver: lease already exists");
         assert!(is_lease_taken(&etcd_client::Error::GRpcStatus(taken)));
+    }
+
+    #[test]
+    fn a_broken_http2_connection_is_transient_and_etcds_own_internal_errors_are_not() {
+        let status = |code, message: &str| {
+            Error::from(etcd_client::Error::GRpcStatus(tonic::Status::new(
+                code, message,
+            )))
+        };
+        let calm = "h2 protocol error: stream error received: detected excessive load \
+                    generating behavior";
+        assert!(status(tonic::Code::ResourceExhausted, calm).is_transient());
+        let away = "h2 protocol error: connection error received: not a result of an error";
+        assert!(status(tonic::Code::Internal, away).is_transient());
+        assert!(!status(tonic::Code::Internal, "etcdserver: corrupt cluster").is_transient());
+        let limit = "grpc: received message larger than max";
+        assert!(!status(tonic::Code::ResourceExhausted, limit).is_transient());
     }
 }

@@ -160,7 +160,7 @@ where
                 }
                 tracing::debug!(%error, ?delay, "transient etcd error; retrying");
                 last_error = Some(error);
-                // Past the deadline, nothing more is sent; attempts in flight may answer.
+                // Past the deadline nothing more is sent, and only an answer already there counts.
                 backing_off |= resend_at < send_at;
                 send_at = send_at.min(resend_at);
             }
