@@ -325,3 +325,128 @@ fn a_cluster_on_a_runtime_without_its_io_driver_fails_at_once() {
         .unwrap();
     runtime.block_on(EtcdCluster::start(1));
 }
+
+/// Set in the copy of this test binary that `a_cluster_starts_when_dev_shm_is_small` runs
+/// in a mount namespace of its own.
+const SMALL_SHM: &str = "TESTING_KIT_SMALL_SHM";
+
+/// Docker gives a container a 64 MiB `/dev/shm` unless told otherwise, and each etcd
+/// member preallocates 128 MB of write-ahead log (its current 64 MB segment and the next).
+/// The kit must then keep the data elsewhere rather than fail to start. Runs this test
+/// again in a user and mount namespace with a 64 MiB tmpfs on `/dev/shm` (skipped where
+/// `unshare -rm` is not allowed).
+#[test]
+fn a_cluster_starts_when_dev_shm_is_small() {
+    if std::env::var_os(SMALL_SHM).is_some() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let cluster = within(secs(60), EtcdCluster::start(3)).await;
+            let mut client = cluster.client().await;
+            within(secs(5), client.put("k", "v", None)).await.unwrap();
+        });
+        return;
+    }
+    let probe = std::process::Command::new("unshare")
+        .args([
+            "-rm",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=64m tmpfs /dev/shm",
+        ])
+        .output();
+    if !probe.is_ok_and(|output| output.status.success()) {
+        eprintln!("skipped: `unshare -rm` cannot mount a tmpfs here");
+        return;
+    }
+    let test = std::env::current_exe().unwrap();
+    let output = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs -o size=64m tmpfs /dev/shm && exec \"$0\" --exact \
+             a_cluster_starts_when_dev_shm_is_small --test-threads=1 --nocapture",
+        )
+        .arg(test)
+        .env(SMALL_SHM, "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    let tail: Vec<&str> = said.lines().filter(|l| !l.starts_with('{')).collect();
+    assert!(
+        output.status.success(),
+        "no cluster with a 64 MiB /dev/shm:\n{}",
+        tail.join("\n")
+    );
+}
+
+/// Set in the copy of this test binary that
+/// `a_cluster_starts_again_when_two_members_lose_their_ports` runs.
+const TWO_PORTS_TAKEN: &str = "TESTING_KIT_TWO_PORTS_TAKEN";
+
+/// When two members of three cannot bind their ports (taken by another process between
+/// the kit's choice and etcd's bind), the third waits for a quorum that never comes; the
+/// kit must see the two exit and start again on fresh ports, as it does when one member
+/// loses its port. `ETCD_BIN` is a script that fails members m1 and m2 once each as etcd
+/// fails on a taken port, set only in a copy of this test binary (it is process-wide).
+#[test]
+fn a_cluster_starts_again_when_two_members_lose_their_ports() {
+    if std::env::var_os(TWO_PORTS_TAKEN).is_some() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let cluster = within(secs(20), EtcdCluster::start(3)).await;
+            let mut client = cluster.client().await;
+            within(secs(5), client.put("k", "v", None)).await.unwrap();
+        });
+        return;
+    }
+    let etcd = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("etcd"))
+        .find(|path| path.is_file())
+        .expect("etcd on PATH");
+    let scratch = tempfile::tempdir().unwrap();
+    let wrapper = scratch.path().join("etcd");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             for arg in \"$@\"; do [ \"$previous\" = --name ] && name=$arg; previous=$arg; done\n\
+             if [ \"$name\" != m0 ] && mkdir \"{dir}/failed-$name\" 2>/dev/null; then\n\
+             echo \"listen tcp 127.0.0.1:1: bind: address already in use\" >&2; exit 1\n\
+             fi\n\
+             exec {etcd} \"$@\"\n",
+            dir = scratch.path().display(),
+            etcd = etcd.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_cluster_starts_again_when_two_members_lose_their_ports",
+        ])
+        .args(["--test-threads=1", "--nocapture"])
+        .env(TWO_PORTS_TAKEN, "1")
+        .env("ETCD_BIN", &wrapper)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    let tail: Vec<&str> = said.lines().filter(|l| !l.starts_with('{')).collect();
+    assert!(
+        output.status.success(),
+        "the cluster did not start again:\n{}",
+        tail.join("\n")
+    );
+}

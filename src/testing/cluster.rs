@@ -20,7 +20,8 @@ const PORT_ATTEMPTS: usize = 3;
 const HEARTBEAT_MS: u32 = 50;
 const ELECTION_TIMEOUT_MS: u32 = 500;
 
-/// A throwaway etcd cluster of 1 or 3 members on free loopback ports, data in tmpfs.
+/// A throwaway etcd cluster of 1 or 3 members on free loopback ports, data in tmpfs (on disk
+/// when `/dev/shm` lacks room: each member preallocates 128 MB of write-ahead log there).
 ///
 /// Each member is a real `etcd` process started with `--unsafe-no-fsync`, a 50 ms heartbeat
 /// and a 500 ms election timeout, so leases as short as 1 s are honoured, and with
@@ -85,11 +86,18 @@ impl EtcdCluster {
         let _ = tokio::net::TcpListener::bind("127.0.0.1:0").await;
         let binary = etcd_binary();
         let mut last_failure = String::new();
+        let mut in_tmpfs = true;
         for _ in 0..PORT_ATTEMPTS {
-            let cluster = EtcdCluster::launch(&binary, members);
+            let cluster = EtcdCluster::launch(&binary, members, in_tmpfs);
             match cluster.wait_all_healthy().await {
                 Ok(()) => return cluster,
                 Err(failure) if failure.contains("address already in use") => {
+                    last_failure = failure;
+                }
+                // tmpfs filled up (by other clusters started at the same time, say): the
+                // next attempt keeps its data on disk.
+                Err(failure) if in_tmpfs && failure.contains("no space left on device") => {
+                    in_tmpfs = false;
                     last_failure = failure;
                 }
                 Err(failure) => panic!("{failure}"),
@@ -98,8 +106,8 @@ impl EtcdCluster {
         panic!("{last_failure}")
     }
 
-    fn launch(binary: &Path, members: usize) -> EtcdCluster {
-        let dir = data_root();
+    fn launch(binary: &Path, members: usize, in_tmpfs: bool) -> EtcdCluster {
+        let dir = data_root(members, in_tmpfs);
         let ports = free_ports(2 * members);
         let members: Vec<Member> = (0..members)
             .map(|i| Member {
@@ -251,7 +259,7 @@ impl EtcdCluster {
     pub async fn restart(&self, i: usize) {
         self.kill(i);
         self.spawn_member(&etcd_binary(), i);
-        if let Err(failure) = self.wait_healthy(i).await {
+        if let Err(failure) = self.wait_healthy(i, &[i]).await {
             panic!("{failure}");
         }
     }
@@ -328,15 +336,17 @@ impl EtcdCluster {
     }
 
     async fn wait_all_healthy(&self) -> Result<(), String> {
+        let all: Vec<usize> = (0..self.members.len()).collect();
         for i in 0..self.members.len() {
-            self.wait_healthy(i).await?;
+            self.wait_healthy(i, &all).await?;
         }
         Ok(())
     }
 
     /// Waits until member `i` serves a linearizable read (so it has a leader), or fails
-    /// with the tail of its log.
-    async fn wait_healthy(&self, i: usize) -> Result<(), String> {
+    /// with the tail of its log; or, as soon as one of the members `watched` exits (which
+    /// may leave `i` without quorum), with the tail of that member's log.
+    async fn wait_healthy(&self, i: usize, watched: &[usize]) -> Result<(), String> {
         let endpoint = self.endpoint(i);
         let (name, peer_url) = {
             let member = self.member(i);
@@ -345,9 +355,18 @@ impl EtcdCluster {
         };
         let deadline = Instant::now() + START_TIMEOUT;
         let mut last_error = String::from("no attempt made");
+        let mut log_of = name.clone();
         while Instant::now() < deadline {
-            if let Some(status) = self.exit_status(i) {
-                last_error = format!("etcd exited with {status}");
+            let exited = watched
+                .iter()
+                .find_map(|&j| self.exit_status(j).map(|status| (j, status)));
+            if let Some((j, status)) = exited {
+                if j == i {
+                    last_error = format!("etcd exited with {status}");
+                } else {
+                    log_of = self.member(j).name.clone();
+                    last_error = format!("member {log_of} exited with {status}");
+                }
                 break;
             }
             let attempt = tokio::time::timeout(Duration::from_secs(1), async {
@@ -376,8 +395,8 @@ impl EtcdCluster {
         }
         Err(format!(
             "etcd member {name} ({endpoint}) did not become healthy: {last_error}\n\
-             --- last lines of its log ---\n{}",
-            log_tail(&self.log_path(&name), 30)
+             --- last lines of the log of {log_of} ---\n{}",
+            log_tail(&self.log_path(&log_of), 30)
         ))
     }
 
@@ -458,25 +477,41 @@ fn etcd_binary() -> PathBuf {
 /// process that made it.
 const DATA_PREFIX: &str = "etcd-test-";
 
-/// A fresh directory for member data, in tmpfs when the machine has one. Directories left
-/// there by processes that are gone (killed before dropping their clusters) are deleted
-/// first: in tmpfs they would hold memory until the next reboot.
-fn data_root() -> tempfile::TempDir {
+/// The room one member's data takes in tmpfs at least: etcd preallocates its write-ahead
+/// log in 64 MB segments, the current one and the next (128 MB), and its database grows.
+const MEMBER_ROOM: u64 = 192 << 20;
+
+/// A fresh directory for the data of `members` members, in tmpfs when `in_tmpfs` and the
+/// machine has one with room for them ([`MEMBER_ROOM`] each; Docker's `/dev/shm` has 64 MiB
+/// by default), else in the temporary directory. Directories left there by processes that
+/// are gone (killed before dropping their clusters) are deleted first: in tmpfs they would
+/// hold memory until the next reboot.
+fn data_root(members: usize, in_tmpfs: bool) -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
+    let temp = std::env::temp_dir();
     let prefix = format!("{DATA_PREFIX}{}-", std::process::id());
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix);
+    // Both places: an earlier cluster may have kept its data in either.
+    delete_orphans(&temp);
     if shm.is_dir() {
         delete_orphans(shm);
-        if let Ok(dir) = builder.tempdir_in(shm) {
-            return dir;
+        let room = members as u64 * MEMBER_ROOM;
+        if in_tmpfs && free_bytes(shm).is_some_and(|free| free >= room) {
+            if let Ok(dir) = builder.tempdir_in(shm) {
+                return dir;
+            }
         }
     }
-    let temp = std::env::temp_dir();
-    delete_orphans(&temp);
     builder
         .tempdir_in(temp)
         .expect("create a directory for etcd data")
+}
+
+/// The bytes an unprivileged process may still write in the file system of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let stats = rustix::fs::statvfs(path).ok()?;
+    Some(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 /// Deletes the member data directories in `parent` whose process no longer runs. Without

@@ -1,7 +1,8 @@
 //! Throwaway etcd clusters and fault injection, for tests (feature `testing`).
 //!
 //! [`EtcdCluster`] starts real `etcd` processes (Debian package `etcd-server`, 3.4) on free
-//! loopback ports with their data in tmpfs, and can kill, pause, resume and restart members.
+//! loopback ports with their data in tmpfs (on disk if it lacks room), and can kill, pause,
+//! resume and restart members.
 //! [`Proxy`] sits between one client and one endpoint and can cut or stall its traffic.
 //! Everything started here stops when its handle is dropped, also when a test panics.
 //! Linux only (members die with the test process through `PR_SET_PDEATHSIG`).
