@@ -69,7 +69,7 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// How many transfers each worker makes, instead of running for --duration
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     transfers: Option<u64>,
     /// The workers read the balances from one shared ReadCache of the accounts
     #[arg(long)]
@@ -268,15 +268,21 @@ async fn transfer(
     }))
 }
 
-/// Creates every account with the opening balance, in one Txn.
+/// The most operations etcd takes in one Txn by default (its `--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
+
+/// Creates every account with the opening balance, in Txns of at most [`MAX_TXN_OPS`]
+/// puts (before the workers start, so nothing reads a partly opened set).
 async fn open_accounts(client: &Client, accounts: &[String]) -> Result<()> {
     let opening = OPENING_BALANCE.to_string();
-    let puts: Vec<TxnOp> = accounts
-        .iter()
-        .map(|key| TxnOp::put(key.as_str(), opening.as_str(), None))
-        .collect();
-    let txn = Txn::new().and_then(puts);
-    within(REQUEST_LIMIT, "open the accounts", client.clone().txn(txn)).await?;
+    for some in accounts.chunks(MAX_TXN_OPS) {
+        let puts: Vec<TxnOp> = some
+            .iter()
+            .map(|key| TxnOp::put(key.as_str(), opening.as_str(), None))
+            .collect();
+        let txn = Txn::new().and_then(puts);
+        within(REQUEST_LIMIT, "open the accounts", client.clone().txn(txn)).await?;
+    }
     Ok(())
 }
 
