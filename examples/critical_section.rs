@@ -27,7 +27,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, Parser};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
@@ -210,10 +210,11 @@ async fn run_workers(
         children.push(Relayed::spawn(command, &format!("[worker {id}] "))?);
     }
     // Each worker bounds its own waits; this bounds the whole run.
-    let limit = LOCK_WAIT + Duration::from_millis(100) * workers * rounds;
+    let deadline = Instant::now() + LOCK_WAIT + Duration::from_millis(100) * workers * rounds;
     let mut failed_workers = Vec::new();
     for (id, child) in (1..).zip(children) {
-        let (status, _) = child.wait(limit).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (status, _) = child.wait(left).await?;
         if !status.success() {
             failed_workers.push(format!("worker {id} ({status})"));
         }
