@@ -169,9 +169,12 @@ async fn sweep(session: WeakSession, soon: Arc<Notify>) {
 
 /// Lists the keys on the session's lease and deals with the remembered ones among them.
 async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
+    // Background work, as a dropped guard's release: bounded by the release timeout, not
+    // by the (perhaps shorter) request timeout, which would leave the keys it is for on a
+    // link slower than that.
     let Some((lease, limit)) = session
         .upgrade()
-        .map(|live| (live.lease_id(), live.request_timeout()))
+        .map(|live| (live.lease_id(), live.release_timeout()))
     else {
         return Ok(());
     };

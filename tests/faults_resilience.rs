@@ -492,3 +492,88 @@ async fn the_keys_of_late_joins_are_swept_without_a_watch_or_task_per_name() {
     within(secs(5), session.close()).await.unwrap();
     tasks_back_to(baseline).await;
 }
+
+/// The key of a `lock()` cut off by its request timeout is left to the session's sweep
+/// for late joins. The sweep is background work, like a dropped guard's release: over a
+/// link slower than the request timeout but well within the release timeout, it still
+/// deletes the key, instead of leaving it to hold the lock for nobody while the session
+/// lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_of_a_lock_cut_off_over_a_link_slower_than_requests_is_swept() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = Session::builder(slow)
+        .ttl(secs(30))
+        .request_timeout(millis(500))
+        .release_timeout(secs(5))
+        .build()
+        .await
+        .unwrap();
+    let name = unique("slow-unknown-outcome");
+    let mutex = Mutex::new(&session, &name);
+    // Round trips of about 0.8 s: over the request timeout, well under the release
+    // timeout that bounds a background release.
+    proxy.delay(millis(400));
+    let locked = within(secs(5), mutex.lock()).await;
+    assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+    // The join reached etcd and made the key; its answer came too late.
+    let key = format!("{name}/{:x}", session.lease_id());
+    within(secs(5), common::appears(&direct, key.as_bytes())).await;
+    // Nobody takes it up: the session's sweep deletes it (sweeps come at most 10 s apart).
+    let swept = tokio::time::timeout(secs(25), no_keys_under(&direct, &name)).await;
+    assert!(
+        !session.is_lost(),
+        "the session must live over the slow link"
+    );
+    assert!(
+        swept.is_ok(),
+        "the key of a lock cut off by its request timeout held the lock for nobody"
+    );
+    proxy.delay(Duration::ZERO);
+    within(secs(10), session.close()).await.unwrap();
+}
+
+/// As above, for an election: a campaign cut off by its request timeout makes the session
+/// remember its key, and an incarnation that a join attempt delivered late makes (here
+/// written by hand, on the session's lease) is deleted by the sweep, which the slow link
+/// does not stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_campaign_key_is_swept_over_a_link_slower_than_requests() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = Session::builder(slow)
+        .ttl(secs(30))
+        .request_timeout(millis(500))
+        .release_timeout(secs(5))
+        .build()
+        .await
+        .unwrap();
+    let name = unique("slow-late-campaign");
+    let election = Election::new(&session, &name);
+    proxy.delay(millis(400));
+    let campaigned = within(secs(5), election.campaign("a")).await;
+    assert!(
+        matches!(&campaigned, Err(Error::Timeout { .. })),
+        "{campaigned:?}"
+    );
+    // The undo of the campaign deletes the key its join made.
+    within(secs(10), no_keys_under(&direct, &name)).await;
+    // An incarnation no handle took up, as a join attempt delivered late makes it.
+    let key = format!("{name}/{:x}", session.lease_id());
+    let on_lease = etcd_client::PutOptions::new().with_lease(session.lease_id());
+    direct
+        .kv_client()
+        .put(key, "a", Some(on_lease))
+        .await
+        .unwrap();
+    let swept = tokio::time::timeout(secs(25), no_keys_under(&direct, &name)).await;
+    assert!(
+        !session.is_lost(),
+        "the session must live over the slow link"
+    );
+    assert!(swept.is_ok(), "a late campaign key led for nobody");
+    proxy.delay(Duration::ZERO);
+    within(secs(10), session.close()).await.unwrap();
+}

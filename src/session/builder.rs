@@ -78,10 +78,12 @@ impl SessionBuilder {
 
     /// How long a background release may take (default [`DEFAULT_RELEASE_TIMEOUT`], 5 s;
     /// not zero): each attempt to delete the key of a guard dropped without an explicit
-    /// release (retried for as long as the session lives), the revoke of a session
-    /// dropped without [`Session::close`] (after which the lease's expiry releases), and
-    /// the revokes of a lease that a failed or dropped [`build`](Self::build) may have
-    /// granted. No Go counterpart: Go bounds its requests with the caller's `context`.
+    /// release (retried for as long as the session lives), each request of the session's
+    /// sweeps for keys that join attempts delivered late made (see [`Session`]), the
+    /// revoke of a session dropped without [`Session::close`] (after which the lease's
+    /// expiry releases), and the revokes of a lease that a failed or dropped
+    /// [`build`](Self::build) may have granted. No Go counterpart: Go bounds its requests
+    /// with the caller's `context`.
     pub fn release_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.release_timeout = timeout;
         self
