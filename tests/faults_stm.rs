@@ -93,3 +93,95 @@ async fn transfers_go_on_through_faults_and_conserve_money() {
         "money was created or destroyed"
     );
 }
+
+/// A `ReadCache` on the isolated worker's client (cut off in the schedule, besides the
+/// member kills and the paused leader) while a writer puts and deletes keys under its
+/// prefix: once the faults are over, the copy shows exactly what etcd holds, and its
+/// transactions never read a state that never existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_converges_with_etcd_through_faults() {
+    use etcd_concurrency::{Error, Isolation as Level, ReadCache};
+    const KEYS: usize = 8;
+    let cluster = EtcdCluster::start(3).await;
+    let isolation = Isolation::new(&cluster).await;
+    let prefix = unique("faults-cache");
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("{prefix}/{i}")).collect();
+    let setup = cluster.client().await;
+    for key in &keys {
+        setup.clone().put(key.as_str(), "0", None).await.unwrap();
+    }
+    let cache_client = isolation.worker_client(&cluster, 0).await;
+    let cache = ReadCache::watch(cache_client.clone(), prefix.as_str())
+        .await
+        .unwrap();
+    let tally = Arc::new(Tally::default());
+    let writer = {
+        let (client, keys, tally) = (
+            isolation.worker_client(&cluster, 1).await,
+            keys.clone(),
+            tally.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !tally.stop.load(Ordering::SeqCst) {
+                n += 1;
+                let key = keys[(n as usize * 7) % KEYS].clone();
+                let write = async {
+                    let mut kv = client.kv_client();
+                    if n % 5 == 0 {
+                        kv.delete(key, None).await.map(drop)
+                    } else {
+                        kv.put(key, n.to_string(), None).await.map(drop)
+                    }
+                };
+                match tokio::time::timeout(secs(3), write).await {
+                    Ok(Ok(())) => tally.commits.fetch_add(1, Ordering::SeqCst),
+                    _ => tally.errors.fetch_add(1, Ordering::SeqCst),
+                };
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let progress = || tally.commits.load(Ordering::SeqCst);
+    let report = inflict(&cluster, Some(&isolation), &schedule(secs(2)), progress, 20).await;
+    tally.stop.store(true, Ordering::SeqCst);
+    within(secs(30), writer).await.unwrap();
+    println!("{}", report.join("\n"));
+    // A last write, and the copy must show it.
+    let marker = format!("{prefix}/marker");
+    let last = setup
+        .clone()
+        .put(marker.as_str(), "end", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    within(secs(30), async {
+        while cache.revision() < last {
+            tokio::time::sleep(common::millis(20)).await;
+        }
+    })
+    .await;
+    // ReadCommitted checks nothing: what it returns is the copy.
+    let stm = Stm::new(cache_client)
+        .isolation(Level::ReadCommitted)
+        .read_cache(cache.clone());
+    let copy = stm
+        .run(async |tx| {
+            let mut values = Vec::new();
+            for key in &keys {
+                values.push(tx.get(key).await?);
+            }
+            Ok::<_, Error>(values)
+        })
+        .await
+        .unwrap();
+    let mut current = Vec::new();
+    for key in &keys {
+        let answer = read(&setup, key.as_str(), None).await;
+        current.push(answer.kvs().first().map(|kv| kv.value().to_vec()));
+    }
+    assert_eq!(copy, current, "the copy differs from etcd");
+    assert!(cache.revision() >= last);
+}
