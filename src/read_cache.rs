@@ -33,7 +33,8 @@ use crate::watcher::{Follower, Update};
 ///
 /// Transactions read the writes made through the cache: after a commit of a [`Stm`]
 /// reading this cache changes a key under the prefix, the next attempt of every such
-/// [`Stm`] waits (briefly) for the copy to show that commit before reading it.
+/// [`Stm`] waits (briefly) for the copy to show that commit before reading it, and reads
+/// from etcd if it does not by then (its watch broken).
 ///
 /// The copy's [`revision`](Self::revision) moves only when something under the prefix
 /// changes. An attempt that takes its snapshot from the copy pins its reads to that
@@ -59,12 +60,12 @@ use crate::watcher::{Follower, Update};
 /// lost or frozen, compaction) with a fresh read of the range, so nothing is missed.
 /// While it is broken, transactions go on reading the last copy (and conflict if it is
 /// stale; after a second conflict and its back-off, an attempt reads from etcd unless the
-/// copy has caught up with the values the failed commit read; after a read-only check
-/// finds a change among keys it reads without values, past the 128 one Txn compares, the
-/// next attempt reads from etcd unless the copy shows that change). If etcd refuses the watch
-/// for good (permissions revoked), a warning is logged and transactions read from etcd
-/// again; so they do once the runtime the cache was made on has shut down, since the task
-/// that kept the copy current ran there.
+/// copy holds every key the failed commit read and has caught up with their values;
+/// after a read-only check finds a change among keys it reads without values, past the
+/// 128 one Txn compares, the next attempt reads from etcd unless the copy shows that
+/// change). If etcd refuses the watch for good (permissions revoked), a warning is logged
+/// and transactions read from etcd again; so they do once the runtime the cache was made
+/// on has shut down, since the task that kept the copy current ran there.
 ///
 /// `ReadCache` is a cheap [`Clone`] handle: within one process, give every [`Stm`] a
 /// clone of one cache rather than a cache each, as etcd sends every change to every

@@ -31,9 +31,10 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 32;
 /// How many times a conflicting transaction runs again at once, with the values the failed
 /// commit read (as Go does); after that, each retry backs off first and reads them again.
 const IMMEDIATE_RETRIES: u32 = 1;
-/// How long an attempt waits for the cache to show the last write made through it before
-/// reading it anyway (reading it stale costs a conflict), or a change to a key under the
-/// prefix that a failed commit or check found before reading etcd instead. Either is an
+/// How long an attempt waits for the cache to show the last write made through it, or a
+/// change to a key under the prefix that a failed commit or check found, before reading
+/// etcd instead (a copy without the write would be read stale for sure: a conflict, or at
+/// ReadCommitted, which checks nothing, a read that misses the write). Either is an
 /// event under the cache's prefix, so only a broken watch makes the wait run out, but for
 /// a deletion the copy had not yet shown when the check ended: its revision is not known,
 /// so the copy must reach the check's, which on a quiet prefix it does not. (A change
@@ -254,11 +255,14 @@ impl Stm {
     /// values fix it), and then reads every cached key from that one revision.
     /// The retry right after a conflict uses the values read by the failed commit, as
     /// without a cache; after later conflicts and their back-off, attempts read from the
-    /// cache again if it has caught up with those values, and from etcd if not.
+    /// cache again if it holds all those keys and has caught up with their values, and
+    /// from etcd if not (in one Txn, as without a cache, rather than a round trip for each
+    /// key outside the cache's prefix).
     ///
     /// Reads your writes: before taking the cache, an attempt waits (at most 100 ms, which
     /// only a broken watch uses up) until the cache shows the latest commit that changed a
-    /// key under its prefix, made through any `Stm` reading that cache.
+    /// key under its prefix, made through any `Stm` reading that cache; if it still does
+    /// not, the attempt reads from etcd.
     ///
     /// Nothing in Go's `concurrency` package does this; see [`ReadCache`].
     pub fn read_cache(mut self, cache: ReadCache) -> Stm {
@@ -459,11 +463,11 @@ impl Stm {
             tracing::debug!(conflicts, "STM conflict; running again");
             if conflicts > IMMEDIATE_RETRIES {
                 // Values read before a pause would be stale after it: take them from the
-                // cache if it has caught up with them meanwhile, or read them again.
+                // cache if it holds them all and has caught up with them meanwhile, or
+                // read them again.
                 backoff.wait().await;
-                let pinned = self.isolation.snapshot_reads();
                 fresh = match &cache {
-                    Some(cache) if fresh.seen_by(cache, pinned) => Fresh::default(),
+                    Some(cache) if fresh.seen_by(cache) => Fresh::default(),
                     behind => {
                         if behind.is_some() {
                             tracing::debug!(
@@ -606,12 +610,17 @@ impl StmTxn {
             }
             let cache = self.cache.clone()?;
             let needs = self.copy_needs;
+            let written = cache.written();
             cache
-                .caught_up(cache.written().max(needs.shown), CATCH_UP_LIMIT)
+                .caught_up(written.max(needs.shown), CATCH_UP_LIMIT)
                 .await;
             let view = cache.view()?;
             let behind = if view.revision < needs.shown {
                 Some("cache copy behind a change a check found; reading from etcd")
+            } else if view.revision < written {
+                // A copy that does not show a write made through it would be read stale
+                // for sure: conflicting, or at ReadCommitted not reading that write.
+                Some("cache copy behind a write made through it; reading from etcd")
             } else if view.revision < needs.passed {
                 Some("cache copy not past a change outside its prefix; reading from etcd")
             } else {
@@ -871,23 +880,26 @@ impl fmt::Debug for StmTxn {
 }
 
 impl Fresh {
-    /// Whether the next attempt can read `cache` instead of these values: its copy has
-    /// reached every change they show for the keys it holds and, at the snapshot levels
-    /// (`pinned`), for the others too, which are then read at the copy's revision. A key
-    /// now absent may have been deleted as late as these values' revision; a copy that
-    /// holds no such key agrees with them already.
-    fn seen_by(&self, cache: &ReadCache, pinned: bool) -> bool {
+    /// Whether the next attempt can read `cache` instead of these values: the cache holds
+    /// every one of their keys, and its copy has reached every change they show. A key the
+    /// cache does not hold would be read from etcd, a round trip each, one after another
+    /// (at the snapshot levels, at the copy's revision), where reading them all again
+    /// takes one Txn and leaves the attempt's check one round trip behind its reads: under
+    /// contention, the attempt back on the copy would conflict again and again. A key now
+    /// absent may have been deleted as late as these values' revision; a copy that holds
+    /// no such key agrees with them already.
+    fn seen_by(&self, cache: &ReadCache) -> bool {
+        if !self.values.keys().all(|key| cache.covers(key)) {
+            return false;
+        }
         let view = cache.view();
         let holds_none = |key: &[u8]| {
-            cache.covers(key)
-                && view
-                    .as_ref()
-                    .is_some_and(|view| view.mod_revision(key) == 0)
+            view.as_ref()
+                .is_some_and(|view| view.mod_revision(key) == 0)
         };
         let newest = self
             .values
             .iter()
-            .filter(|(key, _)| pinned || cache.covers(key))
             .map(|(key, read)| match read.value {
                 Some(_) => read.mod_revision,
                 None if holds_none(key) => 0,

@@ -960,3 +960,118 @@ async fn a_cluster_that_never_answers_gives_a_timeout() {
         "{made:?}"
     );
 }
+
+/// A transaction that reads keys of the copy and keys outside it, at the repeatable-read
+/// level, under steady contention on one of the outside keys: a write to it every 50 ms,
+/// over a link whose round trip is at least 20 ms. Without a cache, or with a frozen one,
+/// an attempt after a conflict's back-off reads all its keys again in one Txn, and its
+/// check follows one round trip later: most such attempts commit. An attempt that went
+/// back to a healthy copy read each outside key in a round trip of its own, five before
+/// its check, a window no attempt could get through: every attempt conflicted until the
+/// run gave up, with the default number of attempts too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_back_off_keys_outside_the_copy_are_not_read_one_round_trip_each() {
+    const OUTSIDE: usize = 5;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("mixed-reads");
+    let cached = format!("{prefix}/cached");
+    let outside: Vec<String> = (0..OUTSIDE)
+        .map(|i| unique(&format!("mixed-{i}")))
+        .collect();
+    put(&client, &cached, "1").await;
+    for key in &outside {
+        put(&client, key, "0").await;
+    }
+    let cache = ReadCache::watch(client.clone(), prefix.as_str())
+        .await
+        .unwrap();
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    proxy.delay(millis(10));
+    let writer = tokio::spawn({
+        let (client, contended) = (client.clone(), outside[0].clone());
+        async move {
+            for n in 1.. {
+                put(&client, &contended, &n.to_string()).await;
+                tokio::time::sleep(millis(50)).await;
+            }
+        }
+    });
+    let mut keys = vec![cached.clone()];
+    keys.extend(outside.iter().cloned());
+    for with_cache in [false, true] {
+        let mut stm = Stm::new(slow.clone())
+            .isolation(Isolation::RepeatableReads)
+            .max_attempts(20);
+        if with_cache {
+            stm = stm.read_cache(cache.clone());
+        }
+        let runs = AtomicU32::new(0);
+        let read = within(
+            secs(30),
+            stm.run(async |tx| {
+                let run = runs.fetch_add(1, Ordering::SeqCst);
+                let mut values = Vec::new();
+                for key in &keys {
+                    values.push(tx.get(key).await?);
+                }
+                if run == 1 {
+                    // The retry with the failed check's values conflicts too: the next
+                    // attempts come after a back-off.
+                    put(&client, &outside[1], "changed").await;
+                }
+                Ok::<_, Error>(values)
+            }),
+        )
+        .await;
+        let runs = runs.into_inner();
+        assert!(
+            read.is_ok(),
+            "with cache {with_cache}: {read:?} after {runs} attempts"
+        );
+    }
+    writer.abort();
+}
+
+/// A copy that does not show a write made through its cache, even after the wait for it
+/// (its watch frozen), is not read: the transaction reads etcd, and sees the write, as
+/// `ReadCache`'s docs promise ("transactions read the writes made through the cache").
+/// Before, the attempt read the copy anyway: at read-committed, which checks nothing, it
+/// returned the value from before its own `Stm`'s write; at the other levels, it read a
+/// value certain to be stale and conflicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_the_cache_is_read_back_when_the_copy_does_not_show_it() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("own-write-frozen");
+    let key = format!("{prefix}/key");
+    put(&client, &key, "old").await;
+    let (cache, _proxy) = frozen_cache(&cluster, &prefix).await;
+    for isolation in [Isolation::ReadCommitted, Isolation::SerializableSnapshot] {
+        let stm = Stm::new(client.clone())
+            .isolation(isolation)
+            .read_cache(cache.clone());
+        let written = format!("{isolation:?}");
+        within(
+            secs(10),
+            stm.run(async |tx| {
+                tx.put(key.as_str(), written.as_str());
+                Ok::<_, Error>(())
+            }),
+        )
+        .await
+        .unwrap();
+        let runs = AtomicU32::new(0);
+        let read = within(
+            secs(10),
+            stm.run(async |tx| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tx.get(&key).await
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(read, Some(written.into_bytes()), "{isolation:?}");
+        assert_eq!(runs.into_inner(), 1, "{isolation:?}: a stale copy was read");
+    }
+}
