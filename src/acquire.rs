@@ -126,7 +126,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let answer = match in_flight.finish().await {
         Ok(answer) => answer,
         Err(error) => {
-            let sent = outcome_of_failure(in_flight.maybe_late);
+            let sent = outcome_of_failure(in_flight.maybe_late, &error);
             in_flight.undo_in_background(sent);
             return Err(lease_gone_is_session_lost(session, error));
         }
@@ -209,9 +209,12 @@ enum Sent {
     Unknown,
     /// Refused: nothing was written. etcd refuses a request for what it is, such as its
     /// size or the caller's permissions, so it refused every attempt; or the lease is
-    /// gone, and its keys with it; or no attempt got as far as a raft proposal (the
-    /// connection was refused, etcd had no leader).
+    /// gone, and its keys with it.
     Refused,
+    /// No attempt got as far as a raft proposal (the connection was refused, etcd had no
+    /// leader or too many requests): nothing was written, and nothing was learnt, so
+    /// there is nothing to undo; a look-up would only wait for etcd to be reachable again.
+    Unreached,
 }
 
 impl InFlight {
@@ -244,7 +247,7 @@ impl InFlight {
     fn undo_in_background(&mut self, sent: Sent) {
         let maybe_late = self.maybe_late;
         match (&sent, self.owner) {
-            (Sent::Refused, Owner::Mutex) if !maybe_late => self.local = None,
+            (Sent::Refused | Sent::Unreached, Owner::Mutex) if !maybe_late => self.local = None,
             (Sent::Unknown, Owner::Mutex) => {
                 self.session.sweep_for_late_joins(&self.name, self.owner);
                 self.local = None;
@@ -273,17 +276,22 @@ impl InFlight {
                         live.sweep_for_late_joins(&name, owner);
                     }
                 }
+                // Any outcome but one that never reached etcd may have created a key.
+                let may_have_left_key = !matches!(sent, Sent::Unreached);
                 let left = left_behind(sent);
                 if matches!((owner, &left), (Owner::Mutex, Left::Unknown)) {
                     return;
                 }
                 // The claim is given up only now, with the outcome known: a key this Txn
                 // created after the others' key was deleted is then left to the last of
-                // them, if they are still there. Any outcome may have created one: a key
-                // found may be this very call's, from an attempt whose answer was lost.
+                // them, if they are still there. Any outcome that reached etcd may have
+                // created one: a key found may be this very call's, from an attempt whose
+                // answer was lost. One that did not leaves nothing to look up (a look-up
+                // would hold the next campaign until etcd answers), unless an earlier
+                // holder left a key to this call.
                 let last_claim = match claim {
                     None => None,
-                    Some(claim) => match claim.leave(true) {
+                    Some(claim) => match claim.leave(may_have_left_key) {
                         None => return,
                         last => last,
                     },
@@ -292,8 +300,9 @@ impl InFlight {
                     release_while_session_lives(session.clone(), &key, revision).await;
                 }
                 // The last claim on an election's key deletes whichever incarnation the
-                // lease holds, whatever became of this Txn: leaving noted that this call
-                // may have left one, and an earlier holder may have left one to it.
+                // lease holds, whatever became of this Txn if it reached etcd: leaving
+                // noted that this call may have left one, and an earlier holder may have
+                // left one to it.
                 if last_claim.as_ref().is_some_and(LastClaim::leftover) {
                     release_lease_key(session, &key).await;
                 }
@@ -314,7 +323,7 @@ impl Drop for InFlight {
                 match task.await {
                     Ok(Sending { answer, maybe_late }) => match answer {
                         Ok(answer) => (Sent::Answered(answer), maybe_late),
-                        Err(_) => (outcome_of_failure(maybe_late), maybe_late),
+                        Err(error) => (outcome_of_failure(maybe_late, &error), maybe_late),
                     },
                     Err(_) => (Sent::Unknown, true),
                 }
@@ -326,9 +335,12 @@ impl Drop for InFlight {
 /// What became of a join Txn that failed, given whether an attempt may have been applied:
 /// if none may (etcd refused it for what it is, or every attempt certainly went
 /// unapplied: connection refused, no leader), nothing was written.
-fn outcome_of_failure(maybe_applied: bool) -> Sent {
+fn outcome_of_failure(maybe_applied: bool, error: &Error) -> Sent {
     match maybe_applied {
         true => Sent::Unknown,
+        // Transient, yet no attempt may have applied: each one was turned away before
+        // etcd proposed it (an answer that came, or a timeout, would make it unknown).
+        false if error.is_transient() => Sent::Unreached,
         false => Sent::Refused,
     }
 }
@@ -354,7 +366,7 @@ fn left_behind(sent: Sent) -> Left {
             .0
             .map_or(Left::Nothing, |own| Left::Key(own.create_revision())),
         Sent::Unknown => Left::Unknown,
-        Sent::Refused => Left::Nothing,
+        Sent::Refused | Sent::Unreached => Left::Nothing,
     }
 }
 

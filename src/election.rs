@@ -171,7 +171,11 @@ impl Election {
     ///
     /// A campaign that fails, like one cancelled, withdraws this session's key in the
     /// election (one left by an earlier process on the same lease included), unless
-    /// another campaign or [`Leadership`] of this session uses it.
+    /// another campaign or [`Leadership`] of this session uses it. One whose join never
+    /// reached etcd (every attempt's connection refused, or turned away for want of a
+    /// leader) wrote and found nothing, so it leaves nothing to undo: the next campaign
+    /// fails the same way at once, instead of waiting for a look-up that only etcd's
+    /// return would end.
     ///
     /// # Cancel safety
     ///

@@ -255,3 +255,135 @@ async fn an_observe_refused_backs_off_between_errors() {
     // Back-off steps from 20 ms doubling to 1 s: about ten errors in 2 s.
     assert!((1..=30).contains(&errors), "{errors} errors in 2 s");
 }
+
+/// A campaign that never reached etcd (its connection refused) wrote nothing, so it
+/// leaves nothing to undo, as for a lock: the session's next campaign in the election
+/// gets the same error at once, instead of waiting (until etcd answers, or the session
+/// is lost a TTL later) for the look-up of a key that cannot exist; and once etcd is
+/// back, the election is won.
+#[tokio::test]
+async fn a_campaign_that_never_reached_etcd_leaves_nothing_to_undo() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let session = common::session_with(client.clone(), secs(60), secs(1)).await;
+    let election = Election::new(&session, unique("refused-campaign"));
+    cluster.kill(0);
+    // Until the client has seen its connection close, a request may still be sent on it.
+    within(secs(5), async {
+        while !client
+            .clone()
+            .get("probe", None)
+            .await
+            .is_err_and(|error| error.to_string().contains("tcp connect error"))
+        {}
+    })
+    .await;
+
+    for _ in 0..2 {
+        // As a caller that tries again after a pause would.
+        tokio::time::sleep(millis(100)).await;
+        let campaigned = tokio::time::timeout(secs(3), election.campaign("x")).await;
+        assert!(
+            matches!(&campaigned, Ok(Err(error)) if error.is_transient()),
+            "waiting instead of failing: {:?}",
+            campaigned.map(|result| result.map(drop))
+        );
+    }
+
+    cluster.restart(0).await;
+    let leading = within(secs(10), election.campaign("x")).await.unwrap();
+    within(secs(5), leading.resign()).await.unwrap();
+}
+
+/// A snapshot compacted in the middle of an attempt (no read cache: a long attempt) makes
+/// the read fail with etcd's "compacted" error; returned with `?`, the closure runs again
+/// from a fresh snapshot, which is no conflict, and the run commits.
+#[tokio::test]
+async fn an_stm_snapshot_compacted_during_an_attempt_runs_it_again() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("stm-compacted");
+    let (first, second) = (format!("{prefix}/first"), format!("{prefix}/second"));
+    client.clone().put(first.as_str(), "1", None).await.unwrap();
+    client
+        .clone()
+        .put(second.as_str(), "2", None)
+        .await
+        .unwrap();
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let stm = Stm::new(client.clone()).max_attempts(1);
+    let sum = within(
+        secs(10),
+        stm.run(async |tx| {
+            let run = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let a = tx.get(&first).await?.unwrap();
+            if run == 0 {
+                // The snapshot (the first read's revision) is compacted away.
+                let mut admin = client.clone();
+                admin
+                    .put(format!("{prefix}/other"), "x", None)
+                    .await
+                    .unwrap();
+                let now = admin
+                    .put(format!("{prefix}/other"), "y", None)
+                    .await
+                    .unwrap();
+                let revision = now.header().unwrap().revision();
+                admin.compact(revision, None).await.unwrap();
+            }
+            let b = tx.get(&second).await?.unwrap();
+            tx.put(format!("{prefix}/sum"), [a, b].concat());
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    sum.unwrap();
+    assert_eq!(runs.into_inner(), 2);
+    let answer = client
+        .clone()
+        .get(format!("{prefix}/sum"), None)
+        .await
+        .unwrap();
+    assert_eq!(answer.kvs()[0].value(), b"12");
+}
+
+/// Just over etcd's request limit (1.5 MiB), under its gRPC message limit (2 MiB): etcd's
+/// own refusal, not transient, and nothing written; and a commit of more writes than one
+/// Txn may hold (etcd's `--max-txn-ops`, 128) is refused the same way.
+#[tokio::test]
+async fn stm_commits_over_etcds_limits_are_refused_and_write_nothing() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let prefix = unique("stm-limits");
+    let stm = Stm::new(client.clone());
+    let result = within(
+        secs(10),
+        stm.run(async |tx| {
+            tx.put(format!("{prefix}/small"), "ok");
+            tx.put(format!("{prefix}/big"), vec![b'x'; 1_600_000]);
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert!(matches!(error, Error::Etcd(_)), "{error:?}");
+    assert!(!error.is_transient(), "{error}");
+    assert!(
+        error.to_string().contains("request is too large"),
+        "{error}"
+    );
+    let result = within(
+        secs(10),
+        stm.run(async |tx| {
+            for i in 0..129 {
+                tx.put(format!("{prefix}/{i}"), "v");
+            }
+            Ok::<_, Error>(())
+        }),
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert!(matches!(error, Error::Etcd(_)), "{error:?}");
+    assert!(!error.is_transient(), "{error}");
+    assert!(keys_under(&client, &prefix).await.is_empty());
+}
