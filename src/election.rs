@@ -523,8 +523,9 @@ impl Leadership {
     ///
     /// # Cancel safety
     ///
-    /// Cancel-safe: if the future is dropped before the delete is known to be applied,
-    /// resigning goes on in the background, as after a transient error.
+    /// Cancel-safe: if the future is dropped before the delete is known to be applied
+    /// (also before its first poll), resigning goes on in the background, as after a
+    /// transient error.
     ///
     /// # Example
     ///
@@ -534,8 +535,10 @@ impl Leadership {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn resign(self) -> Result<()> {
-        self.key.release().await
+    pub fn resign(self) -> impl Future<Output = Result<()>> + Send + 'static {
+        // Not an `async fn`: the resign is under way from this call, so that a future
+        // dropped before its first poll still resigns (in the background).
+        self.key.release()
     }
 
     /// The leader's key: the election's name, `/`, and the lease id in lowercase hex (Go's

@@ -93,8 +93,17 @@ impl OwnedKey {
     /// Errors: [`Error::OwnershipLost`] if it was not (deleted or re-created meanwhile);
     /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached, in which case
     /// the release goes on in the background (as it does when this future is dropped).
-    pub(crate) async fn release(mut self) -> Result<()> {
+    ///
+    /// The release counts as asked for as soon as this is called: a future dropped before
+    /// its first poll releases in the background as one dropped half-way does (for an
+    /// election's key, ending the others that share it, as the release would have).
+    pub(crate) fn release(mut self) -> impl Future<Output = Result<()>> + Send + 'static {
         self.releasing = true;
+        self.delete_incarnation()
+    }
+
+    /// The delete of [`release`](Self::release), once it counts as asked for.
+    async fn delete_incarnation(mut self) -> Result<()> {
         let released = fenced_delete(
             &self.session,
             &self.key,

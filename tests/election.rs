@@ -1380,3 +1380,27 @@ async fn a_proclaim_that_goes_unanswered_gets_session_lost_once_lost() {
     assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
     proxy.heal();
 }
+
+/// A resign whose future is dropped before its first poll (a `select!` whose other branch
+/// was ready first, say) has still been asked for: as the docs of `resign` say of a resign
+/// dropped before its delete is known to be applied, resigning goes on in the background,
+/// ending the session's other leadership sharing the key, and the next candidate leads.
+#[tokio::test]
+async fn a_resign_dropped_before_its_first_poll_still_resigns() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("resign-unpolled");
+    let leader = session(&client, 30).await;
+    let election = Election::new(&leader, &name);
+    let first = within(secs(10), election.campaign("a")).await.unwrap();
+    let second = within(secs(10), election.campaign("a")).await.unwrap();
+    let other = session(&client, 30).await;
+    let next = spawn_campaign(&Election::new(&other, &name), "next");
+    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
+    drop(first.resign());
+    let elected = within(secs(5), next).await.unwrap().unwrap();
+    assert_eq!(elected.key(), hex_key(&name, &other).as_slice());
+    within(secs(5), second.lost()).await;
+    drop(second);
+    within(secs(5), elected.resign()).await.unwrap();
+}
