@@ -173,25 +173,19 @@ impl Renewing<'_> {
         let mut backoff = Backoff::new();
         loop {
             tokio::select! {
-                () = tokio::time::sleep_until(*alive_until) => return StreamEnd::TimeRanOut,
-                () = tokio::time::sleep_until(next_renewal), if pending_since.is_none() => {
-                    // Taken before the send: the lease is counted from no later than etcd's.
-                    let sending = Instant::now();
-                    if keeper.keep_alive().await.is_err() {
-                        return StreamEnd::Broken(replacement);
+                // An answer already there counts, whatever time it is.
+                biased;
+                answer = answers.message() => match answer {
+                    Ok(Some(answer)) if answer.ttl() > 0 => {
+                        if let Some(since) = pending_since.take() {
+                            *alive_until = (*alive_until).max(since + secs(answer.ttl()));
+                            next_renewal = since + period;
+                        }
+                        (replace_at, replacement) = (None, None);
                     }
-                    pending_since = Some(sending);
-                    replace_at = Some(sending + answer_due(period));
-                }
-                // Unanswered for long: perhaps its member is down; try through another,
-                // while this answer, perhaps only slow, may still come.
-                () = tokio::time::sleep_until(replace_at.unwrap_or(*alive_until)),
-                    if replace_at.is_some() =>
-                {
-                    let (client, until) = (self.client.clone(), *alive_until);
-                    replacement = Some(open(client, self.lease_id, period, until));
-                    replace_at = None;
-                }
+                    Ok(Some(_)) => return StreamEnd::LeaseGone,
+                    Ok(None) | Err(_) => return StreamEnd::Broken(replacement),
+                },
                 Some(opened) = OptionFuture::from(replacement.as_mut()),
                     if replacement.is_some() =>
                 {
@@ -211,17 +205,25 @@ impl Renewing<'_> {
                         }
                     }
                 }
-                answer = answers.message() => match answer {
-                    Ok(Some(answer)) if answer.ttl() > 0 => {
-                        if let Some(since) = pending_since.take() {
-                            *alive_until = (*alive_until).max(since + secs(answer.ttl()));
-                            next_renewal = since + period;
-                        }
-                        (replace_at, replacement) = (None, None);
+                () = tokio::time::sleep_until(*alive_until) => return StreamEnd::TimeRanOut,
+                () = tokio::time::sleep_until(next_renewal), if pending_since.is_none() => {
+                    // Taken before the send: the lease is counted from no later than etcd's.
+                    let sending = Instant::now();
+                    if keeper.keep_alive().await.is_err() {
+                        return StreamEnd::Broken(replacement);
                     }
-                    Ok(Some(_)) => return StreamEnd::LeaseGone,
-                    Ok(None) | Err(_) => return StreamEnd::Broken(replacement),
-                },
+                    pending_since = Some(sending);
+                    replace_at = Some(sending + answer_due(period));
+                }
+                // Unanswered for long: perhaps its member is down; try through another,
+                // while this answer, perhaps only slow, may still come.
+                () = tokio::time::sleep_until(replace_at.unwrap_or(*alive_until)),
+                    if replace_at.is_some() =>
+                {
+                    let (client, until) = (self.client.clone(), *alive_until);
+                    replacement = Some(open(client, self.lease_id, period, until));
+                    replace_at = None;
+                }
             }
         }
     }
