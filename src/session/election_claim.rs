@@ -63,18 +63,23 @@ impl UnknownKey {
 
     /// After a [`note`](Self::note) that left the key to others: `Some` with the claim
     /// made exclusive if they are all gone and none of them took the note (a campaign
-    /// handed the claim but dropped before it ran never does), to delete the key under;
-    /// `Some(None)` once one took it; `None` while they hold the claim.
+    /// handed the claim but dropped before it ran never does), or the last went while this
+    /// looked, to delete the key under; `Some(None)` once one took it; `None` while they
+    /// hold the claim.
     pub(crate) fn settle(&self) -> Option<Option<LastClaim>> {
-        match self.0.clone().try_write_owned() {
-            Ok(exclusive) => {
-                let last = LastClaim::taking_note(exclusive);
-                Some(last.leftover.then_some(last))
-            }
-            Err(_) => match self.0.try_read() {
-                Ok(shared) if !shared.0.load(Ordering::Acquire) => Some(None),
-                _ => None,
-            },
+        if let Ok(exclusive) = self.0.clone().try_write_owned() {
+            let last = LastClaim::taking_note(exclusive);
+            return Some(last.leftover.then_some(last));
+        }
+        let taken = (self.0.try_read()).map(|shared| !shared.0.load(Ordering::Acquire));
+        // The last of them to go while this looked found the claim held, and left its key
+        // (to this look, unknowingly): if they are all gone now, the key is nobody's.
+        if let Ok(exclusive) = self.0.clone().try_write_owned() {
+            return Some(Some(LastClaim::taking_note(exclusive)));
+        }
+        match taken {
+            Ok(true) => Some(None),
+            _ => None,
         }
     }
 }
