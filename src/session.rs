@@ -19,6 +19,7 @@ use tokio::time::Instant;
 pub use self::builder::SessionBuilder;
 use self::election_claim::Leftover;
 pub(crate) use self::election_claim::{ElectionClaim, LastClaim};
+use self::keep_alive::Deadline;
 use crate::error::{Error, Result, is_lease_gone};
 use crate::late_join::LateJoins;
 use crate::release::spawn_release;
@@ -137,6 +138,10 @@ struct Shared {
     /// to revoke on drop. Not set when the session is lost only by its own clock (no
     /// renewal answered for a whole TTL), as renewals may have reached etcd unanswered.
     lease_gone: Arc<AtomicBool>,
+    /// When the lease expires at the latest without a further renewal, as the keep-alive
+    /// last counted it: checked by `is_lost` and `lost` themselves, in case the keep-alive
+    /// task could not run on time.
+    deadline: Arc<Deadline>,
     /// Whether an attempt of the grant may still be in transit (the grant was answered
     /// after another attempt went unanswered): reaching etcd after the lease ended, it
     /// would grant it again, so a revoke is repeated for the release timeout.
@@ -234,6 +239,9 @@ impl Session {
     ///
     /// The "whole TTL" is counted from when the last answered keep-alive was *sent*, so it
     /// never ends later than etcd's own expiry (which can come later, after a leader change).
+    /// `lost` and [`is_lost`](Self::is_lost) check that deadline themselves, so it holds
+    /// even when the keep-alive task could not run on time (its runtime's threads blocked
+    /// or busy past the TTL). `lost` therefore needs a Tokio runtime with its time driver.
     ///
     /// # Cancel safety
     ///
@@ -252,8 +260,16 @@ impl Session {
     /// ```
     pub async fn lost(&self) {
         let mut lost = self.shared.lost.subscribe();
-        // An error means the sender is gone, which only happens when the session is.
-        let _ = lost.wait_for(|lost| *lost).await;
+        // The deadline is watched here too, on the caller's runtime: the keep-alive task
+        // that would mark the session lost may not get to run on time.
+        while !self.shared.expired_by_clock() {
+            let deadline = self.shared.deadline.get();
+            tokio::select! {
+                // An error means the sender is gone, which only happens when the session is.
+                _ = lost.wait_for(|lost| *lost) => return,
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
     }
 
     /// Whether [`lost`](Self::lost) has resolved, without waiting (in Go, a `select` on
@@ -267,7 +283,7 @@ impl Session {
     /// # }
     /// ```
     pub fn is_lost(&self) -> bool {
-        *self.shared.lost.borrow()
+        *self.shared.lost.borrow() || self.shared.expired_by_clock()
     }
 
     /// Stops the keep-alive and revokes the lease, so every key attached to it (locks held,
@@ -474,6 +490,19 @@ impl fmt::Debug for Session {
 }
 
 impl Shared {
+    /// Whether a whole TTL has passed since the last answered renewal was sent, whether or
+    /// not the keep-alive task has run since (its runtime's threads may be blocked or
+    /// busy): if so, the session is marked lost (and its keep-alive stopped, as it would
+    /// have stopped itself), once and for all.
+    fn expired_by_clock(&self) -> bool {
+        if Instant::now() < self.deadline.get() {
+            return false;
+        }
+        self.keep_alive.abort();
+        self.lost.send_replace(true);
+        true
+    }
+
     fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
         self.keep_alive.abort();

@@ -597,3 +597,48 @@ async fn a_grant_attempt_that_reaches_etcd_after_close_leaves_no_lease() {
     }
     panic!("no grant attempt reached etcd after the close in 30 tries");
 }
+
+/// A session whose keep-alive task could not run (the runtime's only thread blocked past
+/// the TTL: a long computation or a blocking call in a task) is lost once the TTL has
+/// passed since its last renewal, whether or not that task has run since: otherwise
+/// `is_lost()` says `false`, and a `select!` on the guard's `lost()` lets work start,
+/// while etcd has already expired the lease and another process may hold the lock.
+#[tokio::test]
+async fn a_session_whose_keep_alive_could_not_run_is_lost_once_etcd_expired_its_lease() {
+    let cluster = EtcdCluster::start(1).await;
+    let session = session_with_ttl(cluster.client().await, 2).await;
+    let guard = etcd_concurrency::Mutex::new(&session, unique("blocked"))
+        .lock()
+        .await
+        .unwrap();
+    let (id, endpoint) = (session.lease_id(), cluster.endpoint(0));
+    let (expired_tx, expired) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut client = Client::connect([endpoint], None).await.unwrap();
+            while client.lease_time_to_live(id, None).await.unwrap().ttl() >= 0 {
+                tokio::time::sleep(millis(20)).await;
+            }
+        });
+        expired_tx.send(()).unwrap();
+    });
+    // This runtime's only thread blocks until etcd has expired the lease.
+    expired.recv_timeout(secs(10)).unwrap();
+    assert!(
+        session.is_lost(),
+        "etcd expired the lease; the session says it is not lost"
+    );
+    let worked = tokio::select! {
+        biased;
+        () = guard.lost() => false,
+        () = std::future::ready(()) => true,
+    };
+    assert!(
+        !worked,
+        "work started under a lock whose lease etcd had expired"
+    );
+}

@@ -10,7 +10,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::keep_alive::{MarkLostOnExit, Renewed, keep_alive};
+use super::keep_alive::{Deadline, MarkLostOnExit, Renewed, keep_alive};
 use super::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, Shared, lease_hex,
     revoke_repeatedly, secs,
@@ -182,12 +182,14 @@ impl SessionBuilder {
         };
         let (lost, _) = watch::channel(false);
         let lease_gone = Arc::new(AtomicBool::new(false));
+        let deadline = Arc::new(Deadline::new(renewed.at + ttl));
         let keep_alive = tokio::spawn(keep_alive(
             self.client.clone(),
             lease_id,
             ttl,
             renewed,
             Arc::clone(&lease_gone),
+            Arc::clone(&deadline),
             MarkLostOnExit(lost.clone()),
         ))
         .abort_handle();
@@ -203,6 +205,7 @@ impl SessionBuilder {
                 keep_alive,
                 ended: AtomicBool::new(false),
                 lease_gone,
+                deadline,
                 late_grant,
                 queues: Default::default(),
                 elections: Default::default(),

@@ -18,6 +18,51 @@ use crate::retry::{ATTEMPT_TIMEOUT, Backoff, retry_every};
 /// A keep-alive stream: the sender of renewals, and their answers.
 pub(super) type Stream = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
 
+/// When the lease expires at the latest without a further renewal, as the keep-alive last
+/// counted it (see [`keep_alive`]), shared with the session: [`Session::is_lost`] and
+/// [`Session::lost`] check it themselves, so that a keep-alive task that could not run on
+/// time (its runtime's threads blocked or busy past the TTL) does not leave the session
+/// believing itself alive after etcd may have expired its lease.
+///
+/// [`Session::is_lost`]: super::Session::is_lost
+/// [`Session::lost`]: super::Session::lost
+pub(super) struct Deadline(std::sync::Mutex<Instant>);
+
+impl Deadline {
+    pub(super) fn new(at: Instant) -> Deadline {
+        Deadline(std::sync::Mutex::new(at))
+    }
+
+    pub(super) fn get(&self) -> Instant {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Moves the deadline to `to`, if later.
+    fn extend(&self, to: Instant) {
+        let mut at = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *at = (*at).max(to);
+    }
+}
+
+/// The keep-alive's own count of `alive_until`, published to the session's [`Deadline`].
+struct AliveUntil {
+    at: Instant,
+    shared: Arc<Deadline>,
+}
+
+impl AliveUntil {
+    fn extend(&mut self, to: Instant) {
+        self.at = self.at.max(to);
+        self.shared.extend(self.at);
+    }
+}
+
 /// A renewal that has just succeeded: when it was sent, and the keep-alive stream it was
 /// sent on, if any.
 pub(super) struct Renewed {
@@ -40,10 +85,15 @@ pub(super) async fn keep_alive(
     ttl: Duration,
     renewed: Renewed,
     lease_gone: Arc<AtomicBool>,
+    deadline: Arc<Deadline>,
     // Dropped with the future, also unpolled, as when its runtime shuts down first.
     _lost: MarkLostOnExit,
 ) {
-    let mut alive_until = renewed.at + ttl;
+    let mut alive_until = AliveUntil {
+        at: renewed.at + ttl,
+        shared: deadline,
+    };
+    alive_until.shared.extend(alive_until.at);
     let mut stream = renewed.stream.map(|stream| (stream, renewed.at));
     let mut backoff = Backoff::new();
     let period = renewal_period(ttl);
@@ -66,21 +116,21 @@ pub(super) async fn keep_alive(
                 }
             }
         }
-        if Instant::now() >= alive_until {
+        if Instant::now() >= alive_until.at {
             break false;
         }
         let opening =
-            opening.unwrap_or_else(|| open(client.clone(), lease_id, period, alive_until));
+            opening.unwrap_or_else(|| open(client.clone(), lease_id, period, alive_until.at));
         match opening.await {
             Err(Error::Etcd(error)) if is_lease_not_found(&error) => break true,
             Err(error) => {
                 tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
                 let delay = backoff.next_delay();
-                tokio::time::sleep_until((Instant::now() + delay).min(alive_until)).await;
+                tokio::time::sleep_until((Instant::now() + delay).min(alive_until.at)).await;
             }
             Ok((attempted, opened)) => {
                 // Opening sent a renewal and etcd-client checked that its answer had TTL > 0.
-                alive_until = alive_until.max(attempted + ttl);
+                alive_until.extend(attempted + ttl);
                 stream = Some((opened, attempted));
             }
         }
@@ -161,7 +211,7 @@ impl Renewing<'_> {
         &self,
         (mut keeper, mut answers): Stream,
         renewed_at: Instant,
-        alive_until: &mut Instant,
+        alive_until: &mut AliveUntil,
     ) -> StreamEnd {
         let period = renewal_period(self.ttl);
         let mut next_renewal = renewed_at + period;
@@ -178,7 +228,7 @@ impl Renewing<'_> {
                 answer = answers.message() => match answer {
                     Ok(Some(answer)) if answer.ttl() > 0 => {
                         if let Some(since) = pending_since.take() {
-                            *alive_until = (*alive_until).max(since + secs(answer.ttl()));
+                            alive_until.extend(since + secs(answer.ttl()));
                             next_renewal = since + period;
                         }
                         (replace_at, replacement) = (None, None);
@@ -192,7 +242,7 @@ impl Renewing<'_> {
                     match opened {
                         Ok((attempted, stream)) => {
                             // Opening sent a renewal, answered with TTL > 0.
-                            *alive_until = (*alive_until).max(attempted + self.ttl);
+                            alive_until.extend(attempted + self.ttl);
                             return StreamEnd::Replaced(Box::new(stream), attempted);
                         }
                         Err(Error::Etcd(error)) if is_lease_not_found(&error) => {
@@ -205,7 +255,7 @@ impl Renewing<'_> {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(*alive_until) => return StreamEnd::TimeRanOut,
+                () = tokio::time::sleep_until(alive_until.at) => return StreamEnd::TimeRanOut,
                 () = tokio::time::sleep_until(next_renewal), if pending_since.is_none() => {
                     // Taken before the send: the lease is counted from no later than etcd's.
                     let sending = Instant::now();
@@ -217,10 +267,10 @@ impl Renewing<'_> {
                 }
                 // Unanswered for long: perhaps its member is down; try through another,
                 // while this answer, perhaps only slow, may still come.
-                () = tokio::time::sleep_until(replace_at.unwrap_or(*alive_until)),
+                () = tokio::time::sleep_until(replace_at.unwrap_or(alive_until.at)),
                     if replace_at.is_some() =>
                 {
-                    let (client, until) = (self.client.clone(), *alive_until);
+                    let (client, until) = (self.client.clone(), alive_until.at);
                     replacement = Some(open(client, self.lease_id, period, until));
                     replace_at = None;
                 }
