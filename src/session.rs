@@ -91,7 +91,11 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// `resign()`): background releases run as tasks on the runtime, and one that is ending
 /// (a session or guard dropped as `#[tokio::main]`'s `main` returns) does not run them.
 /// The keys then stay until the lease expires, a TTL later, and a warning is logged
-/// through `tracing`.
+/// through `tracing`. The same goes for a runtime that still exists but is no longer
+/// driven (a current-thread runtime whose `block_on` has returned): the keep-alive and
+/// the background releases, which run on the runtime the session was built on, wait until
+/// it is driven again, though [`lost`](Self::lost) and [`is_lost`](Self::is_lost) still
+/// say when the lease may have expired.
 ///
 /// # Example
 ///
