@@ -50,19 +50,6 @@ impl Deadline {
     }
 }
 
-/// The keep-alive's own count of `alive_until`, published to the session's [`Deadline`].
-struct AliveUntil {
-    at: Instant,
-    shared: Arc<Deadline>,
-}
-
-impl AliveUntil {
-    fn extend(&mut self, to: Instant) {
-        self.at = self.at.max(to);
-        self.shared.extend(self.at);
-    }
-}
-
 /// A renewal that has just succeeded: when it was sent, and the keep-alive stream it was
 /// sent on, if any.
 pub(super) struct Renewed {
@@ -85,15 +72,10 @@ pub(super) async fn keep_alive(
     ttl: Duration,
     renewed: Renewed,
     lease_gone: Arc<AtomicBool>,
-    deadline: Arc<Deadline>,
+    alive_until: Arc<Deadline>,
     // Dropped with the future, also unpolled, as when its runtime shuts down first.
     _lost: MarkLostOnExit,
 ) {
-    let mut alive_until = AliveUntil {
-        at: renewed.at + ttl,
-        shared: deadline,
-    };
-    alive_until.shared.extend(alive_until.at);
     let mut stream = renewed.stream.map(|stream| (stream, renewed.at));
     let mut backoff = Backoff::new();
     let period = renewal_period(ttl);
@@ -106,7 +88,7 @@ pub(super) async fn keep_alive(
         let mut opening = None;
         if let Some((current, renewed_at)) = stream.take() {
             backoff = Backoff::new();
-            match renewing.renew(current, renewed_at, &mut alive_until).await {
+            match renewing.renew(current, renewed_at, &alive_until).await {
                 StreamEnd::LeaseGone => break true,
                 StreamEnd::TimeRanOut => break false,
                 StreamEnd::Broken(replacement) => opening = replacement,
@@ -116,17 +98,17 @@ pub(super) async fn keep_alive(
                 }
             }
         }
-        if Instant::now() >= alive_until.at {
+        if Instant::now() >= alive_until.get() {
             break false;
         }
         let opening =
-            opening.unwrap_or_else(|| open(client.clone(), lease_id, period, alive_until.at));
+            opening.unwrap_or_else(|| open(client.clone(), lease_id, period, alive_until.get()));
         match opening.await {
             Err(Error::Etcd(error)) if is_lease_not_found(&error) => break true,
             Err(error) => {
                 tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
                 let delay = backoff.next_delay();
-                tokio::time::sleep_until((Instant::now() + delay).min(alive_until.at)).await;
+                tokio::time::sleep_until((Instant::now() + delay).min(alive_until.get())).await;
             }
             Ok((attempted, opened)) => {
                 // Opening sent a renewal and etcd-client checked that its answer had TTL > 0.
@@ -211,7 +193,7 @@ impl Renewing<'_> {
         &self,
         (mut keeper, mut answers): Stream,
         renewed_at: Instant,
-        alive_until: &mut AliveUntil,
+        alive_until: &Deadline,
     ) -> StreamEnd {
         let period = renewal_period(self.ttl);
         let mut next_renewal = renewed_at + period;
@@ -255,7 +237,7 @@ impl Renewing<'_> {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(alive_until.at) => return StreamEnd::TimeRanOut,
+                () = tokio::time::sleep_until(alive_until.get()) => return StreamEnd::TimeRanOut,
                 () = tokio::time::sleep_until(next_renewal), if pending_since.is_none() => {
                     // Taken before the send: the lease is counted from no later than etcd's.
                     let sending = Instant::now();
@@ -267,10 +249,10 @@ impl Renewing<'_> {
                 }
                 // Unanswered for long: perhaps its member is down; try through another,
                 // while this answer, perhaps only slow, may still come.
-                () = tokio::time::sleep_until(replace_at.unwrap_or(alive_until.at)),
+                () = tokio::time::sleep_until(replace_at.unwrap_or(alive_until.get())),
                     if replace_at.is_some() =>
                 {
-                    let (client, until) = (self.client.clone(), alive_until.at);
+                    let (client, until) = (self.client.clone(), alive_until.get());
                     replacement = Some(open(client, self.lease_id, period, until));
                     replace_at = None;
                 }
