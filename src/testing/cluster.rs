@@ -361,12 +361,8 @@ impl EtcdCluster {
                 .iter()
                 .find_map(|&j| self.exit_status(j).map(|status| (j, status)));
             if let Some((j, status)) = exited {
-                if j == i {
-                    last_error = format!("etcd exited with {status}");
-                } else {
-                    log_of = self.member(j).name.clone();
-                    last_error = format!("member {log_of} exited with {status}");
-                }
+                log_of = self.member(j).name.clone();
+                last_error = format!("member {log_of} exited with {status}");
                 break;
             }
             let attempt = tokio::time::timeout(Duration::from_secs(1), async {
