@@ -137,16 +137,7 @@ async fn a_lock_that_never_reached_etcd_leaves_nothing_to_undo() {
     let session = common::session_with(client.clone(), secs(60), secs(1)).await;
     let mutex = Mutex::new(&session, unique("refused"));
     cluster.kill(0);
-    // Until the client has seen its connection close, a request may still be sent on it.
-    within(secs(5), async {
-        while !client
-            .clone()
-            .get("probe", None)
-            .await
-            .is_err_and(|error| error.to_string().contains("tcp connect error"))
-        {}
-    })
-    .await;
+    within(secs(5), connection_refused(&client)).await;
 
     let locked = within(secs(3), mutex.lock()).await;
     assert!(
@@ -268,16 +259,7 @@ async fn a_campaign_that_never_reached_etcd_leaves_nothing_to_undo() {
     let session = common::session_with(client.clone(), secs(60), secs(1)).await;
     let election = Election::new(&session, unique("refused-campaign"));
     cluster.kill(0);
-    // Until the client has seen its connection close, a request may still be sent on it.
-    within(secs(5), async {
-        while !client
-            .clone()
-            .get("probe", None)
-            .await
-            .is_err_and(|error| error.to_string().contains("tcp connect error"))
-        {}
-    })
-    .await;
+    within(secs(5), connection_refused(&client)).await;
 
     for _ in 0..2 {
         // As a caller that tries again after a pause would.
@@ -386,4 +368,15 @@ async fn stm_commits_over_etcds_limits_are_refused_and_write_nothing() {
     assert!(matches!(error, Error::Etcd(_)), "{error:?}");
     assert!(!error.is_transient(), "{error}");
     assert!(keys_under(&client, &prefix).await.is_empty());
+}
+
+/// Returns once `client`'s requests are refused a connection: until the client has seen
+/// its connection close, a request may still be sent on it.
+async fn connection_refused(client: &Client) {
+    while !client
+        .clone()
+        .get("probe", None)
+        .await
+        .is_err_and(|error| error.to_string().contains("tcp connect error"))
+    {}
 }

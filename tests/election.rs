@@ -6,9 +6,9 @@ use std::pin::{Pin, pin};
 use std::time::{Duration, Instant};
 
 use common::{
-    Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, holds,
-    keys_under, millis, proposals_applied, proposals_applied_exceed, read, secs, two_path_session,
-    unique, within,
+    Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, hex_key,
+    holds, keys_under, millis, proposals_applied, proposals_applied_exceed, read, secs,
+    two_path_session, unique, within,
 };
 use etcd_client::{Client, CompactionOptions, ResignOptions, Txn, TxnOp, WatchOptions};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
@@ -22,10 +22,6 @@ async fn session(client: &Client, ttl: u64) -> Session {
         .build()
         .await
         .unwrap()
-}
-
-fn hex_key(name: &str, session: &Session) -> Vec<u8> {
-    format!("{name}/{:x}", session.lease_id()).into_bytes()
 }
 
 /// `election.campaign(value)` in a task of its own, to await or to cancel.
@@ -47,6 +43,41 @@ async fn cancel_a_campaign_whose_join_is_held(proxy: &Proxy, election: &Election
     }
     campaign.abort();
     assert!(campaign.await.unwrap_err().is_cancelled());
+}
+
+/// Another session's campaign in an election, queued behind the leader.
+struct Candidate {
+    campaign: JoinHandle<etcd_concurrency::Result<Leadership>>,
+    key: Vec<u8>,
+}
+
+impl Candidate {
+    /// Asserts that the candidate is elected within `limit`, which ends `sibling` (a
+    /// leadership sharing the resigned key), then resigns.
+    async fn wins_ending(self, sibling: Leadership, limit: Duration) {
+        let elected = within(limit, self.campaign).await.unwrap().unwrap();
+        assert_eq!(elected.key(), self.key.as_slice());
+        within(secs(5), sibling.lost()).await;
+        drop(sibling);
+        within(secs(5), elected.resign()).await.unwrap();
+    }
+}
+
+/// Two leaderships of `leader` in election `name`, sharing its key, and the campaign of
+/// another session, queued behind them.
+async fn two_leaderships_and_a_candidate(
+    client: &Client,
+    leader: &Session,
+    name: &str,
+) -> (Leadership, Leadership, Candidate) {
+    let election = Election::new(leader, name);
+    let first = within(secs(10), election.campaign("a")).await.unwrap();
+    let second = within(secs(10), election.campaign("a")).await.unwrap();
+    let other = session(client, 30).await;
+    let campaign = spawn_campaign(&Election::new(&other, name), "next");
+    let key = hex_key(name, &other);
+    within(secs(5), appears(client, &key)).await;
+    (first, second, Candidate { campaign, key })
 }
 
 /// The next leader an observer reports, within 5 s.
@@ -1337,12 +1368,7 @@ async fn a_resign_cut_off_goes_on_in_the_background_and_ends_the_sessions_other_
     let name = unique("resign-sibling");
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
     let leader = common::session_with(slow, secs(30), secs(1)).await;
-    let election = Election::new(&leader, &name);
-    let first = within(secs(10), election.campaign("a")).await.unwrap();
-    let second = within(secs(10), election.campaign("a")).await.unwrap();
-    let other = session(&client, 30).await;
-    let next = spawn_campaign(&Election::new(&other, &name), "next");
-    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
+    let (first, second, next) = two_leaderships_and_a_candidate(&client, &leader, &name).await;
     proxy.cut();
     let resigned = within(secs(10), first.resign()).await;
     assert!(
@@ -1351,11 +1377,7 @@ async fn a_resign_cut_off_goes_on_in_the_background_and_ends_the_sessions_other_
     );
     proxy.heal();
     // As the resign would have, its delete ends the other leadership sharing the key.
-    let elected = within(secs(15), next).await.unwrap().unwrap();
-    assert_eq!(elected.key(), hex_key(&name, &other).as_slice());
-    within(secs(5), second.lost()).await;
-    drop(second);
-    within(secs(5), elected.resign()).await.unwrap();
+    next.wins_ending(second, secs(15)).await;
 }
 
 // One task thread: the proclaim's answer is held in the proxy when the link stalls.
@@ -1391,16 +1413,7 @@ async fn a_resign_dropped_before_its_first_poll_still_resigns() {
     let client = cluster.client().await;
     let name = unique("resign-unpolled");
     let leader = session(&client, 30).await;
-    let election = Election::new(&leader, &name);
-    let first = within(secs(10), election.campaign("a")).await.unwrap();
-    let second = within(secs(10), election.campaign("a")).await.unwrap();
-    let other = session(&client, 30).await;
-    let next = spawn_campaign(&Election::new(&other, &name), "next");
-    within(secs(5), appears(&client, &hex_key(&name, &other))).await;
+    let (first, second, next) = two_leaderships_and_a_candidate(&client, &leader, &name).await;
     drop(first.resign());
-    let elected = within(secs(5), next).await.unwrap().unwrap();
-    assert_eq!(elected.key(), hex_key(&name, &other).as_slice());
-    within(secs(5), second.lost()).await;
-    drop(second);
-    within(secs(5), elected.resign()).await.unwrap();
+    next.wins_ending(second, secs(5)).await;
 }

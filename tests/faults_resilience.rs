@@ -8,10 +8,10 @@ use std::pin::pin;
 use std::time::Duration;
 
 use common::{
-    keys_under, millis, no_keys_under, secs, task_baseline, tasks_back_to, unique, within,
+    hex_key, keys_under, millis, no_keys_under, secs, task_baseline, tasks_back_to, unique, within,
 };
 use etcd_client::{Txn, TxnOp};
-use etcd_concurrency::testing::EtcdCluster;
+use etcd_concurrency::testing::{EtcdCluster, Proxy};
 use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
 use futures::StreamExt;
 
@@ -212,20 +212,11 @@ async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_att
 async fn a_dropped_guard_is_released_within_the_release_timeout_over_a_link_slower_than_requests() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let session = Session::builder(slow)
-        .ttl(secs(30))
-        .request_timeout(millis(500))
-        .release_timeout(secs(5))
-        .build()
-        .await
-        .unwrap();
+    let (proxy, session) = session_over_a_link_slower_than_requests(&cluster).await;
     let name = unique("slow-release");
     let mutex = Mutex::new(&session, &name);
     let guard = within(secs(5), mutex.lock()).await.unwrap();
-    // Round trips of about 0.8 s: over the request timeout, well under the release
-    // timeout that bounds a background release.
-    proxy.delay(millis(400));
+    proxy.delay(SLOWER_THAN_REQUESTS);
     drop(guard);
     within(secs(10), no_keys_under(&direct, &name)).await;
     // Until the release hears that its delete applied, the session's next call on the
@@ -502,36 +493,17 @@ async fn the_keys_of_late_joins_are_swept_without_a_watch_or_task_per_name() {
 async fn the_key_of_a_lock_cut_off_over_a_link_slower_than_requests_is_swept() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let session = Session::builder(slow)
-        .ttl(secs(30))
-        .request_timeout(millis(500))
-        .release_timeout(secs(5))
-        .build()
-        .await
-        .unwrap();
+    let (proxy, session) = session_over_a_link_slower_than_requests(&cluster).await;
     let name = unique("slow-unknown-outcome");
     let mutex = Mutex::new(&session, &name);
-    // Round trips of about 0.8 s: over the request timeout, well under the release
-    // timeout that bounds a background release.
-    proxy.delay(millis(400));
+    proxy.delay(SLOWER_THAN_REQUESTS);
     let locked = within(secs(5), mutex.lock()).await;
     assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
     // The join reached etcd and made the key; its answer came too late.
-    let key = format!("{name}/{:x}", session.lease_id());
-    within(secs(5), common::appears(&direct, key.as_bytes())).await;
-    // Nobody takes it up: the session's sweep deletes it (sweeps come at most 10 s apart).
-    let swept = tokio::time::timeout(secs(25), no_keys_under(&direct, &name)).await;
-    assert!(
-        !session.is_lost(),
-        "the session must live over the slow link"
-    );
-    assert!(
-        swept.is_ok(),
-        "the key of a lock cut off by its request timeout held the lock for nobody"
-    );
-    proxy.delay(Duration::ZERO);
-    within(secs(10), session.close()).await.unwrap();
+    within(secs(5), common::appears(&direct, &hex_key(&name, &session))).await;
+    // Nobody takes it up: the session's sweep deletes it.
+    let unswept = "the key of a lock cut off by its request timeout held the lock for nobody";
+    swept_over_the_slow_link(&direct, &name, &proxy, session, unswept).await;
 }
 
 /// As above, for an election: a campaign cut off by its request timeout makes the session
@@ -542,17 +514,10 @@ async fn the_key_of_a_lock_cut_off_over_a_link_slower_than_requests_is_swept() {
 async fn a_late_campaign_key_is_swept_over_a_link_slower_than_requests() {
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
-    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
-    let session = Session::builder(slow)
-        .ttl(secs(30))
-        .request_timeout(millis(500))
-        .release_timeout(secs(5))
-        .build()
-        .await
-        .unwrap();
+    let (proxy, session) = session_over_a_link_slower_than_requests(&cluster).await;
     let name = unique("slow-late-campaign");
     let election = Election::new(&session, &name);
-    proxy.delay(millis(400));
+    proxy.delay(SLOWER_THAN_REQUESTS);
     let campaigned = within(secs(5), election.campaign("a")).await;
     assert!(
         matches!(&campaigned, Err(Error::Timeout { .. })),
@@ -561,19 +526,51 @@ async fn a_late_campaign_key_is_swept_over_a_link_slower_than_requests() {
     // The undo of the campaign deletes the key its join made.
     within(secs(10), no_keys_under(&direct, &name)).await;
     // An incarnation no handle took up, as a join attempt delivered late makes it.
-    let key = format!("{name}/{:x}", session.lease_id());
     let on_lease = etcd_client::PutOptions::new().with_lease(session.lease_id());
     direct
         .kv_client()
-        .put(key, "a", Some(on_lease))
+        .put(hex_key(&name, &session), "a", Some(on_lease))
         .await
         .unwrap();
-    let swept = tokio::time::timeout(secs(25), no_keys_under(&direct, &name)).await;
+    let unswept = "a late campaign key led for nobody";
+    swept_over_the_slow_link(&direct, &name, &proxy, session, unswept).await;
+}
+
+/// The delay each way that [`session_over_a_link_slower_than_requests`] is made for: round
+/// trips of about 0.8 s, over its request timeout and well under its release timeout.
+const SLOWER_THAN_REQUESTS: Duration = Duration::from_millis(400);
+
+/// A session behind a proxy, with a 30 s TTL, requests given 0.5 s and background work (a
+/// dropped guard's release, the sweep for late joins) 5 s: once the proxy delays by
+/// [`SLOWER_THAN_REQUESTS`], requests time out and background work does not.
+async fn session_over_a_link_slower_than_requests(cluster: &EtcdCluster) -> (Proxy, Session) {
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = Session::builder(slow)
+        .ttl(secs(30))
+        .request_timeout(millis(500))
+        .release_timeout(secs(5))
+        .build()
+        .await
+        .unwrap();
+    (proxy, session)
+}
+
+/// Waits for the sweep for late joins of `session` to delete every key under `name`
+/// (sweeps come at most 10 s apart), which fails with `unswept`, and for the session to
+/// live meanwhile over the slow link; then heals the link and closes the session.
+async fn swept_over_the_slow_link(
+    direct: &etcd_client::Client,
+    name: &str,
+    proxy: &Proxy,
+    session: Session,
+    unswept: &str,
+) {
+    let swept = tokio::time::timeout(secs(25), no_keys_under(direct, name)).await;
     assert!(
         !session.is_lost(),
         "the session must live over the slow link"
     );
-    assert!(swept.is_ok(), "a late campaign key led for nobody");
+    assert!(swept.is_ok(), "{unswept}");
     proxy.delay(Duration::ZERO);
     within(secs(10), session.close()).await.unwrap();
 }

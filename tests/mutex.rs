@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, keys_under,
-    millis, secs, unique, watch_streams_become, within,
+    Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, hex_key,
+    keys_under, millis, secs, unique, watch_streams_become, within,
 };
 use etcd_client::{Client, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
@@ -22,10 +22,6 @@ async fn session(client: &Client) -> Session {
         .build()
         .await
         .unwrap()
-}
-
-fn hex_key(name: &str, session: &Session) -> Vec<u8> {
-    format!("{name}/{:x}", session.lease_id()).into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -338,16 +338,7 @@ const SMALL_SHM: &str = "TESTING_KIT_SMALL_SHM";
 #[test]
 fn a_cluster_starts_when_dev_shm_is_small() {
     if std::env::var_os(SMALL_SHM).is_some() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let cluster = within(secs(60), EtcdCluster::start(3)).await;
-            let mut client = cluster.client().await;
-            within(secs(5), client.put("k", "v", None)).await.unwrap();
-        });
-        return;
+        return three_members_start_and_serve(secs(60));
     }
     let probe = std::process::Command::new("unshare")
         .args([
@@ -373,14 +364,7 @@ fn a_cluster_starts_when_dev_shm_is_small() {
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
-    let said = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    let tail: Vec<&str> = said.lines().filter(|l| !l.starts_with('{')).collect();
-    assert!(
-        output.status.success(),
-        "no cluster with a 64 MiB /dev/shm:\n{}",
-        tail.join("\n")
-    );
+    assert_passed(&output, "no cluster with a 64 MiB /dev/shm");
 }
 
 /// Set in the copy of this test binary that
@@ -395,16 +379,7 @@ const TWO_PORTS_TAKEN: &str = "TESTING_KIT_TWO_PORTS_TAKEN";
 #[test]
 fn a_cluster_starts_again_when_two_members_lose_their_ports() {
     if std::env::var_os(TWO_PORTS_TAKEN).is_some() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let cluster = within(secs(20), EtcdCluster::start(3)).await;
-            let mut client = cluster.client().await;
-            within(secs(5), client.put("k", "v", None)).await.unwrap();
-        });
-        return;
+        return three_members_start_and_serve(secs(20));
     }
     let etcd = std::env::var_os("PATH")
         .iter()
@@ -441,12 +416,28 @@ fn a_cluster_starts_again_when_two_members_lose_their_ports() {
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
+    assert_passed(&output, "the cluster did not start again");
+}
+
+/// What a copy of this test binary checks (on a runtime of its own): a 3-member cluster
+/// starts within `limit` and takes a write.
+fn three_members_start_and_serve(limit: std::time::Duration) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let cluster = within(limit, EtcdCluster::start(3)).await;
+        let mut client = cluster.client().await;
+        within(secs(5), client.put("k", "v", None)).await.unwrap();
+    });
+}
+
+/// Asserts that a copy of this test binary passed, or fails with `failure` and what it
+/// printed (but the etcd members' JSON log lines).
+fn assert_passed(output: &std::process::Output, failure: &str) {
     let said = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     let tail: Vec<&str> = said.lines().filter(|l| !l.starts_with('{')).collect();
-    assert!(
-        output.status.success(),
-        "the cluster did not start again:\n{}",
-        tail.join("\n")
-    );
+    assert!(output.status.success(), "{failure}:\n{}", tail.join("\n"));
 }

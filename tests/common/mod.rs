@@ -111,6 +111,11 @@ pub fn two_accounts(count: usize) -> (usize, usize) {
     (from, (from + rng.random_range(1..count)) % count)
 }
 
+/// The key of `session` in the lock or election `name`: `name/<lease id in hex>`.
+pub fn hex_key(name: &str, session: &Session) -> Vec<u8> {
+    format!("{name}/{:x}", session.lease_id()).into_bytes()
+}
+
 /// A key prefix no other test uses.
 pub fn unique(name: &str) -> String {
     format!("/test/{name}/{:08x}", rand::random::<u32>())
