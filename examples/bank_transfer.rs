@@ -167,6 +167,22 @@ async fn transfer(
         args.workers,
         args.isolation.name()
     );
+    // Connected before the clock starts, so that commits/s counts transfers only.
+    let cache = if args.read_cache {
+        Some(ReadCache::watch(client.clone(), format!("{prefix}/accounts/")).await?)
+    } else {
+        None
+    };
+    let mut stms = Vec::new();
+    for _ in 0..args.workers {
+        let connection = common::connect(endpoints).await?;
+        let stm = Stm::new(connection).isolation(args.isolation.into());
+        stms.push(match &cache {
+            Some(cache) => stm.read_cache(cache.clone()),
+            None => stm,
+        });
+    }
+
     let started = Instant::now();
     let until = match args.transfers {
         Some(count) => {
@@ -178,23 +194,14 @@ async fn transfer(
             Until::Deadline(started + args.duration)
         }
     };
-
-    let cache = if args.read_cache {
-        Some(ReadCache::watch(client.clone(), format!("{prefix}/accounts/")).await?)
-    } else {
-        None
-    };
     let stats = Arc::new(Stats::default());
-    let mut workers = Vec::new();
-    for _ in 0..args.workers {
-        let connection = common::connect(endpoints).await?;
-        let mut stm = Stm::new(connection).isolation(args.isolation.into());
-        if let Some(cache) = &cache {
-            stm = stm.read_cache(cache.clone());
-        }
-        let work = transfer_until(stm, until, accounts.clone(), stats.clone());
-        workers.push(tokio::spawn(work));
-    }
+    let workers: Vec<_> = stms
+        .into_iter()
+        .map(|stm| {
+            let work = transfer_until(stm, until, accounts.clone(), stats.clone());
+            tokio::spawn(work)
+        })
+        .collect();
     let progress = tokio::spawn(show_progress(stats.clone(), started));
     let mut failures = Vec::new();
     for worker in workers {
