@@ -404,23 +404,44 @@ async fn election_handoff(
     Ok(json!({ "p50_ms": p50, "p99_ms": p99, "iterations": args.iterations }))
 }
 
+/// Runs [`transfers`] on accounts under `{prefix}accounts/`, deleting them afterwards
+/// whether or not it succeeded.
 async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
-    const OPENING_BALANCE: u64 = 1000;
-    let accounts: Arc<Vec<String>> = Arc::new(
-        (0..args.accounts)
-            .map(|i| format!("{prefix}accounts/{i:04}"))
-            .collect(),
-    );
     let mut setup = connect(args).await?;
     let accounts_prefix = format!("{prefix}accounts/");
+    let every_account = || Some(etcd_client::DeleteOptions::new().with_prefix());
     // Accounts left under this prefix by an earlier run would spoil `conserved`.
-    let every_account = Some(etcd_client::DeleteOptions::new().with_prefix());
     within(
         REQUEST_LIMIT,
         "delete old accounts",
-        setup.delete(accounts_prefix.as_str(), every_account.clone()),
+        setup.delete(accounts_prefix.as_str(), every_account()),
     )
     .await?;
+    let figures = transfers(args, &accounts_prefix, &mut setup).await;
+    let deleted = within(
+        REQUEST_LIMIT,
+        "delete the accounts",
+        setup.delete(accounts_prefix.as_str(), every_account()),
+    )
+    .await;
+    let figures = figures?;
+    deleted?;
+    Ok(figures)
+}
+
+/// Opens the accounts under `accounts_prefix` and runs the transfers, through `setup` and
+/// one connection per client.
+async fn transfers(
+    args: &Args,
+    accounts_prefix: &str,
+    setup: &mut Client,
+) -> Result<Value, Failure> {
+    const OPENING_BALANCE: u64 = 1000;
+    let accounts: Arc<Vec<String>> = Arc::new(
+        (0..args.accounts)
+            .map(|i| format!("{accounts_prefix}{i:04}"))
+            .collect(),
+    );
     for account in accounts.iter() {
         within(
             REQUEST_LIMIT,
@@ -444,7 +465,7 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
             .isolation(isolation)
             .max_attempts(u32::MAX);
         if args.read_cache {
-            stm = stm.read_cache(ReadCache::watch(client, format!("{prefix}accounts/")).await?);
+            stm = stm.read_cache(ReadCache::watch(client, accounts_prefix).await?);
         }
         stms.push(stm);
     }
@@ -475,25 +496,19 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
             Ok::<_, Failure>(latencies)
         }));
     }
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.extend(worker.await??);
-    }
+    // Each worker stops by the deadline: all have ended before the accounts are read (and
+    // deleted), even if one failed.
+    let outcomes = futures::future::join_all(workers).await;
     let elapsed = started.elapsed();
+    let mut latencies = Vec::new();
+    for outcome in outcomes {
+        latencies.extend(outcome??);
+    }
     let commits = latencies.len();
     let all = within(
         REQUEST_LIMIT,
         "read the accounts",
-        setup.get(
-            accounts_prefix.as_str(),
-            Some(GetOptions::new().with_prefix()),
-        ),
-    )
-    .await?;
-    within(
-        REQUEST_LIMIT,
-        "delete the accounts",
-        setup.delete(accounts_prefix.as_str(), every_account),
+        setup.get(accounts_prefix, Some(GetOptions::new().with_prefix())),
     )
     .await?;
     let total: u64 = all
