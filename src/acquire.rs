@@ -5,17 +5,22 @@
 //! dropped while it is in flight; the key it created is then deleted (fenced by its create
 //! revision). A Txn that failed in transit may still have committed: it is re-sent, and
 //! since its condition is false once the key exists, the retry finds the key instead of
-//! creating a second one.
+//! creating a second one. The same holds when the queue's keys together are over the
+//! client's answer limit (4 MiB: long names, or tens of thousands of waiters): etcd applied
+//! the Txn but its answer cannot be taken, so a `lock` or `campaign` sends it again
+//! without the queue read, and waiting reads the queue itself, in parts.
 
 use std::future::Future;
+use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Compare, CompareOp, GetOptions, KeyValue, KvClient, PutOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
 };
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 
-use crate::error::{Error, Result, is_lease_gone};
+use crate::error::{Error, Result, is_answer_too_large, is_lease_gone};
 use crate::late_join::Owner;
 use crate::ownership::{OwnedKey, release_lease_key, release_while_session_lives};
 use crate::release::spawn_release;
@@ -51,8 +56,9 @@ pub(crate) struct Joined {
     /// The key's value: the one sent if created, the stored one if found.
     pub(crate) value: Vec<u8>,
     pub(crate) revision: i64,
-    /// The queue read in the same Txn, ordered as `Request::queue` asked.
-    pub(crate) queue: Vec<KeyValue>,
+    /// The queue read in the same Txn, ordered as `Request::queue` asked; `None` if it
+    /// was over the client's answer limit (see the module docs).
+    pub(crate) queue: Option<Vec<KeyValue>>,
 }
 
 /// The Txn's outcome.
@@ -80,24 +86,29 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
             Compare::create_revision(prefix.clone(), CompareOp::Equal, 0).with_prefix()
         }
     };
-    let txn = Txn::new()
-        .when([condition])
-        .and_then([
-            TxnOp::put(key.clone(), request.value.clone(), Some(lease)),
-            TxnOp::get(prefix.clone(), Some(queue.clone())),
-        ])
-        .or_else([
-            TxnOp::get(key.clone(), None),
-            TxnOp::get(prefix, Some(queue)),
-        ]);
+    let read_queue = TxnOp::get(prefix, Some(queue));
+    let txn_reading = |queue: &[TxnOp]| {
+        let put = TxnOp::put(key.clone(), request.value.clone(), Some(lease.clone()));
+        Txn::new()
+            .when([condition.clone()])
+            .and_then([&[put], queue].concat())
+            .or_else([&[TxnOp::get(key.clone(), None)], queue].concat())
+    };
+    let txn = txn_reading(&[read_queue]);
+    // Only a Txn that may create the key finds it when sent again.
+    let without_queue = matches!(request.create, Create::IfAbsent).then(|| txn_reading(&[]));
     let kv = session.client().kv_client();
     let limit = session.request_timeout();
     let send = session.until_ended(async move {
-        retry_write(&kv, limit, |mut kv| {
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await
+        let (answer, maybe_late) = send_join(&kv, limit, txn).await;
+        match (answer, without_queue) {
+            (Err(Error::Etcd(error)), Some(txn)) if is_answer_too_large(&error) => {
+                tracing::debug!("the queue is over the answer limit; joining without reading it");
+                let (answer, late) = send_join(&kv, limit, txn).await;
+                (answer, maybe_late || late)
+            }
+            (answer, _) => (answer, maybe_late),
+        }
     });
     let task = session.runtime().spawn(async move {
         match send.await {
@@ -168,17 +179,27 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     }))
 }
 
-/// The key's own entry (from the else branch) and the queue, from a join Txn's answer.
-fn split(answer: &TxnResponse) -> (Option<KeyValue>, Vec<KeyValue>) {
+/// Sends a join Txn (see [`retry_write`]).
+async fn send_join(kv: &KvClient, limit: Duration, txn: Txn) -> (Result<TxnResponse>, bool) {
+    retry_write(kv, limit, |mut kv| {
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
+    })
+    .await
+}
+
+/// The key's own entry (from the else branch) and the queue (if the Txn read it), from a
+/// join Txn's answer.
+fn split(answer: &TxnResponse) -> (Option<KeyValue>, Option<Vec<KeyValue>>) {
     let mut reads = answer.op_responses().into_iter().filter_map(|op| match op {
         TxnOpResponse::Get(mut get) => Some(get.take_kvs()),
         _ => None,
     });
     if answer.succeeded() {
-        (None, reads.next().unwrap_or_default())
+        (None, reads.next())
     } else {
         let own = reads.next().unwrap_or_default().into_iter().next();
-        (own, reads.next().unwrap_or_default())
+        (own, reads.next())
     }
 }
 

@@ -224,7 +224,13 @@ impl Election {
                 written => written?,
             }
         }
-        wait_for_turn(&mut joined.key, &self.name, &joined.queue, joined.revision).await?;
+        wait_for_turn(
+            &mut joined.key,
+            &self.name,
+            joined.queue.as_deref(),
+            joined.revision,
+        )
+        .await?;
         if self.session.is_lost() {
             return Err(Error::SessionLost);
         }

@@ -195,6 +195,16 @@ pub(crate) fn is_answer_too_large(error: &etcd_client::Error) -> bool {
     )
 }
 
+/// Whether etcd's gRPC server refused a request over its size limit (2 MiB by default:
+/// `--max-request-bytes` plus a margin) before reading it.
+pub(crate) fn is_request_too_large(error: &etcd_client::Error) -> bool {
+    etcd_says(
+        error,
+        tonic::Code::ResourceExhausted,
+        "grpc: received message larger than max",
+    )
+}
+
 /// Whether etcd refused to grant a lease because its id is taken.
 pub(crate) fn is_lease_taken(error: &etcd_client::Error) -> bool {
     etcd_says(

@@ -194,7 +194,13 @@ impl Mutex {
             // The condition is "no key yet", so the key exists when it is false.
             Outcome::NotJoined => return Err(Error::OwnershipLost),
         };
-        wait_for_turn(&mut joined.key, &self.name, &joined.queue, joined.revision).await?;
+        wait_for_turn(
+            &mut joined.key,
+            &self.name,
+            joined.queue.as_deref(),
+            joined.revision,
+        )
+        .await?;
         if self.session.is_lost() {
             return Err(Error::SessionLost);
         }
@@ -265,7 +271,7 @@ impl Mutex {
         if self.session.is_lost() {
             return Err(Error::SessionLost); // lost or closed while the Txn was answered
         }
-        let holder = joined.queue.first().map(|kv| kv.key());
+        let holder = joined.queue.iter().flatten().next().map(|kv| kv.key());
         if holder == Some(joined.key.key()) {
             return Ok(Some(MutexGuard { key: joined.key }));
         }

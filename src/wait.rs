@@ -77,7 +77,8 @@ impl Drop for QueueWatch {
 }
 
 /// Waits until no key under `name/` created before `mine` remains, given the `queue`
-/// under that prefix as read at `revision`.
+/// under that prefix as read at `revision` (`None`: too large to read with the join, so
+/// the watch's first update reads it, in parts).
 /// `mine`'s [`QueueWatch`], if it has one, lends its watch.
 ///
 /// Errors: [`Error::SessionLost`] when the session is lost or the key vanished with its
@@ -89,14 +90,16 @@ impl Drop for QueueWatch {
 pub(crate) async fn wait_for_turn(
     mine: &mut OwnedKey,
     name: &[u8],
-    queue: &[KeyValue],
+    queue: Option<&[KeyValue]>,
     revision: i64,
 ) -> Result<()> {
     let token = mine.create_revision();
-    let ahead: HashSet<Vec<u8>> = keys_before(queue, token);
-    if ahead.is_empty() {
+    let ahead = queue.map(|queue| keys_before(queue, token));
+    if ahead.as_ref().is_some_and(HashSet::is_empty) {
         return Ok(());
     }
+    // A view as of revision 0 starts with a snapshot.
+    let revision = if ahead.is_some() { revision } else { 0 };
     let session = mine.session().clone();
     let key = mine.key().to_vec();
     let read = GetOptions::new()
@@ -141,13 +144,13 @@ enum NotMyTurn {
 use NotMyTurn::{Failed, Gone};
 
 /// Applies the queue's deletions until nothing is `ahead` of the key with create revision
-/// `token`.
+/// `token` (`None`: not known until the follower's first snapshot).
 async fn follow_until_turn(
     follower: &mut Follower,
     session: &Session,
     key: &[u8],
     token: i64,
-    mut ahead: HashSet<Vec<u8>>,
+    mut ahead: Option<HashSet<Vec<u8>>>,
 ) -> Result<(), NotMyTurn> {
     loop {
         let update = tokio::select! {
@@ -156,14 +159,16 @@ async fn follow_until_turn(
         };
         let still_mine = match update {
             Update::Snapshot { kvs, .. } => {
-                ahead = keys_before(&kvs, token);
+                ahead = Some(keys_before(&kvs, token));
                 kvs.iter()
                     .any(|kv| kv.key() == key && kv.create_revision() == token)
             }
             Update::Events(deletions) => {
                 let mut still_mine = true;
                 for kv in deletions.iter().filter_map(Event::kv) {
-                    ahead.remove(kv.key());
+                    if let Some(ahead) = ahead.as_mut() {
+                        ahead.remove(kv.key());
+                    }
                     still_mine &= kv.key() != key;
                 }
                 still_mine
@@ -172,7 +177,7 @@ async fn follow_until_turn(
         if !still_mine {
             return Err(Gone);
         }
-        if ahead.is_empty() {
+        if ahead.as_ref().is_some_and(HashSet::is_empty) {
             return Ok(());
         }
     }

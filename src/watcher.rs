@@ -27,7 +27,9 @@ use etcd_client::{
 use futures::FutureExt;
 use tokio::time::Instant;
 
-use crate::error::{ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted};
+use crate::error::{
+    ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted, is_request_too_large,
+};
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, retry};
 
 /// How long a watch may stay silent before its member is asked whether it is alive, and
@@ -376,9 +378,10 @@ impl Follower {
     /// Reads a range too large for one answer of the client's (its values, or even just
     /// its keys, are over the size limit together), at one revision: its keys a page at a
     /// time, then their values in Txns of Gets pinned to that revision, halving a page or a
-    /// batch whose answer is still too large. Compacted meanwhile, it starts again. Only
-    /// whole-range reads with values, as `observe` and `ReadCache` make, come here: it
-    /// reads them so whatever the read options.
+    /// batch whose answer (or, with long keys, whose request) is still too large.
+    /// Compacted meanwhile, it starts again. It reads the whole range with values whatever
+    /// the read options: `observe` and `ReadCache` want that, and a queue's waiter, which
+    /// reads keys only up to its own, ignores the rest.
     async fn read_in_parts(&self) -> Result<(Vec<KeyValue>, i64)> {
         loop {
             match self.read_parts().await {
@@ -415,7 +418,11 @@ impl Follower {
                     }
                     done += take;
                 }
-                Err(Error::Etcd(error)) if is_answer_too_large(&error) && take > 1 => {
+                // Its answer, or with long keys the request itself, over a size limit.
+                Err(Error::Etcd(error))
+                    if (is_answer_too_large(&error) || is_request_too_large(&error))
+                        && take > 1 =>
+                {
                     batch = take / 2;
                 }
                 Err(error) => return Err(error),

@@ -965,3 +965,56 @@ async fn try_lock_right_after_a_lock_cancelled_in_flight_says_busy_until_it_is_u
     assert!(exists(&client, guard.key()).await);
     guard.unlock().await.unwrap();
 }
+
+/// A queue whose keys together are over the client's 4 MiB answer limit (here 70 waiters
+/// under a 64 KiB name) is joined and waited on, as a shorter one: the join Txn, applied
+/// but its answer too large to take, is sent again without the queue read, and the waiter
+/// reads the queue in parts. Before, `lock()` failed at once with the client's "decoded
+/// message length too large", leaving its key, and so did every later `lock()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_whose_keys_are_over_the_answer_limit_is_waited_on() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = format!("{}/{}", unique("long-queue"), "n".repeat(64 << 10));
+    let holder = session(&client).await;
+    let held = within(secs(5), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
+    let others = client.clone().lease_grant(60, None).await.unwrap().id();
+    for i in 0..70 {
+        let on_lease = etcd_client::PutOptions::new().with_lease(others);
+        let key = format!("{name}/{:x}", 0x1000 + i);
+        client.clone().put(key, "", Some(on_lease)).await.unwrap();
+    }
+    let ours = session(&client).await;
+    let mutex = Mutex::new(&ours, &name);
+    let mut waiter = tokio::spawn({
+        let mutex = mutex.clone();
+        async move { mutex.lock().await }
+    });
+    within(secs(10), appears(&client, &hex_key(&name, &ours))).await;
+    let early = tokio::time::timeout(millis(300), &mut waiter).await;
+    assert!(
+        early.is_err(),
+        "lock() returned instead of waiting: {:?}",
+        early.map(|locked| locked.unwrap().map(|guard| guard.fencing_token()))
+    );
+
+    within(secs(5), held.unlock()).await.unwrap();
+    client.clone().lease_revoke(others).await.unwrap();
+    let guard = within(secs(10), waiter).await.unwrap().unwrap();
+    within(secs(5), guard.unlock()).await.unwrap();
+    let left = client
+        .clone()
+        .get(
+            name.as_str(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.count(), 0, "keys left under the name");
+}
