@@ -137,8 +137,9 @@ impl Mutex {
     /// reaching etcd (connection refused), it left nothing to undo; if its outcome is
     /// unknown (cut off in a partition), the key it may have made is left to the session,
     /// which deletes it once etcd answers unless a later call takes it up (see
-    /// [`Session`]). A `lock()` that failed while waiting, after its Txn, releases its key
-    /// as a dropped guard does, and the next one waits for that.
+    /// [`Session`]); while it deletes one, the next `lock()` waits for that. A `lock()`
+    /// that failed while waiting, after its Txn, releases its key as a dropped guard does,
+    /// and the next one waits for that.
     ///
     /// # Errors
     ///
