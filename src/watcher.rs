@@ -327,7 +327,7 @@ impl Follower {
             if created.canceled() && created.compact_revision() > 0 {
                 self.history_gone = true;
             } else if created.canceled() {
-                return Err(refused(&created));
+                return Err(self.refusal(&created).await);
             } else {
                 self.watch = Some(watch);
             }
@@ -335,7 +335,7 @@ impl Follower {
         }
         let (watch, created) = self.watch_with(options).await?;
         if created.canceled() {
-            return Err(refused(&created));
+            return Err(self.refusal(&created).await);
         }
         self.history_gone = false;
         let watched_from = created.header().map_or(0, |h| h.revision());
@@ -497,6 +497,35 @@ impl Follower {
         Ok(opened)
     }
 
+    /// Why etcd refused to create a watch. A refusal of the client's auth token (expired:
+    /// etcd's simple tokens last `--auth-token-ttl`, 5 min, from their last use, and are
+    /// unknown to a member that restarted; or issued before a change of the auth store)
+    /// comes in the created answer, not as a gRPC error, so etcd-client never renews the
+    /// token for it: renew it here and try again, as Go's client does. Any other refusal
+    /// (e.g. permission denied) is not worth retrying.
+    async fn refusal(&self, created: &WatchResponse) -> Error {
+        let reason = created.cancel_reason();
+        if !is_stale_token(reason) {
+            return refused(created);
+        }
+        tracing::debug!(
+            reason,
+            "watch refused for its auth token; renewing the token"
+        );
+        // Bounded as the follower's other requests are: a frozen member never answers.
+        let renewed = tokio::time::timeout(self.request_limit, self.client.refresh_token());
+        match renewed.await {
+            // Transient: the watch is opened again, with the new token.
+            Ok(Ok(())) => Error::Etcd(etcd_client::Error::WatchError(format!(
+                "watch refused: {reason}; auth token renewed"
+            ))),
+            Ok(Err(error)) => Error::Etcd(error),
+            Err(_) => Error::Timeout {
+                after: self.request_limit,
+            },
+        }
+    }
+
     async fn backoff_once(&mut self) {
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
@@ -517,6 +546,12 @@ fn range_end(prefix: &[u8]) -> Vec<u8> {
 
 fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
     header.map_or(0, etcd_client::ResponseHeader::revision)
+}
+
+/// Whether a watch was refused for the client's auth token rather than for what it
+/// watches (etcd's `ErrGRPCInvalidAuthToken` and `ErrGRPCAuthOldRevision`).
+fn is_stale_token(reason: &str) -> bool {
+    reason.contains("invalid auth token") || reason.contains("revision of auth store is old")
 }
 
 /// etcd refused to create a watch (e.g. permission denied): not worth retrying.

@@ -91,6 +91,74 @@ async fn a_wrong_password_and_missing_permissions_give_clear_errors() {
     );
 }
 
+/// A client of `root` (see [`enable_auth`]) at `endpoints` that renews its token when
+/// etcd refuses a request for it (etcd-client's auto-refresh, for requests that are not
+/// streams).
+async fn connect_as_root(endpoints: &[String]) -> Client {
+    let options = ConnectOptions::new()
+        .with_user("root", "root-secret")
+        .with_auto_token_refresh(true);
+    Client::connect(endpoints, Some(options)).await.unwrap()
+}
+
+/// Turns authentication off and on again: etcd forgets every token it gave out, as when
+/// one goes unused for `--auth-token-ttl` (5 min by default) or its member restarts.
+async fn forget_tokens(cluster: &EtcdCluster, root: &Client) {
+    root.clone().auth_disable().await.unwrap();
+    cluster.client().await.auth_enable().await.unwrap();
+}
+
+/// A watch opened again after etcd forgot the client's token is refused in the watch's
+/// created answer ("invalid auth token"), where etcd-client does not renew the token:
+/// the follower renews it and opens the watch again, so the observer hears the next
+/// proclaim instead of yielding that refusal for good.
+#[tokio::test]
+async fn an_observer_whose_token_etcd_forgot_hears_the_next_proclaim() {
+    let cluster = EtcdCluster::start(1).await;
+    enable_auth(&mut cluster.client().await).await;
+    let writer = connect_as_root(&cluster.endpoints()).await;
+    let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
+        .await
+        .unwrap();
+    let reader = connect_as_root(&[proxy.endpoint()]).await;
+    let name = unique("token-forgotten");
+    let leader = within(secs(5), Session::new(writer.clone())).await.unwrap();
+    let leading = within(secs(10), Election::new(&leader, &name).campaign("v1"))
+        .await
+        .unwrap();
+    let watcher = within(secs(5), Session::new(reader)).await.unwrap();
+    let election = Election::new(&watcher, &name);
+    let mut observer = pin!(election.observe());
+    let first = within(secs(10), observer.next()).await.unwrap().unwrap();
+    assert_eq!(first.unwrap().value(), b"v1");
+
+    forget_tokens(&cluster, &writer).await;
+    // The watch breaks and is opened again, with the forgotten token.
+    proxy.cut();
+    proxy.heal();
+    within(secs(10), leading.proclaim("v2")).await.unwrap();
+    let next = within(secs(10), observer.next()).await.unwrap();
+    assert_eq!(next.unwrap().unwrap().value(), b"v2");
+}
+
+/// A leadership's `while_leading` opens a watch on its key: with a token etcd forgot, the
+/// refusal must not pass for the leadership's loss.
+#[tokio::test]
+async fn while_leading_runs_the_job_of_a_leader_whose_token_etcd_forgot() {
+    let cluster = EtcdCluster::start(1).await;
+    enable_auth(&mut cluster.client().await).await;
+    let client = connect_as_root(&cluster.endpoints()).await;
+    let session = within(secs(5), Session::new(client.clone())).await.unwrap();
+    let election = Election::new(&session, unique("token-forgotten-leader"));
+    let leadership = within(secs(10), election.campaign("v1")).await.unwrap();
+    forget_tokens(&cluster, &client).await;
+    let job = leadership.while_leading(tokio::time::sleep(secs(1)));
+    assert!(
+        within(secs(10), job).await.is_some(),
+        "while_leading stopped the job of a leader that leads"
+    );
+}
+
 #[tokio::test]
 async fn a_cluster_that_goes_away_gives_errors_in_bounded_time() {
     let cluster = EtcdCluster::start(1).await;
