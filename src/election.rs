@@ -240,6 +240,11 @@ impl Election {
     /// The current leader, or `None` if nobody campaigns. One linearizable read. Mirrors
     /// Go's `Election.Leader`, which returns `ErrElectionNoLeader` instead of `None`.
     ///
+    /// The leader is the candidate with the lowest create revision. Candidates created by
+    /// one Txn (written by hand: each `campaign()` is a Txn of its own) tie, and etcd's
+    /// sorted read may then name any of them, where [`observe`](Self::observe) names the
+    /// lowest key.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] for an empty name; [`Error::Etcd`] / [`Error::Timeout`]
@@ -424,7 +429,8 @@ impl Observer {
             }
             self.apply_one_revision();
             // Candidates one Txn created tie: the lowest key of them leads, whatever the
-            // map's order (etcd's sorted read in `leader()` orders a small election so).
+            // map's order (etcd's sorted read in `leader()` does not break ties so in
+            // general, only in an election of a few keys).
             let leader = self
                 .candidates
                 .values()
