@@ -47,6 +47,24 @@ async fn three_members_keep_quorum_when_one_dies_and_it_catches_up_on_restart() 
     assert_eq!(answer.kvs()[0].value(), b"yes");
 }
 
+/// The kit's health check reads without credentials: with authentication on, etcd
+/// refuses that read, but only once it could serve it, so a restart still completes.
+#[tokio::test]
+async fn a_member_restarts_with_authentication_on() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut admin = cluster.client().await;
+    admin.user_add("root", "secret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    cluster.kill(0);
+    cluster.restart(0).await;
+    let options = etcd_client::ConnectOptions::new().with_user("root", "secret");
+    let mut root = Client::connect(cluster.endpoints(), Some(options))
+        .await
+        .unwrap();
+    root.put("k", "v", None).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_member_that_died_on_its_own_has_no_pid() {
     let cluster = EtcdCluster::start(1).await;
