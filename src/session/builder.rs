@@ -119,6 +119,8 @@ impl SessionBuilder {
     ///   failing until the request timeout (e.g. every endpoint refuses connections).
     /// - [`Error::Timeout`]: no answer within the request timeout (endpoints that accept
     ///   connections but do not answer: a stalled link, a hung member).
+    /// - [`Error::SessionLost`]: the lease an earlier, unanswered attempt of the grant made
+    ///   had already expired when a later attempt found it (the grant took about a TTL).
     ///
     /// After an error, a lease that an attempt cut off (or failed in transit) may have
     /// granted all the same is revoked in a background task, bounded by the release
@@ -239,7 +241,11 @@ impl SessionBuilder {
                     c.lease_time_to_live(id, None).await
                 })
                 .await
-                .map(|answer| (id, secs(answer.granted_ttl()), maybe_granted))
+                .and_then(|answer| match answer.ttl() {
+                    // Granted by an earlier attempt, whose answer was lost, a TTL ago.
+                    ..0 => Err(Error::SessionLost),
+                    _ => Ok((id, secs(answer.granted_ttl()), maybe_granted)),
+                })
             }
             Err(error) => Err(error),
         };
