@@ -156,6 +156,9 @@ enum Outcome {
     /// large to read back. `needs`: where the copy of the `ReadCache` must be to show the
     /// changes; `checked_at`: the revision the keys were checked at.
     Changed { needs: CopyNeeds, checked_at: i64 },
+    /// A read-only check's follow-up reads found its revision compacted (etcd's answer):
+    /// the attempt runs again, as after a compacted snapshot.
+    Compacted(etcd_client::Error),
 }
 
 /// Where the copy of a `ReadCache` must be before an attempt reads it, after a check found
@@ -450,6 +453,14 @@ impl Stm {
                 Outcome::Changed { needs, checked_at } => {
                     self.seen.fetch_max(checked_at, Ordering::Relaxed);
                     copy_needs = copy_needs.max(needs);
+                }
+                Outcome::Compacted(compaction) => {
+                    compactions += 1;
+                    if compactions > self.max_attempts {
+                        return Err(Error::Etcd(compaction).into());
+                    }
+                    tracing::debug!(compactions, "STM check compacted; running again");
+                    continue;
                 }
             }
             compactions = 0;
@@ -816,7 +827,7 @@ impl StmTxn {
                 Ok((now, _)) => now,
                 // Compacted meanwhile: a fresh attempt checks again.
                 Err(Error::Etcd(error)) if is_compacted(&error) => {
-                    return Ok(Outcome::Conflict(Fresh::default()));
+                    return Ok(Outcome::Compacted(error));
                 }
                 Err(error) => return Err(error),
             };
