@@ -134,7 +134,16 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         local: request.local,
         claim: request.claim,
     };
-    let answer = match in_flight.finish().await {
+    let finished = tokio::select! {
+        biased;
+        finished = in_flight.finish() => finished,
+        // The Txn's task runs on the session's runtime, which may not be driven (a
+        // current-thread runtime whose `block_on` returned): the session is then lost a TTL
+        // later, which this call must not outwait. Dropped, `in_flight` undoes the Txn in
+        // the background once that task has run, as for a cancelled call.
+        () = session.lost() => return Err(Error::SessionLost),
+    };
+    let answer = match finished {
         Ok(answer) => answer,
         Err(error) => {
             let sent = outcome_of_failure(in_flight.maybe_late, &error);

@@ -95,7 +95,10 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// driven (a current-thread runtime whose `block_on` has returned): the keep-alive and
 /// the background releases, which run on the runtime the session was built on, wait until
 /// it is driven again, though [`lost`](Self::lost) and [`is_lost`](Self::is_lost) still
-/// say when the lease may have expired.
+/// say when the lease may have expired. So does the join Txn of `lock()`, `try_lock()` and
+/// `campaign()`, which runs there too: called from another runtime, they wait for it, and
+/// fail with [`Error::SessionLost`] once the session is lost (a TTL after its last renewal
+/// at the latest).
 ///
 /// # Example
 ///

@@ -105,8 +105,14 @@ pub(crate) async fn wait_for_turn(
     let read = GetOptions::new()
         .with_keys_only()
         .with_max_create_revision(token);
+    // The kept watch is read by a task on the session's runtime, which may not be driven
+    // (see `Session`): once the session is lost, waiting for it is pointless.
     let kept = match mine.queue_watch() {
-        Some(queue_watch) => queue_watch.take().await,
+        Some(queue_watch) => tokio::select! {
+            biased;
+            kept = queue_watch.take() => kept,
+            () = session.lost() => return Err(Error::SessionLost),
+        },
         None => None,
     };
     let mut follower = match kept {

@@ -346,6 +346,44 @@ async fn a_session_whose_runtime_shut_down_is_lost() {
     within(secs(5), session.lost()).await;
 }
 
+/// A session built on a current-thread runtime whose `block_on` has returned (the runtime
+/// kept, but no longer driven): its join Txns, which run as tasks there, never run, and
+/// the session is lost a TTL later as its keep-alive cannot run either. `lock()`,
+/// `try_lock()` and `campaign()` called from another runtime then fail with
+/// `SessionLost`; they waited for the task's answer for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_on_a_session_whose_runtime_is_not_driven_fail_once_it_is_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let (runtime, session) = tokio::task::spawn_blocking(move || {
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let built = other.block_on(Session::builder(client).ttl(secs(2)).build());
+        (other, built.unwrap())
+    })
+    .await
+    .unwrap();
+    let mutex = etcd_concurrency::Mutex::new(&session, unique("undriven"));
+    let tried_mutex = etcd_concurrency::Mutex::new(&session, unique("undriven"));
+    let election = etcd_concurrency::Election::new(&session, unique("undriven"));
+    let (locked, tried, campaigned) = within(secs(6), async {
+        tokio::join!(mutex.lock(), tried_mutex.try_lock(), election.campaign("v"))
+    })
+    .await;
+    assert!(matches!(locked, Err(Error::SessionLost)), "{locked:?}");
+    assert!(matches!(tried, Err(Error::SessionLost)), "{tried:?}");
+    assert!(
+        matches!(campaigned, Err(Error::SessionLost)),
+        "{campaigned:?}"
+    );
+    drop((mutex, tried_mutex, election, session));
+    tokio::task::spawn_blocking(move || drop(runtime))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_stream_reopened_after_an_outage_counts_from_the_renewal_that_opened_it() {
     let cluster = EtcdCluster::start(1).await;
