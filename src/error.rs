@@ -106,7 +106,8 @@ impl From<etcd_client::Error> for Error {
 
 impl Error {
     /// Whether retrying the same request may succeed: the member was unavailable, the
-    /// connection broke, the leader changed, or no answer came in time. A transient error
+    /// connection broke, the leader changed, the auth store changed while etcd served the
+    /// request ("revision of auth store is old"), or no answer came in time. A transient error
     /// from a write may leave its outcome unknown. No Go counterpart: Go's callers inspect
     /// the gRPC status code (`codes.Unavailable`, `codes.DeadlineExceeded`) themselves.
     pub fn is_transient(&self) -> bool {
@@ -134,6 +135,7 @@ pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
                     | Code::DeadlineExceeded
                     | Code::Cancelled
             ) || etcd_says(error, Code::ResourceExhausted, TOO_MANY_REQUESTS)
+                || is_auth_old_revision(error)
                 || is_broken_connection(status)
         }
         E::LeaseKeepAliveError(_) => !is_lease_not_found(error),
@@ -141,6 +143,18 @@ pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
         _ => false,
     }
 }
+
+/// Whether etcd refused a request because the auth store changed (a user, role or
+/// permission, anywhere in the cluster) between its authentication and its apply
+/// (`ErrGRPCAuthOldRevision`). Nothing was applied, and the same request, authenticated
+/// again, is served: Go's client retries it (after renewing its token, which etcd's
+/// simple tokens do not need: they carry no revision), etcd-client does not.
+pub(crate) fn is_auth_old_revision(error: &etcd_client::Error) -> bool {
+    etcd_says(error, tonic::Code::InvalidArgument, AUTH_OLD_REVISION)
+}
+
+/// etcd's `ErrGRPCAuthOldRevision`.
+const AUTH_OLD_REVISION: &str = "revision of auth store is old";
 
 /// Whether tonic reports that the HTTP/2 connection failed under a request: the member
 /// sent GOAWAY as it shut down, or reset the stream (`ENHANCE_YOUR_CALM` under load),
@@ -220,7 +234,8 @@ pub(crate) fn is_lease_gone(error: &etcd_client::Error) -> bool {
 }
 
 /// Whether a write that failed with `error` was certainly not applied: the connection was
-/// refused, or etcd turned it away before proposing it (no leader, too many requests).
+/// refused, etcd turned it away before proposing it (no leader, too many requests), or
+/// its apply refused it for an auth store changed since it was authenticated.
 pub(crate) fn was_not_applied(error: &etcd_client::Error) -> bool {
     use tonic::Code;
     let etcd_client::Error::GRpcStatus(status) = error else {
@@ -229,7 +244,10 @@ pub(crate) fn was_not_applied(error: &etcd_client::Error) -> bool {
     let message = status.message();
     match status.code() {
         Code::Unavailable => message.contains("tcp connect error") || message.contains("no leader"),
-        _ => etcd_says(error, Code::ResourceExhausted, TOO_MANY_REQUESTS),
+        _ => {
+            etcd_says(error, Code::ResourceExhausted, TOO_MANY_REQUESTS)
+                || is_auth_old_revision(error)
+        }
     }
 }
 
@@ -283,6 +301,9 @@ mod tests {
         assert!(is_compacted(&etcd_client::Error::GRpcStatus(compacted)));
         let gone = tonic::Status::not_found("etcdserver: requested lease not found");
         assert!(is_lease_gone(&etcd_client::Error::GRpcStatus(gone)));
+        let old = tonic::Status::invalid_argument("etcdserver: revision of auth store is old");
+        let old = etcd_client::Error::GRpcStatus(old);
+        assert!(is_transient(&old) && was_not_applied(&old));
         let taken = tonic::Status::failed_precondition("etcdserver: lease already exists");
         assert!(is_lease_taken(&etcd_client::Error::GRpcStatus(taken)));
     }

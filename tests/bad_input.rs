@@ -159,6 +159,46 @@ async fn while_leading_runs_the_job_of_a_leader_whose_token_etcd_forgot() {
     );
 }
 
+/// A request authenticated before a change of the auth store (any user, role or
+/// permission) and applied after it is refused ("revision of auth store is old"), applying
+/// nothing: it is retried, as Go's client does, so no lock or unlock fails for it, no
+/// held lock passes for lost, and no key is left behind.
+#[tokio::test]
+async fn requests_racing_a_change_of_the_auth_store_are_retried() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cluster = EtcdCluster::start(1).await;
+    enable_auth(&mut cluster.client().await).await;
+    let client = connect_as_root(&cluster.endpoints()).await;
+    let session = within(secs(5), Session::new(client.clone())).await.unwrap();
+    let name = unique("auth-store-changing");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut admin = client.clone();
+    let changing = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            for n in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let key = format!("/elsewhere/{}", n % 4);
+                let read = Permission::read(key.as_str());
+                admin.role_grant_permission("reader", read).await.unwrap();
+            }
+        }
+    });
+    let mutex = Mutex::new(&session, &name);
+    for _ in 0..200 {
+        let guard = within(secs(10), mutex.lock()).await.unwrap();
+        let lost = tokio::time::timeout(millis(5), guard.lost()).await;
+        assert!(lost.is_err(), "a held lock passed for lost");
+        within(secs(10), guard.unlock()).await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    changing.await.unwrap();
+    assert!(keys_under(&client, &name).await.is_empty());
+}
+
 #[tokio::test]
 async fn a_cluster_that_goes_away_gives_errors_in_bounded_time() {
     let cluster = EtcdCluster::start(1).await;
