@@ -17,6 +17,7 @@
 //! revision + 1 instead, and falls back to a re-read only when that history has been
 //! compacted or its replay is too large for one answer of the client's.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -82,7 +83,16 @@ pub(crate) struct Follower {
     open_failure: Option<Error>,
     /// How long one request is sent again while unanswered before it is given up.
     request_limit: Duration,
+    /// [`TOKEN_RENEWALS`] when the last watch was sent.
+    renewals_seen: u64,
 }
+
+/// How many auth tokens followers have renewed, in the whole process.
+static TOKEN_RENEWALS: AtomicU64 = AtomicU64::new(0);
+/// Taken by a follower renewing a token: the followers refused at once for one token (say,
+/// every waiter and observer of a client whose member restarted) renew it once, not each,
+/// as etcd-client's own renewals do; each renewal is a bcrypt hash on etcd.
+static RENEWING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What a live watch said, or that it said nothing for too long.
 enum Heard {
@@ -117,6 +127,7 @@ impl Follower {
             deletes_only: false,
             open_failure: None,
             request_limit: REQUEST_LIMIT,
+            renewals_seen: 0,
         }
     }
 
@@ -481,6 +492,7 @@ impl Follower {
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
         let key = &self.key;
         let watches = self.client.watch_client();
+        self.renewals_seen = TOKEN_RENEWALS.load(Ordering::SeqCst);
         let opened = retry(&watches, self.request_limit, |mut watches| {
             let (key, options) = (key.clone(), options.clone());
             async move {
@@ -513,7 +525,18 @@ impl Follower {
             "watch refused for its auth token; renewing the token"
         );
         // Bounded as the follower's other requests are: a frozen member never answers.
-        let renewed = tokio::time::timeout(self.request_limit, self.client.refresh_token());
+        let renewed = tokio::time::timeout(self.request_limit, async {
+            let _turn = RENEWING.lock().await;
+            // Renewed since this watch was sent (by another follower, likely of this
+            // client): try the new token first. A renewal of another client's costs one
+            // more refusal.
+            if TOKEN_RENEWALS.load(Ordering::SeqCst) != self.renewals_seen {
+                return Ok(());
+            }
+            self.client.refresh_token().await?;
+            TOKEN_RENEWALS.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        });
         match renewed.await {
             // Transient: the watch is opened again, with the new token.
             Ok(Ok(())) => Error::Etcd(etcd_client::Error::WatchError(format!(

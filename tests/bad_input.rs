@@ -141,6 +141,48 @@ async fn an_observer_whose_token_etcd_forgot_hears_the_next_proclaim() {
     assert_eq!(next.unwrap().unwrap().value(), b"v2");
 }
 
+/// Every follower of a client is refused at once when etcd forgets its token: they renew
+/// it once between them, not each (each renewal is a bcrypt hash and a raft entry on etcd).
+#[tokio::test]
+async fn followers_refused_for_one_token_renew_it_once() {
+    let cluster = EtcdCluster::start(1).await;
+    enable_auth(&mut cluster.client().await).await;
+    let writer = connect_as_root(&cluster.endpoints()).await;
+    let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
+        .await
+        .unwrap();
+    let reader = connect_as_root(&[proxy.endpoint()]).await;
+    let name = unique("token-forgotten-by-many");
+    let leader = within(secs(5), Session::new(writer.clone())).await.unwrap();
+    let leading = within(secs(10), Election::new(&leader, &name).campaign("v1"))
+        .await
+        .unwrap();
+    let watcher = within(secs(5), Session::new(reader)).await.unwrap();
+    let mut observers = Vec::new();
+    for _ in 0..40 {
+        let mut observer = Box::pin(Election::new(&watcher, &name).observe());
+        within(secs(10), observer.next()).await.unwrap().unwrap();
+        observers.push(observer);
+    }
+    forget_tokens(&cluster, &writer).await;
+    let raft_index = async || writer.clone().status().await.unwrap().raft_index();
+    let before = raft_index().await;
+    proxy.cut();
+    proxy.heal();
+    within(secs(10), leading.proclaim("v2")).await.unwrap();
+    // All at once, as observers on tasks of their own would.
+    let nexts = observers.iter_mut().map(|observer| observer.next());
+    for next in within(secs(30), futures::future::join_all(nexts)).await {
+        assert_eq!(next.unwrap().unwrap().unwrap().value(), b"v2");
+    }
+    // The proclaim, and a renewal or two (one per follower before the change).
+    let entries = raft_index().await - before;
+    assert!(
+        entries <= 4,
+        "{entries} raft entries: a renewal per follower"
+    );
+}
+
 /// A leadership's `while_leading` opens a watch on its key: with a token etcd forgot, the
 /// refusal must not pass for the leadership's loss.
 #[tokio::test]
