@@ -177,6 +177,10 @@ impl Election {
     /// fails the same way at once, instead of waiting for a look-up that only etcd's
     /// return would end.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future withdraws the candidacy (its key is deleted in the
@@ -250,6 +254,10 @@ impl Election {
     /// [`Error::InvalidArgument`] for an empty name; [`Error::Etcd`] / [`Error::Timeout`]
     /// if etcd could not be read within the session's request timeout.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: it only reads.
@@ -318,6 +326,11 @@ impl Election {
     /// watch (e.g. permission denied), after which the stream keeps trying with back-off.
     /// Never [`Error::Timeout`]: while etcd cannot be reached it yields nothing.
     ///
+    /// # Panics
+    ///
+    /// When polled outside a Tokio runtime, or in one without its time driver (see the crate
+    /// docs).
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping a `next()` future loses no change, as the read in progress
@@ -330,9 +343,11 @@ impl Election {
     /// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
     /// let mut leaders = std::pin::pin!(election.observe());
     /// while let Some(leader) = leaders.next().await {
-    ///     match leader? {
-    ///         Some(leader) => println!("leader: {}", String::from_utf8_lossy(leader.value())),
-    ///         None => println!("nobody leads"),
+    ///     match leader {
+    ///         Ok(Some(leader)) => println!("leader: {}", String::from_utf8_lossy(leader.value())),
+    ///         Ok(None) => println!("nobody leads"),
+    ///         // One it cannot retry (say, permission denied); it keeps following after it.
+    ///         Err(error) => eprintln!("observe: {error}"),
     ///     }
     /// }
     /// # Ok(())
@@ -486,6 +501,10 @@ impl Leadership {
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (e.g. a value over
     ///   its request size limit, 1.5 MiB by default) or could not be reached.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
     /// # Cancel safety
     ///
     /// If the future is dropped before completing, the value may or may not have been
@@ -532,6 +551,10 @@ impl Leadership {
     ///   the leadership it won.
     /// - Any other [`Error::Etcd`]: etcd refused the delete (for instance permission
     ///   denied); the key stays until the session ends.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
     ///
     /// # Cancel safety
     ///
@@ -590,6 +613,10 @@ impl Leadership {
     /// refuses that watch (for instance permission denied), since leading can then not be
     /// confirmed. Go's nearest is `Session.Done()`.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe; each call opens its own watch, closed when the future is dropped. The
@@ -614,6 +641,10 @@ impl Leadership {
     /// `work`, so a leadership already known to be lost (its session lost or closed)
     /// returns `None` without starting `work`. The leadership is kept either way; resign
     /// or drop it when done. No Go counterpart; in Go, select on `Session.Done()`.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
     ///
     /// # Cancel safety
     ///

@@ -53,7 +53,9 @@ pub enum Error {
 
     /// A lock's or an election's key is no longer the one this handle created: it was
     /// deleted (by someone else, or when the lease ended) or re-created by a newer holder.
-    /// An unlock or resign that returns it changed nothing; for a proclaim, see
+    /// An unlock that returns it changed nothing; a resign deleted nothing of its own, but
+    /// may withdraw in the background a newer key of the session left by a cancelled
+    /// campaign (see [`Leadership::resign`]); for a proclaim, see
     /// [`Leadership::proclaim`]. Go's `Proclaim` returns `ErrElectionNotLeader` in this
     /// case; Go's `Resign` and `Unlock` report nothing.
     ///
@@ -64,6 +66,7 @@ pub enum Error {
     /// `ErrSessionExpired` for a waiting key that is gone, whatever removed it.
     ///
     /// [`Leadership::proclaim`]: crate::Leadership::proclaim
+    /// [`Leadership::resign`]: crate::Leadership::resign
     /// [`Mutex::lock`]: crate::Mutex::lock
     /// [`Election::campaign`]: crate::Election::campaign
     #[error("ownership lost: the key was deleted or now belongs to a newer holder")]
@@ -75,8 +78,11 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// An STM transaction conflicted with concurrent writers on every one of its
-    /// `attempts`; nothing was written.
+    /// An STM transaction's runs all conflicted, `attempts` of them: its reads were no
+    /// longer current at commit, or it went on after a read that failed (see
+    /// [`StmTxn::get`]); nothing was written.
+    ///
+    /// [`StmTxn::get`]: crate::StmTxn::get
     #[error("transaction gave up after {attempts} conflicting attempts")]
     TooManyConflicts {
         /// How many attempts conflicted (runs made again after a compaction not counted).

@@ -151,6 +151,10 @@ impl Mutex {
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request or could not be
     ///   reached within the session's request timeout.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future deletes this session's key in the background (also
@@ -231,6 +235,10 @@ impl Mutex {
     ///   request timeout.
     ///
     /// A lost race is `Ok(None)`, never [`Error::OwnershipLost`].
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
     ///
     /// # Cancel safety
     ///
@@ -356,6 +364,10 @@ impl MutexGuard {
     /// refuses that watch (for instance permission denied), since holding the lock can
     /// then not be confirmed.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe; each call opens its own watch, closed when the future is dropped.
@@ -393,6 +405,10 @@ impl MutexGuard {
     ///   on in the background for as long as the session lives.
     /// - Any other [`Error::Etcd`]: etcd refused the delete (for instance permission
     ///   denied); the key stays until the session ends.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
     ///
     /// # Cancel safety
     ///

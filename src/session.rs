@@ -30,7 +30,8 @@ use crate::wait::QueueWatch;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 /// The default of [`SessionBuilder::release_timeout`]: the bound on each attempt to delete
 /// a dropped guard's key, on the whole revoke of a dropped session, and on the revokes of
-/// a lease that a failed or dropped build may have granted. No Go counterpart: Go bounds
+/// a lease that a failed or dropped build may have granted, among the background work
+/// listed there. No Go counterpart: Go bounds
 /// its requests with the caller's `context`.
 pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default of [`SessionBuilder::request_timeout`] and [`Stm::request_timeout`]. No Go
@@ -58,8 +59,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// An abandoned attempt to join a lock's or election's queue may still reach etcd later
 /// and make the session's key there again, for nobody. So the session remembers the key
 /// of each such join until it is lost, closed, orphaned or dropped, and sweeps: one task
-/// lists the keys on its lease (one LeaseTimeToLive request for all the keys it
-/// remembers; where etcd will not answer it, one Range per remembered key instead: key
+/// lists the keys on its lease (one LeaseTimeToLive request, then one keys-only Range for
+/// each remembered key found there; where etcd will not list them, one Range per
+/// remembered key instead: key
 /// names over the client's answer limit, 4 MiB by default, or, with auth on etcd 3.4.26+
 /// and 3.5.9+, a user that may not read every key on the lease) within 250 ms of such a
 /// join, then at intervals doubling up to 10 s, and deletes any incarnation of a
@@ -250,6 +252,10 @@ impl Session {
     /// even when the keep-alive task could not run on time (its runtime's threads blocked
     /// or busy past the TTL). `lost` therefore needs a Tokio runtime with its time driver.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: dropping the future has no effect.
@@ -303,6 +309,10 @@ impl Session {
     /// [`Error::Etcd`] / [`Error::Timeout`] if it could not be reached within the request
     /// timeout; the lease then expires after its TTL, unless an attempt cut off was
     /// applied all the same. A lease that is already gone is not an error.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
     ///
     /// # Cancel safety
     ///

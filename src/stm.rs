@@ -237,12 +237,14 @@ impl Stm {
 
     /// Keys to read in one request before the first attempt, when the closure is known to
     /// read them (Go's `WithPrefetch`): saves a round trip per key. Only keys the closure
-    /// actually reads join the read set. They are read in one Txn: at most etcd's
-    /// `--max-txn-ops` (128 by default) keys, or every run fails with etcd's error. If
-    /// their values are over the client's answer size limit together (4 MiB by default),
-    /// the closure reads them one by one instead. At the snapshot levels, prefetched values
-    /// fix the attempt's snapshot, so it does not read a [`ReadCache`]. An empty key makes
-    /// [`run`](Self::run) return [`Error::InvalidArgument`] before sending anything.
+    /// actually reads join the read set (in Go every prefetched key does, so a write to one
+    /// the closure never used is a conflict there, and not here). They are read in one Txn:
+    /// at most etcd's `--max-txn-ops` (128 by default) keys, or every run fails with etcd's
+    /// error. If their values are over the client's answer size limit together (4 MiB by
+    /// default), the closure reads them one by one instead. At the snapshot levels,
+    /// prefetched values fix the attempt's snapshot, so it does not read a [`ReadCache`].
+    /// An empty key makes [`run`](Self::run) return [`Error::InvalidArgument`] before
+    /// sending anything.
     pub fn prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
         self.prefetch = keys.into_iter().map(Into::into).collect();
         self
@@ -530,6 +532,10 @@ impl StmTxn {
     /// never saw. The key is then read again: if that fails too, [`Stm::run`] returns the
     /// error; if not, the closure runs again with the value, which counts as a conflict.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
     /// # Cancel safety
     ///
     /// Cancel-safe: a read whose future is dropped adds nothing to the read set; reading
@@ -570,6 +576,10 @@ impl StmTxn {
     /// # Errors
     ///
     /// As [`get`](Self::get).
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
     ///
     /// # Cancel safety
     ///

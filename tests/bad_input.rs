@@ -1,8 +1,8 @@
 //! Bad input and hostile conditions not covered next to their primitive: authentication
-//! failures, forgotten auth tokens, permissions, dead endpoints. Each gives a clear typed error in bounded time
-//! and leaves nothing behind. (Empty and prefix names, stray lease-less keys, bad TTLs,
-//! oversized values, revoked leases and compaction are tested in `mutex.rs`,
-//! `election.rs`, `session.rs` and `stm.rs`.)
+//! failures, forgotten auth tokens, permissions, dead endpoints. Each gives a clear typed
+//! error in bounded time and leaves nothing behind. (Empty and prefix names, stray
+//! lease-less keys, bad TTLs, oversized values, revoked leases and compaction are tested in
+//! `mutex.rs`, `election.rs`, `session.rs` and `stm.rs`.)
 
 mod common;
 

@@ -20,7 +20,8 @@ use crate::read_cache::ReadCache;
 /// reads back as written. A read-only attempt at the two snapshot levels that read only
 /// from etcd sends no commit: its reads are of one revision, current at its first
 /// (linearizable) read, which makes it serializable already; Go sends a commit Txn that
-/// checks them once more.
+/// checks them once more. Nor does one at [`ReadCommitted`](Self::ReadCommitted), which
+/// checks nothing (Go sends a commit Txn with no compares).
 ///
 /// With a [`ReadCache`] ([`Stm::read_cache`]), an attempt reads the cached keys from one
 /// revision of the copy, taken at its first cached read; at the snapshot levels, only if

@@ -21,7 +21,8 @@ const HEARTBEAT_MS: u32 = 50;
 const ELECTION_TIMEOUT_MS: u32 = 500;
 
 /// A throwaway etcd cluster of 1 or 3 members on free loopback ports, data in tmpfs (on disk
-/// when `/dev/shm` lacks room: each member preallocates 128 MB of write-ahead log there).
+/// when `/dev/shm` has less than 192 MiB free per member: each preallocates 128 MB of
+/// write-ahead log, and its database grows).
 ///
 /// Each member is a real `etcd` process started with `--unsafe-no-fsync`, a 50 ms heartbeat
 /// and a 500 ms election timeout, so leases as short as 1 s are honoured, and with
