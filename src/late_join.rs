@@ -214,16 +214,26 @@ async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
         Err(error) => return Err(error),
     };
     drop(live);
+    // A key refused for what it is (its read permission revoked, say) does not keep the
+    // sweep from the keys after it; the first such refusal is returned at the end.
+    let mut refused = None;
     for key in to_read {
-        let found = retry(client, limit, |mut client| {
+        let read = retry(client, limit, |mut client| {
             let key = key.clone();
             async move {
                 client
                     .get(key, Some(GetOptions::new().with_keys_only()))
                     .await
             }
-        })
-        .await?;
+        });
+        let found = match read.await {
+            Ok(found) => found,
+            Err(error) if !error.is_transient() => {
+                refused.get_or_insert(error);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let incarnation = found
             .kvs()
             .first()
@@ -248,7 +258,7 @@ async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
             }
         }
     }
-    Ok(())
+    refused.map_or(Ok(()), Err)
 }
 
 impl Remembered {

@@ -242,6 +242,74 @@ async fn requests_racing_a_change_of_the_auth_store_are_retried() {
     assert!(keys_under(&client, &name).await.is_empty());
 }
 
+/// The session's sweep for keys of late joins goes on past a key it may no longer read:
+/// the keys of the session's other cut-off locks are still deleted, instead of every sweep
+/// ending at the refused one (the order of the remembered keys is the hash map's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_goes_on_past_a_key_it_may_not_read() {
+    let cluster = EtcdCluster::start(1).await;
+    enable_auth(&mut cluster.client().await).await;
+    let root = connect_as_root(&cluster.endpoints()).await;
+    let prefix = unique("sweep-refused");
+    let unreadable = format!("{prefix}/unreadable/");
+    let readable = format!("{prefix}/readable/");
+    let mut admin = root.clone();
+    admin.role_add("sweeper").await.unwrap();
+    for range in [&unreadable, &readable] {
+        let both = Permission::read_write(range.as_str()).with_prefix();
+        admin.role_grant_permission("sweeper", both).await.unwrap();
+    }
+    admin.user_add("sweeper", "secret", None).await.unwrap();
+    admin.user_grant_role("sweeper", "sweeper").await.unwrap();
+    let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
+        .await
+        .unwrap();
+    let options = ConnectOptions::new()
+        .with_user("sweeper", "secret")
+        .with_auto_token_refresh(true);
+    let client = Client::connect([proxy.endpoint()], Some(options))
+        .await
+        .unwrap();
+    let session = common::session_with(client, secs(30), secs(1)).await;
+
+    // Locks cut off by the request timeout: their outcome unknown, the session remembers
+    // their keys.
+    proxy.stall();
+    let names: Vec<String> = std::iter::once(format!("{unreadable}lock"))
+        .chain((0..11).map(|i| format!("{readable}lock-{i}")))
+        .collect();
+    let session_ref = &session;
+    let locks = names.iter().map(|name| async move {
+        let locked = within(secs(5), Mutex::new(session_ref, name).lock()).await;
+        assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+    });
+    futures::future::join_all(locks).await;
+    // Incarnations no handle took up, as join attempts delivered late make them; and the
+    // session may still write the first lock's key, but no longer read it.
+    for name in &names {
+        let on_lease = etcd_client::PutOptions::new().with_lease(session.lease_id());
+        let key = common::hex_key(name, &session);
+        admin.put(key, "", Some(on_lease)).await.unwrap();
+    }
+    let range = Some(RoleRevokePermissionOptions::new().with_prefix());
+    admin
+        .role_revoke_permission("sweeper", unreadable.as_str(), range)
+        .await
+        .unwrap();
+    let write_only = Permission::write(unreadable.as_str()).with_prefix();
+    admin
+        .role_grant_permission("sweeper", write_only)
+        .await
+        .unwrap();
+    proxy.heal();
+
+    // Sweeps come at most 10 s apart.
+    within(secs(25), common::no_keys_under(&root, &readable)).await;
+    assert_eq!(keys_under(&root, &unreadable).await.len(), 1);
+    within(secs(10), session.close()).await.unwrap();
+    assert!(keys_under(&root, &prefix).await.is_empty());
+}
+
 #[tokio::test]
 async fn a_cluster_that_goes_away_gives_errors_in_bounded_time() {
     let cluster = EtcdCluster::start(1).await;
