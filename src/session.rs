@@ -78,7 +78,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// again) after the ping interval plus timeout, configure the client with HTTP/2 pings
 /// and `require_leader`:
 /// `ConnectOptions::new().with_keep_alive(interval, timeout).with_require_leader(true)`
-/// (etcd refuses pings more frequent than its `--grpc-keepalive-min-time`, 5 s by default).
+/// (etcd refuses pings more frequent than its `--grpc-keepalive-min-time`, 5 s by default),
+/// and give it more than one endpoint: a cancelled watch is opened again, and with one
+/// endpoint that is on the same leaderless member.
 /// Pings do not stop etcd-client from sending new requests to a frozen member, which
 /// still accepts connections; removing its endpoint does (`Client::remove_endpoint`).
 ///
