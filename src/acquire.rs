@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, GetOptions, KeyValue, KvClient, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
     TxnResponse,
 };
 use tokio::sync::OwnedMutexGuard;
@@ -97,7 +97,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let txn = txn_reading(&[read_queue]);
     // Only a Txn that may create the key finds it when sent again.
     let without_queue = matches!(request.create, Create::IfAbsent).then(|| txn_reading(&[]));
-    let kv = session.client().kv_client();
+    let kv = session.client().clone();
     let limit = session.request_timeout();
     let send = session.until_ended(async move {
         let (answer, maybe_late) = send_join(&kv, limit, txn).await;
@@ -189,7 +189,7 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
 }
 
 /// Sends a join Txn (see [`retry_write`]).
-async fn send_join(kv: &KvClient, limit: Duration, txn: Txn) -> (Result<TxnResponse>, bool) {
+async fn send_join(kv: &Client, limit: Duration, txn: Txn) -> (Result<TxnResponse>, bool) {
     retry_write(kv, limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }

@@ -153,8 +153,10 @@ pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
 /// Whether etcd refused a request because the auth store changed (a user, role or
 /// permission, anywhere in the cluster) between its authentication and its apply
 /// (`ErrGRPCAuthOldRevision`). Nothing was applied, and the same request, authenticated
-/// again, is served: Go's client retries it (after renewing its token, which etcd's
-/// simple tokens do not need: they carry no revision), etcd-client does not.
+/// again, is served: Go's client retries it after renewing its token, etcd-client does
+/// not. etcd's simple tokens carry no revision: sent again as it is, the request is
+/// served. A JWT carries the revision it was issued at: every request made with it is
+/// refused until the client authenticates again (see `retry::OldToken`).
 pub(crate) fn is_auth_old_revision(error: &etcd_client::Error) -> bool {
     etcd_says(error, tonic::Code::InvalidArgument, AUTH_OLD_REVISION)
 }
@@ -231,6 +233,21 @@ pub(crate) fn is_lease_taken(error: &etcd_client::Error) -> bool {
         error,
         tonic::Code::FailedPrecondition,
         "lease already exists",
+    )
+}
+
+/// Whether etcd refused a write for its backend quota ("mvcc: database space exceeded",
+/// `ErrGRPCNoSpace`). Not transient: writes that add data fail until an operator frees space
+/// and disarms the NOSPACE alarm. Yet a Put, Txn or LeaseGrant that got it may have been
+/// applied: the gRPC layer refuses a write only if the quota is already used up when it
+/// arrives, but one that passed there and crosses the quota at its apply is applied, then
+/// answered with this error (etcd 3.4 `etcdserver/apply.go`, `quotaApplierV3`), as is every
+/// write applied before the alarm it raises is.
+pub(crate) fn is_no_space(error: &etcd_client::Error) -> bool {
+    etcd_says(
+        error,
+        tonic::Code::ResourceExhausted,
+        "database space exceeded",
     )
 }
 
@@ -312,6 +329,9 @@ mod tests {
         assert!(is_transient(&old) && was_not_applied(&old));
         let taken = tonic::Status::failed_precondition("etcdserver: lease already exists");
         assert!(is_lease_taken(&etcd_client::Error::GRpcStatus(taken)));
+        let full = tonic::Status::resource_exhausted("etcdserver: mvcc: database space exceeded");
+        let full = etcd_client::Error::GRpcStatus(full);
+        assert!(is_no_space(&full) && !is_transient(&full) && !was_not_applied(&full));
     }
 
     #[test]

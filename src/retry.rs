@@ -15,8 +15,10 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+
+use etcd_client::Client;
 
 use futures::StreamExt;
 use futures::future::{AbortHandle, abortable};
@@ -24,7 +26,10 @@ use futures::stream::FuturesUnordered;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::error::{Error, Result, is_answer_too_large, is_transient, was_not_applied};
+use crate::error::{
+    Error, Result, is_answer_too_large, is_auth_old_revision, is_no_space, is_transient,
+    was_not_applied,
+};
 
 /// The first back-off step; steps double up to [`MAX_STEP`].
 const FIRST_STEP: Duration = Duration::from_millis(20);
@@ -36,6 +41,73 @@ pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const MAX_IN_FLIGHT: usize = 4;
 /// Stands in for a deadline too far away to compute (about 30 years).
 const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 60 * 60);
+
+/// How many auth tokens this process has renewed (for requests refused for their token).
+pub(crate) static TOKEN_RENEWALS: AtomicU64 = AtomicU64::new(0);
+/// Taken while renewing a token: the requests refused at once for one token (say, every
+/// waiter and observer of a client whose member restarted, or every request in flight when
+/// the auth store changed) renew it once, not each, as etcd-client's own renewals do; each
+/// renewal is a bcrypt hash on etcd, and in etcd 3.4 a raft proposal.
+static RENEWING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Renews `client`'s auth token, unless a token was renewed since [`TOKEN_RENEWALS`] was
+/// `seen` (likely this client's: a renewal of another client's costs one more refusal).
+pub(crate) async fn renew_token(client: &Client, seen: u64) -> Result<(), etcd_client::Error> {
+    let _turn = RENEWING.lock().await;
+    if TOKEN_RENEWALS.load(Ordering::SeqCst) != seen {
+        return Ok(());
+    }
+    client.refresh_token().await?;
+    TOKEN_RENEWALS.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Renews a client's auth token for a request that etcd keeps refusing for it ("revision of
+/// auth store is old"). A simple token (etcd's default) is as good as new after such a
+/// refusal (the request met a change of the auth store while it was served) and the
+/// request is sent again as it is; a JWT carries the auth store revision it was issued at,
+/// so every request made with it is refused after any change of users, roles or
+/// permissions, until the client authenticates again: etcd-client renews a token only
+/// when etcd calls it invalid. Go's client renews at the first such refusal; here only at
+/// the third of a request, as a renewal is a bcrypt hash and a raft entry on etcd, which
+/// loops while the auth store keeps changing.
+pub(crate) struct OldToken {
+    refusals: u32,
+    /// [`TOKEN_RENEWALS`] when the request was first sent, or last renewed its token.
+    seen: u64,
+}
+
+impl OldToken {
+    pub(crate) fn new() -> OldToken {
+        OldToken {
+            refusals: 0,
+            seen: TOKEN_RENEWALS.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Notes that a request failed with `error`, and renews `client`'s token (trying
+    /// until `until`) if etcd refused it for its token often enough.
+    pub(crate) async fn renew_if_refused(
+        &mut self,
+        client: &Client,
+        error: &etcd_client::Error,
+        until: Instant,
+    ) {
+        if !is_auth_old_revision(error) {
+            return;
+        }
+        self.refusals += 1;
+        if self.refusals < 3 {
+            return;
+        }
+        match tokio::time::timeout_at(until, renew_token(client, self.seen)).await {
+            Ok(Ok(())) => tracing::debug!(%error, "auth token renewed"),
+            Ok(Err(failed)) => tracing::debug!(%failed, "cannot renew the auth token"),
+            Err(_) => tracing::debug!("no answer to renewing the auth token"),
+        }
+        self.seen = TOKEN_RENEWALS.load(Ordering::SeqCst);
+    }
+}
 
 /// `limit` from now; a limit too long to add (say `Duration::MAX`, for "no limit") gives a
 /// deadline about 30 years away.
@@ -74,34 +146,33 @@ impl Backoff {
     }
 }
 
-/// Runs `request` (given its own clone of `handle`, a `Client` or one of its service
-/// clients such as `KvClient`, as etcd-client's calls borrow them mutably) until it
-/// succeeds, fails with a non-transient error, or `limit` has passed. An attempt
-/// unanswered after [`ATTEMPT_TIMEOUT`] is sent again, the first staying in flight: the
-/// first answer counts.
+/// Runs `request` (given its own clone of `client`, as etcd-client's calls borrow it
+/// mutably) until it succeeds, fails with a non-transient error, or `limit` has passed. An
+/// attempt unanswered after [`ATTEMPT_TIMEOUT`] is sent again, the first staying in flight:
+/// the first answer counts. A request refused for its auth token's revision ("revision of
+/// auth store is old") is sent again, after renewing the token if that keeps happening
+/// (see [`OldToken`]).
 ///
 /// Returns the request's answer; the last error if it kept failing (transient or not),
 /// also when the deadline came with attempts in flight; or [`Error::Timeout`] if no
 /// attempt got an answer at all.
-pub(crate) async fn retry<H, T, F, Fut>(handle: &H, limit: Duration, request: F) -> Result<T>
+pub(crate) async fn retry<T, F, Fut>(client: &Client, limit: Duration, request: F) -> Result<T>
 where
-    H: Clone,
-    F: FnMut(H) -> Fut,
+    F: FnMut(Client) -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
-    retry_every(ATTEMPT_TIMEOUT, handle, limit, request).await
+    retry_every(ATTEMPT_TIMEOUT, client, limit, request).await
 }
 
 /// [`retry`], sending the request again when an attempt is unanswered after `resend`.
-pub(crate) async fn retry_every<H, T, F, Fut>(
+pub(crate) async fn retry_every<T, F, Fut>(
     resend: Duration,
-    handle: &H,
+    client: &Client,
     limit: Duration,
     mut request: F,
 ) -> Result<T>
 where
-    H: Clone,
-    F: FnMut(H) -> Fut,
+    F: FnMut(Client) -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
     let deadline = deadline_after(limit);
@@ -114,6 +185,7 @@ where
     let mut send_at = Instant::now();
     // The next attempt waits for a back-off after a failure, not for an answer.
     let mut backing_off = false;
+    let mut old_token = OldToken::new();
     loop {
         let now = Instant::now();
         // The first attempt is sent whatever the limit; none after the deadline.
@@ -123,7 +195,7 @@ where
                     oldest.abort();
                 }
             }
-            let (attempt, abort) = abortable(request(handle.clone()));
+            let (attempt, abort) = abortable(request(client.clone()));
             let number = sent;
             attempts.push(async move { (number, attempt.await) });
             in_flight.push_back((number, abort));
@@ -153,6 +225,8 @@ where
             Ok(answer) => return Ok(answer),
             Err(error) if !is_transient(&error) => return Err(Error::Etcd(error)),
             Err(error) => {
+                let until = deadline.min(Instant::now() + resend);
+                old_token.renew_if_refused(client, &error, until).await;
                 let delay = backoff.next_delay();
                 let resend_at = Instant::now() + delay;
                 if resend_at >= deadline && in_flight.is_empty() {
@@ -172,24 +246,23 @@ where
 /// did not succeed (the one answered included, if its answer is an error) may have been
 /// applied all the same: because it failed in transit (unless [`was_not_applied`] says it
 /// never got that far), was still unanswered when another answered or the deadline came,
-/// or was applied but its answer was too large to take. A refusal by etcd, for what the
-/// request is, was not applied.
-pub(crate) async fn retry_write<H, T, F, Fut>(
-    handle: &H,
+/// or was applied but its answer was too large to take or crossed the backend quota. A
+/// refusal by etcd, for what the request is, was not applied.
+pub(crate) async fn retry_write<T, F, Fut>(
+    client: &Client,
     limit: Duration,
     mut request: F,
 ) -> (Result<T>, bool)
 where
-    H: Clone,
-    F: FnMut(H) -> Fut,
+    F: FnMut(Client) -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
     // Attempts sent and not answered: abandoned, or still in flight when another answered
     // or the deadline came.
     let unanswered = AtomicUsize::new(0);
     let maybe_applied = AtomicBool::new(false);
-    let answer = retry(handle, limit, |handle| {
-        let attempt = request(handle);
+    let answer = retry(client, limit, |client| {
+        let attempt = request(client);
         let (unanswered, maybe_applied) = (&unanswered, &maybe_applied);
         async move {
             unanswered.fetch_add(1, Ordering::Relaxed);
@@ -208,9 +281,13 @@ where
     )
 }
 
-/// Whether a write that failed with `error` may have been applied.
+/// Whether a write that failed with `error` may have been applied: failed in transit, or
+/// answered with an error after its apply (its answer too large to take, or the backend
+/// quota crossed by it: see [`is_no_space`]).
 fn may_have_applied(error: &etcd_client::Error) -> bool {
-    (is_transient(error) && !was_not_applied(error)) || is_answer_too_large(error)
+    (is_transient(error) && !was_not_applied(error))
+        || is_answer_too_large(error)
+        || is_no_space(error)
 }
 
 #[cfg(test)]
@@ -502,5 +579,8 @@ mod tests {
             "Error, decoded message length too large: found 4194649 bytes",
         );
         assert!(failed_write_may_have_applied(too_large).await);
+        // etcd applies the write that crosses the backend quota, then answers it so.
+        let full = tonic::Status::resource_exhausted("etcdserver: mvcc: database space exceeded");
+        assert!(failed_write_may_have_applied(full).await);
     }
 }

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, GetResponse, KvClient, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 
 pub use self::isolation::Isolation;
 use self::requests::{
@@ -114,7 +112,7 @@ pub struct Stm {
 /// # }
 /// ```
 pub struct StmTxn {
-    kv: KvClient,
+    kv: Client,
     isolation: Isolation,
     request_timeout: Duration,
     /// Keys read in this attempt (the read set).
@@ -324,11 +322,13 @@ impl Stm {
     ///   when `apply` went on without it and failed to read it again: see
     ///   [`StmTxn::get`]), or the commit failed or got no answer. If
     ///   [`Error::is_transient`] is true for a failed commit, it may or may not have been
-    ///   applied; retrying the whole run may apply it twice. A request over etcd's size
-    ///   limit (1.5 MiB by default) fails here too, and so does a commit of more than
-    ///   etcd's `--max-txn-ops` (128 by default) compares or writes: it compares each key
-    ///   read (and, at the default level, each key only written), as Go's does. A
-    ///   read-only transaction may read any number of keys.
+    ///   applied; retrying the whole run may apply it twice. So may a commit refused with
+    ///   etcd's "mvcc: database space exceeded", which is not transient: etcd applies the
+    ///   write that crosses its backend quota, then answers it with that error. A request
+    ///   over etcd's size limit (1.5 MiB by default) fails here too, and so does a commit
+    ///   of more than etcd's `--max-txn-ops` (128 by default) compares or writes: it
+    ///   compares each key read (and, at the default level, each key only written), as Go's
+    ///   does. A read-only transaction may read any number of keys.
     /// - [`Error::Etcd`] (converted into `E`) with etcd's "compacted" error: the snapshot
     ///   was compacted in more runs in a row than `max_attempts`.
     ///
@@ -383,7 +383,7 @@ impl Stm {
         if self.prefetch.iter().any(Vec::is_empty) {
             return Err(empty_key().into());
         }
-        let kv = self.client.kv_client();
+        let kv = self.client.clone();
         let mut fresh = if self.prefetch.is_empty() {
             Fresh::default()
         } else {
@@ -959,7 +959,7 @@ fn empty_key() -> Error {
 /// were checked at, which this `Stm` then has seen, lets the next attempt's check of that
 /// key start there.
 async fn newest_changes(
-    kv: &KvClient,
+    kv: &Client,
     limit: Duration,
     keys: &[Vec<u8>],
     read: impl Fn(&[u8]) -> Option<i64>,

@@ -17,12 +17,12 @@
 //! revision + 1 instead, and falls back to a re-read only when that history has been
 //! compacted or its replay is too large for one answer of the client's.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Event, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse, WatchFilterType,
-    WatchOptions, WatchResponse, WatchStream,
+    Client, Event, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions,
+    WatchResponse, WatchStream,
 };
 
 use futures::FutureExt;
@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use crate::error::{
     ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted, is_request_too_large,
 };
-use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, retry};
+use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, TOKEN_RENEWALS, renew_token, retry};
 
 /// How long a watch may stay silent before its member is asked whether it is alive, and
 /// then how long the answer may take before the watch is re-opened (so a quiet watch over
@@ -86,13 +86,6 @@ pub(crate) struct Follower {
     /// [`TOKEN_RENEWALS`] when the last watch was sent.
     renewals_seen: u64,
 }
-
-/// How many auth tokens followers have renewed, in the whole process.
-static TOKEN_RENEWALS: AtomicU64 = AtomicU64::new(0);
-/// Taken by a follower renewing a token: the followers refused at once for one token (say,
-/// every waiter and observer of a client whose member restarted) renew it once, not each,
-/// as etcd-client's own renewals do; each renewal is a bcrypt hash on etcd.
-static RENEWING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What a live watch said, or that it said nothing for too long.
 enum Heard {
@@ -366,7 +359,7 @@ impl Follower {
     async fn read_snapshot(&mut self) -> Result<Update> {
         let options = self.range(self.read_options.clone());
         let key = &self.key;
-        let kv = self.client.kv_client();
+        let kv = self.client.clone();
         let read = retry(&kv, self.request_limit, |mut kv| {
             let (key, options) = (key.clone(), options.clone());
             async move { kv.get(key, Some(options)).await }
@@ -405,7 +398,7 @@ impl Follower {
     }
 
     async fn read_parts(&self) -> Result<(Vec<KeyValue>, i64)> {
-        let kv = self.client.kv_client();
+        let kv = self.client.clone();
         let (keys, revision) = self.list_keys(&kv).await?;
         let at = GetOptions::new().with_revision(revision);
         let (mut kvs, mut done, mut batch) = (Vec::new(), 0, ETCD_MAX_TXN_OPS);
@@ -443,7 +436,7 @@ impl Follower {
     }
 
     /// The keys of the range, a page at a time, at the revision of the first page.
-    async fn list_keys(&self, kv: &KvClient) -> Result<(Vec<Vec<u8>>, i64)> {
+    async fn list_keys(&self, kv: &Client) -> Result<(Vec<Vec<u8>>, i64)> {
         const FIRST_PAGE: i64 = 10_000;
         let (mut keys, mut from) = (Vec::new(), self.key.clone());
         let (mut revision, mut page) = (0, FIRST_PAGE);
@@ -491,7 +484,7 @@ impl Follower {
     /// never answer), the earlier ones staying in flight, until the request limit.
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
         let key = &self.key;
-        let watches = self.client.watch_client();
+        let watches = self.client.clone();
         self.renewals_seen = TOKEN_RENEWALS.load(Ordering::SeqCst);
         let opened = retry(&watches, self.request_limit, |mut watches| {
             let (key, options) = (key.clone(), options.clone());
@@ -525,18 +518,12 @@ impl Follower {
             "watch refused for its auth token; renewing the token"
         );
         // Bounded as the follower's other requests are: a frozen member never answers.
-        let renewed = tokio::time::timeout(self.request_limit, async {
-            let _turn = RENEWING.lock().await;
-            // Renewed since this watch was sent (by another follower, likely of this
-            // client): try the new token first. A renewal of another client's costs one
-            // more refusal.
-            if TOKEN_RENEWALS.load(Ordering::SeqCst) != self.renewals_seen {
-                return Ok(());
-            }
-            self.client.refresh_token().await?;
-            TOKEN_RENEWALS.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        });
+        // Renewed since this watch was sent (by another request, likely of this client):
+        // the new token is tried first.
+        let renewed = tokio::time::timeout(
+            self.request_limit,
+            renew_token(&self.client, self.renewals_seen),
+        );
         match renewed.await {
             // Transient: the watch is opened again, with the new token.
             Ok(Ok(())) => Error::Etcd(etcd_client::Error::WatchError(format!(

@@ -2,26 +2,28 @@
 
 use std::time::Duration;
 
-use etcd_client::{GetOptions, KvClient, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcd_client::{Client, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 
 use super::{Fresh, Read};
 use crate::error::{Error, Result, is_answer_too_large, was_not_applied};
-use crate::retry::{Backoff, deadline_after, retry};
+use crate::retry::{Backoff, OldToken, deadline_after, retry};
 
 /// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
 /// connection was refused, no leader, too many requests): a commit whose outcome is
 /// unknown is not sent twice. At the deadline, the last such refusal says more than
 /// "no answer".
-pub(super) async fn commit_once(kv: &KvClient, limit: Duration, txn: Txn) -> Result<TxnResponse> {
+pub(super) async fn commit_once(kv: &Client, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
     let mut refused = None;
+    let mut old_token = OldToken::new();
     loop {
         let answer = tokio::time::timeout_at(deadline, kv.clone().txn(txn.clone())).await;
         match answer {
             Ok(Ok(answer)) => return Ok(answer),
             Ok(Err(error)) if was_not_applied(&error) && tokio::time::Instant::now() < deadline => {
                 tracing::debug!(%error, "STM commit not applied; sending again");
+                old_token.renew_if_refused(kv, &error, deadline).await;
                 refused = Some(error);
                 let resend_at = tokio::time::Instant::now() + backoff.next_delay();
                 tokio::time::sleep_until(resend_at.min(deadline)).await;
@@ -44,16 +46,12 @@ pub(super) fn unless_values_too_large(answer: Result<TxnResponse>) -> Result<Opt
 }
 
 /// Sends `reads` in one read-only Txn, retrying transient failures.
-async fn read_txn(kv: &KvClient, limit: Duration, reads: Vec<TxnOp>) -> Result<TxnResponse> {
+async fn read_txn(kv: &Client, limit: Duration, reads: Vec<TxnOp>) -> Result<TxnResponse> {
     send_read_only(kv, limit, Txn::new().and_then(reads)).await
 }
 
 /// Sends `txn`, which writes nothing, retrying transient failures.
-pub(super) async fn send_read_only(
-    kv: &KvClient,
-    limit: Duration,
-    txn: Txn,
-) -> Result<TxnResponse> {
+pub(super) async fn send_read_only(kv: &Client, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     retry(kv, limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }
@@ -63,7 +61,7 @@ pub(super) async fn send_read_only(
 
 /// Reads `keys` in one Txn, at one revision; nothing if their values are over the client's
 /// answer size limit together (the attempt then reads them one by one).
-pub(super) async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
+pub(super) async fn read_many(kv: &Client, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
     match read_txn(kv, limit, gets(&keys)).await {
         Ok(answer) => Ok(read_set(keys, &answer)),
         Err(Error::Etcd(error)) if is_answer_too_large(&error) => Ok(Fresh::default()),
@@ -74,7 +72,7 @@ pub(super) async fn read_many(kv: &KvClient, limit: Duration, keys: Vec<Vec<u8>>
 /// The mod revisions of `keys` at `revision` (0: the latest; 0 for an absent key), in one
 /// Txn, without their values; with etcd's revision when it answered.
 pub(super) async fn mod_revisions_at<'a>(
-    kv: &KvClient,
+    kv: &Client,
     limit: Duration,
     keys: impl Iterator<Item = &'a [u8]>,
     revision: i64,
