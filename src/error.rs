@@ -189,6 +189,8 @@ pub(crate) const ETCD_MAX_TXN_OPS: usize = 128;
 
 /// etcd's back-pressure, sent before anything is proposed.
 const TOO_MANY_REQUESTS: &str = "too many requests";
+/// raft's `ErrProposalDropped`, which etcd passes on as it is.
+const PROPOSAL_DROPPED: &str = "raft proposal dropped";
 
 /// Whether `error` is etcd's gRPC status `code` with a message containing `text` (etcd's
 /// errors are told apart by their message; see its `rpctypes`).
@@ -257,8 +259,10 @@ pub(crate) fn is_lease_gone(error: &etcd_client::Error) -> bool {
 }
 
 /// Whether a write that failed with `error` was certainly not applied: the connection was
-/// refused, etcd turned it away before proposing it (no leader, too many requests), or
-/// its apply refused it for an auth store changed since it was authenticated.
+/// refused, etcd turned it away before proposing it (no leader, too many requests), raft
+/// dropped the proposal before appending it (no leader known, or leadership being
+/// transferred: raft's `ErrProposalDropped`), or its apply refused it for an auth store
+/// changed since it was authenticated.
 pub(crate) fn was_not_applied(error: &etcd_client::Error) -> bool {
     use tonic::Code;
     let etcd_client::Error::GRpcStatus(status) = error else {
@@ -269,6 +273,7 @@ pub(crate) fn was_not_applied(error: &etcd_client::Error) -> bool {
         Code::Unavailable => message.contains("tcp connect error") || message.contains("no leader"),
         _ => {
             etcd_says(error, Code::ResourceExhausted, TOO_MANY_REQUESTS)
+                || etcd_says(error, Code::Unknown, PROPOSAL_DROPPED)
                 || is_auth_old_revision(error)
         }
     }
@@ -327,6 +332,9 @@ mod tests {
         let old = tonic::Status::invalid_argument("etcdserver: revision of auth store is old");
         let old = etcd_client::Error::GRpcStatus(old);
         assert!(is_transient(&old) && was_not_applied(&old));
+        let dropped = tonic::Status::unknown("raft proposal dropped");
+        let dropped = etcd_client::Error::GRpcStatus(dropped);
+        assert!(is_transient(&dropped) && was_not_applied(&dropped));
         let taken = tonic::Status::failed_precondition("etcdserver: lease already exists");
         assert!(is_lease_taken(&etcd_client::Error::GRpcStatus(taken)));
         let full = tonic::Status::resource_exhausted("etcdserver: mvcc: database space exceeded");
