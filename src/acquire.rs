@@ -87,27 +87,30 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         }
     };
     let read_queue = TxnOp::get(prefix, Some(queue));
-    let txn_reading = |queue: &[TxnOp]| {
-        let put = TxnOp::put(key.clone(), request.value.clone(), Some(lease.clone()));
-        Txn::new()
-            .when([condition.clone()])
-            .and_then([&[put], queue].concat())
-            .or_else([&[TxnOp::get(key.clone(), None)], queue].concat())
+    let txn_reading = {
+        let (key, value) = (key.clone(), request.value.clone());
+        move |queue: &[TxnOp]| {
+            let put = TxnOp::put(key.clone(), value.clone(), Some(lease.clone()));
+            Txn::new()
+                .when([condition.clone()])
+                .and_then([&[put], queue].concat())
+                .or_else([&[TxnOp::get(key.clone(), None)], queue].concat())
+        }
     };
     let txn = txn_reading(&[read_queue]);
     // Only a Txn that may create the key finds it when sent again.
-    let without_queue = matches!(request.create, Create::IfAbsent).then(|| txn_reading(&[]));
+    let may_resend_without_queue = matches!(request.create, Create::IfAbsent);
     let kv = session.client().clone();
     let limit = session.request_timeout();
     let send = session.until_ended(async move {
         let (answer, maybe_late) = send_join(&kv, limit, txn).await;
-        match (answer, without_queue) {
-            (Err(Error::Etcd(error)), Some(txn)) if is_answer_too_large(&error) => {
+        match answer {
+            Err(Error::Etcd(error)) if may_resend_without_queue && is_answer_too_large(&error) => {
                 tracing::debug!("the queue is over the answer limit; joining without reading it");
-                let (answer, late) = send_join(&kv, limit, txn).await;
+                let (answer, late) = send_join(&kv, limit, txn_reading(&[])).await;
                 (answer, maybe_late || late)
             }
-            (answer, _) => (answer, maybe_late),
+            answer => (answer, maybe_late),
         }
     });
     let task = session.runtime().spawn(async move {

@@ -228,16 +228,7 @@ impl Election {
                 written => written?,
             }
         }
-        wait_for_turn(
-            &mut joined.key,
-            &self.name,
-            joined.queue.as_deref(),
-            joined.revision,
-        )
-        .await?;
-        if self.session.is_lost() {
-            return Err(Error::SessionLost);
-        }
+        wait_for_turn(&mut joined, &self.name).await?;
         Ok(Leadership { key: joined.key })
     }
 

@@ -199,16 +199,7 @@ impl Mutex {
             // The condition is "no key yet", so the key exists when it is false.
             Outcome::NotJoined => return Err(Error::OwnershipLost),
         };
-        wait_for_turn(
-            &mut joined.key,
-            &self.name,
-            joined.queue.as_deref(),
-            joined.revision,
-        )
-        .await?;
-        if self.session.is_lost() {
-            return Err(Error::SessionLost);
-        }
+        wait_for_turn(&mut joined, &self.name).await?;
         Ok(MutexGuard { key: joined.key })
     }
 

@@ -29,6 +29,7 @@ use etcd_client::{Event, GetOptions, KeyValue};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::acquire::Joined;
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
 
@@ -76,18 +77,30 @@ impl Drop for QueueWatch {
     }
 }
 
-/// Waits until no key under `name/` created before `mine` remains, given the `queue`
-/// under that prefix as read at `revision` (`None`: too large to read with the join, so
-/// the watch's first update reads it, in parts).
-/// `mine`'s [`QueueWatch`], if it has one, lends its watch.
+/// Waits until no key under `name/` created before the `joined` key remains, and checks
+/// that the session still lives then: no guard or leadership is given for a lease that
+/// is gone.
 ///
 /// Errors: [`Error::SessionLost`] when the session is lost or the key vanished with its
 /// lease; [`Error::OwnershipLost`] when the key was deleted while the lease lives;
 /// non-transient etcd errors from watching.
 ///
 /// Cancel-safe: dropping the future stops waiting and closes the watch (a mutex's next
-/// `lock()` opens another); `mine` is untouched.
-pub(crate) async fn wait_for_turn(
+/// `lock()` opens another); the key is untouched.
+pub(crate) async fn wait_for_turn(joined: &mut Joined, name: &[u8]) -> Result<()> {
+    let queue = joined.queue.as_deref();
+    wait_behind(&mut joined.key, name, queue, joined.revision).await?;
+    if joined.key.session().is_lost() {
+        return Err(Error::SessionLost);
+    }
+    Ok(())
+}
+
+/// Waits until no key under `name/` created before `mine` remains, given the `queue`
+/// under that prefix as read at `revision` (`None`: too large to read with the join, so
+/// the watch's first update reads it, in parts).
+/// `mine`'s [`QueueWatch`], if it has one, lends its watch.
+async fn wait_behind(
     mine: &mut OwnedKey,
     name: &[u8],
     queue: Option<&[KeyValue]>,
