@@ -108,35 +108,68 @@ async fn forget_tokens(cluster: &EtcdCluster, root: &Client) {
     cluster.client().await.auth_enable().await.unwrap();
 }
 
+/// An auth cluster where a leader proclaimed "v1" through a root client, and a session
+/// of another root client that reaches etcd through a proxy, to watch the election.
+struct ForgottenToken {
+    cluster: EtcdCluster,
+    proxy: etcd_concurrency::testing::Proxy,
+    writer: Client,
+    leading: etcd_concurrency::Leadership,
+    watcher: Session,
+}
+
+impl ForgottenToken {
+    async fn start(name: &str) -> ForgottenToken {
+        let cluster = EtcdCluster::start(1).await;
+        enable_auth(&mut cluster.client().await).await;
+        let writer = connect_as_root(&cluster.endpoints()).await;
+        let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
+            .await
+            .unwrap();
+        let reader = connect_as_root(&[proxy.endpoint()]).await;
+        let leader = within(secs(5), Session::new(writer.clone())).await.unwrap();
+        let leading = within(secs(10), Election::new(&leader, name).campaign("v1"))
+            .await
+            .unwrap();
+        let watcher = within(secs(5), Session::new(reader)).await.unwrap();
+        ForgottenToken {
+            cluster,
+            proxy,
+            writer,
+            leading,
+            watcher,
+        }
+    }
+
+    /// Makes etcd forget every token it gave out.
+    async fn forget(&self) {
+        forget_tokens(&self.cluster, &self.writer).await;
+    }
+
+    /// Breaks the watcher's connection, so that its watches are opened again with the
+    /// forgotten token, and proclaims "v2".
+    async fn reopen_and_proclaim(&self) {
+        self.proxy.cut();
+        self.proxy.heal();
+        within(secs(10), self.leading.proclaim("v2")).await.unwrap();
+    }
+}
+
 /// A watch opened again after etcd forgot the client's token is refused in the watch's
 /// created answer ("invalid auth token"), where etcd-client does not renew the token:
 /// the follower renews it and opens the watch again, so the observer hears the next
 /// proclaim instead of yielding that refusal for good.
 #[tokio::test]
 async fn an_observer_whose_token_etcd_forgot_hears_the_next_proclaim() {
-    let cluster = EtcdCluster::start(1).await;
-    enable_auth(&mut cluster.client().await).await;
-    let writer = connect_as_root(&cluster.endpoints()).await;
-    let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
-        .await
-        .unwrap();
-    let reader = connect_as_root(&[proxy.endpoint()]).await;
     let name = unique("token-forgotten");
-    let leader = within(secs(5), Session::new(writer.clone())).await.unwrap();
-    let leading = within(secs(10), Election::new(&leader, &name).campaign("v1"))
-        .await
-        .unwrap();
-    let watcher = within(secs(5), Session::new(reader)).await.unwrap();
-    let election = Election::new(&watcher, &name);
+    let setup = ForgottenToken::start(&name).await;
+    let election = Election::new(&setup.watcher, &name);
     let mut observer = pin!(election.observe());
     let first = within(secs(10), observer.next()).await.unwrap().unwrap();
     assert_eq!(first.unwrap().value(), b"v1");
 
-    forget_tokens(&cluster, &writer).await;
-    // The watch breaks and is opened again, with the forgotten token.
-    proxy.cut();
-    proxy.heal();
-    within(secs(10), leading.proclaim("v2")).await.unwrap();
+    setup.forget().await;
+    setup.reopen_and_proclaim().await;
     let next = within(secs(10), observer.next()).await.unwrap();
     assert_eq!(next.unwrap().unwrap().value(), b"v2");
 }
@@ -145,31 +178,18 @@ async fn an_observer_whose_token_etcd_forgot_hears_the_next_proclaim() {
 /// it once between them, not each (each renewal is a bcrypt hash and a raft entry on etcd).
 #[tokio::test]
 async fn followers_refused_for_one_token_renew_it_once() {
-    let cluster = EtcdCluster::start(1).await;
-    enable_auth(&mut cluster.client().await).await;
-    let writer = connect_as_root(&cluster.endpoints()).await;
-    let proxy = etcd_concurrency::testing::Proxy::start(&cluster.endpoint(0))
-        .await
-        .unwrap();
-    let reader = connect_as_root(&[proxy.endpoint()]).await;
     let name = unique("token-forgotten-by-many");
-    let leader = within(secs(5), Session::new(writer.clone())).await.unwrap();
-    let leading = within(secs(10), Election::new(&leader, &name).campaign("v1"))
-        .await
-        .unwrap();
-    let watcher = within(secs(5), Session::new(reader)).await.unwrap();
+    let setup = ForgottenToken::start(&name).await;
     let mut observers = Vec::new();
     for _ in 0..40 {
-        let mut observer = Box::pin(Election::new(&watcher, &name).observe());
+        let mut observer = Box::pin(Election::new(&setup.watcher, &name).observe());
         within(secs(10), observer.next()).await.unwrap().unwrap();
         observers.push(observer);
     }
-    forget_tokens(&cluster, &writer).await;
-    let raft_index = async || writer.clone().status().await.unwrap().raft_index();
+    setup.forget().await;
+    let raft_index = async || setup.writer.clone().status().await.unwrap().raft_index();
     let before = raft_index().await;
-    proxy.cut();
-    proxy.heal();
-    within(secs(10), leading.proclaim("v2")).await.unwrap();
+    setup.reopen_and_proclaim().await;
     // All at once, as observers on tasks of their own would.
     let nexts = observers.iter_mut().map(|observer| observer.next());
     for next in within(secs(30), futures::future::join_all(nexts)).await {
