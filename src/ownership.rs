@@ -137,7 +137,7 @@ impl OwnedKey {
     async fn put_while_owned(&self, value: Vec<u8>) -> Result<()> {
         let lease = PutOptions::new().with_lease(self.session.lease_id());
         let put = TxnOp::put(self.key.clone(), value.clone(), Some(lease));
-        let kv = self.session.client().clone();
+        let kv = self.session.client();
         loop {
             let seen = self.mod_revision.load(Ordering::Relaxed);
             let unchanged = Compare::mod_revision(self.key.clone(), CompareOp::Equal, seen);
@@ -145,7 +145,7 @@ impl OwnedKey {
                 .when([self.ownership_compare(), unchanged])
                 .and_then([put.clone()])
                 .or_else([TxnOp::get(self.key.clone(), None)]);
-            let (answer, _) = retry_write(&kv, self.session.request_timeout(), |mut kv| {
+            let (answer, _) = retry_write(kv, self.session.request_timeout(), |mut kv| {
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
             })
@@ -268,8 +268,7 @@ pub(crate) async fn release_lease_key(session: WeakSession, key: &[u8]) {
 /// [`release_while_session_lives`]) on the way to releasing it.
 async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
     let found = while_session_lives(session, |live| async move {
-        let kv = live.client().clone();
-        let lookup = retry(&kv, live.release_timeout(), |mut kv| async move {
+        let lookup = retry(live.client(), live.release_timeout(), |mut kv| async move {
             kv.get(key, None).await
         });
         let answer = lookup.await?;
@@ -340,8 +339,7 @@ async fn fenced(
     let txn = Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, revision)])
         .and_then([op]);
-    let kv = session.client().clone();
-    let (answer, maybe_applied) = retry_write(&kv, limit, |mut kv| {
+    let (answer, maybe_applied) = retry_write(session.client(), limit, |mut kv| {
         let txn = txn.clone();
         async move { kv.txn(txn).await }
     })

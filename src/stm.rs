@@ -383,12 +383,12 @@ impl Stm {
         if self.prefetch.iter().any(Vec::is_empty) {
             return Err(empty_key().into());
         }
-        let kv = self.client.clone();
+        let kv = &self.client;
         let mut fresh = if self.prefetch.is_empty() {
             Fresh::default()
         } else {
             let keys = self.prefetch.clone();
-            read_many(&kv, self.request_timeout, keys).await?
+            read_many(kv, self.request_timeout, keys).await?
         };
         let (first, max) = CONFLICT_BACKOFF;
         let mut backoff = Backoff::with_steps(first, max);
@@ -440,7 +440,7 @@ impl Stm {
                 // does not commit; the keys are read now (as many as one Txn may hold), and
                 // an error ends the run.
                 let keys = txn.unread.into_iter().take(ETCD_MAX_TXN_OPS).collect();
-                Outcome::Conflict(read_many(&kv, self.request_timeout, keys).await?)
+                Outcome::Conflict(read_many(kv, self.request_timeout, keys).await?)
             };
             match outcome {
                 Outcome::Committed { revision } => {
@@ -489,7 +489,7 @@ impl Stm {
                             );
                         }
                         let keys = fresh.values.into_keys().collect();
-                        read_many(&kv, self.request_timeout, keys).await?
+                        read_many(kv, self.request_timeout, keys).await?
                     }
                 };
             }

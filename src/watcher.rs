@@ -359,8 +359,7 @@ impl Follower {
     async fn read_snapshot(&mut self) -> Result<Update> {
         let options = self.range(self.read_options.clone());
         let key = &self.key;
-        let kv = self.client.clone();
-        let read = retry(&kv, self.request_limit, |mut kv| {
+        let read = retry(&self.client, self.request_limit, |mut kv| {
             let (key, options) = (key.clone(), options.clone());
             async move { kv.get(key, Some(options)).await }
         });
@@ -398,8 +397,8 @@ impl Follower {
     }
 
     async fn read_parts(&self) -> Result<(Vec<KeyValue>, i64)> {
-        let kv = self.client.clone();
-        let (keys, revision) = self.list_keys(&kv).await?;
+        let kv = &self.client;
+        let (keys, revision) = self.list_keys(kv).await?;
         let at = GetOptions::new().with_revision(revision);
         let (mut kvs, mut done, mut batch) = (Vec::new(), 0, ETCD_MAX_TXN_OPS);
         while done < keys.len() {
@@ -409,7 +408,7 @@ impl Follower {
                 .map(|key| TxnOp::get(key.clone(), Some(at.clone())))
                 .collect::<Vec<_>>();
             let txn = Txn::new().and_then(gets);
-            let read = retry(&kv, self.request_limit, |mut kv| {
+            let read = retry(kv, self.request_limit, |mut kv| {
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
             });
@@ -484,9 +483,8 @@ impl Follower {
     /// never answer), the earlier ones staying in flight, until the request limit.
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
         let key = &self.key;
-        let watches = self.client.clone();
         self.renewals_seen = TOKEN_RENEWALS.load(Ordering::SeqCst);
-        let opened = retry(&watches, self.request_limit, |mut watches| {
+        let opened = retry(&self.client, self.request_limit, |mut watches| {
             let (key, options) = (key.clone(), options.clone());
             async move {
                 let mut watch = watches.watch(key, Some(options)).await?;
