@@ -490,7 +490,11 @@ impl Leadership {
     ///   leader was deposed); nothing is written, unless an earlier attempt of this call
     ///   that failed in transit was applied before the key was lost.
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (e.g. a value over
-    ///   its request size limit, 1.5 MiB by default) or could not be reached.
+    ///   its request size limit, 1.5 MiB by default) or could not be reached. When
+    ///   [`Error::is_transient`] is true, the value may have been written; so it may when
+    ///   etcd answered "mvcc: database space exceeded", which it gives the write that
+    ///   crosses its backend quota after applying it. Proclaiming the same value again is
+    ///   safe.
     ///
     /// # Panics
     ///

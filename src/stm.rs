@@ -336,6 +336,51 @@ impl Stm {
     ///
     /// See the type's docs: `apply` may run several times.
     ///
+    /// # Running again after an unknown outcome
+    ///
+    /// A run that failed with a transient error (a member restarted or removed, a lost
+    /// connection) may have committed. To make it safe to run again, let the transaction
+    /// write a marker of its own and return early when it finds the marker: a run that
+    /// committed left it, so running again commits nothing twice. At every level but
+    /// [`Isolation::ReadCommitted`], the marker's read is checked at commit like any
+    /// other, so two runs cannot both miss it. Markers stay until deleted (say, by a
+    /// clean-up of old ones).
+    ///
+    /// ```no_run
+    /// use etcd_concurrency::{Error, Stm};
+    ///
+    /// /// Moves `amount` from alice to bob at most once for `id`, trying up to 3 times.
+    /// async fn transfer(stm: &Stm, id: &str, amount: u64) -> Result<(), Error> {
+    ///     let marker = format!("/transfers/{id}");
+    ///     let mut tries = 3;
+    ///     loop {
+    ///         let outcome: Result<(), Error> = stm
+    ///             .run(async |tx| {
+    ///                 if tx.get(&marker).await?.is_some() {
+    ///                     return Ok(()); // an earlier run committed it
+    ///                 }
+    ///                 let alice = balance(tx.get("/accounts/alice").await?);
+    ///                 let bob = balance(tx.get("/accounts/bob").await?);
+    ///                 let moved = amount.min(alice);
+    ///                 tx.put("/accounts/alice", (alice - moved).to_string());
+    ///                 tx.put("/accounts/bob", (bob + moved).to_string());
+    ///                 tx.put(marker.as_str(), moved.to_string());
+    ///                 Ok(())
+    ///             })
+    ///             .await;
+    ///         tries -= 1;
+    ///         match outcome {
+    ///             Err(error) if error.is_transient() && tries > 0 => continue,
+    ///             outcome => return outcome,
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// fn balance(value: Option<Vec<u8>>) -> u64 {
+    ///     value.map_or(0, |v| String::from_utf8_lossy(&v).parse().unwrap_or(0))
+    /// }
+    /// ```
+    ///
     /// # In spawned tasks
     ///
     /// Today's compiler cannot prove a task `Send` when it calls `run` with an async
