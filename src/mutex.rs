@@ -31,7 +31,8 @@ use crate::wait::{QueueWatch, wait_for_turn};
 /// lost (for ever, if it is not), and its `try_lock()` gives `None` (Go's `Lock` and
 /// `TryLock` on a session that holds the lock return at once, sharing the key). After a
 /// `lock()` that waited, they keep its watch on the queue open (read by a small task) for
-/// the next call, until the last of them is dropped or the session ends.
+/// a next call within 15 s, until the last of them is dropped or the session ends; a
+/// later call opens another, so handles kept on many names hold no watch each.
 ///
 /// # Example
 ///

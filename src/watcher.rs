@@ -39,6 +39,11 @@ use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, TOKEN_RENEWALS, rene
 const LIVENESS_CHECK: Duration = Duration::from_secs(5);
 /// How often a kept watch that nobody waits on is read.
 const DRAIN_PERIOD: Duration = Duration::from_millis(100);
+/// How long a kept watch that nobody waits on stays open: long enough for a session that
+/// takes a busy lock again and again to keep it, not for as long as a handle lives (a
+/// watch stream, a task waking every [`DRAIN_PERIOD`], a progress request every
+/// [`LIVENESS_CHECK`], and every release on the queue sent to it, per name).
+const KEPT_IDLE: Duration = Duration::from_secs(15);
 /// How long one request (a read, or opening a watch) is sent again while unanswered
 /// before the follower gives up on it and starts over: as long as [`retry`] keeps an
 /// attempt in flight, so that a link or a member slower than [`ATTEMPT_TIMEOUT`] still
@@ -147,7 +152,9 @@ impl Follower {
     /// read: its unread messages hold HTTP/2 flow-control windows, and a few such watches
     /// freeze the whole connection. Reading in batches costs a wake-up per period, not
     /// per event. A follower whose view must be read again anyway (see
-    /// [`restart_view`](Self::restart_view)) only waits for `stop`, its watch closed.
+    /// [`restart_view`](Self::restart_view)) only waits for `stop`, its watch closed. One
+    /// left unused for [`KEPT_IDLE`] closes its watch and hands itself back at once; the
+    /// next use opens the watch again, with a read if the view is behind.
     pub(crate) async fn drain(
         mut self,
         mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -159,16 +166,25 @@ impl Follower {
             let _ = stop.await;
             return Some(self);
         }
+        let idle_until = Instant::now() + KEPT_IDLE;
         loop {
             tokio::select! {
                 _ = &mut stop => return Some(self),
                 () = tokio::time::sleep(DRAIN_PERIOD) => {}
+            }
+            if Instant::now() >= idle_until {
+                self.watch = None;
+                return Some(self);
             }
             if self.watch.is_none() {
                 // It broke: open it again (a round trip at least), for the next wait to
                 // find it open.
                 tokio::select! {
                     _ = &mut stop => return Some(self),
+                    () = tokio::time::sleep_until(idle_until) => {
+                        self.watch = None;
+                        return Some(self);
+                    }
                     update = self.advance(false) => if update.is_err() {
                         return None;
                     },

@@ -884,6 +884,27 @@ async fn a_lock_in_flight_when_its_session_expires_fails_with_session_lost() {
 }
 
 #[tokio::test]
+async fn a_kept_queue_watch_is_closed_once_unused_for_a_while_and_opened_again_when_needed() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let client = cluster.client().await;
+    let (ours, theirs) = (session(&client).await, session(&client).await);
+    let name = unique("kept-idle");
+    let mutex = after_a_wait(&ours, &theirs, &client, &name).await;
+    within(secs(5), watch_streams_become(&member, 1)).await;
+    // Kept for the next call soon after, not for as long as the handle lives: a
+    // long-lived session with handles on many names would keep a watch per name.
+    within(secs(30), watch_streams_become(&member, 0)).await;
+    // The next wait opens it again and still sees its turn come.
+    let again = after_a_wait(&ours, &theirs, &client, &name).await;
+    within(secs(5), watch_streams_become(&member, 1)).await;
+    let guard = within(secs(5), again.lock()).await.unwrap();
+    guard.unlock().await.unwrap();
+    drop((mutex, again));
+    within(secs(5), watch_streams_become(&member, 0)).await;
+}
+
+#[tokio::test]
 async fn the_queue_watch_a_mutex_keeps_between_calls_is_closed_with_its_session() {
     let cluster = EtcdCluster::start(1).await;
     let member = cluster.endpoint(0);
