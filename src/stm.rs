@@ -314,8 +314,8 @@ impl Stm {
     ///   error most likely is that read's (converted into `E`).
     /// - [`Error::InvalidArgument`] (converted into `E`): the request timeout or
     ///   [`max_attempts`](Self::max_attempts) is zero, or a [`prefetch`](Self::prefetch)
-    ///   key is empty, and `apply` does not run; or `apply` wrote to an empty key, and
-    ///   nothing is written.
+    ///   key is empty, and `apply` does not run; or `apply` wrote to an empty key, or read
+    ///   one and returned `Ok` anyway, and nothing is written.
     /// - [`Error::TooManyConflicts`] (converted into `E`): every attempt conflicted;
     ///   nothing is written.
     /// - [`Error::Etcd`] / [`Error::Timeout`] (converted into `E`): a read failed (also
@@ -477,6 +477,9 @@ impl Stm {
                 continue;
             }
             let output = output?;
+            if txn.unread.contains(b"".as_slice()) {
+                return Err(empty_key().into());
+            }
             let outcome = if txn.unread.is_empty() {
                 txn.commit(&self.prefetch).await?
             } else {
@@ -562,14 +565,15 @@ impl StmTxn {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if `key` is empty. [`Error::Etcd`] / [`Error::Timeout`]
-    /// if etcd could not be read within the request timeout. A read pinned to a revision
-    /// that the serving member has not applied yet (etcd #11963) is not an error: it is
-    /// sent again as a linearizable read, which waits for that revision. A read pinned to a
-    /// revision etcd has compacted (an old copy of a quiet [`ReadCache`] prefix, or a long
-    /// attempt) gives [`Error::Etcd`] with etcd's "compacted" error: return it (with `?`),
-    /// and the closure runs again from a fresh snapshot, which does not count as a
-    /// conflict; nothing it did in that run commits.
+    /// [`Error::InvalidArgument`] if `key` is empty (a closure that goes on after it and
+    /// returns `Ok` makes [`Stm::run`] return it too, and nothing is written).
+    /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be read within the request
+    /// timeout. A read pinned to a revision that the serving member has not applied yet
+    /// (etcd #11963) is not an error: it is sent again as a linearizable read, which waits
+    /// for that revision. A read pinned to a revision etcd has compacted (an old copy of a
+    /// quiet [`ReadCache`] prefix, or a long attempt) gives [`Error::Etcd`] with etcd's
+    /// "compacted" error: return it (with `?`), and the closure runs again from a fresh
+    /// snapshot, which does not count as a conflict; nothing it did in that run commits.
     ///
     /// A closure that goes on after a failed read and returns `Ok` anyway commits nothing
     /// either, unless it read the key successfully later in the run: as in Go, where a
@@ -589,7 +593,7 @@ impl StmTxn {
     pub async fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>> {
         let key = key.as_ref();
         if key.is_empty() {
-            return Err(empty_key());
+            return Err(self.refuse_empty_key());
         }
         if let Some(write) = self.writes.get(key) {
             return Ok(match write {
@@ -642,10 +646,17 @@ impl StmTxn {
         Ok(self.read(key.as_ref()).await?.mod_revision)
     }
 
+    /// Refuses a read of the empty key as a failed read: an attempt that goes on without
+    /// it does not commit (see [`Stm::run`]).
+    fn refuse_empty_key(&mut self) -> Error {
+        self.unread.insert(Vec::new());
+        empty_key()
+    }
+
     /// The read-set entry of `key`, reading it if needed.
     async fn read(&mut self, key: &[u8]) -> Result<&Read> {
         if key.is_empty() {
-            return Err(empty_key());
+            return Err(self.refuse_empty_key());
         }
         if !self.reads.contains_key(key) {
             // Until the read succeeds (it may fail, or be dropped), the attempt lacks it.

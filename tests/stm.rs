@@ -581,6 +581,25 @@ async fn an_empty_key_is_refused_and_nothing_is_written() {
         refused.load(Ordering::SeqCst),
         "a read of the empty key after a write to it"
     );
+    // A closure that goes on after the refusal commits nothing, as after a failed read.
+    for through_mod_revision in [false, true] {
+        let went_on = within(
+            secs(10),
+            stm.run(async |tx| {
+                let _ = match through_mod_revision {
+                    false => tx.get("").await.map(|_| ()),
+                    true => tx.mod_revision("").await.map(|_| ()),
+                };
+                tx.put(format!("{prefix}/after-refused-read"), "x");
+                Ok::<_, Error>(())
+            }),
+        )
+        .await;
+        assert!(
+            matches!(went_on, Err(Error::InvalidArgument(_))),
+            "{went_on:?}"
+        );
+    }
     for empty_key_written in [
         |tx: &mut StmTxn| tx.put("", "x"),
         |tx: &mut StmTxn| tx.delete(""),
