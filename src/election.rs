@@ -119,7 +119,9 @@ impl Election {
     ///
     /// As for a [`Mutex`](crate::Mutex), the keys live under `name` + `/`: an election
     /// whose name continues this one after a `/` puts its candidates among this one's (as
-    /// in Go), and a lock of the same name would share this session's key.
+    /// in Go), and a lock of the same name would share this session's key. As for a lock,
+    /// keep names well under 200 KiB: the join Txn carries the name about seven times, and
+    /// etcd refuses requests over 1.5 MiB.
     ///
     /// ```no_run
     /// # fn example(session: &etcd_concurrency::Session) {

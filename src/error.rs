@@ -46,8 +46,9 @@ pub enum Error {
     /// [`Session::close`]: crate::Session::close
     /// [`Session::orphan`]: crate::Session::orphan
     #[error(
-        "session lost: its lease expired, was revoked or could not be kept alive, or the \
-         session was closed or orphaned; build a new session"
+        "session lost: its lease expired, was revoked or could not be kept alive, the \
+         session was closed or orphaned, or the Tokio runtime it was built on shut down; \
+         build a new session (on a runtime that outlives it)"
     )]
     SessionLost,
 

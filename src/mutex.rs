@@ -99,6 +99,11 @@ impl Mutex {
     /// name then waits for them too. Nor give a lock and an [`Election`](crate::Election)
     /// the same name: in one session they would share one key.
     ///
+    /// Keep names well under 200 KiB: the Txn that joins the queue carries the name about
+    /// seven times, so longer names make `lock()` and `try_lock()` fail with etcd's
+    /// "request is too large" (over 1.5 MiB) or gRPC's "received message larger than max"
+    /// (over 2 MiB), although etcd would store a key that long.
+    ///
     /// ```no_run
     /// # fn example(session: &etcd_concurrency::Session) {
     /// let mutex = etcd_concurrency::Mutex::new(session, "/locks/reports");

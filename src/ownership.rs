@@ -301,7 +301,8 @@ where
             Err(error) if !error.is_transient() => {
                 tracing::warn!(
                     error = &error as &dyn std::error::Error,
-                    "releasing a dropped guard failed; its key stays until the session ends"
+                    "a background release of a lock or election key failed; the key, if it \
+                     exists, stays until the session ends"
                 );
                 return None;
             }
@@ -310,7 +311,8 @@ where
         if !warned {
             tracing::warn!(
                 error = &error as &dyn std::error::Error,
-                "releasing a dropped guard failed; retrying while the session lives"
+                "a background release of a lock or election key failed; retrying while the \
+                 session lives"
             );
             warned = true;
         }

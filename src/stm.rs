@@ -350,12 +350,12 @@ impl Stm {
     /// use etcd_concurrency::{Error, Stm};
     ///
     /// /// Moves `amount` from alice to bob at most once for `id`, trying up to 3 times.
-    /// async fn transfer(stm: &Stm, id: &str, amount: u64) -> Result<(), Error> {
-    ///     let marker = format!("/transfers/{id}");
+    /// async fn transfer(stm: Stm, id: String, amount: u64) -> Result<(), Error> {
     ///     let mut tries = 3;
     ///     loop {
+    ///         let marker = format!("/transfers/{id}");
     ///         let outcome: Result<(), Error> = stm
-    ///             .run(async |tx| {
+    ///             .run(async move |tx| {
     ///                 if tx.get(&marker).await?.is_some() {
     ///                     return Ok(()); // an earlier run committed it
     ///                 }
@@ -379,12 +379,18 @@ impl Stm {
     /// fn balance(value: Option<Vec<u8>>) -> u64 {
     ///     value.map_or(0, |v| String::from_utf8_lossy(&v).parse().unwrap_or(0))
     /// }
+    /// # fn spawned(stm: Stm) {
+    /// # tokio::spawn(transfer(stm, "t-1".into(), 10));
+    /// # }
     /// ```
     ///
     /// # In spawned tasks
     ///
     /// Today's compiler cannot prove a task `Send` when it calls `run` with an async
-    /// closure that captures references (rust-lang/rust#139475). In a task given to
+    /// closure that captures references (rust-lang/rust#139475), even to a `Copy` value
+    /// such as a `u64`, which a closure without `move` borrows. The error points at the
+    /// `tokio::spawn` call, not at the closure: "implementation of `Send` is not general
+    /// enough", naming `&Stm`, `&str` or another reference. In a task given to
     /// `tokio::spawn`, make the closure `async move` and let it own what it uses:
     ///
     /// ```no_run
