@@ -608,7 +608,8 @@ impl Leadership {
     /// Resolves once leading can no longer be assumed: the session is lost or the key was
     /// deleted or re-created. It watches the key while awaited, and also resolves if etcd
     /// refuses that watch (for instance permission denied), since leading can then not be
-    /// confirmed. Go's nearest is `Session.Done()`.
+    /// confirmed. Once it saw the key gone, later calls resolve at once. Go's nearest is
+    /// `Session.Done()`.
     ///
     /// # Panics
     ///
@@ -635,9 +636,10 @@ impl Leadership {
     /// Runs `work` while leading: returns `Some(output)` if it finished, or `None` if
     /// leadership was lost first (as [`lost`](Self::lost) tells), in which case `work` is
     /// dropped (cancelled) at once. [`lost`](Self::lost) is checked before each poll of
-    /// `work`, so a leadership already known to be lost (its session lost or closed)
-    /// returns `None` without starting `work`. The leadership is kept either way; resign
-    /// or drop it when done. No Go counterpart; in Go, select on `Session.Done()`.
+    /// `work`, so a leadership already known to be lost (its session lost or closed, or an
+    /// earlier `lost()` saw its key gone) returns `None` without starting `work`. The
+    /// leadership is kept either way; resign or drop it when done. No Go counterpart; in
+    /// Go, select on `Session.Done()`.
     ///
     /// # Panics
     ///

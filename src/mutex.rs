@@ -359,7 +359,7 @@ impl MutexGuard {
     /// run under the lock (Curator's `LOST`, Consul's lock channel; Go's nearest is
     /// `Session.Done()`). It watches the key while awaited, and also resolves if etcd
     /// refuses that watch (for instance permission denied), since holding the lock can
-    /// then not be confirmed.
+    /// then not be confirmed. Once it saw the key gone, later calls resolve at once.
     ///
     /// # Panics
     ///
@@ -383,6 +383,43 @@ impl MutexGuard {
     /// ```
     pub async fn lost(&self) {
         self.key.lost().await;
+    }
+
+    /// Runs `work` while holding the lock: returns `Some(output)` if it finished, or `None`
+    /// if the lock was lost first (as [`lost`](Self::lost) tells), in which case `work` is
+    /// dropped (cancelled) at once. [`lost`](Self::lost) is checked before each poll of
+    /// `work`, so a lock already known to be lost (its session lost or closed, or an
+    /// earlier `lost()` saw its key gone) returns `None` without starting `work`. The guard
+    /// is kept either way; unlock or drop it when done. As
+    /// [`Leadership::while_leading`](crate::Leadership::while_leading); no Go counterpart
+    /// (in Go, select on `Session.Done()`).
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops `work`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn export_reports() -> u32 { 0 }
+    /// # async fn example(guard: etcd_concurrency::MutexGuard) -> etcd_concurrency::Result<()> {
+    /// match guard.while_held(export_reports()).await {
+    ///     Some(reports) => println!("exported {reports} reports"),
+    ///     None => println!("lock lost: export stopped half-way"),
+    /// }
+    /// guard.unlock().await
+    /// # }
+    /// ```
+    pub async fn while_held<F: Future>(&self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            () = self.lost() => None,
+            output = work => Some(output),
+        }
     }
 
     /// Releases the lock: deletes the key if it is still this holder's incarnation (a

@@ -1,7 +1,7 @@
 //! A key this session holds in a lock's or election's queue: fenced operations on it, loss
 //! detection, and its release when dropped.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -34,6 +34,9 @@ pub(crate) struct OwnedKey {
     create_revision: i64,
     /// The key's mod revision as this handle last wrote or read it.
     mod_revision: AtomicI64,
+    /// Set once [`lost`](Self::lost) saw this incarnation of the key gone, which it is for
+    /// good.
+    seen_gone: AtomicBool,
     release_on_drop: bool,
     /// Set while [`release`](Self::release) runs, and after it failed in transit: dropped
     /// then, the handle deletes its incarnation in the background even while others of the
@@ -59,6 +62,7 @@ impl OwnedKey {
             key,
             create_revision,
             mod_revision: AtomicI64::new(mod_revision),
+            seen_gone: AtomicBool::new(false),
             release_on_drop: true,
             releasing: false,
             local,
@@ -178,11 +182,17 @@ impl OwnedKey {
     /// Resolves once ownership can no longer be assumed: the session is lost, or the key is
     /// deleted or re-created. Also resolves if the key cannot be watched at all (a
     /// permission error), since ownership can then not be confirmed. The watch exists
-    /// while the future does, and carries only that key's deletion.
+    /// while the future does, and carries only that key's deletion; once it saw the
+    /// incarnation gone, later calls resolve at once.
     pub(crate) async fn lost(&self) {
+        if self.seen_gone.load(Ordering::Relaxed) {
+            return;
+        }
         tokio::select! {
             () = self.session.lost() => {}
-            () = key_gone(&self.session, &self.key, self.create_revision) => {}
+            gone = key_gone(&self.session, &self.key, self.create_revision) => {
+                self.seen_gone.fetch_or(gone, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -369,9 +379,10 @@ async fn fenced_delete(
     }
 }
 
-/// Resolves when `key` no longer has create revision `revision`. Only a deletion ends
-/// that, so the watch leaves out puts (a leader's proclaims).
-async fn key_gone(session: &Session, key: &[u8], revision: i64) {
+/// Resolves when `key` no longer has create revision `revision` (`true`), or cannot be
+/// watched (`false`). Only a deletion ends that incarnation, so the watch leaves out puts
+/// (a leader's proclaims).
+async fn key_gone(session: &Session, key: &[u8], revision: i64) -> bool {
     let read = GetOptions::new().with_keys_only();
     let mut follower =
         Follower::new(session.client().clone(), key.to_vec(), false, read, 0).deletes_only();
@@ -379,17 +390,17 @@ async fn key_gone(session: &Session, key: &[u8], revision: i64) {
         match follower.next().await {
             Ok(Update::Snapshot { kvs, .. }) => {
                 if kvs.first().map(|kv| kv.create_revision()) != Some(revision) {
-                    return;
+                    return true;
                 }
             }
             // Only deletions come as events.
-            Ok(Update::Events(_)) => return,
+            Ok(Update::Events(_)) => return true,
             Err(error) => {
                 tracing::warn!(
                     error = &error as &dyn std::error::Error,
                     "cannot watch a held key; ownership can no longer be assumed"
                 );
-                return;
+                return false;
             }
         }
     }

@@ -319,6 +319,32 @@ async fn a_holder_whose_lease_is_revoked_sees_lost() {
 }
 
 #[tokio::test]
+async fn while_held_stops_the_work_when_the_lock_is_lost_and_never_starts_it_after() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let holder = session(&client).await;
+    let guard = within(secs(10), Mutex::new(&holder, unique("held-work")).lock())
+        .await
+        .unwrap();
+    assert_eq!(guard.while_held(async { 42 }).await, Some(42));
+    let work = guard.while_held(std::future::pending::<()>());
+    let revoke = async {
+        tokio::time::sleep(millis(100)).await;
+        client.lease_revoke(holder.lease_id()).await.unwrap();
+    };
+    let (stopped, ()) = within(secs(2), futures::future::join(work, revoke)).await;
+    assert_eq!(stopped, None);
+    let mut started = 0;
+    for _ in 0..20 {
+        let work = async {
+            started += 1;
+        };
+        assert_eq!(within(secs(5), guard.while_held(work)).await, None);
+    }
+    assert_eq!(started, 0, "work started after the lock was lost");
+}
+
+#[tokio::test]
 async fn two_locks_through_one_session_are_serialised() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
