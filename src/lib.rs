@@ -64,7 +64,10 @@
 //! Everything here runs on Tokio: call it inside a Tokio runtime with its time driver
 //! enabled (as `#[tokio::main]` and `#[tokio::test]` give), or it panics. A session's
 //! background work (keep-alive, releases) runs as tasks on the runtime it was built on; a
-//! [`ReadCache`]'s watch, on the one it was made on.
+//! [`ReadCache`]'s watch, on the one it was made on. So keep that runtime running for as
+//! long as they are used. The same holds for etcd-client's `Client`, whose connections
+//! run on the runtime it connected on: one connected on a runtime that has since shut
+//! down fails every request with "Service was not ready: transport error".
 //!
 //! # Logging
 //!
