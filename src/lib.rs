@@ -112,7 +112,7 @@ mod watcher;
 pub use election::{Election, Leader, Leadership};
 pub use error::{Error, Result};
 pub use etcd_client;
-pub use mutex::{Mutex, MutexGuard};
+pub use mutex::{Holder, Mutex, MutexGuard};
 pub use read_cache::ReadCache;
 pub use session::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, SessionBuilder,

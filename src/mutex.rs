@@ -5,10 +5,15 @@ use std::sync::Arc;
 
 use etcd_client::{Compare, GetOptions, SortOrder, SortTarget};
 
+mod holder;
+
+pub use self::holder::Holder;
+
 use crate::acquire::{Create, Outcome, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
-use crate::session::Session;
+use crate::retry::retry;
+use crate::session::{Session, prefix_of};
 use crate::wait::{QueueWatch, wait_for_turn};
 
 /// A distributed lock named by a key prefix, held through a [`Session`]'s lease.
@@ -288,11 +293,62 @@ impl Mutex {
         }
     }
 
+    /// Who holds the lock now, or `None` if nobody holds it or waits for it: the key with
+    /// the lowest create revision under the name. One linearizable read; the holder may
+    /// change as soon as it is answered. No Go counterpart (Curator's
+    /// `InterProcessMutex.getParticipantNodes` is the nearest); for diagnostics, such as
+    /// finding the session that keeps a lock, or a key without a lease written by hand,
+    /// which holds it until deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for an empty name; [`Error::Etcd`] / [`Error::Timeout`]
+    /// if etcd could not be read within the session's request timeout. Unlike `lock()`, it
+    /// works on a lost session too: it only reads.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, or in one without its time driver (see the crate docs).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn example(mutex: etcd_concurrency::Mutex) -> etcd_concurrency::Result<()> {
+    /// match mutex.holder().await? {
+    ///     Some(holder) => println!("held by lease {:x}", holder.lease_id()),
+    ///     None => println!("free"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn holder(&self) -> Result<Option<Holder>> {
+        if self.name.is_empty() {
+            return Err(empty_name());
+        }
+        let first = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let prefix = prefix_of(&self.name);
+        let answer = retry(
+            self.session.client(),
+            self.session.request_timeout(),
+            |mut c| {
+                let (prefix, first) = (prefix.clone(), first.clone());
+                async move { c.get(prefix, Some(first)).await }
+            },
+        )
+        .await?;
+        Ok(answer.kvs().first().map(Holder::from_kv))
+    }
+
     fn check(&self) -> Result<()> {
         if self.name.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a lock name must not be empty".into(),
-            ));
+            return Err(empty_name());
         }
         if self.session.is_lost() {
             return Err(Error::SessionLost);
@@ -474,4 +530,8 @@ impl fmt::Debug for MutexGuard {
             .field("fencing_token", &self.key.create_revision())
             .finish()
     }
+}
+
+fn empty_name() -> Error {
+    Error::InvalidArgument("a lock name must not be empty".into())
 }

@@ -345,6 +345,42 @@ async fn while_held_stops_the_work_when_the_lock_is_lost_and_never_starts_it_aft
 }
 
 #[tokio::test]
+async fn holder_names_the_guard_not_a_waiter_and_none_once_free() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let (first, second) = (session(&client).await, session(&client).await);
+    let name = unique("holder");
+    let onlooker = Mutex::new(&second, &name);
+    assert_eq!(within(secs(5), onlooker.holder()).await.unwrap(), None);
+    let guard = within(secs(10), Mutex::new(&first, &name).lock())
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let mutex = onlooker.clone();
+        async move { mutex.lock().await }
+    });
+    let waiter_key = format!("{name}/{:x}", second.lease_id());
+    within(secs(5), appears(&client, waiter_key.as_bytes())).await;
+    let holder = within(secs(5), onlooker.holder()).await.unwrap().unwrap();
+    assert_eq!(holder.key(), guard.key());
+    assert_eq!(holder.create_revision(), guard.fencing_token());
+    assert_eq!(holder.lease_id(), first.lease_id());
+    guard.unlock().await.unwrap();
+    let next = within(secs(5), waiting).await.unwrap().unwrap();
+    let holder = within(secs(5), onlooker.holder()).await.unwrap().unwrap();
+    assert_eq!(holder.lease_id(), second.lease_id());
+    next.unlock().await.unwrap();
+    // It only reads, so a closed session may still ask.
+    within(secs(5), second.close()).await.unwrap();
+    assert_eq!(within(secs(5), onlooker.holder()).await.unwrap(), None);
+    let nameless = Mutex::new(&first, "").holder().await;
+    assert!(
+        matches!(nameless, Err(Error::InvalidArgument(_))),
+        "{nameless:?}"
+    );
+}
+
+#[tokio::test]
 async fn two_locks_through_one_session_are_serialised() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
