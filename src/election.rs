@@ -151,22 +151,26 @@ impl Election {
     ///
     /// One Txn writes the candidate's key and reads the candidates ahead; then one watch
     /// on the election follows them until the last one is gone, without a request per
-    /// change. If this session already has a key in the election (an earlier campaign, or
-    /// a resumed lease), that key keeps its place and takes the new value, as in Go. The
-    /// leaderships that share it end together when one resigns; dropping one leaves the key
-    /// to the others. A campaign that starts while a dropped leadership's key is being
-    /// deleted waits for that delete, so it never joins a key about to vanish; so does one
-    /// that starts while an earlier campaign that failed with its outcome unknown is being
-    /// undone (its key looked up until etcd answers or the session is lost): bound the
-    /// call with [`tokio::time::timeout`] to give up meanwhile.
+    /// change (a candidate more than 32 places back watches only the key 32 places ahead
+    /// until it is gone, then reads the candidates once, as
+    /// [`Mutex::lock`](crate::Mutex::lock) waiters do). If this session already has a key
+    /// in the election (an earlier campaign, or a resumed lease), that key keeps its place
+    /// and takes the new value, as in Go. The leaderships that share it end together when
+    /// one resigns; dropping one leaves the key to the others. A campaign that starts while
+    /// a dropped leadership's key is being deleted waits for that delete, so it never joins
+    /// a key about to vanish; so does one that starts while an earlier campaign that failed
+    /// with its outcome unknown is being undone (its key looked up until etcd answers or
+    /// the session is lost): bound the call with [`tokio::time::timeout`] to give up
+    /// meanwhile.
     ///
     /// # Errors
     ///
     /// - [`Error::InvalidArgument`]: the name is empty.
     /// - [`Error::SessionLost`]: the session is or becomes lost before the election is
     ///   won; a candidate whose lease died is never told it leads.
-    /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else, or
-    ///   vanished while its lease could not be checked (then the session may be lost).
+    /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else (noticed
+    ///   more than 32 places back only on moving up), or vanished while its lease could not
+    ///   be checked (then the session may be lost).
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (for instance a
     ///   value over its request size limit, 1.5 MiB by default) or could not be reached
     ///   within the session's request timeout.

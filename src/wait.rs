@@ -4,15 +4,17 @@
 //! The whole queue ahead is known from the join Txn, and one watch on the prefix keeps it
 //! current: a release reaches the next waiter as one watch event, with no further request
 //! (Go re-reads the queue after every deletion of its predecessor, and its watch starts in
-//! the past, so each hand-off also waits for etcd's 100 ms unsynced-watch catch-up).
-//! Watching the whole prefix also shows the waiter's own key: if it is deleted (the lease
-//! expired or was revoked, or someone deleted it), waiting fails at once instead of
-//! granting a lock or leadership that no longer exists (etcd #11456). The watch carries
-//! deletions only: the puts under the prefix are later joins, which queue behind the
-//! waiter, and proclaimed values, neither of which moves its turn. With them, etcd sent
-//! every waiter two events per hand-off (the release and the releaser's next join)
-//! instead of one; leaving them out made contended hand-offs about 10% faster on three
-//! members.
+//! the past, so a hand-off to a waiter that just queued also waits for etcd's 100 ms
+//! unsynced-watch catch-up). A waiter far back in a long queue follows a single key
+//! instead until it moves up ([`far_back`]), so that each release reaches a bounded number
+//! of waiters. Watching the whole prefix also shows the waiter's own key: if it is
+//! deleted (the lease expired or was revoked, or someone deleted it), waiting fails at
+//! once instead of granting a lock or leadership that no longer exists (etcd #11456). The
+//! watch carries deletions only: the puts under the prefix are later joins, which queue
+//! behind the waiter, and proclaimed values, neither of which moves its turn. With them,
+//! etcd sent every waiter two events per hand-off (the release and the releaser's next
+//! join) instead of one; leaving them out made contended hand-offs about 10% faster on
+//! three members.
 //!
 //! A mutex keeps its watch open between `lock()` calls ([`QueueWatch`]): creating a watch
 //! while the queue is busy races with writes in etcd (it reads its current revision before
@@ -23,18 +25,19 @@
 //! connection. The next `lock()` takes it back, and reads the queue again if the task
 //! dropped events it needs.
 
+mod far_back;
+
 use std::collections::HashSet;
 
 use etcd_client::{Event, GetOptions, KeyValue};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use self::far_back::{FOLLOWED_AHEAD, Near, wait_until_near};
 use crate::acquire::Joined;
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
-
-use crate::session::Session;
-use crate::session::prefix_of;
+use crate::session::{Session, prefix_of};
 use crate::watcher::{Follower, Update};
 
 /// The in-process slot of a lock's queue for one session: it serialises that session's
@@ -107,14 +110,26 @@ async fn wait_behind(
     revision: i64,
 ) -> Result<()> {
     let token = mine.create_revision();
-    let ahead = queue.map(|queue| keys_before(queue, token));
+    let session = mine.session().clone();
+    let key = mine.key().to_vec();
+    let mut ahead = queue.map(|queue| keys_before(queue, token));
+    let mut revision = revision;
+    let far_back = ahead
+        .as_ref()
+        .is_some_and(|ahead| ahead.len() > FOLLOWED_AHEAD);
+    if let Some(queue) = queue.filter(|_| far_back) {
+        match wait_until_near(&session, name, &key, token, queue, revision).await {
+            Ok(Near::Ahead(near, read_at)) => (ahead, revision) = (Some(near), read_at),
+            Ok(Near::Unknown) => ahead = None,
+            Err(Gone) => return Err(why_gone(&session).await),
+            Err(Failed(error)) => return Err(error),
+        }
+    }
     if ahead.as_ref().is_some_and(HashSet::is_empty) {
         return Ok(());
     }
     // A view as of revision 0 starts with a snapshot.
     let revision = if ahead.is_some() { revision } else { 0 };
-    let session = mine.session().clone();
-    let key = mine.key().to_vec();
     let read = GetOptions::new()
         .with_keys_only()
         .with_max_create_revision(token);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, hex_key,
-    keys_under, millis, secs, unique, watch_streams_become, within,
+    keys_under, millis, secs, unique, watch_events_sent, watch_streams_become, within,
 };
 use etcd_client::{Client, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
@@ -113,6 +113,101 @@ async fn waiters_are_served_in_the_order_they_queued() {
     for waiter in waiters {
         within(secs(5), waiter).await.unwrap();
     }
+}
+
+/// Every waiter following the whole queue made each release reach every waiter: etcd sent
+/// n watch events per hand-off, n² to drain the queue. Only the 32 nearest the head do.
+#[tokio::test]
+async fn a_long_queue_drains_in_order_and_each_release_reaches_a_bounded_number_of_waiters() {
+    const WAITERS: u64 = 150;
+    const FOLLOWING_THE_QUEUE: u64 = 32;
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let client = cluster.client().await;
+    let name = unique("long-queue");
+    let holder = session(&client).await;
+    let guard = within(secs(5), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
+    let (waiters, mut order_rx) = queue_behind(&client, &name, WAITERS).await;
+    within(secs(10), watch_streams_become(&member, WAITERS)).await;
+    let sent_before = watch_events_sent(&member).await;
+    guard.unlock().await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..WAITERS {
+        order.push(within(secs(10), order_rx.recv()).await.unwrap());
+    }
+    assert_eq!(order, (0..WAITERS).collect::<Vec<_>>());
+    for waiter in waiters {
+        within(secs(5), waiter).await.unwrap();
+    }
+    let sent = watch_events_sent(&member).await - sent_before;
+    // Each release reaches the waiters following the queue, the one following that key
+    // alone, and perhaps a few watches that waiters done with the lock still keep.
+    let bound = (WAITERS + 1) * (FOLLOWING_THE_QUEUE + 8);
+    assert!(sent <= bound, "{sent} watch events for {WAITERS} hand-offs");
+}
+
+/// A waiter far back follows one key ahead; when that waiter gives up, it follows another.
+#[tokio::test]
+async fn a_waiter_far_back_moves_up_past_a_waiter_that_gave_up() {
+    const WAITERS: u64 = 40;
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("gave-up");
+    let holder = session(&client).await;
+    let guard = within(secs(5), Mutex::new(&holder, &name).lock())
+        .await
+        .unwrap();
+    let (waiters, mut order_rx) = queue_behind(&client, &name, WAITERS).await;
+    // The last waiter, 40 keys back, follows the key of waiter 6 (32 places ahead of it),
+    // then that of waiter 5, which gives up too.
+    const GIVING_UP: [u64; 3] = [6, 5, 22];
+    for gives_up in GIVING_UP {
+        waiters[gives_up as usize].abort();
+    }
+    within(secs(5), async {
+        while keys_under(&client, &name).await.len() as u64 != WAITERS + 1 - 3 {
+            tokio::time::sleep(millis(20)).await;
+        }
+    })
+    .await;
+    guard.unlock().await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..WAITERS - 3 {
+        order.push(within(secs(10), order_rx.recv()).await.unwrap());
+    }
+    let expected: Vec<u64> = (0..WAITERS).filter(|i| !GIVING_UP.contains(i)).collect();
+    assert_eq!(order, expected);
+    for waiter in waiters {
+        let _ = within(secs(5), waiter).await;
+    }
+}
+
+/// Queues `count` sessions on lock `name`, one after another; each takes the lock, sends
+/// its number, and unlocks.
+async fn queue_behind(
+    client: &Client,
+    name: &str,
+    count: u64,
+) -> (
+    Vec<tokio::task::JoinHandle<()>>,
+    tokio::sync::mpsc::UnboundedReceiver<u64>,
+) {
+    let (order_tx, order_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut waiters = Vec::new();
+    for i in 0..count {
+        let waiter = session(client).await;
+        let (name, order) = (name.to_owned(), order_tx.clone());
+        let key = hex_key(&name, &waiter);
+        waiters.push(tokio::spawn(async move {
+            let guard = Mutex::new(&waiter, &name).lock().await.unwrap();
+            order.send(i).unwrap();
+            guard.unlock().await.unwrap();
+        }));
+        within(secs(5), appears(client, &key)).await; // queued before the next one
+    }
+    (waiters, order_rx)
 }
 
 #[tokio::test]

@@ -568,6 +568,11 @@ async fn metric(endpoint: &str, name: &str) -> u64 {
     value.trim().parse::<f64>().expect("a number") as u64
 }
 
+/// How many watch events the member at `endpoint` has sent, over all its watchers.
+pub async fn watch_events_sent(endpoint: &str) -> u64 {
+    metric(endpoint, "etcd_debugging_mvcc_events_total").await
+}
+
 /// Waits until the member at `endpoint` has `count` watch streams open.
 pub async fn watch_streams_become(endpoint: &str, count: u64) {
     while watch_streams(endpoint).await != count {
