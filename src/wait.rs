@@ -27,13 +27,14 @@
 
 mod far_back;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use etcd_client::{Event, GetOptions, KeyValue};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use self::far_back::{FOLLOWED_AHEAD, Near, wait_until_near};
+use self::far_back::{FOLLOWED_AHEAD, key_to_follow, until_gone};
 use crate::acquire::Joined;
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
@@ -63,10 +64,12 @@ impl QueueWatch {
     }
 
     /// Keeps `follower` open and read until the next [`take`](Self::take), or until
-    /// `session` ends (lost, closed or orphaned: no later call of it needs the watch).
+    /// `session` ends (lost, closed or orphaned: no later call of it needs the watch). Its
+    /// watch closes sooner once it has heard as many releases as a waiter far back in a
+    /// queue follows: a kept watch costs etcd an event per release, which waiters bound.
     fn park(&mut self, follower: Follower, session: &Session) {
         let (stop, stopped) = oneshot::channel();
-        let kept = session.until_ended(follower.drain(stopped));
+        let kept = session.until_ended(follower.drain(stopped, FOLLOWED_AHEAD));
         let task = session.runtime().spawn(async move { kept.await.flatten() });
         self.parked = Some(Parked { stop, task });
     }
@@ -111,25 +114,40 @@ async fn wait_behind(
 ) -> Result<()> {
     let token = mine.create_revision();
     let session = mine.session().clone();
-    let key = mine.key().to_vec();
-    let mut ahead = queue.map(|queue| keys_before(queue, token));
-    let mut revision = revision;
-    let far_back = ahead
-        .as_ref()
-        .is_some_and(|ahead| ahead.len() > FOLLOWED_AHEAD);
-    if let Some(queue) = queue.filter(|_| far_back) {
-        match wait_until_near(&session, name, &key, token, queue, revision).await {
-            Ok(Near::Ahead(near, read_at)) => (ahead, revision) = (Some(near), read_at),
-            Ok(Near::Unknown) => ahead = None,
+    let mut known = queue.map(|queue| (Cow::Borrowed(queue), revision));
+    loop {
+        let far_back = known.as_ref().and_then(|(queue, revision)| {
+            key_to_follow(queue, token).map(|(target, created)| (target, created, *revision))
+        });
+        if let Some((target, created, revision)) = far_back {
+            until_gone(&session, &target, created, revision).await?;
+            known = None;
+        }
+        match follow_near(mine, &session, name, token, known.take()).await {
+            Ok(()) => return Ok(()),
+            Err(FarBack { queue, revision }) => known = Some((Cow::Owned(queue), revision)),
             Err(Gone) => return Err(why_gone(&session).await),
             Err(Failed(error)) => return Err(error),
         }
     }
+}
+
+/// Follows the whole queue ahead of `mine` (create revision `token`), known as `known`
+/// (the queue and the revision it was read at) or read first, until its turn, unless
+/// that read finds it far back.
+async fn follow_near(
+    mine: &mut OwnedKey,
+    session: &Session,
+    name: &[u8],
+    token: i64,
+    known: Option<(Cow<'_, [KeyValue]>, i64)>,
+) -> Result<(), NotMyTurn> {
+    let ahead = known.as_ref().map(|(queue, _)| keys_before(queue, token));
     if ahead.as_ref().is_some_and(HashSet::is_empty) {
         return Ok(());
     }
     // A view as of revision 0 starts with a snapshot.
-    let revision = if ahead.is_some() { revision } else { 0 };
+    let revision = known.map_or(0, |(_, revision)| revision);
     let read = GetOptions::new()
         .with_keys_only()
         .with_max_create_revision(token);
@@ -139,7 +157,7 @@ async fn wait_behind(
         Some(queue_watch) => tokio::select! {
             biased;
             kept = queue_watch.take() => kept,
-            () = session.lost() => return Err(Error::SessionLost),
+            () = session.lost() => return Err(Failed(Error::SessionLost)),
         },
         None => None,
     };
@@ -157,15 +175,15 @@ async fn wait_behind(
         )
         .deletes_only(),
     };
-    let waited = follow_until_turn(&mut follower, &session, &key, token, ahead).await;
-    if let Some(queue_watch) = mine.queue_watch() {
-        queue_watch.park(follower, &session);
+    let key = mine.key().to_vec();
+    let waited = follow_until_turn(&mut follower, session, &key, token, ahead).await;
+    // Far back, it would hear of every release while it waits for its turn to come near.
+    if !matches!(waited, Err(FarBack { .. })) {
+        if let Some(queue_watch) = mine.queue_watch() {
+            queue_watch.park(follower, session);
+        }
     }
-    match waited {
-        Ok(()) => Ok(()),
-        Err(Gone) => Err(why_gone(&session).await),
-        Err(Failed(error)) => Err(error),
-    }
+    waited
 }
 
 /// Why waiting ended without the turn.
@@ -174,8 +192,10 @@ enum NotMyTurn {
     Gone,
     /// The session was lost, or etcd refused the watch.
     Failed(Error),
+    /// The queue, read at `revision`, has the waiter far back.
+    FarBack { queue: Vec<KeyValue>, revision: i64 },
 }
-use NotMyTurn::{Failed, Gone};
+use NotMyTurn::{Failed, FarBack, Gone};
 
 /// Applies the queue's deletions until nothing is `ahead` of the key with create revision
 /// `token` (`None`: not known until the follower's first snapshot).
@@ -192,10 +212,18 @@ async fn follow_until_turn(
             update = follower.next() => update.map_err(Failed)?,
         };
         let still_mine = match update {
-            Update::Snapshot { kvs, .. } => {
+            Update::Snapshot { kvs, revision } => {
+                let still_mine = kvs
+                    .iter()
+                    .any(|kv| kv.key() == key && kv.create_revision() == token);
+                if still_mine && key_to_follow(&kvs, token).is_some() {
+                    return Err(FarBack {
+                        queue: kvs,
+                        revision,
+                    });
+                }
                 ahead = Some(keys_before(&kvs, token));
-                kvs.iter()
-                    .any(|kv| kv.key() == key && kv.create_revision() == token)
+                still_mine
             }
             Update::Events(deletions) => {
                 let mut still_mine = true;

@@ -153,11 +153,13 @@ impl Follower {
     /// freeze the whole connection. Reading in batches costs a wake-up per period, not
     /// per event. A follower whose view must be read again anyway (see
     /// [`restart_view`](Self::restart_view)) only waits for `stop`, its watch closed. One
-    /// left unused for [`KEPT_IDLE`] closes its watch and hands itself back at once; the
-    /// next use opens the watch again, with a read if the view is behind.
+    /// left unused for [`KEPT_IDLE`], or that has heard more than `events_kept_for`
+    /// events, closes its watch and hands itself back at once; the next use opens the
+    /// watch again, with a read if the view is behind.
     pub(crate) async fn drain(
         mut self,
         mut stop: tokio::sync::oneshot::Receiver<()>,
+        events_kept_for: usize,
     ) -> Option<Follower> {
         if self.stale {
             // Its view is read again on the next use, as it would be after re-opening:
@@ -167,12 +169,13 @@ impl Follower {
             return Some(self);
         }
         let idle_until = Instant::now() + KEPT_IDLE;
+        let mut events_heard = 0;
         loop {
             tokio::select! {
                 _ = &mut stop => return Some(self),
                 () = tokio::time::sleep(DRAIN_PERIOD) => {}
             }
-            if Instant::now() >= idle_until {
+            if Instant::now() >= idle_until || events_heard > events_kept_for {
                 self.watch = None;
                 return Some(self);
             }
@@ -191,9 +194,11 @@ impl Follower {
                 }
             }
             // Whatever has arrived; a read that would wait is left for later.
-            while let Some(update) = self.advance(false).now_or_never() {
-                if update.is_err() {
-                    return None;
+            while let Some(update) = self.advance(true).now_or_never() {
+                match update {
+                    Ok(Update::Events(events)) => events_heard += events.len(),
+                    Ok(Update::Snapshot { .. }) => {}
+                    Err(_) => return None,
                 }
             }
         }

@@ -116,11 +116,11 @@ async fn waiters_are_served_in_the_order_they_queued() {
 }
 
 /// Every waiter following the whole queue made each release reach every waiter: etcd sent
-/// n watch events per hand-off, n² to drain the queue. Only the 32 nearest the head do.
+/// n watch events per hand-off, n² to drain the queue. Only the 128 nearest the head do.
 #[tokio::test]
 async fn a_long_queue_drains_in_order_and_each_release_reaches_a_bounded_number_of_waiters() {
-    const WAITERS: u64 = 150;
-    const FOLLOWING_THE_QUEUE: u64 = 32;
+    const WAITERS: u64 = 500;
+    const FOLLOWING_THE_QUEUE: u64 = 128;
     let cluster = EtcdCluster::start(1).await;
     let member = cluster.endpoint(0);
     let client = cluster.client().await;
@@ -151,7 +151,7 @@ async fn a_long_queue_drains_in_order_and_each_release_reaches_a_bounded_number_
 /// A waiter far back follows one key ahead; when that waiter gives up, it follows another.
 #[tokio::test]
 async fn a_waiter_far_back_moves_up_past_a_waiter_that_gave_up() {
-    const WAITERS: u64 = 40;
+    const WAITERS: u64 = 140;
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let name = unique("gave-up");
@@ -160,9 +160,9 @@ async fn a_waiter_far_back_moves_up_past_a_waiter_that_gave_up() {
         .await
         .unwrap();
     let (waiters, mut order_rx) = queue_behind(&client, &name, WAITERS).await;
-    // The last waiter, 40 keys back, follows the key of waiter 6 (32 places ahead of it),
-    // then that of waiter 5, which gives up too.
-    const GIVING_UP: [u64; 3] = [6, 5, 22];
+    // The last waiter, 140 keys back, follows the key of waiter 10 (128 places ahead of
+    // it), then that of waiter 9, which gives up too.
+    const GIVING_UP: [u64; 3] = [10, 9, 50];
     for gives_up in GIVING_UP {
         waiters[gives_up as usize].abort();
     }
