@@ -34,12 +34,18 @@ use etcd_client::{Event, GetOptions, KeyValue};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use self::far_back::{FOLLOWED_AHEAD, key_to_follow, until_gone};
+use self::far_back::{key_to_follow, until_gone};
 use crate::acquire::Joined;
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
 use crate::session::{Session, prefix_of};
 use crate::watcher::{Follower, Update};
+
+/// How many releases a kept queue watch hears before it closes: each costs etcd an event
+/// that nobody uses until the session locks again (a queue drained by sessions that lock
+/// once and keep their handles sent each release to every one of them), and a session
+/// that comes back later than that opens a watch again.
+const KEPT_FOR_RELEASES: usize = 16;
 
 /// The in-process slot of a lock's queue for one session: it serialises that session's
 /// `lock()` calls (which share one key in etcd), and keeps the queue's watch open, and
@@ -65,11 +71,10 @@ impl QueueWatch {
 
     /// Keeps `follower` open and read until the next [`take`](Self::take), or until
     /// `session` ends (lost, closed or orphaned: no later call of it needs the watch). Its
-    /// watch closes sooner once it has heard as many releases as a waiter far back in a
-    /// queue follows: a kept watch costs etcd an event per release, which waiters bound.
+    /// watch closes sooner, after [`KEPT_FOR_RELEASES`] releases.
     fn park(&mut self, follower: Follower, session: &Session) {
         let (stop, stopped) = oneshot::channel();
-        let kept = session.until_ended(follower.drain(stopped, FOLLOWED_AHEAD));
+        let kept = session.until_ended(follower.drain(stopped, KEPT_FOR_RELEASES));
         let task = session.runtime().spawn(async move { kept.await.flatten() });
         self.parked = Some(Parked { stop, task });
     }

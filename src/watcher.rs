@@ -25,7 +25,6 @@ use etcd_client::{
     WatchResponse, WatchStream,
 };
 
-use futures::FutureExt;
 use tokio::time::Instant;
 
 use crate::error::{
@@ -37,12 +36,10 @@ use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, TOKEN_RENEWALS, rene
 /// then how long the answer may take before the watch is re-opened (so a quiet watch over
 /// round trips longer than this is re-opened again and again).
 const LIVENESS_CHECK: Duration = Duration::from_secs(5);
-/// How often a kept watch that nobody waits on is read.
-const DRAIN_PERIOD: Duration = Duration::from_millis(100);
 /// How long a kept watch that nobody waits on stays open: long enough for a session that
 /// takes a busy lock again and again to keep it, not for as long as a handle lives (a
-/// watch stream, a task waking every [`DRAIN_PERIOD`], a progress request every
-/// [`LIVENESS_CHECK`], and every release on the queue sent to it, per name).
+/// watch stream, a task, a progress request every [`LIVENESS_CHECK`], and every release
+/// on the queue sent to it, per name).
 const KEPT_IDLE: Duration = Duration::from_secs(15);
 /// How long one request (a read, or opening a watch) is sent again while unanswered
 /// before the follower gives up on it and starts over: as long as [`retry`] keeps an
@@ -147,11 +144,10 @@ impl Follower {
         self.revision = revision;
     }
 
-    /// Reads the watch and drops what it says, every [`DRAIN_PERIOD`], until `stop` fires
-    /// (then hands the follower back) or the watch fails for good. An open watch must be
-    /// read: its unread messages hold HTTP/2 flow-control windows, and a few such watches
-    /// freeze the whole connection. Reading in batches costs a wake-up per period, not
-    /// per event. A follower whose view must be read again anyway (see
+    /// Reads the watch and drops what it says until `stop` fires (then hands the follower
+    /// back) or the watch fails for good. An open watch must be read: its unread messages
+    /// hold HTTP/2 flow-control windows, and a few such watches freeze the whole
+    /// connection. A follower whose view must be read again anyway (see
     /// [`restart_view`](Self::restart_view)) only waits for `stop`, its watch closed. One
     /// left unused for [`KEPT_IDLE`], or that has heard more than `events_kept_for`
     /// events, closes its watch and hands itself back at once; the next use opens the
@@ -170,38 +166,20 @@ impl Follower {
         }
         let idle_until = Instant::now() + KEPT_IDLE;
         let mut events_heard = 0;
-        loop {
+        while events_heard <= events_kept_for {
             tokio::select! {
                 _ = &mut stop => return Some(self),
-                () = tokio::time::sleep(DRAIN_PERIOD) => {}
-            }
-            if Instant::now() >= idle_until || events_heard > events_kept_for {
-                self.watch = None;
-                return Some(self);
-            }
-            if self.watch.is_none() {
-                // It broke: open it again (a round trip at least), for the next wait to
-                // find it open.
-                tokio::select! {
-                    _ = &mut stop => return Some(self),
-                    () = tokio::time::sleep_until(idle_until) => {
-                        self.watch = None;
-                        return Some(self);
-                    }
-                    update = self.advance(false) => if update.is_err() {
-                        return None;
-                    },
-                }
-            }
-            // Whatever has arrived; a read that would wait is left for later.
-            while let Some(update) = self.advance(true).now_or_never() {
-                match update {
+                () = tokio::time::sleep_until(idle_until) => break,
+                update = self.advance(true) => match update {
                     Ok(Update::Events(events)) => events_heard += events.len(),
+                    // It broke and was opened again, with a read.
                     Ok(Update::Snapshot { .. }) => {}
                     Err(_) => return None,
-                }
+                },
             }
         }
+        self.watch = None;
+        Some(self)
     }
 
     /// [`next`](Self::next), for at most `limit`, each request (opening the watch, reading

@@ -1062,6 +1062,24 @@ async fn a_kept_queue_watch_is_closed_once_unused_for_a_while_and_opened_again_w
 }
 
 #[tokio::test]
+async fn a_kept_queue_watch_is_closed_after_hearing_releases_it_does_not_use() {
+    let cluster = EtcdCluster::start(1).await;
+    let member = cluster.endpoint(0);
+    let client = cluster.client().await;
+    let (ours, theirs) = (session(&client).await, session(&client).await);
+    let name = unique("kept-releases");
+    let _mutex = after_a_wait(&ours, &theirs, &client, &name).await;
+    within(secs(5), watch_streams_become(&member, 1)).await;
+    // Each release reaches the kept watch: past 16 of them it is no longer worth keeping.
+    let busy = Mutex::new(&theirs, &name);
+    for _ in 0..20 {
+        let guard = within(secs(5), busy.lock()).await.unwrap();
+        guard.unlock().await.unwrap();
+    }
+    within(secs(5), watch_streams_become(&member, 0)).await;
+}
+
+#[tokio::test]
 async fn the_queue_watch_a_mutex_keeps_between_calls_is_closed_with_its_session() {
     let cluster = EtcdCluster::start(1).await;
     let member = cluster.endpoint(0);

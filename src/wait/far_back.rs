@@ -24,7 +24,7 @@ use crate::session::Session;
 use crate::watcher::{Follower, Update};
 
 /// How many keys ahead a waiter follows the whole queue from.
-pub(super) const FOLLOWED_AHEAD: usize = 128;
+const FOLLOWED_AHEAD: usize = 128;
 
 /// The key that a waiter with create revision `token` follows in `queue`, with its create
 /// revision: the one [`FOLLOWED_AHEAD`] + 1 places ahead; `None` when it is nearer.
