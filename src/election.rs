@@ -151,8 +151,8 @@ impl Election {
     ///
     /// One Txn writes the candidate's key and reads the candidates ahead; then one watch
     /// on the election follows them until the last one is gone, without a request per
-    /// change (a candidate more than 128 places back watches only the key 128 places ahead
-    /// until it is gone, then reads the candidates once, as
+    /// change (a candidate more than 128 places back watches only its own key and the key
+    /// 128 places ahead until that is gone, then reads the candidates once, as
     /// [`Mutex::lock`](crate::Mutex::lock) waiters do). If this session already has a key
     /// in the election (an earlier campaign, or a resumed lease), that key keeps its place
     /// and takes the new value, as in Go. The leaderships that share it end together when
@@ -168,9 +168,8 @@ impl Election {
     /// - [`Error::InvalidArgument`]: the name is empty.
     /// - [`Error::SessionLost`]: the session is or becomes lost before the election is
     ///   won; a candidate whose lease died is never told it leads.
-    /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else (noticed
-    ///   more than 128 places back only on moving up), or vanished while its lease could not
-    ///   be checked (then the session may be lost).
+    /// - [`Error::OwnershipLost`]: the candidate's key was deleted by someone else, or
+    ///   vanished while its lease could not be checked (then the session may be lost).
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (for instance a
     ///   value over its request size limit, 1.5 MiB by default) or could not be reached
     ///   within the session's request timeout.

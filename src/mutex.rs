@@ -139,9 +139,9 @@ impl Mutex {
     /// Uncontended, this is one Txn (create this session's key and read the queue). Under
     /// contention it then watches the queue and returns as soon as every earlier waiter's
     /// key is gone; no request is made per hand-off. A waiter more than 128 places back
-    /// watches only the key 128 places ahead of it until that key is gone, then reads the
-    /// queue once and watches all of it: so each release reaches at most 129 waiters, and a
-    /// long queue does not cost etcd an event per waiter per hand-off.
+    /// watches only its own key and the key 128 places ahead of it until that key is gone,
+    /// then reads the queue once and watches all of it: so each release reaches at most
+    /// 129 waiters, and a long queue does not cost etcd an event per waiter per hand-off.
     ///
     /// Waiting has no deadline of its own: to give up after a while, wrap the call in
     /// [`tokio::time::timeout`] (see the example). That includes waiting for this
@@ -160,9 +160,8 @@ impl Mutex {
     /// - [`Error::InvalidArgument`]: the name is empty.
     /// - [`Error::SessionLost`]: the session is or becomes lost before the lock is held;
     ///   no guard is ever returned for a key whose lease is gone.
-    /// - [`Error::OwnershipLost`]: this session's waiting key was deleted by someone else
-    ///   (noticed by a waiter more than 128 places back only when it moves up), or vanished
-    ///   while its lease could not be checked (then the session may be lost).
+    /// - [`Error::OwnershipLost`]: this session's waiting key was deleted by someone else,
+    ///   or vanished while its lease could not be checked (then the session may be lost).
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request or could not be
     ///   reached within the session's request timeout.
     ///

@@ -34,7 +34,7 @@ use etcd_client::{Event, GetOptions, KeyValue};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use self::far_back::{key_to_follow, until_gone};
+use self::far_back::{Moved, key_to_follow, until_moved};
 use crate::acquire::Joined;
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
@@ -125,8 +125,11 @@ async fn wait_behind(
             key_to_follow(queue, token).map(|(target, created)| (target, created, *revision))
         });
         if let Some((target, created, revision)) = far_back {
-            until_gone(&session, &target, created, revision).await?;
-            known = None;
+            let mine = (mine.key(), token);
+            match until_moved(&session, (&target, created), mine, revision).await? {
+                Moved::Up => known = None,
+                Moved::MineGone => return Err(why_gone(&session).await),
+            }
         }
         match follow_near(mine, &session, name, token, known.take()).await {
             Ok(()) => return Ok(()),

@@ -130,7 +130,9 @@ async fn a_long_queue_drains_in_order_and_each_release_reaches_a_bounded_number_
         .await
         .unwrap();
     let (waiters, mut order_rx) = queue_behind(&client, &name, WAITERS).await;
-    within(secs(10), watch_streams_become(&member, WAITERS)).await;
+    // A waiter far back watches the key it follows and its own key.
+    let far_back = WAITERS - FOLLOWING_THE_QUEUE;
+    within(secs(10), watch_streams_become(&member, WAITERS + far_back)).await;
     let sent_before = watch_events_sent(&member).await;
     guard.unlock().await.unwrap();
     let mut order = Vec::new();
@@ -182,6 +184,49 @@ async fn a_waiter_far_back_moves_up_past_a_waiter_that_gave_up() {
     for waiter in waiters {
         let _ = within(secs(5), waiter).await;
     }
+}
+
+/// A waiter far back (more than 128 keys ahead) watched only the key it followed, so the
+/// deletion of its own key went unseen until 129 hand-offs later: deleted by hand, it
+/// waited on; with its lease revoked, until the next keep-alive (20 s on a 60 s lease).
+#[tokio::test]
+async fn a_waiter_far_back_learns_at_once_that_its_key_or_lease_is_gone() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let name = unique("far-back-gone");
+    let others = client.clone().lease_grant(60, None).await.unwrap().id();
+    for i in 0..140 {
+        let on_lease = etcd_client::PutOptions::new().with_lease(others);
+        let key = format!("{name}/{:x}", 0x1000 + i);
+        client.clone().put(key, "", Some(on_lease)).await.unwrap();
+    }
+    for revoke in [false, true] {
+        let ours = Session::builder(client.clone())
+            .ttl(secs(60))
+            .build()
+            .await
+            .unwrap();
+        let mutex = Mutex::new(&ours, &name);
+        let mut waiter = tokio::spawn(async move { mutex.lock().await.map(drop) });
+        let key = hex_key(&name, &ours);
+        within(secs(5), appears(&client, &key)).await;
+        assert!(
+            tokio::time::timeout(millis(300), &mut waiter)
+                .await
+                .is_err()
+        );
+        if revoke {
+            client.clone().lease_revoke(ours.lease_id()).await.unwrap();
+        } else {
+            client.clone().delete(key, None).await.unwrap();
+        }
+        let result = within(secs(5), waiter).await.unwrap();
+        match revoke {
+            true => assert!(matches!(result, Err(Error::SessionLost)), "{result:?}"),
+            false => assert!(matches!(result, Err(Error::OwnershipLost)), "{result:?}"),
+        }
+    }
+    client.clone().lease_revoke(others).await.unwrap();
 }
 
 /// Queues `count` sessions on lock `name`, one after another; each takes the lock, sends

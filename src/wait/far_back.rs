@@ -14,8 +14,9 @@
 //! per hand-off on one member in tmpfs); with 128, every size from 100 to 2,000 took
 //! 0.5-1.7 ms per hand-off (Go's: 0.5-2 ms), 113-126 events each.
 //!
-//! Far back, a waiter learns that its own key was deleted (not with its lease, which
-//! `lost()` tells) only when it moves up; it never takes a turn for a key that is gone.
+//! Far back, a waiter also watches its own key (one event, its deletion), so that it
+//! learns at once that the key was deleted, alone or with its lease: `lost()` tells of a
+//! revoked lease only at the next keep-alive, up to a third of the TTL later.
 
 use etcd_client::{GetOptions, KeyValue};
 
@@ -38,25 +39,44 @@ pub(super) fn key_to_follow(queue: &[KeyValue], token: i64) -> Option<(Vec<u8>, 
     Some((followed.key().to_vec(), followed.create_revision()))
 }
 
+/// Where a waiter far back stands once [`until_moved`] resolves.
+pub(super) enum Moved {
+    /// The followed key is gone: the waiter is nearer now.
+    Up,
+    /// The waiter's own key is gone (deleted, or with its lease).
+    MineGone,
+}
+
+/// Resolves once the followed key `key` no longer has create revision `token` (`Up`), or
+/// the waiter's own key `mine` no longer has create revision `my_token` (`MineGone`),
+/// following both from a view as of `revision`. Its own key is watched too so that a
+/// waiter far back learns of its key's deletion (a revoked lease, someone's delete) at
+/// once, as a waiter near the head does: the watch carries that one deletion only.
+///
+/// Errors: [`Error::SessionLost`] if `session` is lost first; etcd's refusal of a watch.
+pub(super) async fn until_moved(
+    session: &Session,
+    (key, token): (&[u8], i64),
+    (mine, my_token): (&[u8], i64),
+    revision: i64,
+) -> Result<Moved> {
+    tokio::select! {
+        () = session.lost() => Err(Error::SessionLost),
+        gone = until_gone(session, key, token, revision) => gone.map(|()| Moved::Up),
+        gone = until_gone(session, mine, my_token, revision) => gone.map(|()| Moved::MineGone),
+    }
+}
+
 /// Resolves once `key` no longer has create revision `token`, following it from a view
 /// as of `revision`.
 ///
-/// Errors: [`Error::SessionLost`] if `session` is lost first; etcd's refusal of the watch.
-pub(super) async fn until_gone(
-    session: &Session,
-    key: &[u8],
-    token: i64,
-    revision: i64,
-) -> Result<()> {
+/// Errors: etcd's refusal of the watch.
+async fn until_gone(session: &Session, key: &[u8], token: i64, revision: i64) -> Result<()> {
     let read = GetOptions::new().with_keys_only();
     let client = session.client().clone();
     let mut follower = Follower::new(client, key.to_vec(), false, read, revision).deletes_only();
     loop {
-        let update = tokio::select! {
-            () = session.lost() => return Err(Error::SessionLost),
-            update = follower.next() => update?,
-        };
-        match update {
+        match follower.next().await? {
             Update::Snapshot { kvs, .. } if kvs.iter().any(|kv| kv.create_revision() == token) => {}
             // Gone from a fresh read, or deleted: only deletions come as events.
             _ => return Ok(()),
