@@ -12,7 +12,7 @@
 //! when a write races its creation: the move must come well before the turn. With 32
 //! places, queues of 100-200 waiters drained 2-5 times slower than with none (0.4-0.5 ms
 //! per hand-off on one member in tmpfs); with 128, every size from 100 to 2,000 took
-//! 0.5-1.7 ms per hand-off (Go's: 0.5-2 ms), 113-126 events each.
+//! 0.4-2.2 ms per hand-off (Go's: 0.6-1.7 ms), 113-142 events each.
 //!
 //! Far back, a waiter also watches its own key (one event, its deletion), so that it
 //! learns at once that the key was deleted, alone or with its lease: `lost()` tells of a
