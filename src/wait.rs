@@ -181,7 +181,8 @@ async fn follow_near(
             read,
             revision,
         )
-        .deletes_only(),
+        .deletes_only()
+        .reading_after_open(),
     };
     let key = mine.key().to_vec();
     let waited = follow_until_turn(&mut follower, session, &key, token, ahead).await;
