@@ -247,6 +247,9 @@ async fn requests_racing_a_change_of_the_auth_store_are_retried() {
                 let key = format!("/elsewhere/{}", n % 4);
                 let read = Permission::read(key.as_str());
                 admin.role_grant_permission("reader", read).await.unwrap();
+                // A change every few requests, not one in every request's way: retried
+                // requests must get through before the request timeout on a loaded CI.
+                tokio::time::sleep(millis(10)).await;
             }
         }
     });
