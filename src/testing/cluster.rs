@@ -227,13 +227,22 @@ impl EtcdCluster {
     }
 
     /// Stops member `i` with SIGSTOP: its connections stay open but nothing is answered,
-    /// as with a long GC pause or a frozen VM.
+    /// as with a long GC pause or a frozen VM. Returns once every thread of it has
+    /// stopped (a signal takes effect asynchronously: a request sent right after `kill`
+    /// could still be answered).
     ///
     /// # Panics
     ///
-    /// If there is no member `i`.
+    /// If there is no member `i`, or if it has not stopped within 5 s.
     pub fn pause(&self, i: usize) {
         self.signal(i, libc::SIGSTOP);
+        if let Some(pid) = self.pid(i) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !all_threads_stopped(pid) {
+                assert!(Instant::now() < deadline, "member {i} did not stop");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     /// Resumes member `i` after [`pause`](Self::pause) (SIGCONT).
@@ -561,4 +570,20 @@ fn log_tail(path: &Path, lines: usize) -> String {
     }
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc`); `true` for a
+/// process that is gone.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    threads.flatten().all(|thread| {
+        let stat = std::fs::read_to_string(thread.path().join("stat")).unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        matches!(state, Some('T') | None)
+    })
 }
