@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
@@ -12,7 +12,7 @@ use crate::release::spawn_release;
 use crate::retry::{Backoff, retry, retry_write};
 use crate::session::{ElectionClaim, LastClaim, Session, WeakSession};
 use crate::wait::QueueWatch;
-use crate::watcher::{Follower, Update};
+use crate::watcher::until_gone;
 
 /// This session's key in a queue, identified by its create revision (the fencing token).
 ///
@@ -380,28 +380,16 @@ async fn fenced_delete(
 }
 
 /// Resolves when `key` no longer has create revision `revision` (`true`), or cannot be
-/// watched (`false`). Only a deletion ends that incarnation, so the watch leaves out puts
-/// (a leader's proclaims).
+/// watched (`false`).
 async fn key_gone(session: &Session, key: &[u8], revision: i64) -> bool {
-    let read = GetOptions::new().with_keys_only();
-    let mut follower =
-        Follower::new(session.client().clone(), key.to_vec(), false, read, 0).deletes_only();
-    loop {
-        match follower.next().await {
-            Ok(Update::Snapshot { kvs, .. }) => {
-                if kvs.first().map(|kv| kv.create_revision()) != Some(revision) {
-                    return true;
-                }
-            }
-            // Only deletions come as events.
-            Ok(Update::Events(_)) => return true,
-            Err(error) => {
-                tracing::warn!(
-                    error = &error as &dyn std::error::Error,
-                    "cannot watch a held key; ownership can no longer be assumed"
-                );
-                return false;
-            }
+    match until_gone(session.client(), key, revision, 0).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "cannot watch a held key; ownership can no longer be assumed"
+            );
+            false
         }
     }
 }

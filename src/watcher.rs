@@ -185,7 +185,7 @@ impl Follower {
             tokio::select! {
                 _ = &mut stop => return Some(self),
                 () = tokio::time::sleep_until(idle_until) => break,
-                update = self.advance(true) => match update {
+                update = self.next() => match update {
                     Ok(Update::Events(events)) => events_heard += events.len(),
                     // It broke and was opened again, with a read.
                     Ok(Update::Snapshot { .. }) => {}
@@ -231,12 +231,6 @@ impl Follower {
     ///
     /// Cancel-safe: a dropped call loses no events.
     pub(crate) async fn next(&mut self) -> Result<Update> {
-        self.advance(true).await
-    }
-
-    /// [`next`](Self::next), with the events themselves only if `keep_events` (a draining
-    /// read needs only the revision they bring the view to).
-    async fn advance(&mut self, keep_events: bool) -> Result<Update> {
         loop {
             if self.stale && self.watch.is_some() {
                 return match self.read_snapshot().await {
@@ -303,12 +297,8 @@ impl Follower {
                     // Events come in revision order.
                     let newest = answer.events().last().map_or(0, revision_of);
                     if newest > self.revision {
-                        let events = if keep_events {
-                            let fresh = |event: &&Event| revision_of(event) > self.revision;
-                            answer.events().iter().filter(fresh).cloned().collect()
-                        } else {
-                            Vec::new()
-                        };
+                        let fresh = |event: &&Event| revision_of(event) > self.revision;
+                        let events = answer.events().iter().filter(fresh).cloned().collect();
                         self.revision = newest;
                         self.backoff = Backoff::new();
                         return Ok(Update::Events(events));
@@ -588,6 +578,31 @@ fn refused(created: &WatchResponse) -> Error {
         code,
         format!("watch refused: {reason}"),
     )))
+}
+
+/// Resolves once `key` no longer has create revision `incarnation`, following it from a
+/// view as of `revision` (0: read it first). The watch carries only the key's deletion,
+/// which is the only thing that ends an incarnation.
+///
+/// Errors: non-transient ones from watching or reading the key (such as permission
+/// denied).
+pub(crate) async fn until_gone(
+    client: &Client,
+    key: &[u8],
+    incarnation: i64,
+    revision: i64,
+) -> Result<()> {
+    let read = GetOptions::new().with_keys_only();
+    let mut follower =
+        Follower::new(client.clone(), key.to_vec(), false, read, revision).deletes_only();
+    loop {
+        match follower.next().await? {
+            Update::Snapshot { kvs, .. }
+                if kvs.iter().any(|kv| kv.create_revision() == incarnation) => {}
+            // Gone from a fresh read, or deleted: only deletions come as events.
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// The revision an event happened at (a delete's key-value carries the deletion revision).

@@ -18,11 +18,11 @@
 //! learns at once that the key was deleted, alone or with its lease: `lost()` tells of a
 //! revoked lease only at the next keep-alive, up to a third of the TTL later.
 
-use etcd_client::{GetOptions, KeyValue};
+use etcd_client::KeyValue;
 
 use crate::error::{Error, Result};
 use crate::session::Session;
-use crate::watcher::{Follower, Update};
+use crate::watcher::until_gone;
 
 /// How many keys ahead a waiter follows the whole queue from.
 const FOLLOWED_AHEAD: usize = 128;
@@ -60,26 +60,10 @@ pub(super) async fn until_moved(
     (mine, my_token): (&[u8], i64),
     revision: i64,
 ) -> Result<Moved> {
+    let client = session.client();
     tokio::select! {
         () = session.lost() => Err(Error::SessionLost),
-        gone = until_gone(session, key, token, revision) => gone.map(|()| Moved::Up),
-        gone = until_gone(session, mine, my_token, revision) => gone.map(|()| Moved::MineGone),
-    }
-}
-
-/// Resolves once `key` no longer has create revision `token`, following it from a view
-/// as of `revision`.
-///
-/// Errors: etcd's refusal of the watch.
-async fn until_gone(session: &Session, key: &[u8], token: i64, revision: i64) -> Result<()> {
-    let read = GetOptions::new().with_keys_only();
-    let client = session.client().clone();
-    let mut follower = Follower::new(client, key.to_vec(), false, read, revision).deletes_only();
-    loop {
-        match follower.next().await? {
-            Update::Snapshot { kvs, .. } if kvs.iter().any(|kv| kv.create_revision() == token) => {}
-            // Gone from a fresh read, or deleted: only deletions come as events.
-            _ => return Ok(()),
-        }
+        gone = until_gone(client, key, token, revision) => gone.map(|()| Moved::Up),
+        gone = until_gone(client, mine, my_token, revision) => gone.map(|()| Moved::MineGone),
     }
 }
