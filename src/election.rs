@@ -6,14 +6,14 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use etcd_client::{Compare, Event, EventType, GetOptions, KeyValue, SortOrder, SortTarget};
+use etcd_client::{Compare, Event, EventType, GetOptions, KeyValue};
 use futures::Stream;
 
 use crate::acquire::{Create, Outcome, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
-use crate::retry::{Backoff, retry};
-use crate::session::{Session, lease_hex, prefix_of};
+use crate::retry::Backoff;
+use crate::session::{Session, first_in_queue, lease_hex, prefix_of};
 use crate::wait::{wait_for_turn, why_gone};
 use crate::watcher::{Follower, Update, revision_of};
 
@@ -273,21 +273,8 @@ impl Election {
         if self.name.is_empty() {
             return Err(empty_name());
         }
-        let prefix = prefix_of(&self.name);
-        let first = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1);
-        let answer = retry(
-            self.session.client(),
-            self.session.request_timeout(),
-            |mut c| {
-                let (prefix, first) = (prefix.clone(), first.clone());
-                async move { c.get(prefix, Some(first)).await }
-            },
-        )
-        .await?;
-        Ok(answer.kvs().first().map(Leader::from_kv))
+        let first = first_in_queue(&self.session, &self.name).await?;
+        Ok(first.as_ref().map(Leader::from_kv))
     }
 
     /// A stream of the election's leader: first the current one (`None` when nobody

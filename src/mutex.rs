@@ -12,8 +12,7 @@ pub use self::holder::Holder;
 use crate::acquire::{Create, Outcome, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
-use crate::retry::retry;
-use crate::session::{Session, prefix_of};
+use crate::session::{Session, first_in_queue};
 use crate::wait::{QueueWatch, wait_for_turn};
 
 /// A distributed lock named by a key prefix, held through a [`Session`]'s lease.
@@ -332,21 +331,8 @@ impl Mutex {
         if self.name.is_empty() {
             return Err(empty_name());
         }
-        let first = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1);
-        let prefix = prefix_of(&self.name);
-        let answer = retry(
-            self.session.client(),
-            self.session.request_timeout(),
-            |mut c| {
-                let (prefix, first) = (prefix.clone(), first.clone());
-                async move { c.get(prefix, Some(first)).await }
-            },
-        )
-        .await?;
-        Ok(answer.kvs().first().map(Holder::from_kv))
+        let first = first_in_queue(&self.session, &self.name).await?;
+        Ok(first.as_ref().map(Holder::from_kv))
     }
 
     fn check(&self) -> Result<()> {

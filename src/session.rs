@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, GetOptions, KeyValue, SortOrder, SortTarget};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -486,6 +486,23 @@ pub(crate) fn prefix_of(name: &[u8]) -> Vec<u8> {
     prefix.extend_from_slice(name);
     prefix.push(b'/');
     prefix
+}
+
+/// The key with the lowest create revision under `name/`: a lock's holder or an
+/// election's leader, or `None` if the queue is empty. One read, retried as [`retry`]
+/// does within `session`'s request timeout.
+pub(crate) async fn first_in_queue(session: &Session, name: &[u8]) -> Result<Option<KeyValue>> {
+    let prefix = prefix_of(name);
+    let first = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1);
+    let mut answer = retry(session.client(), session.request_timeout(), |mut c| {
+        let (prefix, first) = (prefix.clone(), first.clone());
+        async move { c.get(prefix, Some(first)).await }
+    })
+    .await?;
+    Ok(answer.take_kvs().into_iter().next())
 }
 
 /// A lease id in lowercase hex as Go's `%x` writes an `int64`: a negative id (etcd grants
