@@ -44,8 +44,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use etcd_client::{Client, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
-use etcd_concurrency::{Election, Leader, Leadership, Session};
-use futures::{Stream, StreamExt};
+use etcd_concurrency::{Election, Leader, Leadership, Observe, Session};
+use futures::StreamExt;
 use tokio::process::Command;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
@@ -255,7 +255,7 @@ async fn run_observer(prefix: &str, endpoints: &[String]) -> Result<()> {
     let session = Session::builder(client).ttl(OBSERVER_TTL).build();
     let session = within(REQUEST_LIMIT, "create a session", session).await?;
     let election = Election::new(&session, election_name(prefix));
-    let mut leaders = pin!(election.observe());
+    let mut leaders = election.observe();
     let mut terminate = signal(SignalKind::terminate())?;
     let deadline = tokio::time::sleep(RUN_LIMIT);
     let mut deadline = pin!(deadline);
@@ -304,7 +304,7 @@ async fn run_candidates(
     let session = Session::builder(client.clone()).ttl(OBSERVER_TTL).build();
     let session = within(REQUEST_LIMIT, "create a session", session).await?;
     let election = Election::new(&session, election_name(prefix));
-    let mut leaders = pin!(election.observe());
+    let mut leaders = election.observe();
 
     println!("three candidates campaign in {}", election_name(prefix));
     let executable = std::env::current_exe()?;
@@ -490,7 +490,7 @@ async fn stop(child: Relayed, name: &str, unclean: &mut Vec<String>) -> Result<(
 /// Waits up to `limit` for a leader other than `previous` (compared by key: the same
 /// candidate re-elected would be a new key, since its lease is new).
 async fn next_leader(
-    leaders: &mut (impl Stream<Item = etcd_concurrency::Result<Option<Leader>>> + Unpin),
+    leaders: &mut Observe,
     previous: Option<&Leader>,
     limit: Duration,
 ) -> Result<Leader> {

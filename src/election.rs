@@ -1,21 +1,21 @@
 //! [`Election`]: leader election with a fenced [`Leadership`] guard and a truthful
 //! observation stream.
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-use etcd_client::{Compare, Event, EventType, GetOptions, KeyValue};
-use futures::Stream;
+use etcd_client::{Compare, GetOptions, KeyValue};
+
+mod observe;
+
+pub use self::observe::Observe;
 
 use crate::acquire::{Create, Outcome, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
-use crate::retry::Backoff;
-use crate::session::{Session, first_in_queue, lease_hex, prefix_of};
+use crate::session::{Session, first_in_queue, lease_hex};
 use crate::wait::{wait_for_turn, why_gone};
-use crate::watcher::{Follower, Update, revision_of};
 
 /// A leader election named by a key prefix; candidates campaign through a [`Session`].
 ///
@@ -277,8 +277,9 @@ impl Election {
         Ok(first.as_ref().map(Leader::from_kv))
     }
 
-    /// A stream of the election's leader: first the current one (`None` when nobody
-    /// leads), then every change of leader or of its value, in order. Mirrors Go's
+    /// A stream ([`Observe`], `Unpin`) of the election's leader: first the current one
+    /// (`None` when nobody leads), then every change of leader or of its value, in order.
+    /// Nothing is sent until it is first polled. Mirrors Go's
     /// `Election.Observe`, which never reports that nobody leads and can report a later
     /// candidate as leader (etcd #18163); here the leader is always the candidate with
     /// the lowest create revision (of candidates created by one Txn, the lowest key).
@@ -324,7 +325,7 @@ impl Election {
     /// ```no_run
     /// use futures::StreamExt;
     /// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
-    /// let mut leaders = std::pin::pin!(election.observe());
+    /// let mut leaders = election.observe();
     /// while let Some(leader) = leaders.next().await {
     ///     match leader {
     ///         Ok(Some(leader)) => println!("leader: {}", String::from_utf8_lossy(leader.value())),
@@ -336,30 +337,8 @@ impl Election {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn observe(&self) -> impl Stream<Item = Result<Option<Leader>>> + Send + 'static {
-        let follower = Follower::new(
-            self.session.client().clone(),
-            prefix_of(&self.name),
-            true,
-            GetOptions::new(),
-            0,
-        )
-        .replaying();
-        let observer = Observer {
-            empty_name: self.name.is_empty(),
-            follower,
-            candidates: HashMap::new(),
-            pending: VecDeque::new(),
-            reported: None,
-            failing: None,
-        };
-        futures::stream::unfold(Some(observer), |observer| async move {
-            let mut observer = observer?;
-            let item = observer.next().await;
-            // No retry makes an empty name valid: the stream ends after saying so.
-            let going_on = (!observer.empty_name).then_some(observer);
-            Some((item, going_on))
-        })
+    pub fn observe(&self) -> Observe {
+        Observe::new(self.session.client().clone(), &self.name)
     }
 
     fn check(&self) -> Result<()> {
@@ -383,84 +362,6 @@ impl fmt::Debug for Election {
             .field("name", &String::from_utf8_lossy(&self.name))
             .field("session", &self.session)
             .finish()
-    }
-}
-
-/// The state behind [`Election::observe`].
-struct Observer {
-    empty_name: bool,
-    follower: Follower,
-    candidates: HashMap<Vec<u8>, Leader>,
-    /// Events received but not applied yet: they are applied one revision at a time, so
-    /// that each change of leader is reported even when several arrive together.
-    pending: VecDeque<Event>,
-    /// The last leader reported (`None` before the first report).
-    reported: Option<Option<Leader>>,
-    /// Set after yielding an error: wait before trying again.
-    failing: Option<Backoff>,
-}
-
-impl Observer {
-    async fn next(&mut self) -> Result<Option<Leader>> {
-        if self.empty_name {
-            return Err(empty_name());
-        }
-        if let Some(backoff) = self.failing.as_mut() {
-            tokio::time::sleep(backoff.next_delay()).await;
-        }
-        loop {
-            if self.pending.is_empty() {
-                match self.follower.next().await {
-                    Ok(Update::Snapshot { kvs, .. }) => {
-                        self.candidates = kvs
-                            .iter()
-                            .map(|kv| (kv.key().to_vec(), Leader::from_kv(kv)))
-                            .collect();
-                    }
-                    Ok(Update::Events(events)) => self.pending.extend(events),
-                    Err(error) => {
-                        self.failing.get_or_insert_with(Backoff::new);
-                        return Err(error);
-                    }
-                }
-                self.failing = None;
-            }
-            self.apply_one_revision();
-            // Candidates one Txn created tie: the lowest key of them leads, whatever the
-            // map's order (etcd's sorted read in `leader()` does not break ties so in
-            // general, only in an election of a few keys).
-            let leader = self
-                .candidates
-                .values()
-                .min_by_key(|candidate| (candidate.create_revision, &candidate.key))
-                .cloned();
-            if self.reported.as_ref() != Some(&leader) {
-                self.reported = Some(leader.clone());
-                return Ok(leader);
-            }
-        }
-    }
-
-    /// Applies the pending events of the oldest pending revision.
-    fn apply_one_revision(&mut self) {
-        let Some(revision) = self.pending.front().map(revision_of) else {
-            return;
-        };
-        while self.pending.front().map(revision_of) == Some(revision) {
-            let Some(event) = self.pending.pop_front() else {
-                break;
-            };
-            let Some(kv) = event.kv() else { continue };
-            match event.event_type() {
-                EventType::Put => {
-                    self.candidates
-                        .insert(kv.key().to_vec(), Leader::from_kv(kv));
-                }
-                EventType::Delete => {
-                    self.candidates.remove(kv.key());
-                }
-            }
-        }
     }
 }
 

@@ -109,7 +109,7 @@ pub mod testing;
 mod wait;
 mod watcher;
 
-pub use election::{Election, Leader, Leadership};
+pub use election::{Election, Leader, Leadership, Observe};
 pub use error::{Error, Result};
 pub use etcd_client;
 pub use mutex::{Holder, Mutex, MutexGuard};
@@ -121,11 +121,13 @@ pub use stm::{DEFAULT_MAX_ATTEMPTS, Isolation, Stm, StmTxn};
 
 #[cfg(test)]
 mod tests {
-    /// The handles are shared between tasks; the guards move into them.
+    /// The handles are shared between tasks; the guards and the observation stream move
+    /// into them, and the stream needs no pinning.
     #[test]
     fn handles_are_send_and_sync_and_guards_are_send() {
         fn send_sync<T: Send + Sync>() {}
         fn send<T: Send>() {}
+        fn send_unpin<T: Send + Unpin + 'static>() {}
         send_sync::<crate::Session>();
         send_sync::<crate::Mutex>();
         send_sync::<crate::Election>();
@@ -135,6 +137,7 @@ mod tests {
         send::<crate::MutexGuard>();
         send::<crate::Leadership>();
         send::<crate::StmTxn>();
+        send_unpin::<crate::Observe>();
     }
 }
 

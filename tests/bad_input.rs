@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::pin::pin;
-
 use common::{keys_under, millis, secs, unique, within};
 use etcd_client::{Client, ConnectOptions, Permission, RoleRevokePermissionOptions};
 use etcd_concurrency::testing::EtcdCluster;
@@ -69,9 +67,7 @@ async fn a_wrong_password_and_missing_permissions_give_clear_errors() {
         .map(drop);
     assert!(denied(&campaigned), "{campaigned:?}");
     let observed = Election::new(&session, &name);
-    let first = within(secs(5), pin!(observed.observe()).next())
-        .await
-        .unwrap();
+    let first = within(secs(5), observed.observe().next()).await.unwrap();
     assert!(
         denied(&first.map(drop)),
         "observe must report the refusal, not retry forever"
@@ -164,7 +160,7 @@ async fn an_observer_whose_token_etcd_forgot_hears_the_next_proclaim() {
     let name = unique("token-forgotten");
     let setup = ForgottenToken::start(&name).await;
     let election = Election::new(&setup.watcher, &name);
-    let mut observer = pin!(election.observe());
+    let mut observer = election.observe();
     let first = within(secs(10), observer.next()).await.unwrap().unwrap();
     assert_eq!(first.unwrap().value(), b"v1");
 
@@ -182,7 +178,7 @@ async fn followers_refused_for_one_token_renew_it_once() {
     let setup = ForgottenToken::start(&name).await;
     let mut observers = Vec::new();
     for _ in 0..40 {
-        let mut observer = Box::pin(Election::new(&setup.watcher, &name).observe());
+        let mut observer = Election::new(&setup.watcher, &name).observe();
         within(secs(10), observer.next()).await.unwrap().unwrap();
         observers.push(observer);
     }
@@ -477,7 +473,7 @@ async fn an_observe_refused_backs_off_between_errors() {
         .unwrap();
     let session = within(secs(5), Session::new(reader)).await.unwrap();
     let election = Election::new(&session, unique("forbidden-observe"));
-    let mut observer = pin!(election.observe());
+    let mut observer = election.observe();
     let mut errors = 0;
     let _ = tokio::time::timeout(secs(2), async {
         while let Some(Err(_)) = observer.next().await {

@@ -12,8 +12,8 @@ use common::{
 };
 use etcd_client::{Client, CompactionOptions, ResignOptions, Txn, TxnOp, WatchOptions};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
-use etcd_concurrency::{Election, Error, Leader, Leadership, Session};
-use futures::{Stream, StreamExt};
+use etcd_concurrency::{Election, Error, Leader, Leadership, Observe, Session};
+use futures::StreamExt;
 use tokio::task::JoinHandle;
 
 async fn session(client: &Client, ttl: u64) -> Session {
@@ -81,10 +81,7 @@ async fn two_leaderships_and_a_candidate(
 }
 
 /// The next leader an observer reports, within 5 s.
-async fn next_leader<S>(observer: &mut S) -> Option<Leader>
-where
-    S: Stream<Item = etcd_concurrency::Result<Option<Leader>>> + Unpin,
-{
+async fn next_leader(observer: &mut Observe) -> Option<Leader> {
     within(secs(5), observer.next())
         .await
         .expect("observe never ends")
@@ -106,7 +103,7 @@ struct Observed {
     proxy: Proxy,
     leading: Leadership,
     _watcher: Session,
-    observer: Pin<Box<dyn Stream<Item = etcd_concurrency::Result<Option<Leader>>> + Send>>,
+    observer: Observe,
 }
 
 /// Starts a one-member cluster and returns once the observer has reported `first`.
@@ -118,7 +115,7 @@ async fn observed_through_a_proxy(name: &str, first: &str) -> Observed {
     let leading = within(secs(10), Election::new(&leader, name).campaign(first))
         .await
         .unwrap();
-    let mut observer = Box::pin(Election::new(&watcher, name).observe());
+    let mut observer = Election::new(&watcher, name).observe();
     assert_eq!(
         value_of(&next_leader(&mut observer).await).as_deref(),
         Some(first)
@@ -146,7 +143,7 @@ async fn leadership_passes_on_resign_and_observe_shows_every_step() {
     let name = unique("handoff");
     let (a, b) = (session(&client, 10).await, session(&client, 10).await);
     let watcher = session(&client, 10).await;
-    let mut observer = pin!(Election::new(&watcher, &name).observe());
+    let mut observer = Election::new(&watcher, &name).observe();
     assert_eq!(next_leader(&mut observer).await, None, "nobody leads yet");
 
     let leading_a = within(secs(10), Election::new(&a, &name).campaign("a"))
@@ -335,7 +332,7 @@ async fn observe_reads_candidates_whose_values_are_too_large_for_one_answer() {
         within(secs(5), appears(&client, &hex_key(&name, candidate))).await;
     }
 
-    let mut observer = pin!(election.observe());
+    let mut observer = election.observe();
     let first = next_leader(&mut observer).await.expect("a leader");
     assert_eq!(first.value(), vec![b'a'; SIZE].as_slice());
     leading.resign().await.unwrap();
@@ -360,7 +357,7 @@ async fn observe_and_leader_agree_on_candidates_one_txn_created() {
     let election = Election::new(&watcher, &name);
     let leader = election.leader().await.unwrap().expect("a leader");
     assert_eq!(leader.key(), format!("{name}/a").as_bytes());
-    let mut observers: Vec<_> = (0..10).map(|_| Box::pin(election.observe())).collect();
+    let mut observers: Vec<_> = (0..10).map(|_| election.observe()).collect();
     for observer in &mut observers {
         assert_eq!(next_leader(observer).await.as_ref(), Some(&leader));
     }
@@ -386,7 +383,7 @@ async fn observe_survives_the_death_of_each_member_in_turn() {
     let cluster = EtcdCluster::start(3).await;
     let name = unique("observe-kill");
     let watcher = session(&cluster.client().await, 30).await;
-    let mut observer = pin!(Election::new(&watcher, &name).observe());
+    let mut observer = Election::new(&watcher, &name).observe();
     assert_eq!(next_leader(&mut observer).await, None);
     let writer = session(&cluster.client().await, 30).await;
     let leading = within(secs(10), Election::new(&writer, &name).campaign("0"))
@@ -739,7 +736,7 @@ async fn bad_names_and_oversized_values_are_refused_and_leave_nothing() {
         empty.leader().await,
         Err(Error::InvalidArgument(_))
     ));
-    let mut observer = pin!(empty.observe());
+    let mut observer = empty.observe();
     let first = observer.next().await.unwrap();
     assert!(matches!(first, Err(Error::InvalidArgument(_))));
     assert!(

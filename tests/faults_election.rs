@@ -86,7 +86,7 @@ async fn leaders_never_overlap_and_observers_end_on_the_true_leader() {
     let observer = tokio::spawn({
         let election = election.clone();
         async move {
-            let mut leaders = std::pin::pin!(election.observe());
+            let mut leaders = election.observe();
             while let Some(leader) = leaders.next().await {
                 if seen_tx.send(leader).is_err() {
                     return;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::pin::pin;
 use std::time::Duration;
 
 use common::{
@@ -35,7 +34,7 @@ async fn every_primitive_works_while_any_one_member_is_dead() {
         .unwrap();
     let mutex = Mutex::new(&session, format!("{prefix}/lock"));
     let election = Election::new(&session, format!("{prefix}/election"));
-    let mut leaders = pin!(Election::new(&other, format!("{prefix}/election")).observe());
+    let mut leaders = Election::new(&other, format!("{prefix}/election")).observe();
     assert_eq!(
         within(secs(5), leaders.next()).await.unwrap().unwrap(),
         None
@@ -136,7 +135,7 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
         within(secs(5), waiting).await.unwrap().unwrap();
 
         let election = Election::new(&a, format!("{prefix}/election"));
-        let mut leaders = pin!(Election::new(&b, format!("{prefix}/election")).observe());
+        let mut leaders = Election::new(&b, format!("{prefix}/election")).observe();
         let _ = within(secs(5), leaders.next()).await;
         let leading = within(secs(10), election.campaign("x")).await.unwrap();
         let _ = within(secs(5), leaders.next()).await;
@@ -194,7 +193,7 @@ async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_att
     guard.unlock().await.unwrap();
     let held = within(secs(30), waiting).await.unwrap().unwrap();
 
-    let mut leaders = pin!(Election::new(&waiter, &election).observe());
+    let mut leaders = Election::new(&waiter, &election).observe();
     let leader = within(secs(30), leaders.next()).await.unwrap().unwrap();
     assert_eq!(leader.unwrap().value(), b"first");
     leadership.proclaim("second").await.unwrap();
