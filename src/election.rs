@@ -426,7 +426,8 @@ impl Leadership {
     ///
     /// - [`Error::OwnershipLost`]: the key was already gone (as after
     ///   [`Session::close`](crate::Session::close)) or re-created; this leadership had
-    ///   already ended. If no other campaign or leadership of this session is in the
+    ///   already ended. Returned at once, with no request, if [`lost`](Self::lost) has seen
+    ///   the key gone. If no other campaign or leadership of this session is in the
     ///   election, a newer key of its lease there (made by a campaign since cancelled) is
     ///   withdrawn in the background. As for
     ///   [`MutexGuard::unlock`](crate::MutexGuard::unlock), not returned after an attempt

@@ -475,10 +475,11 @@ impl MutexGuard {
     ///
     /// - [`Error::OwnershipLost`]: the key was already gone (lease expired or revoked, as
     ///   by [`Session::close`](crate::Session::close); deleted) or re-created by a newer
-    ///   holder, which is left untouched. The lock was not held when this was called. Not
-    ///   returned when another attempt of the delete has an unknown outcome (unanswered, or
-    ///   failed in transit): the key being gone may be its doing, so `Ok(())` says that the
-    ///   key is gone, not who deleted it.
+    ///   holder, which is left untouched. The lock was not held when this was called.
+    ///   Returned at once, with no request, if [`lost`](Self::lost) has seen the key gone.
+    ///   Not returned when another attempt of the delete has an unknown outcome
+    ///   (unanswered, or failed in transit): the key being gone may be its doing, so
+    ///   `Ok(())` says that the key is gone, not who deleted it.
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached within the session's request timeout; releasing goes
     ///   on in the background for as long as the session lives.

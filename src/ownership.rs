@@ -94,7 +94,8 @@ impl OwnedKey {
 
     /// Deletes the key if it is still this incarnation.
     ///
-    /// Errors: [`Error::OwnershipLost`] if it was not (deleted or re-created meanwhile);
+    /// Errors: [`Error::OwnershipLost`] if it was not (deleted or re-created meanwhile), at
+    /// once if [`lost`](Self::lost) saw it gone;
     /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached, in which case
     /// the release goes on in the background (as it does when this future is dropped).
     ///
@@ -106,15 +107,16 @@ impl OwnedKey {
         self.delete_incarnation()
     }
 
-    /// The delete of [`release`](Self::release), once it counts as asked for.
+    /// The delete of [`release`](Self::release), once it counts as asked for. Once
+    /// [`lost`](Self::lost) saw the incarnation gone, there is nothing to delete and no
+    /// request to make (etcd may be unreachable by now).
     async fn delete_incarnation(mut self) -> Result<()> {
-        let released = fenced_delete(
-            &self.session,
-            &self.key,
-            self.create_revision,
-            self.session.request_timeout(),
-        )
-        .await;
+        let released = if self.seen_gone.load(Ordering::Relaxed) {
+            Err(Error::OwnershipLost)
+        } else {
+            let limit = self.session.request_timeout();
+            fenced_delete(&self.session, &self.key, self.create_revision, limit).await
+        };
         match &released {
             Err(error) if error.is_transient() => {}
             // A newer incarnation of an election's key, made by a campaign since gone, may
@@ -220,7 +222,9 @@ impl Drop for OwnedKey {
         // A handle that left before this last claim may have left an incarnation that
         // nobody uses (a campaign cancelled after a resign): it is nobody's now.
         let leftover = last_claim.as_ref().is_some_and(LastClaim::leftover);
-        let own = self.release_on_drop.then_some(self.create_revision); // None: released
+        // None: released, or seen gone (nothing left to delete).
+        let unreleased = self.release_on_drop && !self.seen_gone.load(Ordering::Relaxed);
+        let own = unreleased.then_some(self.create_revision);
         if own.is_none() && !leftover {
             return;
         }

@@ -458,6 +458,31 @@ async fn a_holder_whose_lease_is_revoked_sees_lost() {
     );
 }
 
+/// Once `lost()` has seen the key gone, unlock knows the answer: it must not wait on etcd.
+#[tokio::test]
+async fn unlock_after_lost_saw_the_key_deleted_answers_at_once_with_etcd_unreachable() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let holder = Session::builder(client.clone())
+        .ttl(secs(60))
+        .request_timeout(secs(60))
+        .build()
+        .await
+        .unwrap();
+    let mutex = Mutex::new(&holder, unique("deleted-then-cut"));
+    let guard = within(secs(10), mutex.lock()).await.unwrap();
+    client.delete(guard.key(), None).await.unwrap();
+    within(secs(5), guard.lost()).await;
+    cluster.pause(0);
+    let unlocked = tokio::time::timeout(secs(5), guard.unlock()).await;
+    cluster.resume(0);
+    let unlocked = unlocked.expect("unlock waited on etcd for a key it had seen gone");
+    assert!(
+        matches!(unlocked, Err(Error::OwnershipLost)),
+        "{unlocked:?}"
+    );
+}
+
 #[tokio::test]
 async fn while_held_stops_the_work_when_the_lock_is_lost_and_never_starts_it_after() {
     let cluster = EtcdCluster::start(1).await;
