@@ -11,21 +11,19 @@
 //! without the queue read, and waiting reads the queue itself, in parts.
 
 use std::future::Future;
-use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result, is_answer_too_large, is_lease_gone};
 use crate::late_join::Owner;
-use crate::ownership::{OwnedKey, release_lease_key, release_while_session_lives};
+use crate::ownership::{OwnedKey, release_own_and_leftover};
 use crate::release::spawn_release;
-use crate::retry::retry_write;
-use crate::session::{ElectionClaim, LastClaim, Session, prefix_of};
+use crate::retry::retry_write_txn;
+use crate::session::{ElectionClaim, Session, prefix_of};
 use crate::wait::QueueWatch;
 
 /// When the join Txn creates this session's key.
@@ -103,11 +101,11 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let kv = session.client().clone();
     let limit = session.request_timeout();
     let send = session.until_ended(async move {
-        let (answer, maybe_late) = send_join(&kv, limit, txn).await;
+        let (answer, maybe_late) = retry_write_txn(&kv, limit, txn).await;
         match answer {
             Err(Error::Etcd(error)) if may_resend_without_queue && is_answer_too_large(&error) => {
                 tracing::debug!("the queue is over the answer limit; joining without reading it");
-                let (answer, late) = send_join(&kv, limit, txn_reading(&[])).await;
+                let (answer, late) = retry_write_txn(&kv, limit, txn_reading(&[])).await;
                 (answer, maybe_late || late)
             }
             answer => (answer, maybe_late),
@@ -189,15 +187,6 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         revision,
         queue,
     }))
-}
-
-/// Sends a join Txn (see [`retry_write`]).
-async fn send_join(kv: &Client, limit: Duration, txn: Txn) -> (Result<TxnResponse>, bool) {
-    retry_write(kv, limit, |mut kv| {
-        let txn = txn.clone();
-        async move { kv.txn(txn).await }
-    })
-    .await
 }
 
 /// The key's own entry (from the else branch) and the queue (if the Txn read it), from a
@@ -329,17 +318,14 @@ impl InFlight {
                         last => last,
                     },
                 };
-                if let Left::Key(revision) = left {
-                    release_while_session_lives(session.clone(), &key, revision).await;
-                }
-                // The last claim on an election's key deletes whichever incarnation the
-                // lease holds, whatever became of this Txn if it reached etcd: leaving
-                // noted that this call may have left one, and an earlier holder may have
-                // left one to it.
-                if last_claim.as_ref().is_some_and(LastClaim::leftover) {
-                    release_lease_key(session, &key).await;
-                }
-                drop((local, last_claim));
+                // Whatever became of this Txn if it reached etcd, leaving noted that this
+                // call may have left a key to the last claim, as an earlier holder may have.
+                let own = match left {
+                    Left::Key(revision) => Some(revision),
+                    _ => None,
+                };
+                release_own_and_leftover(session, &key, own, last_claim).await;
+                drop(local);
             },
         );
     }

@@ -9,7 +9,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::error::{Error, Result};
 use crate::release::spawn_release;
-use crate::retry::{Backoff, retry, retry_write};
+use crate::retry::{Backoff, retry, retry_write_txn};
 use crate::session::{ElectionClaim, LastClaim, Session, WeakSession};
 use crate::wait::QueueWatch;
 use crate::watcher::until_gone;
@@ -151,11 +151,7 @@ impl OwnedKey {
                 .when([self.ownership_compare(), unchanged])
                 .and_then([put.clone()])
                 .or_else([TxnOp::get(self.key.clone(), None)]);
-            let (answer, _) = retry_write(kv, self.session.request_timeout(), |mut kv| {
-                let txn = txn.clone();
-                async move { kv.txn(txn).await }
-            })
-            .await;
+            let (answer, _) = retry_write_txn(kv, self.session.request_timeout(), txn).await;
             let answer = answer?;
             if answer.succeeded() {
                 let revision = answer.header().map_or(seen, |h| h.revision());
@@ -231,25 +227,39 @@ impl Drop for OwnedKey {
         let session = self.session.downgrade();
         let key = std::mem::take(&mut self.key);
         // The next `lock()` or campaign of this session may go once the key is gone.
-        let held = (self.local.take(), last_claim);
+        let local = self.local.take();
+        // For the last claim, `leftover` holds whenever this drop releases its own key:
+        // leaving with it unreleased noted one as possible.
         spawn_release(
             self.session.runtime(),
             "releasing a dropped lock guard or leadership",
             async move {
-                if let Some(revision) = own {
-                    release_while_session_lives(session.clone(), &key, revision).await;
-                }
-                // The last claim on an election's key: a newer incarnation than its own
-                // (made by a campaign since gone, after a resign ended this one) is
-                // nobody's either. For the last claim, `leftover` holds whenever this drop
-                // released its own key: leaving with it unreleased noted one as possible.
-                if leftover {
-                    release_lease_key(session, &key).await;
-                }
-                drop(held);
+                release_own_and_leftover(session, &key, own, last_claim).await;
+                drop(local);
             },
         );
     }
+}
+
+/// Deletes incarnation `own` of `key`, if any; then, if `last` is the last claim on an
+/// election's key and a handle that shared it may have left another incarnation (a
+/// campaign cancelled after a resign ended the one it joined: [`LastClaim::leftover`]),
+/// whichever incarnation the session's lease holds, since it is nobody's now. Each delete
+/// is retried as [`release_while_session_lives`]; the claim is held until both are done,
+/// so that the session's next campaign waits for them.
+pub(crate) async fn release_own_and_leftover(
+    session: WeakSession,
+    key: &[u8],
+    own: Option<i64>,
+    last: Option<LastClaim>,
+) {
+    if let Some(revision) = own {
+        release_while_session_lives(session.clone(), key, revision).await;
+    }
+    if last.as_ref().is_some_and(LastClaim::leftover) {
+        release_lease_key(session, key).await;
+    }
+    drop(last);
 }
 
 /// Deletes `key` if it still has create revision `revision`, retrying transient failures
@@ -334,39 +344,6 @@ where
     }
 }
 
-/// The outcome of a fenced write.
-enum Fenced {
-    Applied,
-    /// The key was not this incarnation.
-    Refused,
-    /// Refused, but an earlier attempt's outcome is unknown and may have applied.
-    RefusedAfterRetry,
-}
-
-/// Applies `op` if `key` still has create revision `revision`, retrying transient failures
-/// for up to `limit`.
-async fn fenced(
-    session: &Session,
-    key: &[u8],
-    revision: i64,
-    op: TxnOp,
-    limit: Duration,
-) -> Result<Fenced> {
-    let txn = Txn::new()
-        .when([Compare::create_revision(key, CompareOp::Equal, revision)])
-        .and_then([op]);
-    let (answer, maybe_applied) = retry_write(session.client(), limit, |mut kv| {
-        let txn = txn.clone();
-        async move { kv.txn(txn).await }
-    })
-    .await;
-    Ok(match (answer?.succeeded(), maybe_applied) {
-        (true, _) => Fenced::Applied,
-        (false, false) => Fenced::Refused,
-        (false, true) => Fenced::RefusedAfterRetry,
-    })
-}
-
 /// Deletes `key` if it still has create revision `revision`, retrying for up to `limit`.
 ///
 /// Errors: [`Error::OwnershipLost`] if it had not; a refusal after an attempt with unknown
@@ -377,9 +354,14 @@ async fn fenced_delete(
     revision: i64,
     limit: Duration,
 ) -> Result<()> {
-    match fenced(session, key, revision, TxnOp::delete(key, None), limit).await? {
-        Fenced::Applied | Fenced::RefusedAfterRetry => Ok(()),
-        Fenced::Refused => Err(Error::OwnershipLost),
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, revision)])
+        .and_then([TxnOp::delete(key, None)]);
+    let (answer, maybe_applied) = retry_write_txn(session.client(), limit, txn).await;
+    if answer?.succeeded() || maybe_applied {
+        Ok(())
+    } else {
+        Err(Error::OwnershipLost)
     }
 }
 

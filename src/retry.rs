@@ -18,7 +18,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, Txn, TxnResponse};
 
 use futures::StreamExt;
 use futures::future::{AbortHandle, abortable};
@@ -279,6 +279,32 @@ where
         answer,
         maybe_applied.into_inner() || unanswered.into_inner() > 0,
     )
+}
+
+/// [`retry`] for a Txn that writes nothing.
+pub(crate) async fn retry_read_txn(
+    client: &Client,
+    limit: Duration,
+    txn: Txn,
+) -> Result<TxnResponse> {
+    retry(client, limit, |mut kv| {
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
+    })
+    .await
+}
+
+/// [`retry_write`] for a Txn (one safe to apply twice: see the module docs).
+pub(crate) async fn retry_write_txn(
+    client: &Client,
+    limit: Duration,
+    txn: Txn,
+) -> (Result<TxnResponse>, bool) {
+    retry_write(client, limit, |mut kv| {
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
+    })
+    .await
 }
 
 /// Whether a write that failed with `error` may have been applied: failed in transit, or

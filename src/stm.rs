@@ -14,12 +14,11 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnO
 
 pub use self::isolation::Isolation;
 use self::requests::{
-    commit_once, gets, mod_revisions_at, read_many, read_set, send_read_only,
-    unless_values_too_large,
+    commit_once, gets, mod_revisions_at, read_many, read_set, unless_values_too_large,
 };
 use crate::error::{ETCD_MAX_TXN_OPS, Error, Result, is_compacted, is_future_revision};
 use crate::read_cache::{ReadCache, View};
-use crate::retry::{Backoff, retry};
+use crate::retry::{Backoff, retry, retry_read_txn};
 use crate::session::DEFAULT_REQUEST_TIMEOUT;
 
 /// How many times [`Stm::run`] runs a transaction by default before giving up; a run
@@ -882,7 +881,7 @@ impl StmTxn {
         // Read-only: safe to send again whatever became of an attempt.
         let (kv, limit) = (&self.kv, self.request_timeout);
         let pinned = self.isolation.snapshot_reads();
-        let Some(answer) = unless_values_too_large(send_read_only(kv, limit, txn).await)? else {
+        let Some(answer) = unless_values_too_large(retry_read_txn(kv, limit, txn).await)? else {
             let read = |key: &[u8]| {
                 let read = compared.iter().find(|(read, _)| read.as_slice() == key);
                 read.map(|(_, read)| read.mod_revision)

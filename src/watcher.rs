@@ -30,7 +30,9 @@ use tokio::time::Instant;
 use crate::error::{
     ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted, is_request_too_large,
 };
-use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, TOKEN_RENEWALS, renew_token, retry};
+use crate::retry::{
+    ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, TOKEN_RENEWALS, renew_token, retry, retry_read_txn,
+};
 
 /// How long a watch may stay silent before its member is asked whether it is alive, and
 /// then how long the answer may take before the watch is re-opened (so a quiet watch over
@@ -412,11 +414,7 @@ impl Follower {
                 .map(|key| TxnOp::get(key.clone(), Some(at.clone())))
                 .collect::<Vec<_>>();
             let txn = Txn::new().and_then(gets);
-            let read = retry(kv, self.request_limit, |mut kv| {
-                let txn = txn.clone();
-                async move { kv.txn(txn).await }
-            });
-            match read.await {
+            match retry_read_txn(kv, self.request_limit, txn).await {
                 Ok(answer) => {
                     for op in answer.op_responses() {
                         if let TxnOpResponse::Get(mut get) = op {

@@ -6,7 +6,7 @@ use etcd_client::{Client, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 
 use super::{Fresh, Read};
 use crate::error::{Error, Result, is_answer_too_large, was_not_applied};
-use crate::retry::{Backoff, OldToken, deadline_after, retry};
+use crate::retry::{Backoff, OldToken, deadline_after, retry_read_txn};
 
 /// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
 /// connection was refused, no leader, too many requests): a commit whose outcome is
@@ -45,24 +45,10 @@ pub(super) fn unless_values_too_large(answer: Result<TxnResponse>) -> Result<Opt
     }
 }
 
-/// Sends `reads` in one read-only Txn, retrying transient failures.
-async fn read_txn(kv: &Client, limit: Duration, reads: Vec<TxnOp>) -> Result<TxnResponse> {
-    send_read_only(kv, limit, Txn::new().and_then(reads)).await
-}
-
-/// Sends `txn`, which writes nothing, retrying transient failures.
-pub(super) async fn send_read_only(kv: &Client, limit: Duration, txn: Txn) -> Result<TxnResponse> {
-    retry(kv, limit, |mut kv| {
-        let txn = txn.clone();
-        async move { kv.txn(txn).await }
-    })
-    .await
-}
-
 /// Reads `keys` in one Txn, at one revision; nothing if their values are over the client's
 /// answer size limit together (the attempt then reads them one by one).
 pub(super) async fn read_many(kv: &Client, limit: Duration, keys: Vec<Vec<u8>>) -> Result<Fresh> {
-    match read_txn(kv, limit, gets(&keys)).await {
+    match retry_read_txn(kv, limit, Txn::new().and_then(gets(&keys))).await {
         Ok(answer) => Ok(read_set(keys, &answer)),
         Err(Error::Etcd(error)) if is_answer_too_large(&error) => Ok(Fresh::default()),
         Err(error) => Err(error),
@@ -78,8 +64,10 @@ pub(super) async fn mod_revisions_at<'a>(
     revision: i64,
 ) -> Result<(Vec<i64>, i64)> {
     let at = GetOptions::new().with_revision(revision).with_keys_only();
-    let gets = keys.map(|key| TxnOp::get(key, Some(at.clone()))).collect();
-    let answer = read_txn(kv, limit, gets).await?;
+    let gets = keys
+        .map(|key| TxnOp::get(key, Some(at.clone())))
+        .collect::<Vec<_>>();
+    let answer = retry_read_txn(kv, limit, Txn::new().and_then(gets)).await?;
     let read_at = answer.header().map_or(revision, |h| h.revision());
     let revisions = answer.op_responses().into_iter().filter_map(|op| match op {
         TxnOpResponse::Get(get) => Some(get.kvs().first().map_or(0, |kv| kv.mod_revision())),
