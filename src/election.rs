@@ -96,7 +96,7 @@ pub struct Leadership {
 /// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {
 /// if let Some(leader) = election.leader().await? {
 ///     println!(
-///         "{} leads since revision {} on lease {:x}",
+///         "{} leads since revision {} on lease {}",
 ///         String::from_utf8_lossy(leader.value()),
 ///         leader.create_revision(),
 ///         leader.lease_id()
@@ -152,7 +152,7 @@ impl Election {
     /// One Txn writes the candidate's key and reads the candidates ahead; then one watch
     /// on the election follows them until the last one is gone, without a request per
     /// change (a candidate more than 128 places back watches only its own key and the key
-    /// 128 places ahead until that is gone, then reads the candidates once, as
+    /// 129 places ahead until that is gone, then reads the candidates once, as
     /// [`Mutex::lock`](crate::Mutex::lock) waiters do). If this session already has a key
     /// in the election (an earlier campaign, or a resumed lease), that key keeps its place
     /// and takes the new value, as in Go. The leaderships that share it end together when

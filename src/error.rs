@@ -112,11 +112,15 @@ impl From<etcd_client::Error> for Error {
 }
 
 impl Error {
-    /// Whether retrying the same request may succeed: the member was unavailable, the
-    /// connection broke, the leader changed, the auth store changed while etcd served the
-    /// request ("revision of auth store is old"), or no answer came in time. A transient error
-    /// from a write may leave its outcome unknown. No Go counterpart: Go's callers inspect
-    /// the gRPC status code (`codes.Unavailable`, `codes.DeadlineExceeded`) themselves.
+    /// Whether retrying the same request may succeed: the member was unavailable or
+    /// overloaded ("too many requests"), the connection broke or the call was cut off
+    /// (gRPC `Unavailable`, `Cancelled`, `Aborted`, `Unknown` as for raft's "proposal
+    /// dropped", transport and I/O errors), the leader changed, a watch or keep-alive
+    /// stream failed, the auth store changed while etcd served the request ("revision of
+    /// auth store is old"), or no answer came in time ([`Error::Timeout`], gRPC
+    /// `DeadlineExceeded`). A transient error from a write may leave its outcome unknown.
+    /// No Go counterpart: Go's callers inspect the gRPC status code (`codes.Unavailable`,
+    /// `codes.DeadlineExceeded`) themselves.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Etcd(error) => is_transient(error),

@@ -82,8 +82,8 @@
 //!
 //! - `testing`: `testing::EtcdCluster` (throwaway etcd clusters of real processes) and
 //!   `testing::Proxy` (cut one client off), for testing code that uses this crate. Linux
-//!   only; it runs the `etcd` binary on the `PATH` (Debian's `etcd-server`, 3.4). Enable
-//!   it for tests only:
+//!   only; it runs the `etcd` binary on the `PATH`, or `$ETCD_BIN` (Debian's
+//!   `etcd-server`, 3.4). Enable it for tests only:
 //!
 //!   ```toml
 //!   [dev-dependencies]

@@ -35,8 +35,9 @@ use crate::wait::{QueueWatch, wait_for_turn};
 /// lost (for ever, if it is not), and its `try_lock()` gives `None` (Go's `Lock` and
 /// `TryLock` on a session that holds the lock return at once, sharing the key). After a
 /// `lock()` that waited, they keep its watch on the queue open (read by a small task) for
-/// a next call within 15 s, until the last of them is dropped or the session ends; a
-/// later call opens another, so handles kept on many names hold no watch each.
+/// a next call within 15 s and 16 releases, until the last of them is dropped or the
+/// session ends; a later call opens another, so handles kept on many names hold no watch
+/// each.
 ///
 /// # Example
 ///
@@ -138,7 +139,7 @@ impl Mutex {
     /// Uncontended, this is one Txn (create this session's key and read the queue). Under
     /// contention it then watches the queue and returns as soon as every earlier waiter's
     /// key is gone; no request is made per hand-off. A waiter more than 128 places back
-    /// watches only its own key and the key 128 places ahead of it until that key is gone,
+    /// watches only its own key and the key 129 places ahead of it until that key is gone,
     /// then reads the queue once and watches all of it: so each release reaches at most
     /// 129 waiters, and a long queue does not cost etcd an event per waiter per hand-off.
     ///
@@ -321,7 +322,7 @@ impl Mutex {
     /// ```no_run
     /// # async fn example(mutex: etcd_concurrency::Mutex) -> etcd_concurrency::Result<()> {
     /// match mutex.holder().await? {
-    ///     Some(holder) => println!("held by lease {:x}", holder.lease_id()),
+    ///     Some(holder) => println!("held by lease {}", holder.lease_id()),
     ///     None => println!("free"),
     /// }
     /// # Ok(())

@@ -113,7 +113,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// # async fn example() -> etcd_concurrency::Result<()> {
 /// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
 /// let session = Session::builder(client).ttl(Duration::from_secs(10)).build().await?;
-/// println!("lease {:x}, TTL {:?}", session.lease_id(), session.ttl());
+/// println!("lease {}, TTL {:?}", session.lease_id(), session.ttl());
 /// session.close().await?; // revokes the lease: attached keys go at once
 /// # Ok(())
 /// # }
@@ -293,7 +293,7 @@ impl Session {
     /// ```no_run
     /// # fn example(session: etcd_concurrency::Session) {
     /// if session.is_lost() {
-    ///     println!("lease {:x} is gone", session.lease_id());
+    ///     println!("lease {} is gone", session.lease_id());
     /// }
     /// # }
     /// ```
@@ -303,7 +303,8 @@ impl Session {
 
     /// Stops the keep-alive and revokes the lease, so every key attached to it (locks held,
     /// leadership) is deleted at once. Other handles of this session become lost. Mirrors
-    /// Go's `Session.Close()`.
+    /// Go's `Session.Close()`, which bounds its revoke by the TTL; here the bound is the
+    /// request timeout ([`SessionBuilder::request_timeout`]).
     ///
     /// # Errors
     ///
@@ -590,25 +591,31 @@ fn secs(seconds: i64) -> Duration {
 }
 
 /// Revokes lease `id` again and again, with back-off, for `limit`: a grant attempt cut
-/// off in transit may still grant it after a revoke found nothing.
+/// off in transit may still grant it after a revoke found nothing. Warns if etcd refused,
+/// or if no revoke got an answer.
 async fn revoke_repeatedly(client: Client, id: i64, limit: Duration) {
     let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
-    while Instant::now() < deadline {
+    let (mut answered, mut unreached) = (false, None);
+    let failure = loop {
+        if Instant::now() >= deadline {
+            break unreached.filter(|_| !answered);
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         match revoke(client.clone(), id, left).await {
-            Err(error) if !error.is_transient() => {
-                tracing::warn!(
-                    error = &error as &dyn std::error::Error,
-                    lease_id = id,
-                    "a lease that a grant attempt may have made could not be revoked; it \
-                     expires after its TTL"
-                );
-                return;
-            }
-            _ => {}
+            Ok(()) => answered = true,
+            Err(error) if error.is_transient() => unreached = Some(error),
+            Err(refused) => break Some(refused),
         }
         tokio::time::sleep_until(deadline.min(Instant::now() + backoff.next_delay())).await;
+    };
+    if let Some(error) = failure {
+        tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            lease_id = id,
+            "a lease that a grant attempt may have made could not be revoked; it expires \
+             after its TTL"
+        );
     }
 }
 

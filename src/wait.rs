@@ -2,19 +2,20 @@
 //! before mine under the prefix is gone, or mine is gone.
 //!
 //! The whole queue ahead is known from the join Txn, and one watch on the prefix keeps it
-//! current: a release reaches the next waiter as one watch event, with no further request
-//! (Go re-reads the queue after every deletion of its predecessor, and its watch starts in
-//! the past, so a hand-off to a waiter that just queued also waits for etcd's 100 ms
-//! unsynced-watch catch-up). A waiter far back in a long queue follows a single key
-//! instead until it moves up ([`far_back`]), so that each release reaches a bounded number
-//! of waiters. Watching the whole prefix also shows the waiter's own key: if it is
-//! deleted (the lease expired or was revoked, or someone deleted it), waiting fails at
-//! once instead of granting a lock or leadership that no longer exists (etcd #11456). The
-//! watch carries deletions only: the puts under the prefix are later joins, which queue
-//! behind the waiter, and proclaimed values, neither of which moves its turn. With them,
-//! etcd sent every waiter two events per hand-off (the release and the releaser's next
-//! join) instead of one; leaving them out made contended hand-offs about 10% faster on
-//! three members.
+//! current: a release reaches the next waiter as one watch event, with no request per
+//! hand-off (one read follows the opening of the watch, which shows a write that raced the
+//! watch's registration: see [`Follower::reading_after_open`]). (Go re-reads the queue
+//! after every deletion of its predecessor, and its watch starts in the past, so a hand-off
+//! to a waiter that just queued also waits for etcd's 100 ms unsynced-watch catch-up). A
+//! waiter far back in a long queue follows a single key instead until it moves up
+//! ([`far_back`]), so that each release reaches a bounded number of waiters. Watching the
+//! whole prefix also shows the waiter's own key: if it is deleted (the lease expired or was
+//! revoked, or someone deleted it), waiting fails at once instead of granting a lock or
+//! leadership that no longer exists (etcd #11456). The watch carries deletions only: the
+//! puts under the prefix are later joins, which queue behind the waiter, and proclaimed
+//! values, neither of which moves its turn. With them, etcd sent every waiter two events
+//! per hand-off (the release and the releaser's next join) instead of one; leaving them out
+//! made contended hand-offs about 10% faster on three members.
 //!
 //! A mutex keeps its watch open between `lock()` calls ([`QueueWatch`]): creating a watch
 //! while the queue is busy races with writes in etcd (it reads its current revision before
@@ -29,6 +30,7 @@ mod far_back;
 
 use std::borrow::Cow;
 use std::collections::HashSet;
+use std::time::Duration;
 
 use etcd_client::{Event, GetOptions, KeyValue};
 use tokio::sync::oneshot;
@@ -41,10 +43,15 @@ use crate::ownership::OwnedKey;
 use crate::session::{Session, prefix_of};
 use crate::watcher::{Follower, Update};
 
-/// How many releases a kept queue watch hears before it closes: each costs etcd an event
-/// that nobody uses until the session locks again (a queue drained by sessions that lock
-/// once and keep their handles sent each release to every one of them), and a session
-/// that comes back later than that opens a watch again.
+/// How long a kept queue watch that nobody waits on stays open: long enough for a session
+/// that takes a busy lock again and again to keep it, not for as long as a handle lives (a
+/// watch stream, a task, a progress request every 5 s, and every release on the queue
+/// sent to it, per name).
+const KEPT_IDLE: Duration = Duration::from_secs(15);
+/// How many deletions (releases, and waiters that gave up) a kept queue watch hears before
+/// it closes: each costs etcd an event that nobody uses until the session locks again (a
+/// queue drained by sessions that lock once and keep their handles sent each release to
+/// every one of them), and a session that comes back later than that opens a watch again.
 const KEPT_FOR_RELEASES: usize = 16;
 
 /// The in-process slot of a lock's queue for one session: it serialises that session's
@@ -71,10 +78,11 @@ impl QueueWatch {
 
     /// Keeps `follower` open and read until the next [`take`](Self::take), or until
     /// `session` ends (lost, closed or orphaned: no later call of it needs the watch). Its
-    /// watch closes sooner, after [`KEPT_FOR_RELEASES`] releases.
+    /// watch closes sooner: once unused for [`KEPT_IDLE`], or after [`KEPT_FOR_RELEASES`]
+    /// deletions.
     fn park(&mut self, follower: Follower, session: &Session) {
         let (stop, stopped) = oneshot::channel();
-        let kept = session.until_ended(follower.drain(stopped, KEPT_FOR_RELEASES));
+        let kept = session.until_ended(follower.drain(stopped, KEPT_IDLE, KEPT_FOR_RELEASES));
         let task = session.runtime().spawn(async move { kept.await.flatten() });
         self.parked = Some(Parked { stop, task });
     }

@@ -5,8 +5,11 @@
 //! or below the member's current revision would instead be served by etcd's unsynced path,
 //! which catches up only every 100 ms (the "100 ms watch trap"). If the caller's view is
 //! older than `W`, the range is read again (at some revision `G >= W`) and only events
-//! after `G` are applied. Nothing is missed, nothing waits for the unsynced path, and a
-//! compacted history never matters, since no watch starts in the past.
+//! after `G` are applied. Nothing is missed, and a compacted history never matters, since
+//! no such watch starts in the past. A watch from now still lands on the unsynced path when
+//! a write reaches etcd between its revision read and the watch's registration: the write
+//! then arrives up to 100 ms late. Followers that cannot wait for it (queue waiters) read
+//! the range once after opening ([`Follower::reading_after_open`]), which shows it.
 //!
 //! A broken watch (member killed, connection lost, watch cancelled) is re-opened the same
 //! way, with jittered back-off, for as long as the caller keeps asking. So is a silent one:
@@ -38,11 +41,6 @@ use crate::retry::{
 /// then how long the answer may take before the watch is re-opened (so a quiet watch over
 /// round trips longer than this is re-opened again and again).
 const LIVENESS_CHECK: Duration = Duration::from_secs(5);
-/// How long a kept watch that nobody waits on stays open: long enough for a session that
-/// takes a busy lock again and again to keep it, not for as long as a handle lives (a
-/// watch stream, a task, a progress request every [`LIVENESS_CHECK`], and every release
-/// on the queue sent to it, per name).
-const KEPT_IDLE: Duration = Duration::from_secs(15);
 /// How long one request (a read, or opening a watch) is sent again while unanswered
 /// before the follower gives up on it and starts over: as long as [`retry`] keeps an
 /// attempt in flight, so that a link or a member slower than [`ATTEMPT_TIMEOUT`] still
@@ -166,13 +164,14 @@ impl Follower {
     /// hold HTTP/2 flow-control windows, and a few such watches freeze the whole
     /// connection. A follower whose view must be read again anyway (see
     /// [`restart_view`](Self::restart_view)) only waits for `stop`, its watch closed. One
-    /// left unused for [`KEPT_IDLE`], or that has heard more than `events_kept_for`
-    /// events, closes its watch and hands itself back at once; the next use opens the
-    /// watch again, with a read if the view is behind.
+    /// left unused for `idle`, or once it has heard `events` events, closes its watch and
+    /// hands itself back at once; the next use opens the watch again, with a read if the
+    /// view is behind.
     pub(crate) async fn drain(
         mut self,
         mut stop: tokio::sync::oneshot::Receiver<()>,
-        events_kept_for: usize,
+        idle: Duration,
+        events: usize,
     ) -> Option<Follower> {
         if self.stale {
             // Its view is read again on the next use, as it would be after re-opening:
@@ -181,9 +180,9 @@ impl Follower {
             let _ = stop.await;
             return Some(self);
         }
-        let idle_until = Instant::now() + KEPT_IDLE;
+        let idle_until = Instant::now() + idle;
         let mut events_heard = 0;
-        while events_heard <= events_kept_for {
+        while events_heard < events {
             tokio::select! {
                 _ = &mut stop => return Some(self),
                 () = tokio::time::sleep_until(idle_until) => break,
@@ -322,7 +321,8 @@ impl Follower {
     }
 
     /// Opens a watch: from the last revision + 1 when replaying, otherwise from now,
-    /// with a snapshot if the view is older than the watch.
+    /// with a snapshot if the view is older than the watch or stale, or if the follower
+    /// reads after opening.
     async fn open(&mut self) -> Result<Option<Update>> {
         let mut options = WatchOptions::new();
         if self.prefix {

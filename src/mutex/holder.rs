@@ -15,7 +15,7 @@ use crate::session::lease_hex;
 /// # async fn example(mutex: etcd_concurrency::Mutex) -> etcd_concurrency::Result<()> {
 /// if let Some(holder) = mutex.holder().await? {
 ///     println!(
-///         "held on lease {:x} since revision {}",
+///         "held on lease {} since revision {}",
 ///         holder.lease_id(),
 ///         holder.create_revision()
 ///     );

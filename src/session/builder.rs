@@ -99,8 +99,11 @@ impl SessionBuilder {
     /// as long for a build whose retried grant found its lease granted (it then reads the
     /// TTL), a resumed lease (checked, then renewed), a `try_lock` that withdraws a
     /// leftover key and a campaign that finds its key with another value (then written;
-    /// three times if the key is gone by then and the lease is checked); once more for
-    /// each time a proclaim finds the key rewritten by another leadership of the session.
+    /// three times if the key is gone by then and the lease is checked); once more for a
+    /// `lock()` or campaign whose queue is too large for one answer (the join is sent
+    /// again without reading it), for one whose waiting key vanishes (the lease is then
+    /// checked), and for each time a proclaim finds the key rewritten by another leadership
+    /// of the session.
     pub fn request_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.request_timeout = timeout;
         self

@@ -228,8 +228,8 @@ impl EtcdCluster {
 
     /// Stops member `i` with SIGSTOP: its connections stay open but nothing is answered,
     /// as with a long GC pause or a frozen VM. Returns once every thread of it has
-    /// stopped (a signal takes effect asynchronously: a request sent right after `kill`
-    /// could still be answered).
+    /// stopped (a signal takes effect asynchronously: a request sent right after the
+    /// signal could still be answered).
     ///
     /// # Panics
     ///

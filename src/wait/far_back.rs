@@ -4,8 +4,8 @@
 //! waiters costs etcd `n` watch events per hand-off, and draining it `n²`: 1,000 waiters
 //! took 2-6 ms per hand-off (etcd's CPU the limit), where Go's, each watching only its
 //! predecessor, took under 1 ms. So a waiter with more than [`FOLLOWED_AHEAD`] keys ahead
-//! watches only the key that many places ahead of it; once that key is gone, it follows
-//! the whole queue as before (its watch reads the queue once), with no request per
+//! watches only the key one place further ahead than that; once that key is gone, it
+//! follows the whole queue as before (its watch reads the queue once), with no request per
 //! hand-off. Each release then reaches at most [`FOLLOWED_AHEAD`] + 1 waiters.
 //!
 //! Moving up opens a watch on the busy queue, which etcd puts on its 100 ms unsynced path
