@@ -257,7 +257,7 @@ async fn requests_racing_a_change_of_the_auth_store_are_retried() {
         within(secs(10), guard.unlock()).await.unwrap();
     }
     stop.store(true, Ordering::SeqCst);
-    changing.await.unwrap();
+    within(secs(10), changing).await.unwrap();
     assert!(keys_under(&client, &name).await.is_empty());
 }
 

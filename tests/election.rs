@@ -33,14 +33,13 @@ fn spawn_campaign(
     tokio::spawn(async move { election.campaign(value).await })
 }
 
-/// Spawns `election.campaign(value)` while `proxy` stalls, lets its join Txn go out into
-/// the proxy, where it is held, and cancels the campaign.
+/// Spawns `election.campaign(value)` while `proxy` stalls, waits until its join Txn (which
+/// carries `value`, to be told from other requests) is held in the proxy, and cancels the
+/// campaign.
 async fn cancel_a_campaign_whose_join_is_held(proxy: &Proxy, election: &Election, value: &str) {
     proxy.stall();
     let campaign = spawn_campaign(election, value);
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
+    within(secs(5), proxy.until_holding(value.as_bytes())).await;
     campaign.abort();
     assert!(campaign.await.unwrap_err().is_cancelled());
 }
@@ -182,26 +181,28 @@ async fn leadership_passes_on_resign_and_observe_shows_every_step() {
     );
 }
 
-/// The 1 s lease expires at most 1 s after the crash (its last renewal), etcd notices
-/// within its 500 ms expiry check, and the rest is a watch event and an answer: 1.0-1.3 s
-/// measured, and up to 1.5 s with no delay at all; a second more for a loaded machine.
+/// The 2 s lease expires at most 2 s after the crash (its last renewal) and etcd notices
+/// within its 500 ms expiry check; the next candidate then leads at once, not at its own
+/// next keep-alive (10 s TTL: every 3.3 s). How fast is the benchmark's and the demo's
+/// business; here, that it follows the expiry, with room for a loaded machine.
 #[tokio::test]
-async fn a_crashed_leader_is_replaced_within_ttl_and_etcds_expiry_check() {
+async fn a_crashed_leader_is_replaced_once_its_lease_expires() {
     let cluster = EtcdCluster::start(1).await;
-    let client = cluster.client().await;
+    let mut client = cluster.client().await;
     let name = unique("failover");
-    let (a, b) = (session(&client, 1).await, session(&client, 10).await);
+    let (a, b) = (session(&client, 2).await, session(&client, 10).await);
     let leading_a = within(secs(10), Election::new(&a, &name).campaign("a"))
         .await
         .unwrap();
     let campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;
-    let crashed_at = Instant::now();
+    assert!(!campaign_b.is_finished(), "b led before the crash");
+    let lease_a = a.lease_id();
     std::mem::forget(leading_a); // a crash: no resign
     a.orphan(); // and no revoke: the lease must expire
-    let leading_b = within(secs(4), campaign_b).await.unwrap().unwrap();
-    let failover = crashed_at.elapsed();
-    assert!(failover <= millis(2_500), "failover took {failover:?}");
+    let leading_b = within(secs(6), campaign_b).await.unwrap().unwrap();
+    let left = client.lease_time_to_live(lease_a, None).await.unwrap();
+    assert_eq!(left.ttl(), -1, "b leads while a's lease lives");
     assert_eq!(
         Election::new(&b, &name)
             .leader()
@@ -729,18 +730,18 @@ async fn bad_names_and_oversized_values_are_refused_and_leave_nothing() {
     let ours = session(&client, 10).await;
     let empty = Election::new(&ours, "");
     assert!(matches!(
-        empty.campaign("x").await,
+        within(secs(5), empty.campaign("x")).await,
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        empty.leader().await,
+        within(secs(5), empty.leader()).await,
         Err(Error::InvalidArgument(_))
     ));
     let mut observer = empty.observe();
-    let first = observer.next().await.unwrap();
+    let first = within(secs(5), observer.next()).await.unwrap();
     assert!(matches!(first, Err(Error::InvalidArgument(_))));
     assert!(
-        observer.next().await.is_none(),
+        within(secs(5), observer.next()).await.is_none(),
         "the stream goes on with an empty name"
     );
 
@@ -840,10 +841,13 @@ async fn a_campaign_waits_for_the_delete_of_a_dropped_leadership_instead_of_join
     // backing off while the next campaign starts.
     proxy.stall();
     drop(old);
-    let again = spawn_campaign(&election, "new");
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
+    let again = spawn_campaign(&election, "the-new-campaign");
+    // It waits for the release: its join does not go out meanwhile.
+    let joined = tokio::time::timeout(millis(300), proxy.until_holding(b"the-new-campaign"));
+    assert!(
+        joined.await.is_err(),
+        "joined while the release was in flight"
+    );
     proxy.heal();
     let new = within(secs(10), again).await.unwrap().unwrap();
     assert_ne!(
@@ -917,9 +921,7 @@ async fn a_key_left_to_a_campaign_that_is_then_refused_is_withdrawn() {
     proxy.stall();
     let huge = vec![b'x'; 2 * 1024 * 1024];
     let second = spawn_campaign(&election, huge);
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
+    within(secs(5), proxy.until_holding(&[b'x'; 4096])).await;
     first.abort();
     assert!(first.await.unwrap_err().is_cancelled());
     proxy.heal();
@@ -1033,7 +1035,7 @@ async fn a_resign_in_flight_withdraws_the_key_made_by_the_join_of_a_campaign_can
     // The campaign's join is held in the proxy when the campaign is cancelled; it makes a
     // new key once the proxy lets it through.
     let remade_and_withdrawn = Deletion::after_creation_of(&client, &our_key).await;
-    cancel_a_campaign_whose_join_is_held(&proxy, &election, "b").await;
+    cancel_a_campaign_whose_join_is_held(&proxy, &election, "cancelled-campaign").await;
     proxy.heal();
     within(secs(5), resign).await.unwrap();
     within(secs(5), remade_and_withdrawn.happened()).await;
@@ -1059,7 +1061,7 @@ async fn a_leadership_dropped_in_an_outage_while_a_cancelled_join_is_undone_is_r
     // In the outage, a campaign's join hangs and the campaign is cancelled: its undo waits
     // for the join's outcome. The leadership is dropped meanwhile, so the undo is left to
     // release the leader's key, and must go on trying until etcd answers.
-    cancel_a_campaign_whose_join_is_held(&proxy, &election, "b").await;
+    cancel_a_campaign_whose_join_is_held(&proxy, &election, "cancelled-campaign").await;
     drop(leading);
     // The outage outlasts the join's request timeout and a few release attempts.
     tokio::time::sleep(millis(2_000)).await;
@@ -1325,10 +1327,10 @@ async fn a_campaign_cancelled_while_its_join_is_in_flight_leaves_the_shared_key(
         election,
         first,
         our_key,
-    } = queued_through_a_proxy(&unique("cancelled-in-flight-shared"), "ours").await;
+    } = queued_through_a_proxy(&unique("cancelled-in-flight-shared"), "ours-shared").await;
     // The second campaign's join is held in the proxy when it is cancelled; it is
     // answered (finding the shared key) once the proxy heals.
-    cancel_a_campaign_whose_join_is_held(&proxy, &election, "ours").await;
+    cancel_a_campaign_whose_join_is_held(&proxy, &election, "ours-shared").await;
     proxy.heal();
     leading.resign().await.unwrap();
     let ours_leads = within(secs(10), first).await.unwrap().unwrap();

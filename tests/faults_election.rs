@@ -155,7 +155,7 @@ async fn leaders_never_overlap_and_observers_end_on_the_true_leader() {
     let leading = within(secs(10), last.campaign("last")).await.unwrap();
     within(secs(10), async {
         loop {
-            let Some(Ok(Some(leader))) = seen.recv().await else {
+            let Ok(Some(leader)) = seen.recv().await.expect("the observer ended") else {
                 continue;
             };
             if leader.key() == leading.key() && leader.value() == b"last" {

@@ -92,7 +92,7 @@ async fn a_client_cut_off_loses_its_session_within_ttl_plus_one_second() {
     let session = session_with_ttl(client, 2).await;
     let cut_at = Instant::now();
     proxy.cut();
-    within(secs(3), session.lost()).await;
+    within(secs(10), session.lost()).await;
     let after = cut_at.elapsed();
     assert!(after <= secs(3), "lost only after {after:?}");
     // Not before etcd itself could have expired the lease.
@@ -127,17 +127,17 @@ async fn close_ends_the_session_even_if_its_future_is_never_polled() {
 async fn orphan_keeps_keys_until_the_lease_expires() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let session = session_with_ttl(client.clone(), 1).await;
+    let session = session_with_ttl(client.clone(), 3).await;
     let key = unique("orphan");
     put_on_lease(&session, &key).await;
     let deletion = Deletion::of(&client, &key).await;
     let orphaned_at = Instant::now();
     session.orphan();
     assert!(exists(&client, key.as_str()).await);
-    within(secs(4), deletion.happened()).await;
-    // A revoke would delete it within milliseconds; the lease has 0.67-1 s left, less a
+    within(secs(10), deletion.happened()).await;
+    // A revoke would delete it within milliseconds; the lease has 2-3 s left, less a
     // renewal held up on a loaded machine.
-    assert!(orphaned_at.elapsed() >= millis(200), "deleted too early");
+    assert!(orphaned_at.elapsed() >= millis(500), "deleted too early");
 }
 
 #[tokio::test]
@@ -297,9 +297,11 @@ async fn a_build_that_times_out_leaves_no_lease() {
 
 #[tokio::test]
 async fn an_unreachable_endpoint_fails_within_the_request_timeout() {
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Bound, so that no cluster another test starts can take the port, but not listening:
+    // connections are refused.
+    let nowhere = tokio::net::TcpSocket::new_v4().unwrap();
+    nowhere.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let endpoint = format!("http://{}", nowhere.local_addr().unwrap());
-    drop(nowhere); // nothing listens there now: connections are refused
     let client = Client::connect([endpoint], None).await.unwrap();
     let started = Instant::now();
     let result = within(
@@ -317,14 +319,17 @@ async fn an_unreachable_endpoint_fails_within_the_request_timeout() {
 async fn a_session_survives_a_restart_of_its_member_within_the_ttl() {
     let cluster = EtcdCluster::start(3).await;
     let client = cluster.client().await;
-    let session = session_with_ttl(client.clone(), 3).await;
+    // 4 s leaves room for an election after the leader's death, after a renewal made up
+    // to 1.3 s before it (as in faults_resilience.rs).
+    let session = session_with_ttl(client.clone(), 4).await;
     let key = unique("restart");
     put_on_lease(&session, &key).await;
     for member in 0..3 {
         cluster.kill(member);
         cluster.restart(member).await;
     }
-    tokio::time::sleep(secs(4)).await;
+    // Longer than the TTL: the lease is still renewed.
+    tokio::time::sleep(secs(5)).await;
     assert!(!session.is_lost());
     assert!(exists(&client, key.as_str()).await);
 }

@@ -54,8 +54,12 @@ struct State {
 pub struct Proxy {
     address: SocketAddr,
     mode: watch::Sender<State>,
+    held: Held,
     accept_loop: tokio::task::JoinHandle<()>,
 }
+
+/// The bytes read from clients since the proxy was last stalled, while stalled.
+type Held = Arc<watch::Sender<Vec<u8>>>;
 
 impl Proxy {
     /// Starts a proxy to `target` (`http://host:port` or `host:port`) on a free loopback
@@ -81,10 +85,17 @@ impl Proxy {
             cuts: 0,
             delay: Duration::ZERO,
         });
-        let accept_loop = tokio::spawn(accept_loop(listener, target, mode.subscribe()));
+        let held = Arc::new(watch::Sender::new(Vec::new()));
+        let accept_loop = tokio::spawn(accept_loop(
+            listener,
+            target,
+            mode.subscribe(),
+            held.clone(),
+        ));
         Ok(Proxy {
             address,
             mode,
+            held,
             accept_loop,
         })
     }
@@ -108,7 +119,25 @@ impl Proxy {
     /// connections are accepted (the client's TCP connect succeeds, unlike across a real
     /// partition) and connected to the target only once healed.
     pub fn stall(&self) {
+        self.held.send_modify(Vec::clear);
         self.mode.send_modify(|state| state.mode = Mode::Stalled);
+    }
+
+    /// Resolves once bytes that clients sent since the last [`stall`](Self::stall), and
+    /// that the proxy holds, contain `pattern`: for a test that must know a request has
+    /// left the client (gRPC sends keys and values as they are, so a distinctive value
+    /// or key name will do). Only connections open before the stall are read while it
+    /// lasts: requests on a connection opened during it are never held here. Wrap it in
+    /// [`tokio::time::timeout`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches.
+    pub async fn until_holding(&self, pattern: &[u8]) {
+        let mut held = self.held.subscribe();
+        let found = held.wait_for(|bytes| bytes.windows(pattern.len()).any(|w| w == pattern));
+        // The sender lives as long as `self`.
+        let _ = found.await;
     }
 
     /// Forwards traffic again (held bytes are delivered; cut connections stay closed,
@@ -133,7 +162,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, target: String, mode: watch::Receiver<State>) {
+async fn accept_loop(
+    listener: TcpListener,
+    target: String,
+    mode: watch::Receiver<State>,
+    held: Held,
+) {
     // Dropping the set (when this task is aborted) aborts every connection task.
     let mut connections = JoinSet::new();
     loop {
@@ -148,7 +182,8 @@ async fn accept_loop(listener: TcpListener, target: String, mode: watch::Receive
                 if state.mode == Mode::Cut {
                     continue; // dropped: the client sees the connection closed at once
                 }
-                connections.spawn(forward(client, target.clone(), mode.clone(), state.cuts));
+                let forwarding = forward(client, target.clone(), mode.clone(), held.clone(), state.cuts);
+                connections.spawn(forwarding);
             }
             Some(_) = connections.join_next() => {}
         }
@@ -161,19 +196,25 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Forwards one connection until both sides have closed it or the proxy is cut again (its
 /// cut count moves past `cuts`, the count when the connection was accepted). One side's
 /// close (its FIN) is passed on to the other once what it sent is delivered.
-async fn forward(client: TcpStream, target: String, mode: watch::Receiver<State>, cuts: u64) {
+async fn forward(
+    client: TcpStream,
+    target: String,
+    mode: watch::Receiver<State>,
+    held: Held,
+    cuts: u64,
+) {
     let mut cut = mode.clone();
     tokio::select! {
         // The cut first: nothing is forwarded on a connection that was cut.
         biased;
         _ = cut.wait_for(|state| state.cuts != cuts) => {}
-        () = relay(client, &target, mode) => {}
+        () = relay(client, &target, mode, held) => {}
     }
 }
 
 /// Connects `client` to `target` once the proxy is not stalled (as across a partition,
 /// not even that happens while it is), then pumps both directions until both have ended.
-async fn relay(client: TcpStream, target: &str, mode: watch::Receiver<State>) {
+async fn relay(client: TcpStream, target: &str, mode: watch::Receiver<State>, held: Held) {
     let _ = mode
         .clone()
         .wait_for(|state| state.mode != Mode::Stalled)
@@ -186,8 +227,8 @@ async fn relay(client: TcpStream, target: &str, mode: watch::Receiver<State>) {
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     tokio::join!(
-        pump(client_read, upstream_write, mode.clone()),
-        pump(upstream_read, client_write, mode),
+        pump(client_read, upstream_write, mode.clone(), Some(held)),
+        pump(upstream_read, client_write, mode, None),
     );
 }
 
@@ -198,9 +239,14 @@ const QUEUED_BYTES: usize = 4 << 20;
 const CHUNK_BYTES: usize = 64 << 10;
 
 /// Copies bytes one way, each chunk once its delay has passed, holding them while the
-/// proxy is stalled. Ends once all that was read is written, or a write fails; dropping
-/// `to` then closes that direction.
-async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, mode: watch::Receiver<State>) {
+/// proxy is stalled (and noting them in `held`, if given). Ends once all that was read is
+/// written, or a write fails; dropping `to` then closes that direction.
+async fn pump(
+    from: OwnedReadHalf,
+    to: OwnedWriteHalf,
+    mode: watch::Receiver<State>,
+    held: Option<Held>,
+) {
     // Each queued chunk holds a permit per byte (the bound), and its time.
     let (queue, queued) = mpsc::unbounded_channel();
     let deliver = deliver(queued, to, mode.clone());
@@ -209,18 +255,20 @@ async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, mode: watch::Receiver<Sta
         () = &mut deliver => {}
         // The reader's end drops the queue's sender: what is left is delivered, then
         // `deliver` ends.
-        () = receive(from, queue, mode) => deliver.await,
+        () = receive(from, queue, mode, held) => deliver.await,
     }
 }
 
 /// A chunk read, the time it is due, and its share of the queue's bound.
 type Queued = (Instant, Vec<u8>, OwnedSemaphorePermit);
 
-/// Reads chunks into `queue`, each with the time it is due, until the connection ends.
+/// Reads chunks into `queue`, each with the time it is due, until the connection ends;
+/// notes in `held`, if given, those read while the proxy is stalled.
 async fn receive(
     mut from: OwnedReadHalf,
     queue: mpsc::UnboundedSender<Queued>,
     mode: watch::Receiver<State>,
+    held: Option<Held>,
 ) {
     let room = Arc::new(Semaphore::new(QUEUED_BYTES));
     let mut buffer = vec![0u8; CHUNK_BYTES];
@@ -234,7 +282,11 @@ async fn receive(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let due = Instant::now() + mode.borrow().delay;
+        let state = *mode.borrow();
+        if let Some(held) = held.as_ref().filter(|_| state.mode == Mode::Stalled) {
+            held.send_modify(|bytes| bytes.extend_from_slice(&buffer[..n]));
+        }
+        let due = Instant::now() + state.delay;
         drop(permit.split(CHUNK_BYTES - n));
         if queue.send((due, buffer[..n].to_vec(), permit)).is_err() {
             return;

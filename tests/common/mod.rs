@@ -5,7 +5,6 @@ pub mod faults;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, GetResponse};
@@ -57,30 +56,25 @@ pub async fn move_a_quarter(
 
 /// Each of `stms`, on its own task, makes `transfers` transfers of a quarter of one random
 /// account's balance to another, all at once; fails the test if a transfer fails or all
-/// take longer than `limit`. Returns how many closure runs they took.
+/// take longer than `limit`.
 pub async fn transfer_concurrently(
     stms: Vec<Stm>,
     accounts: &[String],
     transfers: usize,
     limit: Duration,
-) -> u32 {
+) {
     let accounts: Arc<[String]> = accounts.into();
-    let runs = Arc::new(AtomicU32::new(0));
     let mut workers = Vec::new();
     for stm in stms {
-        let (accounts, runs) = (accounts.clone(), runs.clone());
+        let accounts = accounts.clone();
         workers.push(tokio::spawn(async move {
             for _ in 0..transfers {
                 let (from, to) = two_accounts(accounts.len());
                 let (from, to) = (accounts[from].clone(), accounts[to].clone());
-                let runs = runs.clone();
                 // Spawned: the closure owns what it uses (rust-lang/rust#139475).
-                stm.run(async move |tx| {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    move_a_quarter(tx, &from, &to).await
-                })
-                .await
-                .expect("a transfer failed");
+                stm.run(async move |tx| move_a_quarter(tx, &from, &to).await)
+                    .await
+                    .expect("a transfer failed");
             }
         }));
     }
@@ -90,7 +84,6 @@ pub async fn transfer_concurrently(
         }
     })
     .await;
-    runs.load(Ordering::SeqCst)
 }
 
 /// The sum of the balances of `accounts`.
@@ -408,13 +401,15 @@ impl Etcdctl {
         self.lines.next_line().await.expect("read etcdctl output")
     }
 
-    /// Asks it to stop as Ctrl-C would (it then closes its session), and waits for it.
+    /// Asks it to stop as Ctrl-C would (it then closes its session), and waits for it, at
+    /// most 10 s.
     pub async fn interrupt(mut self) {
         if let Some(pid) = self.child.id() {
             // SAFETY: signalling our own, not yet reaped child.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
         }
-        let _ = self.child.wait().await;
+        let exited = within(secs(10), self.child.wait()).await;
+        exited.expect("wait for etcdctl");
     }
 }
 
@@ -547,20 +542,24 @@ pub async fn proposals_applied(endpoint: &str) -> u64 {
 }
 
 /// The value of the metric `name` (one without labels) on the `/metrics` page of the etcd
-/// member at `endpoint` (`http://host:port`).
+/// member at `endpoint` (`http://host:port`), read within 5 s.
 async fn metric(endpoint: &str, name: &str) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let address = endpoint.trim_start_matches("http://");
-    let mut connection = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
-    let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
-    connection
-        .write_all(request.as_bytes())
-        .await
-        .expect("send");
-    let mut page = String::new();
-    connection.read_to_string(&mut page).await.expect("read");
+    let read = async {
+        let mut connection = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n");
+        connection
+            .write_all(request.as_bytes())
+            .await
+            .expect("send");
+        let mut page = String::new();
+        connection.read_to_string(&mut page).await.expect("read");
+        page
+    };
+    let page = within(secs(5), read).await;
     let line = page
         .lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '));
