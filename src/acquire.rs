@@ -50,30 +50,28 @@ pub(crate) struct Request {
 /// This session's key after the Txn, with the queue as it was at `revision`.
 pub(crate) struct Joined {
     pub(crate) key: OwnedKey,
-    pub(crate) created: bool,
-    /// The key's value: the one sent if created, the stored one if found.
-    pub(crate) value: Vec<u8>,
+    /// The key's stored value if the Txn found the key rather than created it.
+    pub(crate) found_value: Option<Vec<u8>>,
     pub(crate) revision: i64,
     /// The queue read in the same Txn, ordered as `Request::queue` asked; `None` if it
     /// was over the client's answer limit (see the module docs).
     pub(crate) queue: Option<Vec<KeyValue>>,
 }
 
-/// The Txn's outcome.
-pub(crate) enum Outcome {
-    Joined(Joined),
-    /// The condition was false and this session had no key: nothing was written.
-    NotJoined,
-}
-
-/// Sends the join Txn for `session` under lock or election `name`.
+/// Sends the join Txn for `session` under lock or election `name`. `None` if the condition
+/// was false and this session had no key: nothing was written (only a
+/// [`Create::IfQueueEmpty`] can leave no key).
 ///
 /// Errors: [`Error::SessionLost`] if etcd no longer knows the lease, or the session is
 /// lost or ends before the Txn is answered; [`Error::Etcd`] / [`Error::Timeout`] if the
 /// Txn failed or got no answer within the request timeout.
 ///
 /// Cancel-safe: see the module docs.
-pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Result<Outcome> {
+pub(crate) async fn join(
+    session: &Session,
+    name: &[u8],
+    request: Request,
+) -> Result<Option<Joined>> {
     let key = session.key_in(name);
     let prefix = prefix_of(name);
     let lease = PutOptions::new().with_lease(session.lease_id());
@@ -158,17 +156,16 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
     let (local, claim) = (in_flight.local.take(), in_flight.claim.take());
     let revision = answer.header().map_or(0, |h| h.revision());
     let (own, queue) = split(&answer);
-    let (create_revision, mod_revision, value, created) = if answer.succeeded() {
-        (revision, revision, request.value, true)
+    let (create_revision, mod_revision, found_value) = if answer.succeeded() {
+        (revision, revision, None)
     } else {
         match own {
             Some(kv) => (
                 kv.create_revision(),
                 kv.mod_revision(),
-                kv.value().to_vec(),
-                false,
+                Some(kv.value().to_vec()),
             ),
-            None => return Ok(Outcome::NotJoined),
+            None => return Ok(None),
         }
     };
     session.note_joined(&key, create_revision);
@@ -180,10 +177,9 @@ pub(crate) async fn join(session: &Session, name: &[u8], request: Request) -> Re
         local,
         claim,
     );
-    Ok(Outcome::Joined(Joined {
+    Ok(Some(Joined {
         key,
-        created,
-        value,
+        found_value,
         revision,
         queue,
     }))

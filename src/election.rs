@@ -11,7 +11,7 @@ mod observe;
 
 pub use self::observe::Observe;
 
-use crate::acquire::{Create, Outcome, Request, join};
+use crate::acquire::{Create, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
 use crate::session::{Session, first_in_queue, lease_hex};
@@ -221,12 +221,15 @@ impl Election {
             local: None,
             claim: Some(claim),
         };
-        let mut joined = match join(&self.session, &self.name, request).await? {
-            Outcome::Joined(joined) => joined,
-            // The condition is "no key yet", so the key exists when it is false.
-            Outcome::NotJoined => return Err(Error::OwnershipLost),
+        // The condition is "no key yet": when it is false, the same Txn found the key.
+        let Some(mut joined) = join(&self.session, &self.name, request).await? else {
+            return Err(Error::OwnershipLost);
         };
-        if !joined.created && joined.value != value {
+        if joined
+            .found_value
+            .take()
+            .is_some_and(|found| found != value)
+        {
             match joined.key.put(value).await {
                 // Gone since the join found it: with the lease, or deleted by someone.
                 Err(Error::OwnershipLost) => return Err(why_gone(&self.session).await),

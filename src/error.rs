@@ -149,7 +149,7 @@ pub(crate) fn is_transient(error: &etcd_client::Error) -> bool {
                 || is_auth_old_revision(error)
                 || is_broken_connection(status)
         }
-        E::LeaseKeepAliveError(_) => !is_lease_not_found(error),
+        E::LeaseKeepAliveError(_) => !is_lease_gone(error),
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) => true,
         _ => false,
     }
@@ -182,11 +182,6 @@ fn is_broken_connection(status: &tonic::Status) -> bool {
 
 /// How tonic's message for a failure of the HTTP/2 connection begins.
 const H2_ERROR: &str = "h2 protocol error";
-
-/// Whether etcd-client reports that a keep-alive found no such lease (expired or revoked).
-pub(crate) fn is_lease_not_found(error: &etcd_client::Error) -> bool {
-    matches!(error, etcd_client::Error::LeaseKeepAliveError(reason) if reason.contains("not found"))
-}
 
 /// etcd's default `--max-txn-ops`: the most compares, or operations per branch, one Txn may
 /// hold.
@@ -258,9 +253,14 @@ pub(crate) fn is_no_space(error: &etcd_client::Error) -> bool {
     )
 }
 
-/// Whether etcd no longer knows the lease a request named ("requested lease not found").
+/// Whether etcd no longer knows the lease a request named (expired or revoked): its answer
+/// "requested lease not found" to a request, or etcd-client's "lease not found" for a
+/// keep-alive (which etcd answers with TTL 0 rather than an error).
 pub(crate) fn is_lease_gone(error: &etcd_client::Error) -> bool {
-    etcd_says(error, tonic::Code::NotFound, "lease not found")
+    match error {
+        etcd_client::Error::LeaseKeepAliveError(reason) => reason.contains("not found"),
+        _ => etcd_says(error, tonic::Code::NotFound, "lease not found"),
+    }
 }
 
 /// Whether a write that failed with `error` was certainly not applied: the connection was
@@ -320,7 +320,7 @@ mod tests {
         assert!(!Error::from(etcd_client::Error::GRpcStatus(denied)).is_transient());
         assert!(!Error::SessionLost.is_transient());
         let gone = etcd_client::Error::LeaseKeepAliveError("lease not found".into());
-        assert!(is_lease_not_found(&gone));
+        assert!(is_lease_gone(&gone));
         assert!(!Error::from(gone).is_transient());
         let future = tonic::Status::out_of_range("mvcc: required revision is a future revision");
         assert!(is_future_revision(&etcd_client::Error::GRpcStatus(future)));

@@ -115,7 +115,7 @@ impl Session {
     }
 
     /// Whether a join of this session took up incarnation `revision` of remembered `key`.
-    pub(crate) fn was_joined(&self, key: &[u8], revision: i64) -> bool {
+    fn was_joined(&self, key: &[u8], revision: i64) -> bool {
         self.late_joins()
             .keys
             .get(key)

@@ -93,6 +93,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod acquire;
+mod auth_token;
 mod election;
 mod error;
 mod late_join;

@@ -9,7 +9,7 @@ mod holder;
 
 pub use self::holder::Holder;
 
-use crate::acquire::{Create, Outcome, Request, join};
+use crate::acquire::{Create, Request, join};
 use crate::error::{Error, Result};
 use crate::ownership::OwnedKey;
 use crate::session::{Session, first_in_queue};
@@ -208,10 +208,9 @@ impl Mutex {
             local: Some(local),
             claim: None,
         };
-        let mut joined = match join(&self.session, &self.name, request).await? {
-            Outcome::Joined(joined) => joined,
-            // The condition is "no key yet", so the key exists when it is false.
-            Outcome::NotJoined => return Err(Error::OwnershipLost),
+        // The condition is "no key yet": when it is false, the same Txn found the key.
+        let Some(mut joined) = join(&self.session, &self.name, request).await? else {
+            return Err(Error::OwnershipLost);
         };
         wait_for_turn(&mut joined, &self.name).await?;
         Ok(MutexGuard { key: joined.key })
@@ -278,9 +277,8 @@ impl Mutex {
             local: Some(local),
             claim: None,
         };
-        let joined = match join(&self.session, &self.name, request).await? {
-            Outcome::Joined(joined) => joined,
-            Outcome::NotJoined => return Ok(None),
+        let Some(joined) = join(&self.session, &self.name, request).await? else {
+            return Ok(None);
         };
         if self.session.is_lost() {
             return Err(Error::SessionLost); // lost or closed while the Txn was answered

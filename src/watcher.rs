@@ -30,12 +30,11 @@ use etcd_client::{
 
 use tokio::time::Instant;
 
+use crate::auth_token::{TOKEN_RENEWALS, renew_token};
 use crate::error::{
     ETCD_MAX_TXN_OPS, Error, Result, is_answer_too_large, is_compacted, is_request_too_large,
 };
-use crate::retry::{
-    ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, TOKEN_RENEWALS, renew_token, retry, retry_read_txn,
-};
+use crate::retry::{ATTEMPT_TIMEOUT, Backoff, MAX_IN_FLIGHT, retry, retry_read_txn};
 
 /// How long a watch may stay silent before its member is asked whether it is alive, and
 /// then how long the answer may take before the watch is re-opened (so a quiet watch over

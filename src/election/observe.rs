@@ -66,7 +66,7 @@ impl fmt::Debug for Observe {
     }
 }
 
-/// The state behind [`Election::observe`].
+/// The state behind [`Election::observe`](super::Election::observe).
 struct Observer {
     empty_name: bool,
     follower: Follower,

@@ -15,7 +15,7 @@ use super::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, Shared, lease_hex,
     revoke_repeatedly, secs,
 };
-use crate::error::{Error, Result, is_lease_not_found, is_lease_taken};
+use crate::error::{Error, Result, is_lease_gone, is_lease_taken};
 use crate::release::spawn_release;
 use crate::retry::{retry, retry_write};
 
@@ -171,7 +171,7 @@ impl SessionBuilder {
                 ));
             }
             (Some(id), None) => {
-                let (id, ttl, renewed) = self.resume(id).await?;
+                let (ttl, renewed) = self.resume(id).await?;
                 (id, ttl, renewed, false)
             }
             (None, ttl) => {
@@ -276,8 +276,9 @@ impl SessionBuilder {
     }
 
     /// Checks that lease `id` exists and renews it once: the renewal's send time bounds
-    /// its expiry exactly (its remaining TTL is only reported in whole seconds).
-    async fn resume(&self, id: i64) -> Result<(i64, Duration, Renewed)> {
+    /// its expiry exactly (its remaining TTL is only reported in whole seconds). Returns
+    /// its granted TTL and the renewal.
+    async fn resume(&self, id: i64) -> Result<(Duration, Renewed)> {
         let gone = || {
             let hex = lease_hex(id);
             let why = format!("lease {id} (hex {hex}) does not exist or has expired");
@@ -296,14 +297,14 @@ impl SessionBuilder {
         })
         .await
         {
-            Err(Error::Etcd(error)) if is_lease_not_found(&error) => return Err(gone()),
+            Err(Error::Etcd(error)) if is_lease_gone(&error) => return Err(gone()),
             other => other?,
         };
         let renewed = Renewed {
             at: sent,
             stream: Some(stream),
         };
-        Ok((id, secs(answer.granted_ttl()), renewed))
+        Ok((secs(answer.granted_ttl()), renewed))
     }
 }
 

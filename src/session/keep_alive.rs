@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::secs;
-use crate::error::{Error, Result, is_lease_not_found};
+use crate::error::{Error, Result, is_lease_gone};
 use crate::retry::{ATTEMPT_TIMEOUT, Backoff, retry_every};
 
 /// A keep-alive stream: the sender of renewals, and their answers.
@@ -104,7 +104,7 @@ pub(super) async fn keep_alive(
         let opening =
             opening.unwrap_or_else(|| open(client.clone(), lease_id, period, alive_until.get()));
         match opening.await {
-            Err(Error::Etcd(error)) if is_lease_not_found(&error) => break true,
+            Err(Error::Etcd(error)) if is_lease_gone(&error) => break true,
             Err(error) => {
                 tracing::debug!(%error, lease_id, "cannot open the keep-alive stream; retrying");
                 let delay = backoff.next_delay();
@@ -227,7 +227,7 @@ impl Renewing<'_> {
                             alive_until.extend(attempted + self.ttl);
                             return StreamEnd::Replaced(Box::new(stream), attempted);
                         }
-                        Err(Error::Etcd(error)) if is_lease_not_found(&error) => {
+                        Err(Error::Etcd(error)) if is_lease_gone(&error) => {
                             return StreamEnd::LeaseGone;
                         }
                         Err(error) => {

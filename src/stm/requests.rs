@@ -5,8 +5,9 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 
 use super::{Fresh, Read};
+use crate::auth_token::OldToken;
 use crate::error::{Error, Result, is_answer_too_large, was_not_applied};
-use crate::retry::{Backoff, OldToken, deadline_after, retry_read_txn};
+use crate::retry::{Backoff, deadline_after, retry_read_txn};
 
 /// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
 /// connection was refused, no leader, too many requests): a commit whose outcome is
