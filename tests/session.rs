@@ -272,9 +272,10 @@ async fn bad_ttls_leases_and_timeouts_are_rejected_before_anything_is_granted() 
 async fn a_build_that_times_out_leaves_no_lease() {
     let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;
-    // Timeouts so short that the grant is often applied after the build gave up on it.
+    // Timeouts so short that the grant is often applied after the build gave up on it (a
+    // stress test: `a_build_dropped_while_its_grant_is_in_flight_revokes_the_lease` makes
+    // such a late grant for sure, through a proxy).
     let limits = [1, 300, 1_000, 2_000, 3_000].map(Duration::from_micros);
-    let mut timed_out = 0;
     for limit in limits.into_iter().cycle().take(25) {
         let built = Session::builder(client.clone())
             .ttl(secs(3600))
@@ -287,11 +288,10 @@ async fn a_build_that_times_out_leaves_no_lease() {
                 session.orphan();
                 client.lease_revoke(lease).await.unwrap();
             }
-            Err(Error::Timeout { .. }) => timed_out += 1,
+            Err(Error::Timeout { .. }) => {}
             Err(other) => panic!("{limit:?}: {other}"),
         }
     }
-    assert!(timed_out > 0, "no build timed out");
     within(secs(10), common::no_leases(&client)).await;
 }
 
