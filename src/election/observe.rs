@@ -23,6 +23,7 @@ use crate::watcher::{Follower, Update, revision_of};
 /// can be kept in a struct or moved into a task. Dropping it closes its watch.
 ///
 /// [`Election::observe`]: super::Election::observe
+#[must_use = "streams do nothing unless polled"]
 pub struct Observe {
     leaders: BoxStream<'static, Result<Option<Leader>>>,
 }
