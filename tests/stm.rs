@@ -247,6 +247,9 @@ async fn serializable_reads_see_one_snapshot() {
                         break;
                     }
                     writer.txn(set_all(&keys, round)).await.unwrap();
+                    // Paced: rewritten back to back, the keys conflict with every reader's
+                    // commit until it gives up.
+                    tokio::time::sleep(millis(20)).await;
                 }
             }
         });

@@ -50,7 +50,6 @@ struct State {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
 pub struct Proxy {
     address: SocketAddr,
     mode: watch::Sender<State>,
@@ -58,8 +57,17 @@ pub struct Proxy {
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
-/// The bytes read from clients since the proxy was last stalled, while stalled.
+/// The bytes read from clients while the proxy is stalled, since it was (not yet delivered).
 type Held = Arc<watch::Sender<Vec<u8>>>;
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("address", &self.address)
+            .field("state", &*self.mode.borrow())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Proxy {
     /// Starts a proxy to `target` (`http://host:port` or `host:port`) on a free loopback
@@ -123,19 +131,21 @@ impl Proxy {
         self.mode.send_modify(|state| state.mode = Mode::Stalled);
     }
 
-    /// Resolves once bytes that clients sent since the last [`stall`](Self::stall), and
-    /// that the proxy holds, contain `pattern`: for a test that must know a request has
-    /// left the client (gRPC sends keys and values as they are, so a distinctive value
-    /// or key name will do). Only connections open before the stall are read while it
-    /// lasts: requests on a connection opened during it are never held here. Wrap it in
-    /// [`tokio::time::timeout`].
+    /// Resolves once the bytes that clients sent while the proxy is stalled, which it holds
+    /// until [`heal`](Self::heal), contain `pattern` (at once for an empty one): for a test
+    /// that must know a request has left the client (gRPC sends keys and values as they
+    /// are, so a distinctive value or key name will do). Only connections open before the
+    /// stall are read while it lasts: requests on a connection opened during it are never
+    /// held here. Wrap it in [`tokio::time::timeout`].
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe: it only watches.
     pub async fn until_holding(&self, pattern: &[u8]) {
         let mut held = self.held.subscribe();
-        let found = held.wait_for(|bytes| bytes.windows(pattern.len()).any(|w| w == pattern));
+        let found = held.wait_for(|bytes| {
+            pattern.is_empty() || bytes.windows(pattern.len()).any(|w| w == pattern)
+        });
         // The sender lives as long as `self`.
         let _ = found.await;
     }
@@ -144,6 +154,7 @@ impl Proxy {
     /// new ones are accepted).
     pub fn heal(&self) {
         self.mode.send_modify(|state| state.mode = Mode::Open);
+        self.held.send_modify(Vec::clear);
     }
 
     /// Delivers each byte that arrives from now on `delay` after it arrived, in either
