@@ -402,8 +402,7 @@ impl Session {
     /// within a TTL.
     pub(crate) fn mark_lost(&self) {
         self.shared.lease_gone.store(true, Ordering::SeqCst);
-        self.shared.keep_alive.abort();
-        self.shared.lost.send_replace(true);
+        self.shared.stop();
     }
 
     /// Whether etcd still knows the lease; marks the session lost when it does not. etcd
@@ -535,13 +534,17 @@ impl Shared {
         if Instant::now() < self.deadline.get() {
             return false;
         }
-        self.keep_alive.abort();
-        self.lost.send_replace(true);
+        self.stop();
         true
     }
 
     fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
+        self.stop();
+    }
+
+    /// Stops the keep-alive and tells every waiter that the session is lost.
+    fn stop(&self) {
         self.keep_alive.abort();
         self.lost.send_replace(true);
     }

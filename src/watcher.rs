@@ -369,7 +369,10 @@ impl Follower {
             async move { kv.get(key, Some(options)).await }
         });
         let (kvs, revision) = match read.await {
-            Ok(mut answer) => (answer.take_kvs(), header_revision(answer.header())),
+            Ok(mut answer) => (
+                answer.take_kvs(),
+                answer.header().map_or(0, |h| h.revision()),
+            ),
             Err(Error::Etcd(error)) if is_answer_too_large(&error) => self.read_in_parts().await?,
             Err(error) => return Err(error),
         };
@@ -455,7 +458,7 @@ impl Follower {
             match page_from.await {
                 Ok(answer) => {
                     if revision == 0 {
-                        revision = header_revision(answer.header());
+                        revision = answer.header().map_or(0, |h| h.revision());
                     }
                     keys.extend(answer.kvs().iter().map(|kv| kv.key().to_vec()));
                     match (answer.more(), keys.last()) {
@@ -551,10 +554,6 @@ fn range_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
-}
-
-fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
-    header.map_or(0, etcd_client::ResponseHeader::revision)
 }
 
 /// Whether a watch was refused for the client's auth token rather than for what it
