@@ -312,7 +312,8 @@ async fn an_unreachable_endpoint_fails_within_the_request_timeout() {
     let error = result.unwrap_err();
     assert!(matches!(error, Error::Etcd(_)), "{error:?}");
     assert!(error.is_transient());
-    assert!(started.elapsed() < secs(2));
+    // The request timeout (1 s), not the default 5 s; room for a loaded machine.
+    assert!(started.elapsed() < secs(3), "{:?}", started.elapsed());
 }
 
 #[tokio::test]
