@@ -227,6 +227,7 @@ impl Stm {
     }
 
     /// The isolation level (Go's `WithIsolation`).
+    #[must_use = "returns the Stm with this setting"]
     pub fn isolation(mut self, isolation: Isolation) -> Stm {
         self.isolation = isolation;
         self
@@ -242,6 +243,7 @@ impl Stm {
     /// prefetched values fix the attempt's snapshot, so it does not read a [`ReadCache`].
     /// An empty key makes [`run`](Self::run) return [`Error::InvalidArgument`] before
     /// sending anything.
+    #[must_use = "returns the Stm with this setting"]
     pub fn prefetch<K: Into<Vec<u8>>>(mut self, keys: impl IntoIterator<Item = K>) -> Stm {
         self.prefetch = keys.into_iter().map(Into::into).collect();
         self
@@ -267,6 +269,7 @@ impl Stm {
     /// not, the attempt reads from etcd.
     ///
     /// Nothing in Go's `concurrency` package does this; see [`ReadCache`].
+    #[must_use = "returns the Stm with this setting"]
     pub fn read_cache(mut self, cache: ReadCache) -> Stm {
         self.cache = Some(cache);
         self
@@ -276,6 +279,7 @@ impl Stm {
     /// [`Error::TooManyConflicts`] (default [`DEFAULT_MAX_ATTEMPTS`]; zero makes
     /// [`run`](Self::run) return [`Error::InvalidArgument`]). A run whose snapshot etcd
     /// compacted (see [`StmTxn::get`]) does not count. Go retries without limit.
+    #[must_use = "returns the Stm with this setting"]
     pub fn max_attempts(mut self, attempts: u32) -> Stm {
         self.max_attempts = attempts;
         self
@@ -286,6 +290,7 @@ impl Stm {
     /// for its answer; the commit is sent again only when etcd certainly did not apply it
     /// (default 5 s; not zero, which [`run`](Self::run) refuses). Go bounds its requests
     /// with the context of `WithAbortContext` instead.
+    #[must_use = "returns the Stm with this setting"]
     pub fn request_timeout(mut self, timeout: Duration) -> Stm {
         self.request_timeout = timeout;
         self
