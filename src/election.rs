@@ -230,13 +230,13 @@ impl Election {
             .take()
             .is_some_and(|found| found != value)
         {
-            match joined.key.put(value).await {
+            match Box::pin(joined.key.put(value)).await {
                 // Gone since the join found it: with the lease, or deleted by someone.
-                Err(Error::OwnershipLost) => return Err(why_gone(&self.session).await),
+                Err(Error::OwnershipLost) => return Err(Box::pin(why_gone(&self.session)).await),
                 written => written?,
             }
         }
-        wait_for_turn(&mut joined, &self.name).await?;
+        Box::pin(wait_for_turn(&mut joined, &self.name)).await?;
         Ok(Leadership { key: joined.key })
     }
 

@@ -140,6 +140,24 @@ mod tests {
         send::<crate::StmTxn>();
         send_unpin::<crate::Observe>();
     }
+
+    /// The futures a caller holds while it waits stay small (each was 17-23 KiB before the
+    /// waiting and the commit were boxed): many waiting tasks, or a caller's own future
+    /// holding one, do not carry that much each.
+    #[test]
+    fn the_futures_of_waiting_calls_are_small() {
+        fn size_of_output<A, F>(_: impl FnOnce(A) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let lock = size_of_output(|mutex: &'static crate::Mutex| mutex.lock());
+        let campaign = size_of_output(|election: &'static crate::Election| election.campaign(""));
+        let run = size_of_output(|stm: &'static crate::Stm| {
+            stm.run(async |tx| tx.get("k").await.map(drop))
+        });
+        assert!(lock <= 2048, "lock(): {lock} bytes");
+        assert!(campaign <= 2048, "campaign(): {campaign} bytes");
+        assert!(run <= 8192, "run(): {run} bytes");
+    }
 }
 
 /// The README's examples, compiled as doc tests.

@@ -212,7 +212,7 @@ impl Mutex {
         let Some(mut joined) = join(&self.session, &self.name, request).await? else {
             return Err(Error::OwnershipLost);
         };
-        wait_for_turn(&mut joined, &self.name).await?;
+        Box::pin(wait_for_turn(&mut joined, &self.name)).await?;
         Ok(MutexGuard { key: joined.key })
     }
 

@@ -491,7 +491,7 @@ impl Stm {
                 return Err(empty_key().into());
             }
             let outcome = if txn.unread.is_empty() {
-                txn.commit(&self.prefetch).await?
+                Box::pin(txn.commit(&self.prefetch)).await?
             } else {
                 // The closure went on without a read that failed: its writes may rest on a
                 // value it never saw. As in Go, where a failed read aborts the attempt, it
