@@ -469,12 +469,7 @@ async fn a_holder_whose_lease_is_revoked_sees_lost() {
 async fn unlock_after_lost_saw_the_key_deleted_answers_at_once_with_etcd_unreachable() {
     let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;
-    let holder = Session::builder(client.clone())
-        .ttl(secs(60))
-        .request_timeout(secs(60))
-        .build()
-        .await
-        .unwrap();
+    let holder = common::session_with(client.clone(), secs(60), secs(60)).await;
     let mutex = Mutex::new(&holder, unique("deleted-then-cut"));
     let guard = within(secs(10), mutex.lock()).await.unwrap();
     client.delete(guard.key(), None).await.unwrap();
