@@ -96,7 +96,7 @@ pub(crate) async fn join(
     let txn = txn_reading(&[read_queue]);
     // Only a Txn that may create the key finds it when sent again.
     let may_resend_without_queue = matches!(request.create, Create::IfAbsent);
-    let kv = session.client().clone();
+    let kv = session.shared_client();
     let limit = session.request_timeout();
     let send = session.until_ended(async move {
         let (answer, maybe_late) = retry_write_txn(&kv, limit, txn).await;

@@ -178,9 +178,12 @@ async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
     else {
         return Ok(());
     };
-    let listed = retry(client, limit, |mut client| async move {
-        let keys = LeaseTimeToLiveOptions::new().with_keys();
-        client.lease_time_to_live(lease, Some(keys)).await
+    let listed = retry(client, limit, |client| {
+        let mut leases = client.lease_client();
+        async move {
+            let keys = LeaseTimeToLiveOptions::new().with_keys();
+            leases.time_to_live(lease, Some(keys)).await
+        }
     })
     .await;
     let Some(live) = session.upgrade() else {
@@ -218,13 +221,9 @@ async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
     // sweep from the keys after it; the first such refusal is returned at the end.
     let mut refused = None;
     for key in to_read {
-        let read = retry(client, limit, |mut client| {
-            let key = key.clone();
-            async move {
-                client
-                    .get(key, Some(GetOptions::new().with_keys_only()))
-                    .await
-            }
+        let read = retry(client, limit, |client| {
+            let (mut kv, key) = (client.kv_client(), key.clone());
+            async move { kv.get(key, Some(GetOptions::new().with_keys_only())).await }
         });
         let found = match read.await {
             Ok(found) => found,

@@ -135,7 +135,7 @@ impl WeakSession {
 }
 
 struct Shared {
-    client: Client,
+    client: Arc<Client>,
     lease_id: i64,
     ttl: Duration,
     release_timeout: Duration,
@@ -240,6 +240,12 @@ impl Session {
         &self.shared.client
     }
 
+    /// The client, for a task that must not hold the session (whose last handle, dropped,
+    /// revokes the lease): cheaper to hold than a clone of the whole `Client`.
+    pub(crate) fn shared_client(&self) -> Arc<Client> {
+        Arc::clone(&self.shared.client)
+    }
+
     /// Resolves once the lease can no longer be assumed alive: etcd answered a keep-alive
     /// with TTL 0 (expired or revoked by anyone), no keep-alive succeeded for a whole TTL,
     /// a lock or campaign found that etcd no longer knows the lease (its key refused for
@@ -336,7 +342,7 @@ impl Session {
     pub fn close(self) -> impl Future<Output = Result<()>> + Send + 'static {
         self.shared.end();
         let shared = &self.shared;
-        let (client, id) = (shared.client.clone(), shared.lease_id);
+        let (client, id) = (Client::clone(&shared.client), shared.lease_id);
         if shared.late_grant {
             // Spawned now: the future returned may never be polled to its end.
             let what = "revoking a closed session's lease again, for a late grant attempt";
@@ -410,11 +416,10 @@ impl Session {
     /// second left reports 0; only an unknown one reports -1.
     pub(crate) async fn check_lease(&self) -> Result<bool> {
         let id = self.shared.lease_id;
-        let answer = retry(
-            &self.shared.client,
-            self.shared.request_timeout,
-            |mut c| async move { c.lease_time_to_live(id, None).await },
-        )
+        let answer = retry(&self.shared.client, self.shared.request_timeout, |client| {
+            let mut leases = client.lease_client();
+            async move { leases.time_to_live(id, None).await }
+        })
         .await?;
         let alive = answer.ttl() >= 0;
         if !alive {
@@ -497,9 +502,9 @@ pub(crate) async fn first_in_queue(session: &Session, name: &[u8]) -> Result<Opt
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1);
-    let mut answer = retry(session.client(), session.request_timeout(), |mut c| {
-        let (prefix, first) = (prefix.clone(), first.clone());
-        async move { c.get(prefix, Some(first)).await }
+    let mut answer = retry(session.client(), session.request_timeout(), |client| {
+        let (mut kv, prefix, first) = (client.kv_client(), prefix.clone(), first.clone());
+        async move { kv.get(prefix, Some(first)).await }
     })
     .await?;
     Ok(answer.take_kvs().into_iter().next())
@@ -564,7 +569,7 @@ impl Drop for Shared {
         if self.lease_gone.load(Ordering::SeqCst) && !self.late_grant {
             return;
         }
-        let client = self.client.clone();
+        let client = Client::clone(&self.client);
         // Bounded by the release timeout alone, not by the (perhaps shorter) request
         // timeout as well.
         let (id, limit) = (self.lease_id, self.release_timeout);
@@ -623,8 +628,9 @@ async fn revoke_repeatedly(client: Client, id: i64, limit: Duration) {
 }
 
 async fn revoke(client: Client, lease_id: i64, limit: Duration) -> Result<()> {
-    let revoked = retry(&client, limit, |mut c| async move {
-        c.lease_revoke(lease_id).await
+    let revoked = retry(&client, limit, |client| {
+        let mut leases = client.lease_client();
+        async move { leases.revoke(lease_id).await }
     });
     match revoked.await {
         Err(Error::Etcd(error)) if is_lease_gone(&error) => Ok(()), // expired or revoked

@@ -83,7 +83,7 @@ const CONFLICT_BACKOFF: (Duration, Duration) =
 /// ```
 #[derive(Clone)]
 pub struct Stm {
-    client: Client,
+    client: Arc<Client>,
     isolation: Isolation,
     prefetch: Vec<Vec<u8>>,
     max_attempts: u32,
@@ -111,7 +111,7 @@ pub struct Stm {
 /// # }
 /// ```
 pub struct StmTxn {
-    kv: Client,
+    kv: Arc<Client>,
     isolation: Isolation,
     request_timeout: Duration,
     /// Keys read in this attempt (the read set).
@@ -216,7 +216,7 @@ impl Stm {
     /// ```
     pub fn new(client: Client) -> Stm {
         Stm {
-            client,
+            client: Arc::new(client),
             isolation: Isolation::default(),
             prefetch: Vec::new(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -765,8 +765,8 @@ impl StmTxn {
     }
 
     async fn get_with(&self, key: &[u8], options: GetOptions) -> Result<GetResponse> {
-        retry(&self.kv, self.request_timeout, |mut kv| {
-            let (key, options) = (key.to_vec(), options.clone());
+        retry(&self.kv, self.request_timeout, |client| {
+            let (mut kv, key, options) = (client.kv_client(), key.to_vec(), options.clone());
             async move { kv.get(key, Some(options)).await }
         })
         .await

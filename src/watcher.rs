@@ -364,8 +364,8 @@ impl Follower {
     async fn read_snapshot(&mut self) -> Result<Update> {
         let options = self.range(self.read_options.clone());
         let key = &self.key;
-        let read = retry(&self.client, self.request_limit, |mut kv| {
-            let (key, options) = (key.clone(), options.clone());
+        let read = retry(&self.client, self.request_limit, |client| {
+            let (mut kv, key, options) = (client.kv_client(), key.clone(), options.clone());
             async move { kv.get(key, Some(options)).await }
         });
         let (kvs, revision) = match read.await {
@@ -451,8 +451,8 @@ impl Follower {
             if self.prefix {
                 options = options.with_range(range_end(&self.key));
             }
-            let page_from = retry(kv, self.request_limit, |mut kv| {
-                let (from, options) = (from.clone(), options.clone());
+            let page_from = retry(kv, self.request_limit, |client| {
+                let (mut kv, from, options) = (client.kv_client(), from.clone(), options.clone());
                 async move { kv.get(from, Some(options)).await }
             });
             match page_from.await {
@@ -488,8 +488,9 @@ impl Follower {
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
         let key = &self.key;
         self.renewals_seen = TOKEN_RENEWALS.load(Ordering::SeqCst);
-        let opened = retry(&self.client, self.request_limit, |mut watches| {
-            let (key, options) = (key.clone(), options.clone());
+        let opened = retry(&self.client, self.request_limit, |client| {
+            let (mut watches, key) = (client.watch_client(), key.clone());
+            let options = options.clone();
             async move {
                 let mut watch = watches.watch(key, Some(options)).await?;
                 let created = watch.message().await?.ok_or_else(|| {

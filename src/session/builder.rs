@@ -200,7 +200,7 @@ impl SessionBuilder {
         .abort_handle();
         Ok(Session {
             shared: Arc::new(Shared {
-                client: self.client,
+                client: Arc::new(self.client),
                 lease_id,
                 ttl,
                 release_timeout: self.release_timeout,
@@ -232,16 +232,17 @@ impl SessionBuilder {
         let id = rand::random_range(1..i64::MAX);
         let revoke_unless_kept = RevokeOnDrop(Some((self, id)));
         let options = LeaseGrantOptions::new().with_id(id);
-        let (granted, maybe_granted) = retry_write(&self.client, self.request_timeout, |mut c| {
-            let options = options.clone();
-            async move { c.lease_grant(ttl, Some(options)).await }
+        let (granted, maybe_granted) = retry_write(&self.client, self.request_timeout, |client| {
+            let (mut leases, options) = (client.lease_client(), options.clone());
+            async move { leases.grant(ttl, Some(options)).await }
         })
         .await;
         let result = match granted {
             Ok(answer) => Ok((answer.id(), secs(answer.ttl()), maybe_granted)),
             Err(Error::Etcd(error)) if is_lease_taken(&error) => {
-                retry(&self.client, self.request_timeout, |mut c| async move {
-                    c.lease_time_to_live(id, None).await
+                retry(&self.client, self.request_timeout, |client| {
+                    let mut leases = client.lease_client();
+                    async move { leases.time_to_live(id, None).await }
                 })
                 .await
                 .and_then(|answer| match answer.ttl() {
@@ -284,16 +285,18 @@ impl SessionBuilder {
             let why = format!("lease {id} (hex {hex}) does not exist or has expired");
             Error::InvalidArgument(why)
         };
-        let answer = retry(&self.client, self.request_timeout, |mut c| async move {
-            c.lease_time_to_live(id, None).await
+        let answer = retry(&self.client, self.request_timeout, |client| {
+            let mut leases = client.lease_client();
+            async move { leases.time_to_live(id, None).await }
         })
         .await?;
         if answer.ttl() < 0 {
             return Err(gone());
         }
         let sent = Instant::now();
-        let stream = match retry(&self.client, self.request_timeout, |mut c| async move {
-            c.lease_keep_alive(id).await
+        let stream = match retry(&self.client, self.request_timeout, |client| {
+            let mut leases = client.lease_client();
+            async move { leases.keep_alive(id).await }
         })
         .await
         {

@@ -133,10 +133,10 @@ type Opening = Pin<Box<dyn Future<Output = Result<(Instant, Stream)>> + Send>>;
 fn open(client: Client, lease_id: i64, period: Duration, until: Instant) -> Opening {
     Box::pin(async move {
         let left = until.saturating_duration_since(Instant::now());
-        retry_every(answer_due(period), &client, left, |mut client| {
+        retry_every(answer_due(period), &client, left, |client| {
             // Taken before this attempt is sent: the renewal it makes counts from here.
-            let attempted = Instant::now();
-            async move { Ok((attempted, client.lease_keep_alive(lease_id).await?)) }
+            let (mut leases, attempted) = (client.lease_client(), Instant::now());
+            async move { Ok((attempted, leases.keep_alive(lease_id).await?)) }
         })
         .await
     })

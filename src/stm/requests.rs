@@ -19,7 +19,7 @@ pub(super) async fn commit_once(kv: &Client, limit: Duration, txn: Txn) -> Resul
     let mut refused = None;
     let mut old_token = OldToken::new();
     loop {
-        let answer = tokio::time::timeout_at(deadline, kv.clone().txn(txn.clone())).await;
+        let answer = tokio::time::timeout_at(deadline, kv.kv_client().txn(txn.clone())).await;
         match answer {
             Ok(Ok(answer)) => return Ok(answer),
             Ok(Err(error)) if was_not_applied(&error) && tokio::time::Instant::now() < deadline => {
