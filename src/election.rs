@@ -68,7 +68,8 @@ pub struct Election {
 /// permission denied), the key stays until the session ends; if that runtime has shut
 /// down, or is shutting down (a leadership dropped as `#[tokio::main]`'s `main` returns),
 /// the lease's expiry ends the leadership: call [`resign`](Self::resign) before exiting.
-/// A `tracing` warning says so in both cases.
+/// A `tracing` warning says so in both cases. Go has no such guard: its `Election` itself
+/// leads until `Resign`.
 ///
 /// # Example
 ///
@@ -136,12 +137,13 @@ impl Election {
         }
     }
 
-    /// The election's name, without the trailing `/`.
+    /// The election's name, without the trailing `/`. No Go counterpart: Go's `Election`
+    /// keeps its prefix to itself.
     pub fn name(&self) -> &[u8] {
         &self.name
     }
 
-    /// The session whose lease holds this candidate's key.
+    /// The session whose lease holds this candidate's key. No Go counterpart.
     pub fn session(&self) -> &Session {
         &self.session
     }
@@ -594,22 +596,25 @@ impl Leader {
         }
     }
 
-    /// The leader's key: the election's name, `/`, and its lease id in lowercase hex.
+    /// The leader's key: the election's name, `/`, and its lease id in lowercase hex. Go's
+    /// `Kvs[0].Key`.
     pub fn key(&self) -> &[u8] {
         &self.key
     }
 
-    /// The leader's proposal, as campaigned with or last proclaimed.
+    /// The leader's proposal, as campaigned with or last proclaimed. Go's `Kvs[0].Value`.
     pub fn value(&self) -> &[u8] {
         &self.value
     }
 
-    /// The create revision of the leader's key (its fencing token).
+    /// The create revision of the leader's key (its fencing token). Go's
+    /// `Kvs[0].CreateRevision`.
     pub fn create_revision(&self) -> i64 {
         self.create_revision
     }
 
-    /// The id of the lease the leader's key is attached to (0 for a key without lease).
+    /// The id of the lease the leader's key is attached to (0 for a key without lease). Go's
+    /// `Kvs[0].Lease`.
     pub fn lease_id(&self) -> i64 {
         self.lease_id
     }

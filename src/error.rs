@@ -31,7 +31,8 @@ pub enum Error {
     /// "etcdserver: request is too large"); match the variant to inspect the
     /// [`etcd_client::Error`] itself, which has no source of its own, so this variant gives
     /// none either. [`Error::is_transient`] tells whether a retry may succeed (member
-    /// unavailable, connection refused or lost, leader changed).
+    /// unavailable, connection refused or lost, leader changed). Go's functions return the
+    /// gRPC or `rpctypes` error as it is.
     #[error("etcd request failed: {0}")]
     Etcd(etcd_client::Error),
 
@@ -41,10 +42,13 @@ pub enum Error {
     /// Go's `ErrSessionExpired`.
     ///
     /// Also returned by a session on which [`Session::orphan`] was called (through any of
-    /// its handles), or whose runtime has shut down, although its lease may still exist.
+    /// its handles), or whose runtime has shut down, although its lease may still exist;
+    /// and by [`SessionBuilder::build`] when a grant sent again found that its earlier
+    /// attempt, whose answer was lost, had granted the lease and that it expired since.
     ///
     /// [`Session::close`]: crate::Session::close
     /// [`Session::orphan`]: crate::Session::orphan
+    /// [`SessionBuilder::build`]: crate::SessionBuilder::build
     #[error(
         "session lost: its lease expired, was revoked or could not be kept alive, the \
          session was closed or orphaned, or the Tokio runtime it was built on shut down; \
@@ -74,14 +78,19 @@ pub enum Error {
     OwnershipLost,
 
     /// An argument was rejected: before anything was sent to etcd (empty name, TTL out of
-    /// range, zero timeout, ...), or after a look-up (a lease to resume that etcd does not
-    /// know). The text says which and why.
+    /// range, zero timeout, ...), after a look-up (a lease to resume that etcd does not
+    /// know), or, from [`Stm::run`], after the closure ran, when it wrote to an empty key or
+    /// read one and returned `Ok` anyway (nothing is committed). The text says which and
+    /// why. No Go counterpart: Go sends the request, and etcd refuses it.
+    ///
+    /// [`Stm::run`]: crate::Stm::run
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
     /// An STM transaction's runs all conflicted, `attempts` of them: its reads were no
     /// longer current at commit, or it went on after a read that failed (see
-    /// [`StmTxn::get`]); nothing was written.
+    /// [`StmTxn::get`]); nothing was written. No Go counterpart: Go's STM runs the
+    /// transaction again until it commits or its context ends.
     ///
     /// [`StmTxn::get`]: crate::StmTxn::get
     #[error("transaction gave up after {attempts} conflicting attempts")]
@@ -94,7 +103,8 @@ pub enum Error {
     /// neither answered nor failed, as when a network link drops packets or a member hangs.
     /// Requests that kept failing (an endpoint that refuses connections) give their last
     /// error, [`Error::Etcd`], instead. To tell an outage of either kind, use
-    /// [`Error::is_transient`].
+    /// [`Error::is_transient`]. Where Go's caller would see its `context`'s
+    /// `DeadlineExceeded`.
     #[error("no answer from etcd within {after:?}")]
     Timeout {
         /// How long the request was given.
@@ -102,7 +112,7 @@ pub enum Error {
     },
 }
 
-/// `Result` with this crate's [`Error`] as the default error type.
+/// `Result` with this crate's [`Error`] as the default error type (Go returns `error`).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<etcd_client::Error> for Error {

@@ -112,6 +112,8 @@ mod watcher;
 
 pub use election::{Election, Leader, Leadership, Observe};
 pub use error::{Error, Result};
+/// etcd-client, re-exported so that the `Client` and `Compare` you build are the ones this
+/// crate takes (Go's counterpart is the `clientv3` package).
 pub use etcd_client;
 pub use mutex::{Holder, Mutex, MutexGuard};
 pub use read_cache::ReadCache;

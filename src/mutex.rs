@@ -72,7 +72,8 @@ pub struct Mutex {
 /// instance permission denied), the key stays until the session ends; if that runtime has
 /// shut down, or is shutting down (a guard dropped as `#[tokio::main]`'s `main` returns),
 /// the lease's expiry releases the lock: call [`unlock`](Self::unlock) before exiting. A
-/// `tracing` warning says so in both cases.
+/// `tracing` warning says so in both cases. Go has no guard: its `Mutex` itself holds the
+/// lock until `Unlock`.
 ///
 /// # Example
 ///
@@ -95,7 +96,8 @@ pub struct MutexGuard {
 
 impl Mutex {
     /// A handle on the lock `name` (any bytes, not empty) for `session`. Nothing is sent
-    /// until [`lock`](Self::lock) or [`try_lock`](Self::try_lock). Mirrors Go's
+    /// until [`lock`](Self::lock), [`try_lock`](Self::try_lock) or
+    /// [`holder`](Self::holder). Mirrors Go's
     /// `concurrency.NewMutex(session, pfx)`, which also appends the `/` to the name.
     ///
     /// The keys live under `name` + `/`, so `a` and `ab` never meet; but a name that
@@ -123,12 +125,13 @@ impl Mutex {
         }
     }
 
-    /// The lock's name, without the trailing `/`.
+    /// The lock's name, without the trailing `/`. No Go counterpart: Go's `Mutex` keeps its
+    /// prefix to itself.
     pub fn name(&self) -> &[u8] {
         &self.name
     }
 
-    /// The session whose lease holds the lock's key.
+    /// The session whose lease holds the lock's key. No Go counterpart.
     pub fn session(&self) -> &Session {
         &self.session
     }

@@ -133,7 +133,8 @@ impl ReadCache {
     /// Reads every key under `prefix` (linearizably) and starts the watch that keeps the
     /// copy current. Returns once the copy is complete. A range larger than the client
     /// accepts in one answer (etcd-client's default limit is 4 MiB; its values, or even
-    /// its keys alone) is read in parts, at one revision.
+    /// its keys alone) is read in parts, at one revision. No Go counterpart: Go's STM reads
+    /// every key from etcd.
     ///
     /// # Errors
     ///

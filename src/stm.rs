@@ -110,6 +110,8 @@ enum Write {
 impl Stm {
     /// Transactions over `client`, at [`Isolation::SerializableSnapshot`], with at most
     /// [`DEFAULT_MAX_ATTEMPTS`] (32) attempts. No request is sent until [`run`](Self::run).
+    /// Go's `concurrency.NewSTM` takes the client and its options in one call, and runs the
+    /// transaction there.
     ///
     /// ```no_run
     /// use etcd_concurrency::{Isolation, Stm};
@@ -194,8 +196,8 @@ impl Stm {
     /// How long each read (and the check that ends a read-only transaction) is retried on
     /// transient failures (member down, leader change), and how long the commit may wait
     /// for its answer; the commit is sent again only when etcd certainly did not apply it
-    /// (default 5 s; not zero, which [`run`](Self::run) refuses). Go bounds its requests
-    /// with the context of `WithAbortContext` instead.
+    /// (default 5 s; zero makes [`run`](Self::run) return [`Error::InvalidArgument`]). Go
+    /// bounds its requests with the context of `WithAbortContext` instead.
     #[must_use = "returns the Stm with this setting"]
     pub fn request_timeout(mut self, timeout: Duration) -> Stm {
         self.request_timeout = timeout;

@@ -20,7 +20,9 @@ use crate::watcher::{Follower, Update, revision_of};
 /// itself, except after the one error item of an empty name.
 ///
 /// `Observe` is [`Unpin`], so `next()` from [`futures::StreamExt`] needs no pinning, and it
-/// can be kept in a struct or moved into a task. Dropping it closes its watch.
+/// can be kept in a struct or moved into a task. Dropping it closes its watch. Go's
+/// `Election.Observe` returns a channel of `GetResponse`s instead, closed when its context
+/// ends.
 ///
 /// [`Election::observe`]: super::Election::observe
 #[must_use = "streams do nothing unless polled"]

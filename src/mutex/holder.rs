@@ -9,7 +9,8 @@ use crate::session::lease_hex;
 /// The holder of a lock as [`Mutex::holder`](crate::Mutex::holder) read it: the key with
 /// the lowest create revision under the lock's name, which is the lock's holder for every
 /// client that locks it as Go's `concurrency.Mutex` does (this crate, `etcdctl lock`,
-/// etcd's Lock service).
+/// etcd's Lock service). Go has no such lookup; its accessors mirror the fields of the
+/// key's `mvccpb.KeyValue` (`Key`, `CreateRevision`, `Lease`).
 ///
 /// ```no_run
 /// # async fn example(mutex: etcd_concurrency::Mutex) -> etcd_concurrency::Result<()> {

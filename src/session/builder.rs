@@ -22,7 +22,9 @@ use crate::retry::{retry, retry_write};
 /// The largest TTL etcd grants (its `MaxLeaseTTL`), in seconds.
 const MAX_TTL_SECS: u64 = 9_000_000_000;
 
-/// Configures and creates a [`Session`]; see [`Session::builder`] for an example.
+/// Configures and creates a [`Session`]; see [`Session::builder`] for an example. Go's
+/// `concurrency.NewSession` takes its options (`WithTTL`, `WithLease`, `WithContext`) as
+/// arguments instead.
 #[derive(Clone)]
 #[must_use = "a builder does nothing until `build().await`"]
 pub struct SessionBuilder {
@@ -58,7 +60,9 @@ impl SessionBuilder {
     /// The lease's TTL: whole seconds, at least 1 s (default [`DEFAULT_TTL`], 60 s). A
     /// crashed holder's locks are released this long after its last renewal. etcd may
     /// raise TTLs below its minimum; [`Session::ttl`] reports the granted one. Go's
-    /// `concurrency.WithTTL`.
+    /// `concurrency.WithTTL`. A TTL that is not a whole number of seconds from 1 s to etcd's
+    /// maximum (9,000,000,000 s) makes [`build`](Self::build) return
+    /// [`Error::InvalidArgument`].
     pub fn ttl(mut self, ttl: Duration) -> SessionBuilder {
         self.ttl = Some(ttl);
         self
@@ -66,7 +70,8 @@ impl SessionBuilder {
 
     /// Resumes an existing lease instead of granting one (Go's `concurrency.WithLease`),
     /// e.g. one handed over with [`Session::orphan`]. Its TTL is the one it was granted
-    /// with, so it cannot be combined with [`ttl`](Self::ttl).
+    /// with, so it cannot be combined with [`ttl`](Self::ttl): [`build`](Self::build)
+    /// returns [`Error::InvalidArgument`] for both, and for a lease etcd does not know.
     ///
     /// Two live sessions on one lease are one owner to etcd: a lock's key is named after
     /// the lease, so both hold a lock either takes, and a release by either releases it
@@ -83,7 +88,8 @@ impl SessionBuilder {
     /// revoke of a session dropped without [`Session::close`] (after which the lease's
     /// expiry releases), and the revokes of a lease that a failed or dropped
     /// [`build`](Self::build) may have granted. No Go counterpart: Go bounds its requests
-    /// with the caller's `context`.
+    /// with the caller's `context`. Zero makes [`build`](Self::build) return
+    /// [`Error::InvalidArgument`].
     pub fn release_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.release_timeout = timeout;
         self
@@ -92,8 +98,9 @@ impl SessionBuilder {
     /// How long one request is retried on transient failures (member down, leader
     /// change, lost connection) before its error is returned (default
     /// [`DEFAULT_REQUEST_TIMEOUT`], 5 s). Waiting for a lock is not limited by this. Not
-    /// zero; `Duration::MAX` retries for as long as it takes. No Go counterpart: Go bounds
-    /// its requests with the caller's `context`.
+    /// zero ([`build`](Self::build) returns [`Error::InvalidArgument`]); `Duration::MAX`
+    /// retries for as long as it takes. No Go counterpart: Go bounds its requests with the
+    /// caller's `context`.
     ///
     /// The bound is per request, so a call that needs more than one may take longer: twice
     /// as long for a build whose retried grant found its lease granted (it then reads the

@@ -36,6 +36,8 @@ const ELECTION_TIMEOUT_MS: u32 = 500;
 ///
 /// The binary is `etcd` from `PATH`, or `$ETCD_BIN`. Methods that change a member take
 /// `&self`, so a fault schedule can run in its own task while workers use the cluster.
+/// No counterpart in Go's `concurrency` package; the nearest is etcd's own test harness,
+/// `integration.NewClusterV3`, which runs its members inside the test process.
 ///
 /// ```no_run
 /// # async fn example() {
@@ -165,7 +167,8 @@ impl EtcdCluster {
     ///
     /// # Panics
     ///
-    /// If the endpoints cannot be parsed (never for a running cluster).
+    /// If the endpoints cannot be parsed (never for a running cluster), or outside a Tokio
+    /// runtime (etcd-client's channel spawns a task).
     ///
     /// # Cancel safety
     ///
@@ -187,6 +190,10 @@ impl EtcdCluster {
 
     /// The index of the member that is the raft leader now, if one answers as such. Asks
     /// each running member for its status, giving each 1 s.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime with its I/O and time drivers.
     ///
     /// # Cancel safety
     ///
@@ -259,8 +266,9 @@ impl EtcdCluster {
     ///
     /// # Panics
     ///
-    /// If there is no member `i`, if `etcd` cannot be found or started, or if the member
-    /// does not become healthy within 30 s (the message holds its log tail).
+    /// If there is no member `i`, if `etcd` cannot be found or started, if the member does
+    /// not become healthy within 30 s (the message holds its log tail), or outside a Tokio
+    /// runtime with its I/O and time drivers.
     ///
     /// # Cancel safety
     ///

@@ -36,7 +36,9 @@ struct State {
 /// makes its link slow. Each direction of a connection is forwarded until its sender
 /// closes it, so a client's half-close still gets the answer. The proxy runs on the Tokio
 /// runtime it was started on; once dropped, it stops (closing its port and every
-/// connection) as soon as that runtime next runs its task.
+/// connection) as soon as that runtime next runs its task. No counterpart in Go's
+/// `concurrency` package; etcd's Go integration tests put a `bridge` (`Blackhole`,
+/// `Pause`) between client and member for the same purpose.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
