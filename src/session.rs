@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, KeyValue, SortOrder, SortTarget};
+use etcd_client::{Client, GetOptions, KeyValue, LeaseTimeToLiveResponse, SortOrder, SortTarget};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -415,12 +415,8 @@ impl Session {
     /// rounds the remaining TTL down to whole seconds, so a live lease with less than a
     /// second left reports 0; only an unknown one reports -1.
     pub(crate) async fn check_lease(&self) -> Result<bool> {
-        let id = self.shared.lease_id;
-        let answer = retry(&self.shared.client, self.shared.request_timeout, |client| {
-            let mut leases = client.lease_client();
-            async move { leases.time_to_live(id, None).await }
-        })
-        .await?;
+        let shared = &self.shared;
+        let answer = time_to_live(&shared.client, shared.lease_id, shared.request_timeout).await?;
         let alive = answer.ttl() >= 0;
         if !alive {
             self.mark_lost();
@@ -625,6 +621,20 @@ async fn revoke_repeatedly(client: Client, id: i64, limit: Duration) {
              after its TTL"
         );
     }
+}
+
+/// etcd's answer on lease `id` (its TTL left, -1 if it does not know it), retried within
+/// `limit`.
+async fn time_to_live(
+    client: &Client,
+    id: i64,
+    limit: Duration,
+) -> Result<LeaseTimeToLiveResponse> {
+    retry(client, limit, |client| {
+        let mut leases = client.lease_client();
+        async move { leases.time_to_live(id, None).await }
+    })
+    .await
 }
 
 async fn revoke(client: Client, lease_id: i64, limit: Duration) -> Result<()> {

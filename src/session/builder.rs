@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::keep_alive::{Deadline, MarkLostOnExit, Renewed, keep_alive};
 use super::{
     DEFAULT_RELEASE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, Session, Shared, lease_hex,
-    revoke_repeatedly, secs,
+    revoke_repeatedly, secs, time_to_live,
 };
 use crate::error::{Error, Result, is_lease_gone, is_lease_taken};
 use crate::release::spawn_release;
@@ -247,16 +247,13 @@ impl SessionBuilder {
         let result = match granted {
             Ok(answer) => Ok((answer.id(), secs(answer.ttl()), maybe_granted)),
             Err(Error::Etcd(error)) if is_lease_taken(&error) => {
-                retry(&self.client, self.request_timeout, |client| {
-                    let mut leases = client.lease_client();
-                    async move { leases.time_to_live(id, None).await }
-                })
-                .await
-                .and_then(|answer| match answer.ttl() {
-                    // Granted by an earlier attempt, whose answer was lost, a TTL ago.
-                    ..0 => Err(Error::SessionLost),
-                    _ => Ok((id, secs(answer.granted_ttl()), maybe_granted)),
-                })
+                time_to_live(&self.client, id, self.request_timeout)
+                    .await
+                    .and_then(|answer| match answer.ttl() {
+                        // Granted by an earlier attempt, whose answer was lost, a TTL ago.
+                        ..0 => Err(Error::SessionLost),
+                        _ => Ok((id, secs(answer.granted_ttl()), maybe_granted)),
+                    })
             }
             Err(error) => Err(error),
         };
@@ -292,11 +289,7 @@ impl SessionBuilder {
             let why = format!("lease {id} (hex {hex}) does not exist or has expired");
             Error::InvalidArgument(why)
         };
-        let answer = retry(&self.client, self.request_timeout, |client| {
-            let mut leases = client.lease_client();
-            async move { leases.time_to_live(id, None).await }
-        })
-        .await?;
+        let answer = time_to_live(&self.client, id, self.request_timeout).await?;
         if answer.ttl() < 0 {
             return Err(gone());
         }
