@@ -105,8 +105,12 @@ pub enum Error {
     /// error, [`Error::Etcd`], instead. To tell an outage of either kind, use
     /// [`Error::is_transient`]. Where Go's caller would see its `context`'s
     /// `DeadlineExceeded`.
-    #[error("no answer from etcd within {after:?}")]
+    #[error("no answer from etcd to a {call} request within {after:?}")]
     Timeout {
+        /// The request that went unanswered, by its name in etcd's gRPC API: `"Txn"`,
+        /// `"Range"`, `"Watch"` (opening a watch, or a read its follower made), `"LeaseGrant"`,
+        /// `"LeaseKeepAlive"`, `"LeaseTimeToLive"`, `"LeaseRevoke"` or `"Authenticate"`.
+        call: &'static str,
         /// How long the request was given.
         after: Duration,
     },
@@ -316,6 +320,7 @@ mod tests {
             Error::InvalidArgument("x".into()),
             Error::TooManyConflicts { attempts: 3 },
             Error::Timeout {
+                call: "Txn",
                 after: Duration::from_secs(1),
             },
         ] {

@@ -178,7 +178,7 @@ async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
     else {
         return Ok(());
     };
-    let listed = retry(client, limit, |client| {
+    let listed = retry(client, "LeaseTimeToLive", limit, |client| {
         let mut leases = client.lease_client();
         async move {
             let keys = LeaseTimeToLiveOptions::new().with_keys();
@@ -221,7 +221,7 @@ async fn sweep_once(session: &WeakSession, client: &Client) -> Result<()> {
     // sweep from the keys after it; the first such refusal is returned at the end.
     let mut refused = None;
     for key in to_read {
-        let read = retry(client, limit, |client| {
+        let read = retry(client, "Range", limit, |client| {
             let (mut kv, key) = (client.kv_client(), key.clone());
             async move { kv.get(key, Some(GetOptions::new().with_keys_only())).await }
         });

@@ -292,7 +292,7 @@ pub(crate) async fn release_lease_key(session: WeakSession, key: &[u8]) {
 /// [`release_while_session_lives`]) on the way to releasing it.
 async fn lease_key(session: &WeakSession, key: &[u8]) -> Option<i64> {
     let found = while_session_lives(session, |live| async move {
-        let lookup = retry(live.client(), live.release_timeout(), |client| {
+        let lookup = retry(live.client(), "Range", live.release_timeout(), |client| {
             let mut kv = client.kv_client();
             async move { kv.get(key, None).await }
         });

@@ -79,8 +79,8 @@ impl Backoff {
     }
 }
 
-/// Runs `request` until it succeeds, fails with a non-transient error, or `limit` has
-/// passed. `request` is given `client` and clones the part it calls (`kv_client()`,
+/// Runs `request`, a `call` of etcd's API (its gRPC method's name, such as "Range"), until
+/// it succeeds, fails with a non-transient error, or `limit` has passed. `request` is given `client` and clones the part it calls (`kv_client()`,
 /// `lease_client()`, `watch_client()`: etcd-client's calls borrow it mutably), which costs a
 /// ninth of a whole `Client`'s clone (3.5 KB, 1.8 µs). An attempt unanswered after
 /// [`ATTEMPT_TIMEOUT`] is sent again, the first staying in flight: the first answer counts.
@@ -90,18 +90,24 @@ impl Backoff {
 /// Returns the request's answer; the last error if it kept failing (transient or not),
 /// also when the deadline came with attempts in flight; or [`Error::Timeout`] if no
 /// attempt got an answer at all.
-pub(crate) async fn retry<T, F, Fut>(client: &Client, limit: Duration, request: F) -> Result<T>
+pub(crate) async fn retry<T, F, Fut>(
+    client: &Client,
+    call: &'static str,
+    limit: Duration,
+    request: F,
+) -> Result<T>
 where
     F: FnMut(&Client) -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
-    retry_every(ATTEMPT_TIMEOUT, client, limit, request).await
+    retry_every(ATTEMPT_TIMEOUT, client, call, limit, request).await
 }
 
 /// [`retry`], sending the request again when an attempt is unanswered after `resend`.
 pub(crate) async fn retry_every<T, F, Fut>(
     resend: Duration,
     client: &Client,
+    call: &'static str,
     limit: Duration,
     mut request: F,
 ) -> Result<T>
@@ -149,7 +155,8 @@ where
                     continue;
                 }
                 // The last error says more than "no answer" (e.g. connection refused).
-                return Err(last_error.map_or(Error::Timeout { after: limit }, Error::Etcd));
+                let unanswered = Error::Timeout { call, after: limit };
+                return Err(last_error.map_or(unanswered, Error::Etcd));
             }
         };
         // An abandoned attempt has no answer.
@@ -184,6 +191,7 @@ where
 /// refusal by etcd, for what the request is, was not applied.
 pub(crate) async fn retry_write<T, F, Fut>(
     client: &Client,
+    call: &'static str,
     limit: Duration,
     mut request: F,
 ) -> (Result<T>, bool)
@@ -195,7 +203,7 @@ where
     // or the deadline came.
     let unanswered = AtomicUsize::new(0);
     let maybe_applied = AtomicBool::new(false);
-    let answer = retry(client, limit, |client| {
+    let answer = retry(client, call, limit, |client| {
         let attempt = request(client);
         let (unanswered, maybe_applied) = (&unanswered, &maybe_applied);
         async move {
@@ -221,7 +229,7 @@ pub(crate) async fn retry_read_txn(
     limit: Duration,
     txn: Txn,
 ) -> Result<TxnResponse> {
-    retry(client, limit, |client| {
+    retry(client, "Txn", limit, |client| {
         let (mut kv, txn) = (client.kv_client(), txn.clone());
         async move { kv.txn(txn).await }
     })
@@ -234,7 +242,7 @@ pub(crate) async fn retry_write_txn(
     limit: Duration,
     txn: Txn,
 ) -> (Result<TxnResponse>, bool) {
-    retry_write(client, limit, |client| {
+    retry_write(client, "Txn", limit, |client| {
         let (mut kv, txn) = (client.kv_client(), txn.clone());
         async move { kv.txn(txn).await }
     })
@@ -298,13 +306,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_transient_errors_until_success() {
         let calls = AtomicU32::new(0);
-        let answer = retry(&idle_client().await, Duration::from_secs(5), |_| async {
-            if calls.fetch_add(1, Ordering::SeqCst) < 3 {
-                Err(unavailable())
-            } else {
-                Ok(7)
-            }
-        })
+        let answer = retry(
+            &idle_client().await,
+            "Range",
+            Duration::from_secs(5),
+            |_| async {
+                if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                    Err(unavailable())
+                } else {
+                    Ok(7)
+                }
+            },
+        )
         .await
         .unwrap();
         assert_eq!(answer, 7);
@@ -314,12 +327,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn returns_permanent_errors_at_once() {
         let calls = AtomicU32::new(0);
-        let error = retry(&idle_client().await, Duration::from_secs(5), |_| async {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Err::<(), _>(etcd_client::Error::GRpcStatus(
-                tonic::Status::permission_denied("no"),
-            ))
-        })
+        let error = retry(
+            &idle_client().await,
+            "Range",
+            Duration::from_secs(5),
+            |_| async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(etcd_client::Error::GRpcStatus(
+                    tonic::Status::permission_denied("no"),
+                ))
+            },
+        )
         .await
         .unwrap_err();
         assert!(matches!(error, Error::Etcd(_)));
@@ -329,16 +347,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sends_again_when_an_attempt_hangs() {
         let calls = AtomicU32::new(0);
-        let answer = retry(&idle_client().await, Duration::from_secs(5), |_| {
-            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
-            async move {
-                if first {
-                    std::future::pending().await
-                } else {
-                    Ok("answered")
+        let answer = retry(
+            &idle_client().await,
+            "Range",
+            Duration::from_secs(5),
+            |_| {
+                let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        std::future::pending().await
+                    } else {
+                        Ok("answered")
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
         .unwrap();
         assert_eq!(answer, "answered");
@@ -351,7 +374,7 @@ mod tests {
         let client = idle_client().await;
         let started = Instant::now();
         let slow = ATTEMPT_TIMEOUT + Duration::from_millis(500);
-        let answer = retry(&client, Duration::from_secs(5), |_| {
+        let answer = retry(&client, "Range", Duration::from_secs(5), |_| {
             let call = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 tokio::time::sleep(slow).await;
@@ -369,16 +392,16 @@ mod tests {
     async fn an_answer_that_comes_with_the_deadline_or_a_resend_is_taken() {
         let client = idle_client().await;
         let limit = ATTEMPT_TIMEOUT * 2;
-        let at_the_deadline = retry(&client, limit, |_| async move {
+        let at_the_deadline = retry(&client, "Range", limit, |_| async move {
             tokio::time::sleep(limit).await;
             Ok(1)
         });
         assert_eq!(at_the_deadline.await.unwrap(), 1);
-        let at_once = retry(&client, Duration::ZERO, |_| async { Ok(2) });
+        let at_once = retry(&client, "Range", Duration::ZERO, |_| async { Ok(2) });
         assert_eq!(at_once.await.unwrap(), 2);
         // The first attempt answers as the fifth is due, which would abandon it.
         let calls = AtomicU32::new(0);
-        let oldest = retry(&client, Duration::from_secs(30), |_| {
+        let oldest = retry(&client, "Range", Duration::from_secs(30), |_| {
             let call = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 tokio::time::sleep(ATTEMPT_TIMEOUT * MAX_IN_FLIGHT as u32).await;
@@ -392,7 +415,7 @@ mod tests {
     async fn attempts_in_flight_may_answer_after_another_failed_near_the_deadline() {
         let calls = AtomicU32::new(0);
         let client = idle_client().await;
-        let answer = retry(&client, Duration::from_secs(5), |_| {
+        let answer = retry(&client, "Range", Duration::from_secs(5), |_| {
             let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
             async move {
                 if first {
@@ -418,7 +441,7 @@ mod tests {
         let (calls, alive, most) = (AtomicU32::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
         let client = idle_client().await;
         let limit = ATTEMPT_TIMEOUT * 10;
-        let error = retry(&client, limit, |_| {
+        let error = retry(&client, "Range", limit, |_| {
             calls.fetch_add(1, Ordering::SeqCst);
             let (alive, most) = (&alive, &most);
             async move {
@@ -443,12 +466,14 @@ mod tests {
     async fn gives_up_at_the_deadline() {
         let client = idle_client().await;
         let limit = Duration::from_secs(2);
-        let error = retry(&client, limit, |_| async { Err::<(), _>(unavailable()) })
-            .await
-            .unwrap_err();
+        let error = retry(&client, "Range", limit, |_| async {
+            Err::<(), _>(unavailable())
+        })
+        .await
+        .unwrap_err();
         assert!(error.is_transient());
         let calls = AtomicU32::new(0);
-        let fails_then_hangs = retry(&client, limit, |_| {
+        let fails_then_hangs = retry(&client, "Range", limit, |_| {
             let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
             async move {
                 if first {
@@ -463,15 +488,25 @@ mod tests {
             matches!(fails_then_hangs, Error::Etcd(_)),
             "{fails_then_hangs:?}"
         );
-        let hang = retry(&client, limit, |_| std::future::pending::<Result<(), _>>())
-            .await
-            .unwrap_err();
-        assert!(matches!(hang, Error::Timeout { after } if after == Duration::from_secs(2)));
+        let hang = retry(&client, "Range", limit, |_| {
+            std::future::pending::<Result<(), _>>()
+        })
+        .await
+        .unwrap_err();
+        let named = matches!(hang, Error::Timeout { call: "Range", after } if after.as_secs() == 2);
+        assert!(named, "{hang:?}");
+        assert_eq!(
+            hang.to_string(),
+            "no answer from etcd to a Range request within 2s"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn no_limit_is_a_limit_far_away() {
-        let answer = retry(&idle_client().await, Duration::MAX, |_| async { Ok(1) }).await;
+        let answer = retry(&idle_client().await, "Range", Duration::MAX, |_| async {
+            Ok(1)
+        })
+        .await;
         assert_eq!(answer.unwrap(), 1);
     }
 
@@ -480,7 +515,7 @@ mod tests {
     async fn first_may_have_applied(first: Option<etcd_client::Error>) -> bool {
         let mut first = Some(first);
         let (answer, maybe_applied) =
-            retry_write(&idle_client().await, Duration::from_secs(5), |_| {
+            retry_write(&idle_client().await, "Txn", Duration::from_secs(5), |_| {
                 let outcome = first.take();
                 async move {
                     match outcome {
@@ -498,7 +533,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_write_cut_off_at_the_deadline_may_have_applied() {
         let limit = Duration::from_secs(1);
-        let (answer, maybe_applied) = retry_write(&idle_client().await, limit, |_| {
+        let (answer, maybe_applied) = retry_write(&idle_client().await, "Txn", limit, |_| {
             std::future::pending::<Result<(), etcd_client::Error>>()
         })
         .await;
@@ -522,7 +557,7 @@ mod tests {
     async fn failed_write_may_have_applied(error: tonic::Status) -> bool {
         let mut error = Some(etcd_client::Error::GRpcStatus(error));
         let (answer, maybe_applied) =
-            retry_write(&idle_client().await, Duration::from_secs(5), |_| {
+            retry_write(&idle_client().await, "Txn", Duration::from_secs(5), |_| {
                 let error = error.take().expect("one attempt");
                 async move { Err::<(), _>(error) }
             })

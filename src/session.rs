@@ -498,10 +498,15 @@ pub(crate) async fn first_in_queue(session: &Session, name: &[u8]) -> Result<Opt
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1);
-    let mut answer = retry(session.client(), session.request_timeout(), |client| {
-        let (mut kv, prefix, first) = (client.kv_client(), prefix.clone(), first.clone());
-        async move { kv.get(prefix, Some(first)).await }
-    })
+    let mut answer = retry(
+        session.client(),
+        "Range",
+        session.request_timeout(),
+        |client| {
+            let (mut kv, prefix, first) = (client.kv_client(), prefix.clone(), first.clone());
+            async move { kv.get(prefix, Some(first)).await }
+        },
+    )
     .await?;
     Ok(answer.take_kvs().into_iter().next())
 }
@@ -630,7 +635,7 @@ async fn time_to_live(
     id: i64,
     limit: Duration,
 ) -> Result<LeaseTimeToLiveResponse> {
-    retry(client, limit, |client| {
+    retry(client, "LeaseTimeToLive", limit, |client| {
         let mut leases = client.lease_client();
         async move { leases.time_to_live(id, None).await }
     })
@@ -638,7 +643,7 @@ async fn time_to_live(
 }
 
 async fn revoke(client: Client, lease_id: i64, limit: Duration) -> Result<()> {
-    let revoked = retry(&client, limit, |client| {
+    let revoked = retry(&client, "LeaseRevoke", limit, |client| {
         let mut leases = client.lease_client();
         async move { leases.revoke(lease_id).await }
     });

@@ -212,7 +212,10 @@ impl Follower {
             Ok(update) => update,
             Err(_) => Err(match self.open_failure.take() {
                 Some(failed @ Error::Etcd(_)) => failed,
-                _ => Error::Timeout { after: limit },
+                _ => Error::Timeout {
+                    call: "Watch",
+                    after: limit,
+                },
             }),
         }
     }
@@ -364,7 +367,7 @@ impl Follower {
     async fn read_snapshot(&mut self) -> Result<Update> {
         let options = self.range(self.read_options.clone());
         let key = &self.key;
-        let read = retry(&self.client, self.request_limit, |client| {
+        let read = retry(&self.client, "Range", self.request_limit, |client| {
             let (mut kv, key, options) = (client.kv_client(), key.clone(), options.clone());
             async move { kv.get(key, Some(options)).await }
         });
@@ -451,7 +454,7 @@ impl Follower {
             if self.prefix {
                 options = options.with_range(range_end(&self.key));
             }
-            let page_from = retry(kv, self.request_limit, |client| {
+            let page_from = retry(kv, "Range", self.request_limit, |client| {
                 let (mut kv, from, options) = (client.kv_client(), from.clone(), options.clone());
                 async move { kv.get(from, Some(options)).await }
             });
@@ -488,7 +491,7 @@ impl Follower {
     async fn watch_with(&mut self, options: WatchOptions) -> Result<(WatchStream, WatchResponse)> {
         let key = &self.key;
         self.renewals_seen = TOKEN_RENEWALS.load(Ordering::SeqCst);
-        let opened = retry(&self.client, self.request_limit, |client| {
+        let opened = retry(&self.client, "Watch", self.request_limit, |client| {
             let (mut watches, key) = (client.watch_client(), key.clone());
             let options = options.clone();
             async move {
@@ -534,6 +537,7 @@ impl Follower {
             ))),
             Ok(Err(error)) => Error::Etcd(error),
             Err(_) => Error::Timeout {
+                call: "Authenticate",
                 after: self.request_limit,
             },
         }

@@ -230,7 +230,10 @@ async fn a_dropped_guard_is_released_within_the_release_timeout_over_a_link_slow
     })
     .await;
     // Its own join cannot be answered within the request timeout.
-    assert!(matches!(&tried, Err(Error::Timeout { .. })), "{tried:?}");
+    assert!(
+        matches!(&tried, Err(Error::Timeout { call: "Txn", .. })),
+        "{tried:?}"
+    );
     proxy.delay(Duration::ZERO);
     // What the proxy took in before is still delivered 0.7 s late, each way, ahead of
     // anything newer: a round trip over the session's connection comes back behind it.
@@ -299,7 +302,10 @@ async fn a_lock_cut_off_with_its_outcome_unknown_does_not_hold_up_the_next_call(
     // Requests hang: the join may or may not have been applied.
     proxy.stall();
     let locked = within(secs(5), mutex.lock()).await;
-    assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+    assert!(
+        matches!(&locked, Err(Error::Timeout { call: "Txn", .. })),
+        "{locked:?}"
+    );
     // The next call asks etcd (and fails the same way) instead of saying busy while the
     // first one's key is looked for.
     let tried = within(secs(5), mutex.try_lock()).await;
@@ -520,7 +526,7 @@ async fn a_late_campaign_key_is_swept_over_a_link_slower_than_requests() {
     proxy.delay(SLOWER_THAN_REQUESTS);
     let campaigned = within(secs(5), election.campaign("a")).await;
     assert!(
-        matches!(&campaigned, Err(Error::Timeout { .. })),
+        matches!(&campaigned, Err(Error::Timeout { call: "Txn", .. })),
         "{campaigned:?}"
     );
     // The undo of the campaign deletes the key its join made.

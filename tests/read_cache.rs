@@ -972,7 +972,7 @@ async fn a_cluster_that_never_answers_gives_a_timeout() {
     proxy.stall();
     let made = within(secs(7), ReadCache::watch(client, unique("unanswered"))).await;
     assert!(
-        matches!(&made, Err(Error::Timeout { after }) if *after == secs(5)),
+        matches!(&made, Err(Error::Timeout { call: "Watch", after }) if *after == secs(5)),
         "{made:?}"
     );
 }

@@ -239,11 +239,12 @@ impl SessionBuilder {
         let id = rand::random_range(1..i64::MAX);
         let revoke_unless_kept = RevokeOnDrop(Some((self, id)));
         let options = LeaseGrantOptions::new().with_id(id);
-        let (granted, maybe_granted) = retry_write(&self.client, self.request_timeout, |client| {
-            let (mut leases, options) = (client.lease_client(), options.clone());
-            async move { leases.grant(ttl, Some(options)).await }
-        })
-        .await;
+        let (granted, maybe_granted) =
+            retry_write(&self.client, "LeaseGrant", self.request_timeout, |client| {
+                let (mut leases, options) = (client.lease_client(), options.clone());
+                async move { leases.grant(ttl, Some(options)).await }
+            })
+            .await;
         let result = match granted {
             Ok(answer) => Ok((answer.id(), secs(answer.ttl()), maybe_granted)),
             Err(Error::Etcd(error)) if is_lease_taken(&error) => {
@@ -294,10 +295,15 @@ impl SessionBuilder {
             return Err(gone());
         }
         let sent = Instant::now();
-        let stream = match retry(&self.client, self.request_timeout, |client| {
-            let mut leases = client.lease_client();
-            async move { leases.keep_alive(id).await }
-        })
+        let stream = match retry(
+            &self.client,
+            "LeaseKeepAlive",
+            self.request_timeout,
+            |client| {
+                let mut leases = client.lease_client();
+                async move { leases.keep_alive(id).await }
+            },
+        )
         .await
         {
             Err(Error::Etcd(error)) if is_lease_gone(&error) => return Err(gone()),

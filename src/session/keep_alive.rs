@@ -133,11 +133,17 @@ type Opening = Pin<Box<dyn Future<Output = Result<(Instant, Stream)>> + Send>>;
 fn open(client: Client, lease_id: i64, period: Duration, until: Instant) -> Opening {
     Box::pin(async move {
         let left = until.saturating_duration_since(Instant::now());
-        retry_every(answer_due(period), &client, left, |client| {
-            // Taken before this attempt is sent: the renewal it makes counts from here.
-            let (mut leases, attempted) = (client.lease_client(), Instant::now());
-            async move { Ok((attempted, leases.keep_alive(lease_id).await?)) }
-        })
+        retry_every(
+            answer_due(period),
+            &client,
+            "LeaseKeepAlive",
+            left,
+            |client| {
+                // Taken before this attempt is sent: the renewal it makes counts from here.
+                let (mut leases, attempted) = (client.lease_client(), Instant::now());
+                async move { Ok((attempted, leases.keep_alive(lease_id).await?)) }
+            },
+        )
         .await
     })
 }

@@ -30,7 +30,13 @@ pub(super) async fn commit_once(kv: &Client, limit: Duration, txn: Txn) -> Resul
                 tokio::time::sleep_until(resend_at.min(deadline)).await;
             }
             Ok(Err(error)) => return Err(Error::Etcd(error)),
-            Err(_) => return Err(refused.map_or(Error::Timeout { after: limit }, Error::Etcd)),
+            Err(_) => {
+                let unanswered = Error::Timeout {
+                    call: "Txn",
+                    after: limit,
+                };
+                return Err(refused.map_or(unanswered, Error::Etcd));
+            }
         }
     }
 }

@@ -272,7 +272,7 @@ impl StmTxn {
     }
 
     async fn get_with(&self, key: &[u8], options: GetOptions) -> Result<GetResponse> {
-        retry(&self.kv, self.request_timeout, |client| {
+        retry(&self.kv, "Range", self.request_timeout, |client| {
             let (mut kv, key, options) = (client.kv_client(), key.to_vec(), options.clone());
             async move { kv.get(key, Some(options)).await }
         })
