@@ -689,9 +689,14 @@ async fn while_leading_stops_the_job_when_leadership_is_lost() {
         .unwrap();
     let done = leading.while_leading(async { 42 }).await;
     assert_eq!(done, Some(42));
-    let job = leading.while_leading(std::future::pending::<()>());
+    // Revoked once the job runs: it is stopped while running.
+    let (running, started) = tokio::sync::oneshot::channel();
+    let job = leading.while_leading(async {
+        running.send(()).unwrap();
+        std::future::pending::<()>().await
+    });
     let revoke = async {
-        tokio::time::sleep(millis(100)).await;
+        started.await.unwrap();
         client.lease_revoke(ours.lease_id()).await.unwrap();
     };
     let (stopped, ()) = within(secs(2), futures::future::join(job, revoke)).await;

@@ -168,13 +168,6 @@ async fn leaders_never_overlap_and_observers_end_on_the_true_leader() {
     leading.resign().await.unwrap();
     observer.abort();
     // Every candidate closed its session (or lost it to expiry): no candidacy is left.
-    within(secs(TTL + 5), async {
-        while !common::keys_under(&client, &format!("{prefix}/election/"))
-            .await
-            .is_empty()
-        {
-            tokio::time::sleep(millis(100)).await;
-        }
-    })
-    .await;
+    let candidacies = format!("{prefix}/election/");
+    within(secs(TTL + 5), common::no_keys_under(&client, &candidacies)).await;
 }

@@ -130,15 +130,19 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
             let mutex = Mutex::new(&b, &lock);
             async move { mutex.lock().await.map(drop) }
         });
-        let _ = tokio::time::timeout(millis(100), held.lost()).await;
+        let lost = tokio::time::timeout(millis(100), held.lost()).await;
+        assert!(lost.is_err(), "the lock was lost while held");
         drop(held); // released in the background; the waiter gets the lock and drops it
         within(secs(5), waiting).await.unwrap().unwrap();
 
         let election = Election::new(&a, format!("{prefix}/election"));
         let mut leaders = Election::new(&b, format!("{prefix}/election")).observe();
-        let _ = within(secs(5), leaders.next()).await;
+        let first = within(secs(5), leaders.next()).await;
+        assert!(matches!(first, Some(Ok(None))), "{first:?}");
         let leading = within(secs(10), election.campaign("x")).await.unwrap();
-        let _ = within(secs(5), leaders.next()).await;
+        let next = within(secs(5), leaders.next()).await;
+        let leader = next.and_then(Result::ok).flatten();
+        assert_eq!(leader.as_ref().map(|l| l.value()), Some(&b"x"[..]));
         drop(leading);
         Stm::new(client.clone())
             .run(async |tx| {

@@ -168,12 +168,9 @@ async fn a_waiter_far_back_moves_up_past_a_waiter_that_gave_up() {
     for gives_up in GIVING_UP {
         waiters[gives_up as usize].abort();
     }
-    within(secs(5), async {
-        while keys_under(&client, &name).await.len() as u64 != WAITERS + 1 - 3 {
-            tokio::time::sleep(millis(20)).await;
-        }
-    })
-    .await;
+    let queue_left = WAITERS as usize + 1 - GIVING_UP.len();
+    let given_up = common::keys_under_become(&client, &name, |keys| keys == queue_left);
+    within(secs(5), given_up).await;
     guard.unlock().await.unwrap();
     let mut order = Vec::new();
     for _ in 0..WAITERS - 3 {
@@ -493,9 +490,14 @@ async fn while_held_stops_the_work_when_the_lock_is_lost_and_never_starts_it_aft
         .await
         .unwrap();
     assert_eq!(guard.while_held(async { 42 }).await, Some(42));
-    let work = guard.while_held(std::future::pending::<()>());
+    // Revoked once the work runs: it is stopped while running.
+    let (running, started) = tokio::sync::oneshot::channel();
+    let work = guard.while_held(async {
+        running.send(()).unwrap();
+        std::future::pending::<()>().await
+    });
     let revoke = async {
-        tokio::time::sleep(millis(100)).await;
+        started.await.unwrap();
         client.lease_revoke(holder.lease_id()).await.unwrap();
     };
     let (stopped, ()) = within(secs(2), futures::future::join(work, revoke)).await;
@@ -668,7 +670,8 @@ async fn bad_names_and_stray_keys() {
     let mut client = cluster.client().await;
     let ours = session(&client).await;
     let empty = Mutex::new(&ours, "");
-    assert!(matches!(empty.lock().await, Err(Error::InvalidArgument(_))));
+    let locked = within(secs(5), empty.lock()).await;
+    assert!(matches!(locked, Err(Error::InvalidArgument(_))));
     assert!(matches!(
         empty.try_lock().await,
         Err(Error::InvalidArgument(_))

@@ -3,11 +3,12 @@
 
 pub mod faults;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, GetResponse};
+use etcd_client::{Client, GetOptions, GetResponse, WatchOptions};
 use etcd_concurrency::{Session, Stm, StmTxn};
 
 /// The total length of the values of `keys` (0 for an absent one), read in `tx`.
@@ -255,7 +256,38 @@ pub async fn no_leases(client: &Client) {
 
 /// Waits until no key is under `prefix`.
 pub async fn no_keys_under(client: &Client, prefix: &str) {
-    while !keys_under(client, prefix).await.is_empty() {
+    keys_under_become(client, prefix, |count| count == 0).await;
+}
+
+/// Waits until the number of keys under `prefix` is one `wanted` accepts: lists the keys,
+/// then follows their creations and deletions through a watch from the listing's next
+/// revision, so that no change is missed. A watch that breaks (its member went down) is
+/// opened again after a fresh listing.
+pub async fn keys_under_become(client: &Client, prefix: &str, wanted: impl Fn(usize) -> bool) {
+    let keys_only = GetOptions::new().with_prefix().with_keys_only();
+    loop {
+        let listed = read(client, prefix, Some(keys_only.clone())).await;
+        let mut keys: HashSet<Vec<u8>> = listed.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+        if wanted(keys.len()) {
+            return;
+        }
+        let after = listed.header().expect("header").revision() + 1;
+        let options = WatchOptions::new().with_prefix().with_start_revision(after);
+        if let Ok(mut watch) = client.clone().watch(prefix, Some(options)).await {
+            while let Ok(Some(answer)) = watch.message().await {
+                for event in answer.events() {
+                    let key = event.kv().expect("event's key").key().to_vec();
+                    match event.event_type() {
+                        etcd_client::EventType::Put => keys.insert(key),
+                        etcd_client::EventType::Delete => keys.remove(&key),
+                    };
+                }
+                if wanted(keys.len()) {
+                    return;
+                }
+            }
+        }
+        // The watch could not be opened, or broke: a back-off before listing again.
         tokio::time::sleep(millis(50)).await;
     }
 }
