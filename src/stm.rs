@@ -174,7 +174,8 @@ impl Stm {
     /// Reads your writes: before taking the cache, an attempt waits (at most 100 ms, which
     /// only a broken watch uses up) until the cache shows the latest commit that changed a
     /// key under its prefix, made through any `Stm` reading that cache; if it still does
-    /// not, the attempt reads from etcd.
+    /// not, the attempt reads from etcd, through its leader (a linearizable read) at every
+    /// level.
     ///
     /// Nothing in Go's `concurrency` package does this; see [`ReadCache`].
     #[must_use = "returns the Stm with this setting"]
@@ -378,6 +379,7 @@ impl Stm {
                 view: None,
                 seen: self.seen.load(Ordering::Relaxed),
                 copy_needs,
+                behind_own_write: false,
             };
             let output = apply(&mut txn).await;
             if let Some(compaction) = txn.compacted {

@@ -69,6 +69,10 @@ pub struct StmTxn {
     /// Changes found by an earlier attempt's check, whose values it could not hand over:
     /// a copy that does not show them yet is not read.
     pub(super) copy_needs: CopyNeeds,
+    /// The cache's copy did not show a write made through it: this attempt's reads from
+    /// etcd are linearizable, as a serializable one (the non-snapshot levels' reads, as in
+    /// Go) from a lagging member could miss the write too.
+    pub(super) behind_own_write: bool,
 }
 
 impl StmTxn {
@@ -214,6 +218,7 @@ impl StmTxn {
             } else if view.revision < written {
                 // A copy that does not show a write made through it would be read stale
                 // for sure: conflicting, or at ReadCommitted not reading that write.
+                self.behind_own_write = true;
                 Some("cache copy behind a write made through it; reading from etcd")
             } else if view.revision < needs.passed {
                 Some("cache copy not past a change outside its prefix; reading from etcd")
@@ -244,6 +249,7 @@ impl StmTxn {
             (true, Some(revision)) => GetOptions::new()
                 .with_revision(revision)
                 .with_serializable(),
+            (false, _) if self.behind_own_write => GetOptions::new(),
             (false, _) => GetOptions::new().with_serializable(),
         };
         let answer = match self.get_with(key, options).await {
