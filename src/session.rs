@@ -155,7 +155,8 @@ struct Shared {
     deadline: Arc<Deadline>,
     /// Whether an attempt of the grant may still be in transit (the grant was answered
     /// after another attempt went unanswered): reaching etcd after the lease ended, it
-    /// would grant it again, so a revoke is repeated for the release timeout.
+    /// would grant it again, so a revoke is repeated for the release timeout (at most a
+    /// TTL).
     late_grant: bool,
     /// One queue slot per mutex name, so that two `lock()` calls on this session (which
     /// share one key in etcd) never both believe they hold it.
@@ -346,7 +347,8 @@ impl Session {
         if shared.late_grant {
             // Spawned now: the future returned may never be polled to its end.
             let what = "revoking a closed session's lease again, for a late grant attempt";
-            let again = revoke_repeatedly(client.clone(), id, shared.release_timeout);
+            let limit = shared.release_timeout;
+            let again = revoke_repeatedly(client.clone(), id, limit, shared.ttl);
             spawn_release(&shared.runtime, what, again);
         }
         revoke(client, id, shared.request_timeout)
@@ -576,7 +578,8 @@ impl Drop for Shared {
         let (id, limit) = (self.lease_id, self.release_timeout);
         if self.late_grant {
             let what = "revoking a dropped session's lease, again for a late grant attempt";
-            spawn_release(&self.runtime, what, revoke_repeatedly(client, id, limit));
+            let again = revoke_repeatedly(client, id, limit, self.ttl);
+            spawn_release(&self.runtime, what, again);
             return;
         }
         spawn_release(
@@ -599,11 +602,13 @@ fn secs(seconds: i64) -> Duration {
     Duration::from_secs(seconds.max(0) as u64)
 }
 
-/// Revokes lease `id` again and again, with back-off, for `limit`: a grant attempt cut
-/// off in transit may still grant it after a revoke found nothing. Warns if etcd refused,
-/// or if no revoke got an answer.
-async fn revoke_repeatedly(client: Client, id: i64, limit: Duration) {
-    let deadline = deadline_after(limit);
+/// Revokes lease `id` again and again, with back-off, for `limit` or `ttl`, whichever is
+/// shorter: a grant attempt cut off in transit may still grant it after a revoke found
+/// nothing. A lease granted later than that expires by itself a TTL later, nothing
+/// attached to it, so a long (or unlimited) release timeout does not keep a task revoking
+/// for as long. Warns if etcd refused, or if no revoke got an answer.
+async fn revoke_repeatedly(client: Client, id: i64, limit: Duration, ttl: Duration) {
+    let deadline = deadline_after(limit.min(ttl));
     let mut backoff = Backoff::new();
     let (mut answered, mut unreached) = (false, None);
     let failure = loop {

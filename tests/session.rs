@@ -177,6 +177,38 @@ async fn dropping_a_session_whose_lease_is_gone_starts_no_revoke() {
     assert_eq!(tasks.num_alive_tasks(), before, "a revoke was started");
 }
 
+/// A build whose grant went unanswered may have granted its lease: the revokes repeated
+/// in the background stop a TTL later even when the release timeout is unlimited (a lease
+/// granted later expires by itself), instead of keeping a task revoking for decades.
+#[tokio::test]
+async fn revokes_after_a_failed_build_stop_within_its_ttl_whatever_the_release_timeout() {
+    let cluster = EtcdCluster::start(1).await;
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let baseline = common::task_baseline(&client).await;
+    proxy.stall();
+    let build = Session::builder(client)
+        .ttl(secs(2))
+        .request_timeout(secs(1))
+        .release_timeout(Duration::MAX)
+        .build();
+    let built = within(secs(5), build).await;
+    let unanswered = matches!(
+        &built,
+        Err(Error::Timeout {
+            call: "LeaseGrant",
+            ..
+        })
+    );
+    assert!(unanswered, "{built:?}");
+    let metrics = tokio::runtime::Handle::current().metrics();
+    assert!(
+        metrics.num_alive_tasks() > baseline,
+        "no revoke was started"
+    );
+    // Within 5 s: the 2 s TTL and its last revoke's 1 s back-off, with room to spare.
+    common::tasks_back_to(baseline).await;
+}
+
 /// A session lost by its own clock (no renewal answered for a whole TTL) cannot tell
 /// whether its renewals reached etcd and kept the lease: dropped, it still revokes.
 #[tokio::test]

@@ -87,9 +87,9 @@ impl SessionBuilder {
     /// sweeps for keys that join attempts delivered late made (see [`Session`]), the
     /// revoke of a session dropped without [`Session::close`] (after which the lease's
     /// expiry releases), and the revokes of a lease that a failed or dropped
-    /// [`build`](Self::build) may have granted. No Go counterpart: Go bounds its requests
-    /// with the caller's `context`. Zero makes [`build`](Self::build) return
-    /// [`Error::InvalidArgument`].
+    /// [`build`](Self::build) may have granted (repeated for this long, or a TTL if
+    /// shorter). No Go counterpart: Go bounds its requests with the caller's `context`.
+    /// Zero makes [`build`](Self::build) return [`Error::InvalidArgument`].
     pub fn release_timeout(mut self, timeout: Duration) -> SessionBuilder {
         self.release_timeout = timeout;
         self
@@ -237,7 +237,7 @@ impl SessionBuilder {
     /// would ever revoke it.
     async fn grant(&self, ttl: i64) -> Result<(i64, Duration, bool)> {
         let id = rand::random_range(1..i64::MAX);
-        let revoke_unless_kept = RevokeOnDrop(Some((self, id)));
+        let revoke_unless_kept = RevokeOnDrop(Some((self, id, secs(ttl))));
         let options = LeaseGrantOptions::new().with_id(id);
         let (granted, maybe_granted) =
             retry_write(&self.client, "LeaseGrant", self.request_timeout, |client| {
@@ -267,9 +267,10 @@ impl SessionBuilder {
     /// Revokes lease `id`, which a failed or dropped build may have granted, in a
     /// background task. An attempt cut off may still be in transit and grant the lease
     /// after a first revoke found nothing, so the revoke is repeated, with back-off, for
-    /// the release timeout.
-    fn revoke_in_background(&self, id: i64) {
-        let revokes = revoke_repeatedly(self.client.clone(), id, self.release_timeout);
+    /// the release timeout or the `ttl` asked for, whichever is shorter.
+    fn revoke_in_background(&self, id: i64, ttl: Duration) {
+        let limit = self.release_timeout;
+        let revokes = revoke_repeatedly(self.client.clone(), id, limit, ttl);
         let what = "revoking the lease of a session build that failed or was dropped";
         match Handle::try_current() {
             Ok(runtime) => spawn_release(&runtime, what, revokes),
@@ -320,7 +321,7 @@ impl SessionBuilder {
 /// Revokes (in the background) the lease a build's grant may have created, when dropped
 /// armed: by a grant that failed after an attempt that may have applied, or whose future
 /// was dropped while an attempt was in flight.
-struct RevokeOnDrop<'a>(Option<(&'a SessionBuilder, i64)>);
+struct RevokeOnDrop<'a>(Option<(&'a SessionBuilder, i64, Duration)>);
 
 impl RevokeOnDrop<'_> {
     /// The lease is the session's, or was certainly not granted: nothing to revoke.
@@ -331,8 +332,8 @@ impl RevokeOnDrop<'_> {
 
 impl Drop for RevokeOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some((builder, id)) = self.0.take() {
-            builder.revoke_in_background(id);
+        if let Some((builder, id, ttl)) = self.0.take() {
+            builder.revoke_in_background(id, ttl);
         }
     }
 }
