@@ -44,7 +44,8 @@ pub enum Error {
     /// Also returned by a session on which [`Session::orphan`] was called (through any of
     /// its handles), or whose runtime has shut down, although its lease may still exist;
     /// and by [`SessionBuilder::build`] when a grant sent again found that its earlier
-    /// attempt, whose answer was lost, had granted the lease and that it expired since.
+    /// attempt, whose answer was lost, had granted the lease and that it expired since, or
+    /// when the grant's answer came a whole TTL after it was sent.
     ///
     /// [`Session::close`]: crate::Session::close
     /// [`Session::orphan`]: crate::Session::orphan

@@ -510,6 +510,25 @@ async fn a_renewal_over_a_slow_link_counts_from_when_it_was_sent_not_from_its_an
     );
 }
 
+/// A grant answered a whole TTL after it was sent may have let its lease expire already:
+/// the build says the session is lost (rather than returning one that is lost from the
+/// start) and revokes the lease.
+#[tokio::test]
+async fn a_grant_answered_a_ttl_after_it_was_sent_gives_session_lost_and_no_lease() {
+    let cluster = EtcdCluster::start(1).await;
+    let direct = cluster.client().await;
+    let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
+    // Round trips of 2.4 s, over the 2 s TTL.
+    proxy.delay(millis(1_200));
+    let build = Session::builder(slow)
+        .ttl(secs(2))
+        .request_timeout(secs(10))
+        .build();
+    let built = within(secs(15), build).await;
+    assert!(matches!(built, Err(Error::SessionLost)), "{built:?}");
+    within(secs(15), common::no_leases(&direct)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_lives_over_round_trips_longer_than_a_renewal_may_go_unanswered() {
     let cluster = EtcdCluster::start(1).await;

@@ -130,23 +130,26 @@ impl SessionBuilder {
     /// - [`Error::Timeout`]: no answer within the request timeout (endpoints that accept
     ///   connections but do not answer: a stalled link, a hung member).
     /// - [`Error::SessionLost`]: the lease an earlier, unanswered attempt of the grant made
-    ///   had already expired when a later attempt found it (the grant took about a TTL).
+    ///   had already expired when a later attempt found it (the grant took about a TTL),
+    ///   or the grant was answered a whole TTL after it was sent (a link slower than the
+    ///   TTL), so the lease may have expired already; it is revoked in the background.
     ///
     /// After an error, a lease that an attempt cut off (or failed in transit) may have
     /// granted all the same is revoked in a background task, bounded by the release
     /// timeout. When the grant is answered on an attempt sent again, the earlier one may
     /// still be in transit and grant the lease anew once the session has ended: closing or
     /// dropping the session then repeats its revoke, with back-off, for the release
-    /// timeout (a grant that arrives later still makes a lease with no keys, which
-    /// expires after its TTL).
+    /// timeout or the TTL, whichever is shorter (a grant that arrives later still makes a
+    /// lease with no keys, which expires after its TTL).
     ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes revokes, in the background, a lease its
-    /// grant may have created (as a build that fails does), for up to the release timeout;
+    /// grant may have created (as a build that fails does), for up to the release timeout
+    /// (or the TTL, if shorter);
     /// a resumed lease is left as it was. A lease is left to expire after its TTL when the
     /// future is dropped outside a Tokio runtime or as that runtime shuts down, or when a
-    /// grant held in transit reaches etcd after the release timeout.
+    /// grant held in transit reaches etcd after those revokes.
     ///
     /// # Panics
     ///
@@ -185,6 +188,12 @@ impl SessionBuilder {
                 let ttl = validate_ttl(ttl.unwrap_or(DEFAULT_TTL))?;
                 let sent = Instant::now();
                 let (id, granted, late_grant) = self.grant(ttl).await?;
+                if Instant::now() >= sent + granted {
+                    // Answered a whole TTL after it was sent: etcd may have let the lease
+                    // expire already, which the session could not count on.
+                    self.revoke_in_background(id, granted);
+                    return Err(Error::SessionLost);
+                }
                 let renewed = Renewed {
                     at: sent,
                     stream: None,
