@@ -47,7 +47,7 @@ struct Args {
     accounts: usize,
     #[arg(long, value_enum, default_value_t = IsolationLevel::SerializableSnapshot)]
     isolation: IsolationLevel,
-    /// Key prefix for the run (default: a fresh random one).
+    /// Key prefix for the run (default, or empty: a fresh random one, as Go's anchor).
     #[arg(long)]
     prefix: Option<String>,
     /// The implementation measured.
@@ -106,10 +106,11 @@ fn at_least_two(text: &str) -> Result<usize, String> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
-    let prefix = args
-        .prefix
-        .clone()
-        .unwrap_or_else(|| format!("/bench/{:016x}/", rand::random::<u64>()));
+    let prefix = match &args.prefix {
+        Some(prefix) if !prefix.is_empty() => prefix.clone(),
+        // An empty prefix would be the whole keyspace, whose accounts/ the STM run deletes.
+        _ => format!("/bench/{:016x}/", rand::random::<u64>()),
+    };
     let figures = match (args.scenario, args.implementation) {
         (Scenario::StmTransfer, Implementation::EtcdClientRpc) => {
             Err("etcd-client-rpc has no STM; only the lock and election scenarios".into())
@@ -405,7 +406,8 @@ async fn election_handoff(
 }
 
 /// Runs [`transfers`] on accounts under `{prefix}accounts/`, deleting them afterwards
-/// whether or not it succeeded.
+/// whether it succeeded, failed or was stopped by Ctrl-C or SIGTERM (the accounts have no
+/// lease to expire with, as the lock and election keys do).
 async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
     let mut setup = connect(args).await?;
     let accounts_prefix = format!("{prefix}accounts/");
@@ -417,7 +419,11 @@ async fn stm_transfer(args: &Args, prefix: &str) -> Result<Value, Failure> {
         setup.delete(accounts_prefix.as_str(), every_account()),
     )
     .await?;
-    let figures = transfers(args, &accounts_prefix, &mut setup).await;
+    let stopped = common::StopSignal::listen();
+    let figures = tokio::select! {
+        figures = transfers(args, &accounts_prefix, &mut setup) => figures,
+        signal = stopped => Err(format!("{signal}: the run was stopped").into()),
+    };
     let deleted = within(
         REQUEST_LIMIT,
         "delete the accounts",
@@ -460,6 +466,10 @@ async fn transfers(
     let mut stms = Vec::new();
     for _ in 0..args.clients {
         let client = connect(args).await?;
+        // etcd-client connects on its first request: make it before the clock starts.
+        let mut first = client.clone();
+        let read = first.get(accounts[0].as_str(), None);
+        within(REQUEST_LIMIT, "connect a client", read).await?;
         // Go's STM retries a transaction for as long as it conflicts: so does this one.
         let mut stm = Stm::new(client.clone())
             .isolation(isolation)
@@ -471,10 +481,11 @@ async fn transfers(
     }
     let started = Instant::now();
     let deadline = started + args.duration;
-    let mut workers = Vec::new();
+    // Dropped with this future (the run stopped), the set aborts the workers.
+    let mut workers = tokio::task::JoinSet::new();
     for stm in stms {
         let (accounts, attempts) = (accounts.clone(), attempts.clone());
-        workers.push(tokio::spawn(async move {
+        workers.spawn(async move {
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let (from, to) = two_accounts(accounts.len());
@@ -494,15 +505,15 @@ async fn transfers(
                 latencies.push(t.elapsed());
             }
             Ok::<_, Failure>(latencies)
-        }));
+        });
     }
     // Each worker stops by the deadline: all have ended before the accounts are read (and
     // deleted), even if one failed.
-    let outcomes = futures::future::join_all(workers).await;
+    let outcomes = workers.join_all().await;
     let elapsed = started.elapsed();
     let mut latencies = Vec::new();
     for outcome in outcomes {
-        latencies.extend(outcome??);
+        latencies.extend(outcome?);
     }
     let commits = latencies.len();
     let all = within(
@@ -524,7 +535,6 @@ async fn transfers(
         "commits": commits,
         "attempts_per_commit": attempts.load(Ordering::Relaxed) as f64 / commits.max(1) as f64,
         "conserved": total == OPENING_BALANCE * args.accounts as u64,
-        "future_revision_retries": 0,
     }))
 }
 
