@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use common::{REQUEST_LIMIT, describe, within};
-use etcd_client::{Client, GetOptions, LeaderKey, LockOptions, ResignOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, LeaderKey, LockOptions, ResignOptions};
 use etcd_concurrency::{Election, Error, Isolation, Leadership, Mutex, ReadCache, Session, Stm};
 use rand::Rng;
 use serde_json::{Value, json};
@@ -57,6 +57,10 @@ struct Args {
     /// their prefix (reported as `etcd-concurrency-read-cache`).
     #[arg(long)]
     read_cache: bool,
+    /// For a cluster with authentication on: `NAME:PASSWORD`, as etcdctl's `--user`
+    /// (the user needs read and write access to the prefix).
+    #[arg(long, value_parser = name_and_password)]
+    user: Option<(String, String)>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -90,6 +94,14 @@ type Failure = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sessions' TTL, as in the Go anchor.
 const TTL: Duration = Duration::from_secs(10);
+/// The parser of `--user`: the name, then the password after the first colon.
+fn name_and_password(text: &str) -> Result<(String, String), String> {
+    match text.split_once(':') {
+        Some((name, password)) if !name.is_empty() => Ok((name.into(), password.into())),
+        _ => Err("expected NAME:PASSWORD".into()),
+    }
+}
+
 /// The parser of `--accounts`: a transfer needs two distinct accounts.
 fn at_least_two(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
@@ -145,7 +157,12 @@ async fn main() {
 }
 
 async fn connect(args: &Args) -> Result<Client, Failure> {
-    common::connect(&args.endpoints).await
+    let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+    if let Some((name, password)) = &args.user {
+        options = options.with_user(name.as_str(), password.as_str());
+    }
+    let connected = Client::connect(&args.endpoints, Some(options));
+    within(REQUEST_LIMIT, "connect to etcd", connected).await
 }
 
 async fn session(client: &Client) -> Result<Session, Failure> {
