@@ -157,12 +157,11 @@ async fn main() {
 }
 
 async fn connect(args: &Args) -> Result<Client, Failure> {
-    let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+    let mut options = ConnectOptions::new();
     if let Some((name, password)) = &args.user {
         options = options.with_user(name.as_str(), password.as_str());
     }
-    let connected = Client::connect(&args.endpoints, Some(options));
-    within(REQUEST_LIMIT, "connect to etcd", connected).await
+    common::connect_with(&args.endpoints, options).await
 }
 
 async fn session(client: &Client) -> Result<Session, Failure> {

@@ -80,9 +80,10 @@ impl Backoff {
 }
 
 /// Runs `request`, a `call` of etcd's API (its gRPC method's name, such as "Range"), until
-/// it succeeds, fails with a non-transient error, or `limit` has passed. `request` is given `client` and clones the part it calls (`kv_client()`,
-/// `lease_client()`, `watch_client()`: etcd-client's calls borrow it mutably), which costs a
-/// ninth of a whole `Client`'s clone (3.5 KB, 1.8 µs). An attempt unanswered after
+/// it succeeds, fails with a non-transient error, or `limit` has passed. `request` is given
+/// `client` and clones the part it calls (`kv_client()`, `lease_client()`,
+/// `watch_client()`: etcd-client's calls borrow it mutably), which costs a ninth of a whole
+/// `Client`'s clone (3.5 KB, 1.8 µs). An attempt unanswered after
 /// [`ATTEMPT_TIMEOUT`] is sent again, the first staying in flight: the first answer counts.
 /// A request refused for its auth token's revision ("revision of auth store is old") is
 /// sent again, after renewing the token if that keeps happening (see [`OldToken`]).

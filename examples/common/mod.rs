@@ -76,7 +76,13 @@ fn fresh_prefix(example: &str) -> String {
 
 /// Connects a client to `endpoints`.
 pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+    connect_with(endpoints, ConnectOptions::new()).await
+}
+
+/// Connects a client to `endpoints` with `options` (a user to log in as, say), giving up on
+/// an endpoint after 5 s.
+pub async fn connect_with(endpoints: &[String], options: ConnectOptions) -> Result<Client> {
+    let options = options.with_connect_timeout(Duration::from_secs(5));
     within(REQUEST_LIMIT, "connect to etcd", async {
         Client::connect(endpoints, Some(options)).await
     })
