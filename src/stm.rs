@@ -380,6 +380,7 @@ impl Stm {
                 seen: self.seen.load(Ordering::Relaxed),
                 copy_needs,
                 behind_own_write: false,
+                snapshot_from_any_member: false,
             };
             let output = apply(&mut txn).await;
             if let Some(compaction) = txn.compacted {

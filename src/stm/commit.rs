@@ -61,9 +61,12 @@ impl StmTxn {
             let checked_anyway = match self.isolation {
                 Isolation::RepeatableReads => true,
                 Isolation::ReadCommitted => false,
-                // One revision, consistent as it is, and current if read from etcd; a
-                // cached one may be behind, so the check makes it current.
-                Isolation::SerializableSnapshot | Isolation::Serializable => self.view.is_some(),
+                // One revision, consistent as it is, and current if it came from a Txn
+                // (prefetched, or read back by a failed commit); a cached one or one fixed
+                // by a serializable read may be behind, so the check makes it current.
+                Isolation::SerializableSnapshot | Isolation::Serializable => {
+                    self.view.is_some() || self.snapshot_from_any_member
+                }
             };
             return match checked_anyway {
                 true => self.check_reads(prefetch).await,

@@ -70,9 +70,12 @@ pub struct StmTxn {
     /// a copy that does not show them yet is not read.
     pub(super) copy_needs: CopyNeeds,
     /// The cache's copy did not show a write made through it: this attempt's reads from
-    /// etcd are linearizable, as a serializable one (the non-snapshot levels' reads, as in
-    /// Go) from a lagging member could miss the write too.
+    /// etcd not pinned to a snapshot are linearizable, as a serializable one from a lagging
+    /// member could miss the write too.
     pub(super) behind_own_write: bool,
+    /// The snapshot was fixed by a serializable read, which may lag the latest revision:
+    /// a read-only attempt checks its reads before it returns.
+    pub(super) snapshot_from_any_member: bool,
 }
 
 impl StmTxn {
@@ -244,13 +247,21 @@ impl StmTxn {
 
     async fn fetch(&mut self, key: &[u8]) -> Result<Read> {
         let options = match (self.isolation.snapshot_reads(), self.snapshot) {
-            // The first read of a snapshot level: linearizable; it fixes the snapshot.
-            (true, None) => GetOptions::new(),
+            // Pinned to the snapshot: any member that has applied that revision.
             (true, Some(revision)) => GetOptions::new()
                 .with_revision(revision)
                 .with_serializable(),
-            (false, _) if self.behind_own_write => GetOptions::new(),
-            (false, _) => GetOptions::new().with_serializable(),
+            // Through the leader: the cache's copy did not show this Stm's own write, which
+            // a lagging member could miss too.
+            _ if self.behind_own_write => GetOptions::new(),
+            // From any member, without waiting for the leader's read index (which, under
+            // write load, waits for the batch in flight to apply). The first read of a
+            // snapshot level fixes the snapshot there; if that member lagged, the commit's
+            // compares (or a read-only attempt's check) fail and the attempt runs again.
+            _ => {
+                self.snapshot_from_any_member |= self.isolation.snapshot_reads();
+                GetOptions::new().with_serializable()
+            }
         };
         let answer = match self.get_with(key, options).await {
             // A lagging member: read the same revision through the leader instead.
