@@ -462,6 +462,45 @@ async fn a_commit_applied_whose_answer_is_lost_is_not_sent_again() {
     assert_eq!(stored.kvs()[0].value(), b"1");
 }
 
+/// What `Stm` logs when etcd certainly did not apply a commit and it is sent again.
+const COMMIT_REFUSED: &str = "STM commit not applied; sending again";
+
+// One task thread, so that the log captures the commit's events.
+#[tokio::test]
+async fn a_commit_unanswered_after_a_refusal_times_out_rather_than_report_the_refusal() {
+    // Nothing listens at first, so the commit is refused (it certainly was not applied);
+    // then a listener takes the next attempt and never answers. That attempt may have been
+    // applied, so the run must not end with the earlier refusal, which says it was not.
+    let (log, _capture) = common::DebugLog::capture();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let client = Client::connect([endpoint], None).await.unwrap();
+    let stm = Stm::new(client).request_timeout(secs(2));
+    let key = unique("refused-then-unanswered");
+    let run = stm.run(async |tx| {
+        tx.put(key.as_str(), "x");
+        Ok::<_, Error>(())
+    });
+    let silent_member = async {
+        while log.lines_with(COMMIT_REFUSED) == 0 {
+            tokio::time::sleep(millis(5)).await;
+        }
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (connection, _) = listener.accept().await.unwrap();
+        connection
+    };
+    let (result, _held_open) = within(secs(20), futures::future::join(run, silent_member)).await;
+    assert!(
+        matches!(result, Err(Error::Timeout { call: "Txn", .. })),
+        "{result:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_blind_write_after_a_read_does_not_retry_needlessly() {
     // Go's TestSTMSerializableSnapshotPut.

@@ -11,31 +11,32 @@ use crate::retry::{Backoff, deadline_after, retry_read_txn};
 
 /// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
 /// connection was refused, no leader, too many requests): a commit whose outcome is
-/// unknown is not sent twice. At the deadline, the last such refusal says more than
-/// "no answer".
+/// unknown is not sent twice. A refusal with no time left for another attempt is returned
+/// as it is; an attempt unanswered at the deadline gives [`Error::Timeout`], as it may
+/// have been applied.
 pub(super) async fn commit_once(kv: &Client, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
-    let mut refused = None;
     let mut old_token = OldToken::new();
     loop {
         let answer = tokio::time::timeout_at(deadline, kv.kv_client().txn(txn.clone())).await;
         match answer {
             Ok(Ok(answer)) => return Ok(answer),
-            Ok(Err(error)) if was_not_applied(&error) && tokio::time::Instant::now() < deadline => {
-                tracing::debug!(%error, "STM commit not applied; sending again");
+            Ok(Err(error)) if was_not_applied(&error) => {
                 old_token.renew_if_refused(kv, &error, deadline).await;
-                refused = Some(error);
                 let resend_at = tokio::time::Instant::now() + backoff.next_delay();
-                tokio::time::sleep_until(resend_at.min(deadline)).await;
+                if resend_at >= deadline {
+                    return Err(Error::Etcd(error));
+                }
+                tracing::debug!(%error, "STM commit not applied; sending again");
+                tokio::time::sleep_until(resend_at).await;
             }
             Ok(Err(error)) => return Err(Error::Etcd(error)),
             Err(_) => {
-                let unanswered = Error::Timeout {
+                return Err(Error::Timeout {
                     call: "Txn",
                     after: limit,
-                };
-                return Err(refused.map_or(unanswered, Error::Etcd));
+                });
             }
         }
     }
