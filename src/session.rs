@@ -415,7 +415,8 @@ impl Session {
 
     /// Whether etcd still knows the lease; marks the session lost when it does not. etcd
     /// rounds the remaining TTL down to whole seconds, so a live lease with less than a
-    /// second left reports 0; only an unknown one reports -1.
+    /// second left reports 0; an unknown one reports -1, and so may one past its expiry
+    /// whose revoke etcd has not applied yet (gone either way).
     pub(crate) async fn check_lease(&self) -> Result<bool> {
         let shared = &self.shared;
         let answer = time_to_live(&shared.client, shared.lease_id, shared.request_timeout).await?;

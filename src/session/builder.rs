@@ -256,7 +256,9 @@ impl SessionBuilder {
             .await;
         let result = match granted {
             Ok(answer) => Ok((answer.id(), secs(answer.ttl()), maybe_granted)),
-            Err(Error::Etcd(error)) if is_lease_taken(&error) => {
+            // Taken by an earlier attempt only if one may have been granted: otherwise the
+            // id is another client's, and the error stands.
+            Err(Error::Etcd(error)) if is_lease_taken(&error) && maybe_granted => {
                 time_to_live(&self.client, id, self.request_timeout)
                     .await
                     .and_then(|answer| match answer.ttl() {

@@ -26,8 +26,9 @@ use crate::read_cache::ReadCache;
 /// commit Txn does. One whose snapshot came from a Txn (prefetched values, or those a
 /// failed commit read back) was current then and sends no commit. Nor does one at
 /// [`ReadCommitted`](Self::ReadCommitted), which checks nothing (Go sends a commit Txn with
-/// no compares). So a committed transaction's reads were current when it committed, and
-/// a read-only one sees every write acknowledged before it began.
+/// no compares). So at every level but `ReadCommitted`, a committed transaction's reads
+/// were current when it committed, and a read-only one sees every write acknowledged
+/// before it began; at `ReadCommitted`, a read from a member that lags may miss one.
 ///
 /// With a [`ReadCache`] ([`Stm::read_cache`]), an attempt reads the cached keys from one
 /// revision of the copy, taken at its first cached read; at the snapshot levels, only if
