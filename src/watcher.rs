@@ -349,7 +349,6 @@ impl Follower {
         if created.canceled() {
             return Err(self.refusal(&created).await);
         }
-        self.history_gone = false;
         let watched_from = created.header().map_or(0, |h| h.revision());
         if watched_from <= self.revision && !self.stale && !self.read_after_open {
             self.watch = Some(watch);
@@ -382,7 +381,9 @@ impl Follower {
         if revision > 0 {
             self.revision = revision;
         }
+        // A replay can start from the new revision (until the read, one must not).
         self.stale = false;
+        self.history_gone = false;
         Ok(Update::Snapshot {
             kvs,
             revision: self.revision,
