@@ -301,7 +301,10 @@ impl Election {
     /// can be reached it yields nothing and keeps trying (Go's blocks the same way): to
     /// notice an outage, bound each `next()` with [`tokio::time::timeout`], or watch the
     /// session's [`lost`](Session::lost), which resolves once its keep-alive has failed for
-    /// a TTL.
+    /// a TTL. A member cut off from the raft leader keeps its watches open, silent: connect
+    /// with etcd-client's `ConnectOptions::with_require_leader(true)` (Go's
+    /// `clientv3.WithRequireLeader`) to have etcd cancel them, and the stream re-opens its
+    /// watch through a member the client picks.
     ///
     /// Observing only reads: it uses the session's client, not its lease. Poll the stream
     /// steadily, or drop it: while it is not polled its events wait unread in the
