@@ -162,10 +162,9 @@ impl Follower {
     /// back) or the watch fails for good. An open watch must be read: its unread messages
     /// hold HTTP/2 flow-control windows, and a few such watches freeze the whole
     /// connection. A follower whose view must be read again anyway (see
-    /// [`restart_view`](Self::restart_view)) only waits for `stop`, its watch closed. One
-    /// left unused for `idle`, or once it has heard `events` events, closes its watch and
-    /// hands itself back at once; the next use opens the watch again, with a read if the
-    /// view is behind.
+    /// [`restart_view`](Self::restart_view)) closes its watch and hands itself back at once,
+    /// as does one left unused for `idle` or once it has heard `events` events; the next
+    /// use opens the watch again, with a read if the view is behind.
     pub(crate) async fn drain(
         mut self,
         mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -176,7 +175,6 @@ impl Follower {
             // Its view is read again on the next use, as it would be after re-opening:
             // the watch is not worth keeping, and re-opening it is left to that use.
             self.watch = None;
-            let _ = stop.await;
             return Some(self);
         }
         let idle_until = Instant::now() + idle;
