@@ -241,7 +241,8 @@ impl Stm {
     ///   over etcd's size limit (1.5 MiB by default) fails here too, and so does a commit
     ///   of more than etcd's `--max-txn-ops` (128 by default) compares or writes: it
     ///   compares each key read (and, at the default level, each key only written), as Go's
-    ///   does. A read-only transaction may read any number of keys.
+    ///   does. A read-only transaction may read any number of keys (checked 128 to a Txn:
+    ///   with `--max-txn-ops` set below that, one that reads more fails the same way).
     /// - [`Error::Etcd`] (converted into `E`) with etcd's "compacted" error: the snapshot
     ///   was compacted in more runs in a row than `max_attempts`.
     ///
