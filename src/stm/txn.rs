@@ -216,12 +216,12 @@ impl StmTxn {
                 .caught_up(written.max(needs.shown), CATCH_UP_LIMIT)
                 .await;
             let view = cache.view()?;
+            // A copy that does not show a write made through it would be read stale for
+            // sure: conflicting, or at ReadCommitted not reading that write.
+            self.behind_own_write = view.revision < written;
             let behind = if view.revision < needs.shown {
                 Some("cache copy behind a change a check found; reading from etcd")
-            } else if view.revision < written {
-                // A copy that does not show a write made through it would be read stale
-                // for sure: conflicting, or at ReadCommitted not reading that write.
-                self.behind_own_write = true;
+            } else if self.behind_own_write {
                 Some("cache copy behind a write made through it; reading from etcd")
             } else if view.revision < needs.passed {
                 Some("cache copy not past a change outside its prefix; reading from etcd")
