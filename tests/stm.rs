@@ -472,11 +472,11 @@ async fn a_commit_unanswered_after_a_refusal_times_out_rather_than_report_the_re
     // then a listener takes the next attempt and never answers. That attempt may have been
     // applied, so the run must not end with the earlier refusal, which says it was not.
     let (log, _capture) = common::DebugLog::capture();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .unwrap()
-        .port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    // Bound, so that no cluster another test starts can take the port, but not listening:
+    // connections are refused.
+    let member = tokio::net::TcpSocket::new_v4().unwrap();
+    member.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = format!("http://{}", member.local_addr().unwrap());
     let client = Client::connect([endpoint], None).await.unwrap();
     let stm = Stm::new(client).request_timeout(secs(2));
     let key = unique("refused-then-unanswered");
@@ -488,13 +488,18 @@ async fn a_commit_unanswered_after_a_refusal_times_out_rather_than_report_the_re
         while log.lines_with(COMMIT_REFUSED) == 0 {
             tokio::time::sleep(millis(5)).await;
         }
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let (connection, _) = listener.accept().await.unwrap();
-        connection
+        let listener = member.listen(8).unwrap();
+        let (_held_open, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await
     };
-    let (result, _held_open) = within(secs(20), futures::future::join(run, silent_member)).await;
+    // Whatever the run ends with, it ends the test (the member never answers).
+    let result = within(secs(20), async {
+        tokio::select! {
+            result = run => result,
+            () = silent_member => unreachable!("the member never stops"),
+        }
+    })
+    .await;
     assert!(
         matches!(result, Err(Error::Timeout { call: "Txn", .. })),
         "{result:?}"

@@ -11,9 +11,9 @@ use crate::retry::{Backoff, deadline_after, retry_read_txn};
 
 /// Sends the commit Txn, re-sending it only when etcd certainly did not apply it (the
 /// connection was refused, no leader, too many requests): a commit whose outcome is
-/// unknown is not sent twice. A refusal with no time left for another attempt is returned
-/// as it is; an attempt unanswered at the deadline gives [`Error::Timeout`], as it may
-/// have been applied.
+/// unknown is not sent twice, nor is one sent at or after the deadline. A refusal that
+/// leaves no time for another attempt is returned as it is; an attempt unanswered at the
+/// deadline gives [`Error::Timeout`], as it may have been applied.
 pub(super) async fn commit_once(kv: &Client, limit: Duration, txn: Txn) -> Result<TxnResponse> {
     let deadline = deadline_after(limit);
     let mut backoff = Backoff::new();
@@ -25,11 +25,11 @@ pub(super) async fn commit_once(kv: &Client, limit: Duration, txn: Txn) -> Resul
             Ok(Err(error)) if was_not_applied(&error) => {
                 old_token.renew_if_refused(kv, &error, deadline).await;
                 let resend_at = tokio::time::Instant::now() + backoff.next_delay();
-                if resend_at >= deadline {
+                tokio::time::sleep_until(resend_at.min(deadline)).await;
+                if tokio::time::Instant::now() >= deadline {
                     return Err(Error::Etcd(error));
                 }
                 tracing::debug!(%error, "STM commit not applied; sending again");
-                tokio::time::sleep_until(resend_at).await;
             }
             Ok(Err(error)) => return Err(Error::Etcd(error)),
             Err(_) => {
