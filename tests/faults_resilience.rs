@@ -11,7 +11,7 @@ use common::{
 };
 use etcd_client::{Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
-use etcd_concurrency::{Election, Error, Mutex, Session, Stm};
+use etcd_concurrency::{Election, Error, Mutex, ReadCache, Session, Stm};
 use futures::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,6 +420,85 @@ async fn a_waiters_watch_open_through_a_connection_that_freezes_is_reopened() {
     let held = within(secs(45), waiting).await.unwrap().unwrap();
     assert!(!waiter.is_lost());
     drop(held);
+}
+
+/// A member cut off from its peers still answers its clients, from its stale state: its
+/// watches hear of nothing, and it answers their progress requests too. With
+/// `require_leader`, etcd cancels them once the member has had no leader for a few
+/// election timeouts, and a lock waiter, an observer and a read cache whose watches were
+/// all on that member follow through another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_on_a_member_cut_off_from_its_peers_are_followed_through_another() {
+    let cluster = EtcdCluster::start(3).await;
+    let cut_off = cluster.endpoint(0);
+    let others = [cluster.endpoint(1), cluster.endpoint(2)];
+    let majority = etcd_client::Client::connect(&others, None).await.unwrap();
+    let holder = Session::new(majority.clone()).await.unwrap();
+    // Connected to the member to be cut off alone until every watch is open there.
+    let client = common::faults::resilient_client(std::slice::from_ref(&cut_off)).await;
+    let waiter = Session::new(client.clone()).await.unwrap();
+    let name = unique("cut-off-member");
+    let lock = format!("{name}/lock");
+    let guard = within(secs(10), Mutex::new(&holder, &lock).lock())
+        .await
+        .unwrap();
+    let election = format!("{name}/election");
+    let leadership = within(
+        secs(10),
+        Election::new(&holder, &election).campaign("first"),
+    )
+    .await
+    .unwrap();
+    let watches = common::watch_streams(&cut_off).await;
+    let cached = format!("{name}/cached/");
+    let cache = within(secs(10), ReadCache::watch(client.clone(), cached.clone()))
+        .await
+        .unwrap();
+    let mutex = Mutex::new(&waiter, &lock);
+    let waiting = tokio::spawn(async move { mutex.lock().await });
+    let mut leaders = Election::new(&waiter, &election).observe();
+    let leader = within(secs(10), leaders.next()).await.unwrap().unwrap();
+    assert_eq!(leader.unwrap().value(), b"first");
+    within(
+        secs(10),
+        common::watch_streams_become(&cut_off, watches + 3),
+    )
+    .await;
+    for endpoint in &others {
+        client.add_endpoint(endpoint).await.unwrap();
+    }
+
+    cluster.isolate(0);
+    within(secs(20), leadership.proclaim("second"))
+        .await
+        .unwrap();
+    within(secs(20), guard.unlock()).await.unwrap();
+    let mut writer = majority.clone();
+    let written = within(secs(20), writer.put(format!("{cached}k"), "v", None))
+        .await
+        .unwrap();
+    let revision = written.header().unwrap().revision();
+    // Three election timeouts without a leader before etcd cancels, then a re-open that
+    // may land on the cut-off member again (refused at once there) before another.
+    let held = within(secs(30), waiting).await.unwrap().unwrap();
+    let leader = within(secs(30), leaders.next()).await.unwrap().unwrap();
+    assert_eq!(leader.unwrap().value(), b"second");
+    within(secs(30), async {
+        while cache.revision() < revision {
+            tokio::time::sleep(millis(20)).await;
+        }
+    })
+    .await;
+
+    cluster.rejoin(0);
+    assert!(!waiter.is_lost());
+    within(secs(10), held.unlock()).await.unwrap();
+    within(secs(10), waiter.close()).await.unwrap();
+    within(secs(10), holder.close()).await.unwrap();
+    assert!(
+        keys_under(&majority, &name).await.len() == 1,
+        "only the cached key"
+    );
 }
 
 /// The sweep for keys of late joins lists the keys on the session's lease. Where etcd will

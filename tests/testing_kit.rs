@@ -99,6 +99,43 @@ async fn the_raft_leader_can_be_found_and_replaced() {
 }
 
 #[tokio::test]
+async fn an_isolated_member_loses_its_leader_while_the_others_go_on_and_catches_up_on_rejoining() {
+    let cluster = EtcdCluster::start(3).await;
+    // The leader: it must step down as well as miss what the others write.
+    let isolated = within(secs(5), cluster.leader()).await.expect("a leader");
+    cluster.isolate(isolated);
+    let mut majority = client_of(cluster.endpoint((isolated + 1) % 3)).await;
+    within(secs(20), async {
+        while let Err(error) = majority.put("written-while-isolated", "yes", None).await {
+            eprintln!("write while a member is isolated failed, retrying: {error}");
+        }
+    })
+    .await;
+    let mut cut_off = client_of(cluster.endpoint(isolated)).await;
+    within(secs(10), async {
+        while cut_off.status().await.unwrap().leader() != 0 {
+            tokio::time::sleep(millis(50)).await;
+        }
+    })
+    .await;
+    let serializable = Some(etcd_client::GetOptions::new().with_serializable());
+    let seen = cut_off.get("written-while-isolated", serializable.clone());
+    assert!(seen.await.unwrap().kvs().is_empty(), "raft passed the cut");
+
+    cluster.rejoin(isolated);
+    within(secs(20), async {
+        while cut_off.status().await.unwrap().leader() == 0 {
+            tokio::time::sleep(millis(50)).await;
+        }
+    })
+    .await;
+    let answer = within(secs(10), cut_off.get("written-while-isolated", None))
+        .await
+        .unwrap();
+    assert_eq!(answer.kvs()[0].value(), b"yes");
+}
+
+#[tokio::test]
 async fn a_paused_member_answers_nothing_until_resumed() {
     let cluster = EtcdCluster::start(1).await;
     let mut client = cluster.client().await;
@@ -234,16 +271,21 @@ fn a_cluster_shared_between_test_threads_outlives_the_thread_that_started_it() {
             .build()
             .unwrap()
     };
-    // Started on one thread, as by the first test to need it; that thread then ends.
-    let cluster = std::thread::spawn(move || runtime().block_on(EtcdCluster::start(1)))
+    // Started on one thread, as by the first test to need it; that thread then ends, and
+    // its runtime with it.
+    let cluster = std::thread::spawn(move || runtime().block_on(EtcdCluster::start(3)))
         .join()
         .unwrap();
     // No event says that a signal did not come: give one time to land.
     std::thread::sleep(millis(500));
-    assert!(
-        cluster.pid(0).is_some(),
-        "the member died with the thread that started it"
-    );
+    for i in 0..3 {
+        let pid = cluster.pid(i);
+        assert!(
+            pid.is_some(),
+            "member {i} died with the thread that started it"
+        );
+    }
+    // Also the links between the members live on: a write needs a majority.
     runtime().block_on(async {
         let mut client = cluster.client().await;
         within(secs(5), client.put("k", "v", None)).await.unwrap();

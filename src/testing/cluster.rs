@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, ConnectOptions, MemberListResponse};
+
+use super::peer_links::PeerLinks;
 
 /// How long a member may take to become healthy before `start`/`restart` panic.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,7 +28,9 @@ const ELECTION_TIMEOUT_MS: u32 = 500;
 ///
 /// Each member is a real `etcd` process started with `--unsafe-no-fsync`, a 50 ms heartbeat
 /// and a 500 ms election timeout, so leases as short as 1 s are honoured, and with
-/// `--grpc-keepalive-min-time=500ms`, so clients may ping it every second. Dropping the
+/// `--grpc-keepalive-min-time=500ms`, so clients may ping it every second. Members reach
+/// one another through a proxy in front of each one's peer port (run by a thread of its
+/// own), so that [`isolate`](Self::isolate) can cut one off from the others. Dropping the
 /// cluster kills every member and deletes its data, also while a test unwinds from a panic;
 /// members also die with the process that started them (`PR_SET_PDEATHSIG`, set from one
 /// thread that lives as long as the process), so a killed test process leaves no etcd
@@ -54,6 +58,7 @@ pub struct EtcdCluster {
     members: Vec<Mutex<Member>>,
     initial_cluster: String,
     token: String,
+    links: PeerLinks,
     // Declared last: the data directory goes only after every process is stopped.
     dir: tempfile::TempDir,
 }
@@ -62,7 +67,10 @@ pub struct EtcdCluster {
 struct Member {
     name: String,
     client_port: u16,
+    /// The port of the member's link proxy, which the other members dial.
     peer_port: u16,
+    /// The port the member itself listens on for its peers.
+    own_peer_port: u16,
     process: Option<Child>,
 }
 
@@ -112,14 +120,24 @@ impl EtcdCluster {
     fn launch(binary: &Path, members: usize, in_tmpfs: bool) -> EtcdCluster {
         let dir = data_root(members, in_tmpfs);
         let ports = free_ports(2 * members);
+        // Bound here and kept open, so no other process can take them.
+        let link_listeners: Vec<TcpListener> = (0..members)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port"))
+            .collect();
         let members: Vec<Member> = (0..members)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                peer_port: link_listeners[i]
+                    .local_addr()
+                    .expect("local address")
+                    .port(),
+                own_peer_port: ports[2 * i + 1],
                 process: None,
             })
             .collect();
+        let own_peer_ports: Vec<u16> = members.iter().map(|m| m.own_peer_port).collect();
+        let links = PeerLinks::start(link_listeners, &own_peer_ports);
         let initial_cluster = members
             .iter()
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
@@ -130,6 +148,7 @@ impl EtcdCluster {
             members: members.into_iter().map(Mutex::new).collect(),
             initial_cluster,
             token,
+            links,
             dir,
         };
         for i in 0..cluster.members.len() {
@@ -261,6 +280,41 @@ impl EtcdCluster {
         self.signal(i, libc::SIGCONT);
     }
 
+    /// Cuts member `i` off from the other members, as a network partition would, while
+    /// clients still reach every member: the connections between it and them are closed,
+    /// and new ones are closed as soon as their first request arrives. Returns at once;
+    /// raft then does the rest: an isolated follower loses its leader after an election
+    /// timeout (500 ms) and campaigns alone, in vain, and an isolated leader steps down
+    /// after one (etcd's check-quorum), while the others, if a majority, elect a leader
+    /// among themselves. Requests a member sends without naming itself (what a follower
+    /// forwards to its leader, lease renewals among them, and version probes) still pass
+    /// from an isolated member; raft's own always name their sender, so such forwarding
+    /// ends once the member has lost its leader. Isolating a member again does nothing;
+    /// several may be isolated at once (each from all the others).
+    ///
+    /// Nothing in Go's `concurrency` package; etcd's Go integration tests call
+    /// `InjectPartition` on a member for the same purpose.
+    ///
+    /// # Panics
+    ///
+    /// If there is no member `i`.
+    pub fn isolate(&self, i: usize) {
+        assert!(i < self.members.len(), "there is no member {i}");
+        self.links.isolate(i);
+    }
+
+    /// Ends [`isolate`](Self::isolate): member `i` and the others connect to one another
+    /// again (etcd re-dials on its own within a second or so) and it rejoins the cluster,
+    /// catching up on what it missed. Does nothing if it is not isolated.
+    ///
+    /// # Panics
+    ///
+    /// If there is no member `i`.
+    pub fn rejoin(&self, i: usize) {
+        assert!(i < self.members.len(), "there is no member {i}");
+        self.links.rejoin(i);
+    }
+
     /// Starts member `i` again on the same ports and data (killing it first if it runs)
     /// and returns once it answers a linearizable read.
     ///
@@ -309,6 +363,7 @@ impl EtcdCluster {
             .open(self.log_path(&member.name))
             .expect("create the member's log file");
         let client_url = format!("http://127.0.0.1:{}", member.client_port);
+        let own_peer_url = format!("http://127.0.0.1:{}", member.own_peer_port);
         let peer_url = format!("http://127.0.0.1:{}", member.peer_port);
         let mut command = Command::new(binary);
         command
@@ -318,7 +373,7 @@ impl EtcdCluster {
             .arg(self.dir.path().join(&member.name))
             .args(["--listen-client-urls", &client_url])
             .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
+            .args(["--listen-peer-urls", &own_peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
@@ -403,6 +458,7 @@ impl EtcdCluster {
                         member.name() == name && member.peer_urls().contains(&peer_url)
                     });
                     if ours {
+                        self.learn_member_ids(&list);
                         return Ok(());
                     }
                     last_error = format!("another etcd answers on {endpoint}");
@@ -417,6 +473,20 @@ impl EtcdCluster {
              --- last lines of the log of {log_of} ---\n{}",
             log_tail(&self.log_path(&log_of), 30)
         ))
+    }
+
+    /// Tells the links each member's id, found by its peer URL.
+    fn learn_member_ids(&self, list: &MemberListResponse) {
+        for i in 0..self.members.len() {
+            let peer_url = format!("http://127.0.0.1:{}", self.member(i).peer_port);
+            let found = list
+                .members()
+                .iter()
+                .find(|m| m.peer_urls().contains(&peer_url));
+            if let Some(member) = found {
+                self.links.learn_id(i, member.id());
+            }
+        }
     }
 
     fn exit_status(&self, i: usize) -> Option<std::process::ExitStatus> {

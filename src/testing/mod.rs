@@ -2,7 +2,7 @@
 //!
 //! [`EtcdCluster`] starts real `etcd` processes (Debian package `etcd-server`, 3.4) on free
 //! loopback ports with their data in tmpfs (on disk if it lacks room), and can kill, pause,
-//! resume and restart members.
+//! resume and restart members, and cut one off from the others.
 //! [`Proxy`] sits between one client and one endpoint and can cut or stall its traffic.
 //! Everything started here stops when its handle is dropped, also when a test panics.
 //! Linux only (members die with the test process through `PR_SET_PDEATHSIG`).
@@ -20,6 +20,7 @@
 //! ```
 
 mod cluster;
+mod peer_links;
 mod proxy;
 
 pub use cluster::EtcdCluster;
