@@ -1,5 +1,6 @@
 //! The mutex under faults on a 3-member cluster: member and leader kills, a leader paused
-//! past the session TTL, a worker cut off past its TTL. Writes are fenced by the lock
+//! and a leader cut off from its peers past the session TTL, a worker cut off past its
+//! TTL. Writes are fenced by the lock
 //! (Jepsen's lock-etcd-set): none may be lost or applied twice, and the tokens of
 //! applied writes must grow with their revisions.
 

@@ -1,5 +1,6 @@
 //! STM transfers under the fault schedule on a 3-member cluster: they go on across member
-//! kills, a paused leader and a client cut off, and the money is conserved.
+//! kills, a paused leader, a leader cut off from its peers and a client cut off, and the
+//! money is conserved.
 
 mod common;
 

@@ -69,17 +69,21 @@ pub enum Fault {
     KillLeader,
     /// SIGSTOP the raft leader for the duration, then SIGCONT.
     PauseLeader(Duration),
+    /// Cut the raft leader off from the other members (clients still reach it) for the
+    /// duration, then let it rejoin.
+    IsolateLeader(Duration),
     /// Cut the isolated client off for the duration, then heal.
     CutOff(Duration),
 }
 
 /// The schedule of the fault tests: a member kill, a leader kill, a leader paused past
-/// `ttl`, and a client cut off past `ttl`.
+/// `ttl`, a leader cut off from its peers past `ttl`, and a client cut off past `ttl`.
 pub fn schedule(ttl: Duration) -> Vec<Fault> {
     vec![
         Fault::KillMember(0),
         Fault::KillLeader,
         Fault::PauseLeader(ttl + secs(1)),
+        Fault::IsolateLeader(ttl + secs(1)),
         Fault::CutOff(ttl + secs(1)),
     ]
 }
@@ -114,6 +118,12 @@ pub async fn inflict(
                 cluster.pause(leader);
                 tokio::time::sleep(pause).await;
                 cluster.resume(leader);
+            }
+            Fault::IsolateLeader(cut) => {
+                let leader = within(secs(10), wait_for_leader(cluster)).await;
+                cluster.isolate(leader);
+                tokio::time::sleep(cut).await;
+                cluster.rejoin(leader);
             }
             Fault::CutOff(cut) => {
                 let isolation = isolation.expect("a CutOff fault needs an isolated client");
