@@ -367,6 +367,33 @@ async fn a_session_survives_a_restart_of_its_member_within_the_ttl() {
     assert!(exists(&client, key.as_str()).await);
 }
 
+/// A follower cut off from its peers cannot renew a lease (it has no leader to forward the
+/// renewal to); the keep-alive goes on through another member. (Cutting the leader off
+/// would also leave the lease unrenewable until the others have elected a leader: a
+/// matter of the TTL, as for a leader that dies.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_renewed_through_a_member_cut_off_from_its_peers_lives_on() {
+    let cluster = EtcdCluster::start(3).await;
+    let leader = within(secs(5), cluster.leader()).await.expect("a leader");
+    let follower = (leader + 1) % 3;
+    // Connected to the member to be cut off alone until the keep-alive runs there.
+    let client =
+        common::faults::resilient_client(std::slice::from_ref(&cluster.endpoint(follower))).await;
+    let session = session_with_ttl(client.clone(), 2).await;
+    client.add_endpoint(cluster.endpoint(leader)).await.unwrap();
+    client
+        .add_endpoint(cluster.endpoint((leader + 2) % 3))
+        .await
+        .unwrap();
+    cluster.isolate(follower);
+    let majority = Client::connect([cluster.endpoint(leader)], None)
+        .await
+        .unwrap();
+    common::assert_lives_for(&session, &majority, secs(6)).await;
+    cluster.rejoin(follower);
+    within(secs(10), session.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_runtime_shut_down_is_lost() {
     let cluster = EtcdCluster::start(1).await;
