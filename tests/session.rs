@@ -632,21 +632,22 @@ async fn a_session_cut_off_after_slow_renewals_is_lost_before_etcd_expires_its_l
     let cluster = EtcdCluster::start(1).await;
     let mut direct = cluster.client().await;
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
-    // Round trips of 1.6 s: under the 2 s after which another stream is tried for a renewal,
-    // so renewals go on, every 3 s, on the stream the session opened.
+    // Round trips of 1.6 s: under the 2 s after which another stream is tried for a renewal
+    // (with a TTL of 12 s or more), so renewals go on, every 4 s, on the stream the session
+    // opened.
     proxy.delay(millis(800));
-    let session = Session::builder(slow).ttl(secs(9)).build();
+    let session = Session::builder(slow).ttl(secs(12)).build();
     let session = within(secs(10), session).await.unwrap();
     let id = session.lease_id();
     let mut remaining = async || direct.lease_time_to_live(id, None).await.unwrap().ttl();
     // A periodic renewal arrives when the TTL etcd reports goes up; its answer comes back
-    // 0.8 s later and the next one is sent 2.2 s later: cut in between.
+    // 0.8 s later and the next one is sent 3.2 s later: cut in between.
     let arrived = within(secs(10), async {
         let mut before = remaining().await;
         loop {
             tokio::time::sleep(millis(20)).await;
             let now = remaining().await;
-            if now > before && before < 7 {
+            if now > before && before < 10 {
                 return Instant::now();
             }
             before = now;

@@ -164,10 +164,12 @@ fn renewal_period(ttl: Duration) -> Duration {
 }
 
 /// How long a renewal, or an attempt to open a stream, may go unanswered before another
-/// stream is tried: an answer takes milliseconds, so at most 2 s, leaving time for several
-/// other members before expiry.
+/// stream is tried: an answer takes milliseconds, so at most 2 s, and half the renewal
+/// period, so that at least three attempts go out between an unanswered renewal and the
+/// expiry two periods later (etcd-client picks a member for each at random, and may pick
+/// the unanswering one again).
 fn answer_due(period: Duration) -> Duration {
-    period.min(ATTEMPT_TIMEOUT)
+    (period / 2).min(ATTEMPT_TIMEOUT)
 }
 
 enum StreamEnd {
