@@ -119,11 +119,12 @@ impl EtcdCluster {
 
     fn launch(binary: &Path, members: usize, in_tmpfs: bool) -> EtcdCluster {
         let dir = data_root(members, in_tmpfs);
-        let ports = free_ports(2 * members);
-        // Bound here and kept open, so no other process can take them.
+        // Bound first and kept open, so that neither another process nor `free_ports`
+        // can take them.
         let link_listeners: Vec<TcpListener> = (0..members)
             .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port"))
             .collect();
+        let ports = free_ports(2 * members);
         let members: Vec<Member> = (0..members)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -282,15 +283,18 @@ impl EtcdCluster {
 
     /// Cuts member `i` off from the other members, as a network partition would, while
     /// clients still reach every member: the connections between it and them are closed,
-    /// and new ones are closed as soon as their first request arrives. Returns at once;
-    /// raft then does the rest: an isolated follower loses its leader after an election
-    /// timeout (500 ms) and campaigns alone, in vain, and an isolated leader steps down
-    /// after one (etcd's check-quorum), while the others, if a majority, elect a leader
-    /// among themselves. Requests a member sends without naming itself (what a follower
-    /// forwards to its leader, lease renewals among them, and version probes) still pass
-    /// from an isolated member; raft's own always name their sender, so such forwarding
-    /// ends once the member has lost its leader. Isolating a member again does nothing;
-    /// several may be isolated at once (each from all the others).
+    /// and new ones as soon as a request on them names an isolated sender or they reach
+    /// an isolated member. Returns at once; raft then does the rest: an isolated follower
+    /// loses its leader after an election timeout (500 ms) and campaigns alone, in vain,
+    /// and an isolated leader steps down after one (etcd's check-quorum), while the
+    /// others, if a majority, elect a leader among themselves. etcd 3.4 runs without
+    /// pre-vote by default, so the isolated member's term keeps rising, and on rejoining
+    /// it makes the others elect a leader again. A connection on which an isolated member
+    /// sends only requests that do not name their sender (what a follower forwards to
+    /// its leader, lease renewals among them, and etcd's probes) still passes; raft's own
+    /// requests always name it, and forwarding ends once the member has lost its leader.
+    /// Isolating a member again does nothing; several may be isolated at once (each from
+    /// all the others).
     ///
     /// Nothing in Go's `concurrency` package; etcd's Go integration tests call
     /// `InjectPartition` on a member for the same purpose.

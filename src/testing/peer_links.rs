@@ -3,7 +3,9 @@
 //!
 //! etcd members talk over HTTP on their peer ports, and each raft request names the member
 //! that sent it (header `X-Server-From`, its member id in hex): that is how a proxy in
-//! front of member `j` tells a connection from an isolated member `i` from the others'.
+//! front of member `j` tells a connection from an isolated member `i` from the others'
+//! (by the first request on it that names a sender: a connection opened for a request
+//! that names none, such as a probe, may carry raft's requests later).
 //! The proxies run on a runtime of their own, on a thread that lives as long as the
 //! process, so that a cluster shared between tests (each on its own runtime) keeps its
 //! links when the test that started it ends.
@@ -142,56 +144,96 @@ async fn accept_loop(
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Forwards one connection to member `to` until both sides have closed it, or until the
-/// partition cuts it: at once if it does when the request's head has arrived.
+/// partition cuts it. Its sender is the member that the first of its requests to name one
+/// names (a connection opened for a request that does not, a probe of etcd's, may carry
+/// raft's requests later), and bytes that name a sender cut off are not passed on.
 async fn forward(
-    mut peer: TcpStream,
+    peer: TcpStream,
     to: usize,
     member_port: u16,
     mut partition: watch::Receiver<Partition>,
 ) {
-    let Some((head, sender)) = read_head(&mut peer).await else {
+    if partition.borrow_and_update().cuts(None, to) {
         return;
-    };
-    let cut = partition.wait_for(|partition| partition.cuts(sender, to));
-    tokio::select! {
-        _ = cut => {}
-        () = relay(peer, &head, member_port) => {}
     }
-}
-
-async fn relay(mut peer: TcpStream, head: &[u8], member_port: u16) {
-    let Ok(mut member) = TcpStream::connect(("127.0.0.1", member_port)).await else {
+    let Ok(member) = TcpStream::connect(("127.0.0.1", member_port)).await else {
         return;
     };
     let _ = peer.set_nodelay(true);
     let _ = member.set_nodelay(true);
-    if member.write_all(head).await.is_ok() {
-        let _ = tokio::io::copy_bidirectional(&mut peer, &mut member).await;
+    let (mut requests, mut peer_write) = peer.into_split();
+    let (mut answers, mut member_write) = member.into_split();
+    let answered = tokio::io::copy(&mut answers, &mut peer_write);
+    tokio::pin!(answered);
+    let mut sender = SenderScan::default();
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut requests_open = true;
+    loop {
+        tokio::select! {
+            changed = partition.changed() => {
+                if changed.is_err() || partition.borrow_and_update().cuts(sender.id, to) {
+                    return;
+                }
+            }
+            // The member closed the connection, and all it sent is delivered.
+            _ = &mut answered => return,
+            read = requests.read(&mut buffer), if requests_open => match read {
+                Ok(0) | Err(_) => {
+                    requests_open = false;
+                    let _ = member_write.shutdown().await;
+                }
+                Ok(n) => {
+                    sender.scan(&buffer[..n]);
+                    if partition.borrow_and_update().cuts(sender.id, to)
+                        || member_write.write_all(&buffer[..n]).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            },
+        }
     }
 }
 
-/// The most read while looking for the end of a request's head.
-const HEAD_LIMIT: usize = 16 << 10;
+/// Finds the member id in the first `X-Server-From` header of requests read in pieces.
+#[derive(Debug, Default)]
+struct SenderScan {
+    id: Option<u64>,
+    /// The end of what was read, where the header may have begun.
+    unread: Vec<u8>,
+}
 
-/// Reads a connection's first bytes up to the end of its HTTP request head (or
-/// [`HEAD_LIMIT`] bytes), and the member id the request names as its sender, if any.
-/// `None` if the connection ends first.
-async fn read_head(peer: &mut TcpStream) -> Option<(Vec<u8>, Option<u64>)> {
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while head.len() < HEAD_LIMIT && !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match peer.read(&mut buffer).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => head.extend_from_slice(&buffer[..n]),
+/// The header as Go's `net/http` writes it, after the line before it.
+const SENDER_HEADER: &[u8] = b"\r\nX-Server-From:";
+
+impl SenderScan {
+    fn scan(&mut self, bytes: &[u8]) {
+        if self.id.is_some() {
+            return;
+        }
+        self.unread.extend_from_slice(bytes);
+        let Some(at) = find(&self.unread, SENDER_HEADER) else {
+            // Keep only what may be the start of the header.
+            let keep_from = self.unread.len().saturating_sub(SENDER_HEADER.len() - 1);
+            self.unread.drain(..keep_from);
+            return;
+        };
+        let value = &self.unread[at + SENDER_HEADER.len()..];
+        match find(value, b"\r\n") {
+            Some(end) => {
+                let id = std::str::from_utf8(&value[..end]).ok();
+                self.id = id.and_then(|id| u64::from_str_radix(id.trim(), 16).ok());
+                self.unread.clear();
+            }
+            // The value has not all arrived: keep it, unless no header is this long.
+            None if value.len() > 64 => self.unread.clear(),
+            None => drop(self.unread.drain(..at)),
         }
     }
-    let sender = String::from_utf8_lossy(&head)
-        .lines()
-        .take_while(|line| !line.is_empty())
-        .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("x-server-from"))
-        .and_then(|(_, id)| u64::from_str_radix(id.trim(), 16).ok());
-    Some((head, sender))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -218,5 +260,26 @@ mod tests {
             !partition.cuts(None, 0),
             "sender unknown, to a member not isolated"
         );
+    }
+
+    #[test]
+    fn the_sender_is_the_first_one_named_on_the_connection_even_split_across_reads() {
+        let requests: &[u8] = b"GET /raft/probing HTTP/1.1\r\nHost: m\r\n\r\n\
+            POST /raft HTTP/1.1\r\nHost: m\r\nX-Server-From: 8e9e05c52164694d\r\n\r\nbody\
+            POST /raft HTTP/1.1\r\nX-Server-From: 1\r\n\r\n";
+        for piece in [1, 3, 7, 16, requests.len()] {
+            let mut scan = SenderScan::default();
+            for bytes in requests.chunks(piece) {
+                scan.scan(bytes);
+            }
+            assert_eq!(
+                scan.id,
+                Some(0x8e9e05c52164694d),
+                "read {piece} bytes at a time"
+            );
+        }
+        let mut unnamed = SenderScan::default();
+        unnamed.scan(b"GET /version HTTP/1.1\r\nHost: m\r\n\r\n");
+        assert_eq!(unnamed.id, None);
     }
 }

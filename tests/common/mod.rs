@@ -573,8 +573,15 @@ pub async fn proposals_applied(endpoint: &str) -> u64 {
     metric(endpoint, "etcd_server_proposals_applied_total").await
 }
 
-/// The value of the metric `name` (one without labels) on the `/metrics` page of the etcd
-/// member at `endpoint` (`http://host:port`), read within 5 s.
+/// How many bytes of raft messages the member at `endpoint` has received from the member
+/// whose id is `from`.
+pub async fn peer_bytes_received(endpoint: &str, from: u64) -> u64 {
+    let name = format!("etcd_network_peer_received_bytes_total{{From=\"{from:x}\"}}");
+    metric(endpoint, &name).await
+}
+
+/// The value of the metric `name` (with its labels, if any, as etcd writes them) on the
+/// `/metrics` page of the etcd member at `endpoint` (`http://host:port`), read within 5 s.
 async fn metric(endpoint: &str, name: &str) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let address = endpoint.trim_start_matches("http://");
