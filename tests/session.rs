@@ -561,8 +561,8 @@ async fn a_session_lives_over_round_trips_longer_than_a_renewal_may_go_unanswere
     let cluster = EtcdCluster::start(1).await;
     let direct = cluster.client().await;
     let (proxy, slow) = common::behind_proxy(&cluster.endpoint(0)).await;
-    // Round trips of 1.8 s, longer than a renewal every 5/3 s may go unanswered before
-    // another stream is tried: the late answer must still count.
+    // Round trips of 1.8 s, longer than a renewal (every 5/3 s) may go unanswered (5/6 s)
+    // before another stream is tried: the late answer must still count.
     proxy.delay(millis(900));
     let session = within(secs(20), common::session_with(slow, secs(5), secs(10))).await;
     common::assert_lives_for(&session, &direct, secs(12)).await;

@@ -268,3 +268,21 @@ impl Renewing<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_other_streams_are_tried_between_an_unanswered_renewal_and_expiry() {
+        for ttl in [1, 2, 3, 5, 6, 10, 60, 3600].map(Duration::from_secs) {
+            let period = renewal_period(ttl);
+            // The renewal is sent a period after the last answered one, which it expires
+            // a TTL after; the first other stream is tried `answer_due` later, and the next
+            // ones each `answer_due` after that.
+            let unanswered_for = ttl - period;
+            let tries = unanswered_for.as_nanos() / answer_due(period).as_nanos() - 1;
+            assert!(tries >= 3, "{tries} tries with a TTL of {ttl:?}");
+        }
+    }
+}
