@@ -301,10 +301,11 @@ impl Election {
     /// can be reached it yields nothing and keeps trying (Go's blocks the same way): to
     /// notice an outage, bound each `next()` with [`tokio::time::timeout`], or watch the
     /// session's [`lost`](Session::lost), which resolves once its keep-alive has failed for
-    /// a TTL. A member cut off from the raft leader keeps its watches open, silent: connect
-    /// with etcd-client's `ConnectOptions::with_require_leader(true)` (Go's
-    /// `clientv3.WithRequireLeader`) to have etcd cancel them, and the stream re-opens its
-    /// watch through a member the client picks.
+    /// a TTL. A member cut off from the raft leader keeps its watches open, silent: the
+    /// stream re-opens its watch through another member once it sees that member fall
+    /// behind the cluster, within 10-20 s of the cut; connect with
+    /// etcd-client's `ConnectOptions::with_require_leader(true)` (Go's
+    /// `clientv3.WithRequireLeader`) to have etcd cancel such watches within about 2 s.
     ///
     /// Observing only reads: it uses the session's client, not its lease. Poll the stream
     /// steadily, or drop it: while it is not polled its events wait unread in the

@@ -60,9 +60,11 @@ use crate::watcher::{Follower, Update};
 /// lost or frozen, compaction) with a fresh read of the range, so nothing is missed. A
 /// member cut off from the raft leader keeps its watches open, answering progress requests
 /// with its own, stale revision, so a copy watched through it stops moving (at every level
-/// but [`Isolation::ReadCommitted`] that costs conflicts, not correctness): connect with
-/// etcd-client's `ConnectOptions::with_require_leader(true)` to have etcd cancel such
-/// watches, which the cache then re-opens through a member the client picks.
+/// but [`Isolation::ReadCommitted`] that costs conflicts, not correctness) until the cache
+/// sees the member fall behind the cluster and re-opens its watch through another member,
+/// within 10-20 s of the cut: connect with etcd-client's
+/// `ConnectOptions::with_require_leader(true)` to have etcd cancel such watches within
+/// about 2 s instead.
 /// While it is broken, transactions go on reading the last copy (and conflict if it is
 /// stale; after a second conflict and its back-off, an attempt reads from etcd unless the
 /// copy holds every key the failed commit read and has caught up with their values;

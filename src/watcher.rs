@@ -16,6 +16,11 @@
 //! after [`LIVENESS_CHECK`] without a message the member is asked for a progress
 //! notification, and if that goes unanswered too (a frozen member keeps its connection
 //! open but answers nothing) the watch is re-opened, perhaps through another member. A
+//! member cut off from its peers does answer, from its stale state: so after each
+//! notification the cluster's revision is read (linearizably, one key counted), and a
+//! member still below it at the next notification is left, as is one on which a watch is
+//! opened below it (etcd cancels such watches itself, sooner, for clients that require a
+//! leader). A
 //! follower that must report every change ([`Follower::replaying`]) re-opens from its last
 //! revision + 1 instead, and falls back to a re-read only when that history has been
 //! compacted or its replay is too large for one answer of the client's.
@@ -76,6 +81,11 @@ pub(crate) struct Follower {
     heard_at: Instant,
     /// A progress notification was asked for and has not come yet.
     progress_asked: bool,
+    /// A revision the cluster had reached (read linearizably, with the last snapshot or
+    /// after the member's last progress notification; 0: none): a member still below it
+    /// at its next notification, or when a watch is opened on it, is behind, cut off from
+    /// its peers perhaps, and its watch would stay silent.
+    committed: i64,
     backoff: Backoff,
     /// The watch asks etcd to leave out puts (the snapshots still read every key).
     deletes_only: bool,
@@ -119,6 +129,7 @@ impl Follower {
             watch: None,
             heard_at: Instant::now(),
             progress_asked: false,
+            committed: 0,
             backoff: Backoff::new(),
             deletes_only: false,
             open_failure: None,
@@ -282,7 +293,7 @@ impl Follower {
                 }
             };
             self.heard_at = Instant::now();
-            self.progress_asked = false;
+            let progress_asked = std::mem::take(&mut self.progress_asked);
             match message {
                 Ok(Some(answer)) if answer.canceled() => {
                     // Compaction, or the member lost its leader: follow again.
@@ -293,6 +304,20 @@ impl Follower {
                     );
                     self.history_gone |= answer.compact_revision() > 0;
                     self.watch = None;
+                }
+                Ok(Some(answer)) if progress_asked && answer.events().is_empty() => {
+                    // The progress notification: the member's revision.
+                    let member = answer.header().map(|h| h.revision());
+                    if member.is_some_and(|member| member < self.committed) {
+                        tracing::debug!(
+                            ?member,
+                            cluster = self.committed,
+                            "watch's member behind the cluster; re-opening"
+                        );
+                        self.watch = None;
+                    } else if let Some(cluster) = self.cluster_revision().await {
+                        self.committed = cluster;
+                    }
                 }
                 Ok(Some(answer)) => {
                     // Events come in revision order.
@@ -339,6 +364,7 @@ impl Follower {
             } else if created.canceled() {
                 return Err(self.refusal(&created).await);
             } else {
+                self.check_member(&created).await?;
                 self.watch = Some(watch);
             }
             return Ok(None);
@@ -347,6 +373,7 @@ impl Follower {
         if created.canceled() {
             return Err(self.refusal(&created).await);
         }
+        self.check_member(&created).await?;
         let watched_from = created.header().map_or(0, |h| h.revision());
         if watched_from <= self.revision && !self.stale && !self.read_after_open {
             self.watch = Some(watch);
@@ -378,6 +405,8 @@ impl Follower {
         };
         if revision > 0 {
             self.revision = revision;
+            // Read linearizably: the cluster has reached it.
+            self.committed = self.committed.max(revision);
         }
         // A replay can start from the new revision (until the read, one must not).
         self.stale = false;
@@ -540,6 +569,40 @@ impl Follower {
                 after: self.request_limit,
             },
         }
+    }
+
+    /// Fails (transiently: the watch is opened again, after a back-off) if a new watch's
+    /// member is at a revision below one the cluster had reached before, unless the
+    /// cluster's revision, read again, has fallen below that one (the cluster was restored
+    /// from an older snapshot, so its members are not behind).
+    async fn check_member(&mut self, created: &WatchResponse) -> Result<()> {
+        let Some(member) = created.header().map(|h| h.revision()) else {
+            return Ok(());
+        };
+        if member >= self.committed {
+            return Ok(());
+        }
+        match self.cluster_revision().await {
+            Some(cluster) if cluster < self.committed => {
+                self.committed = cluster;
+                Ok(())
+            }
+            _ => Err(Error::Etcd(etcd_client::Error::WatchError(format!(
+                "watch opened on a member at revision {member}, behind the cluster's {}",
+                self.committed
+            )))),
+        }
+    }
+
+    /// The revision the cluster has reached, read linearizably through any member (so the
+    /// raft leader confirms it), or `None` if the read fails. Reads one key, counting only.
+    async fn cluster_revision(&self) -> Option<i64> {
+        let key = &self.key;
+        let read = retry(&self.client, "Range", self.request_limit, |client| {
+            let (mut kv, key) = (client.kv_client(), key.clone());
+            async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+        });
+        read.await.ok()?.header().map(|h| h.revision())
     }
 
     async fn backoff_once(&mut self) {

@@ -428,14 +428,41 @@ async fn a_waiters_watch_open_through_a_connection_that_freezes_is_reopened() {
 /// election timeouts, and a lock waiter, an observer and a read cache whose watches were
 /// all on that member follow through another one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watches_on_a_member_cut_off_from_its_peers_are_followed_through_another() {
+async fn watches_on_a_member_cut_off_from_its_peers_are_cancelled_with_require_leader() {
     let cluster = EtcdCluster::start(3).await;
+    let client = common::faults::resilient_client(&[cluster.endpoint(0)]).await;
+    // Three election timeouts without a leader before etcd cancels, then a re-open that
+    // may land on the cut-off member again (refused at once there) before another: about
+    // 2 s, where the followers' own check takes 10 s at least.
+    watches_on_a_cut_off_member_follow_through_another(cluster, client, secs(8)).await;
+}
+
+/// Without `require_leader`, the followers see for themselves that the member is behind:
+/// a progress notification below the cluster's revision read after the one before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_on_a_member_cut_off_from_its_peers_are_reopened_once_it_falls_behind() {
+    let cluster = EtcdCluster::start(3).await;
+    let client = etcd_client::Client::connect([cluster.endpoint(0)], None)
+        .await
+        .unwrap();
+    // Two or three silent liveness checks (5 s each) and their reads, then a re-open,
+    // refused while it lands on the cut-off member.
+    watches_on_a_cut_off_member_follow_through_another(cluster, client, secs(40)).await;
+}
+
+/// A lock waiter, an observer and a read cache, all watching through member 0 of
+/// `cluster` (`client`'s only endpoint until their watches are open there, then one of
+/// three), hear within `limit` of the cut of an unlock, a proclaim and a write made through
+/// the two others after member 0 is cut off from them.
+async fn watches_on_a_cut_off_member_follow_through_another(
+    cluster: EtcdCluster,
+    client: etcd_client::Client,
+    limit: Duration,
+) {
     let cut_off = cluster.endpoint(0);
     let others = [cluster.endpoint(1), cluster.endpoint(2)];
     let majority = etcd_client::Client::connect(&others, None).await.unwrap();
     let holder = Session::new(majority.clone()).await.unwrap();
-    // Connected to the member to be cut off alone until every watch is open there.
-    let client = common::faults::resilient_client(std::slice::from_ref(&cut_off)).await;
     let waiter = Session::new(client.clone()).await.unwrap();
     let name = unique("cut-off-member");
     let lock = format!("{name}/lock");
@@ -469,6 +496,8 @@ async fn watches_on_a_member_cut_off_from_its_peers_are_followed_through_another
     }
 
     cluster.isolate(0);
+    let deadline = std::time::Instant::now() + limit;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
     within(secs(20), leadership.proclaim("second"))
         .await
         .unwrap();
@@ -478,12 +507,10 @@ async fn watches_on_a_member_cut_off_from_its_peers_are_followed_through_another
         .await
         .unwrap();
     let revision = written.header().unwrap().revision();
-    // Three election timeouts without a leader before etcd cancels, then a re-open that
-    // may land on the cut-off member again (refused at once there) before another.
-    let held = within(secs(30), waiting).await.unwrap().unwrap();
-    let leader = within(secs(30), leaders.next()).await.unwrap().unwrap();
+    let held = within(left(), waiting).await.unwrap().unwrap();
+    let leader = within(left(), leaders.next()).await.unwrap().unwrap();
     assert_eq!(leader.unwrap().value(), b"second");
-    within(secs(30), async {
+    within(left(), async {
         while cache.revision() < revision {
             tokio::time::sleep(millis(20)).await;
         }
