@@ -303,7 +303,7 @@ impl Election {
     /// session's [`lost`](Session::lost), which resolves once its keep-alive has failed for
     /// a TTL. A member cut off from the raft leader keeps its watches open, silent: the
     /// stream re-opens its watch through another member once it sees that member fall
-    /// behind the cluster, within 10-20 s of the cut; connect with
+    /// behind the cluster, within about 20 s of the cut; connect with
     /// etcd-client's `ConnectOptions::with_require_leader(true)` (Go's
     /// `clientv3.WithRequireLeader`) to have etcd cancel such watches within about 2 s.
     ///

@@ -62,7 +62,7 @@ use crate::watcher::{Follower, Update};
 /// with its own, stale revision, so a copy watched through it stops moving (at every level
 /// but [`Isolation::ReadCommitted`] that costs conflicts, not correctness) until the cache
 /// sees the member fall behind the cluster and re-opens its watch through another member,
-/// within 10-20 s of the cut: connect with etcd-client's
+/// within about 20 s of the cut: connect with etcd-client's
 /// `ConnectOptions::with_require_leader(true)` to have etcd cancel such watches within
 /// about 2 s instead.
 /// While it is broken, transactions go on reading the last copy (and conflict if it is

@@ -75,8 +75,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// stale state, so after each notification the cluster's revision is read (one key,
 /// linearizably: each silent watch costs one such read every 5 s), and a watch whose
 /// member is still below it at the next notification is re-opened through another
-/// member: waits and `observe()` through such a member hear of changes within 10-20 s of
-/// the cut (measured: 10-19 s). etcd itself cancels such watches within about 2 s for
+/// member: waits and `observe()` through such a member hear of changes within about 20 s
+/// of the cut (measured: 4-19 s). etcd itself cancels such watches within about 2 s for
 /// clients that require a leader. To have them cancelled, and
 /// whatever is stuck on a frozen member failed (and so sent again) after the ping interval
 /// plus timeout, configure the client with HTTP/2 pings and `require_leader`:

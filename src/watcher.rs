@@ -81,10 +81,11 @@ pub(crate) struct Follower {
     heard_at: Instant,
     /// A progress notification was asked for and has not come yet.
     progress_asked: bool,
-    /// A revision the cluster had reached (read linearizably, with the last snapshot or
-    /// after the member's last progress notification; 0: none): a member still below it
-    /// at its next notification, or when a watch is opened on it, is behind, cut off from
-    /// its peers perhaps, and its watch would stay silent.
+    /// A revision the cluster had reached (read linearizably after the member's last
+    /// progress notification; 0: none): a member still below it at its next notification,
+    /// or when a watch is opened on it, is behind, cut off from its peers perhaps, and its
+    /// watch would stay silent. Not the revision of a snapshot: a watch re-opened right
+    /// after one could land on a healthy follower a few milliseconds behind it.
     committed: i64,
     backoff: Backoff,
     /// The watch asks etcd to leave out puts (the snapshots still read every key).
@@ -405,8 +406,6 @@ impl Follower {
         };
         if revision > 0 {
             self.revision = revision;
-            // Read linearizably: the cluster has reached it.
-            self.committed = self.committed.max(revision);
         }
         // A replay can start from the new revision (until the read, one must not).
         self.stale = false;
