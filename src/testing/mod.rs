@@ -19,6 +19,7 @@
 //! # }
 //! ```
 
+mod accept;
 mod cluster;
 mod peer_links;
 mod proxy;

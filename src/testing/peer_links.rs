@@ -12,13 +12,14 @@
 
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::AbortHandle;
+
+use super::accept::accept_each;
 
 /// Which members are cut off, and the member id of each member once known.
 #[derive(Debug, Default)]
@@ -123,25 +124,11 @@ async fn accept_loop(
     let Ok(listener) = listener else {
         return; // the member's peers cannot reach it: it never becomes healthy
     };
-    // Dropping the set (when this task is aborted) aborts every connection task.
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((peer, _)) = accepted else {
-                    // Out of file descriptors, say: give the connections time to end.
-                    tokio::time::sleep(ACCEPT_RETRY).await;
-                    continue;
-                };
-                connections.spawn(forward(peer, to, member_port, partition.clone()));
-            }
-            Some(_) = connections.join_next() => {}
-        }
-    }
+    accept_each(listener, |peer| {
+        Some(forward(peer, to, member_port, partition.clone()))
+    })
+    .await;
 }
-
-/// How long the accept loop waits after a failed accept.
-const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Forwards one connection to member `to` until both sides have closed it, or until the
 /// partition cuts it. Its sender is the member that the first of its requests to name one

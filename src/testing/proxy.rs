@@ -8,8 +8,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use super::accept::accept_each;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -181,30 +182,21 @@ async fn accept_loop(
     mode: watch::Receiver<State>,
     held: Held,
 ) {
-    // Dropping the set (when this task is aborted) aborts every connection task.
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((client, _)) = accepted else {
-                    // Out of file descriptors, say: give the connections time to end.
-                    tokio::time::sleep(ACCEPT_RETRY).await;
-                    continue;
-                };
-                let state = *mode.borrow();
-                if state.mode == Mode::Cut {
-                    continue; // dropped: the client sees the connection closed at once
-                }
-                let forwarding = forward(client, target.clone(), mode.clone(), held.clone(), state.cuts);
-                connections.spawn(forwarding);
-            }
-            Some(_) = connections.join_next() => {}
-        }
-    }
+    accept_each(listener, |client| {
+        let state = *mode.borrow();
+        // Dropped when cut: the client sees the connection closed at once.
+        (state.mode != Mode::Cut).then(|| {
+            forward(
+                client,
+                target.clone(),
+                mode.clone(),
+                held.clone(),
+                state.cuts,
+            )
+        })
+    })
+    .await;
 }
-
-/// How long the accept loop waits after a failed accept.
-const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Forwards one connection until both sides have closed it or the proxy is cut again (its
 /// cut count moves past `cuts`, the count when the connection was accepted). One side's
