@@ -77,9 +77,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// member is still below it at the next notification is re-opened through another
 /// member: waits and `observe()` through such a member hear of changes within about 20 s
 /// of the cut (measured: 4-19 s). etcd itself cancels such watches within about 2 s for
-/// clients that require a leader. To have them cancelled, and
-/// whatever is stuck on a frozen member failed (and so sent again) after the ping interval
-/// plus timeout, configure the client with HTTP/2 pings and `require_leader`:
+/// clients that require a leader. To have them cancelled, and whatever is stuck on a
+/// frozen member failed (and so sent again) after the ping interval plus timeout,
+/// configure the client with HTTP/2 pings and `require_leader`:
 /// `ConnectOptions::new().with_keep_alive(interval, timeout).with_require_leader(true)`
 /// (etcd refuses pings more frequent than its `--grpc-keepalive-min-time`, 5 s by default),
 /// and give it more than one endpoint: a cancelled watch is opened again, and with one

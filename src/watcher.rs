@@ -20,10 +20,9 @@
 //! notification the cluster's revision is read (linearizably, one key counted), and a
 //! member still below it at the next notification is left, as is one on which a watch is
 //! opened below it (etcd cancels such watches itself, sooner, for clients that require a
-//! leader). A
-//! follower that must report every change ([`Follower::replaying`]) re-opens from its last
-//! revision + 1 instead, and falls back to a re-read only when that history has been
-//! compacted or its replay is too large for one answer of the client's.
+//! leader). A follower that must report every change ([`Follower::replaying`]) re-opens
+//! from its last revision + 1 instead, and falls back to a re-read only when that history
+//! has been compacted or its replay is too large for one answer of the client's.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
