@@ -62,14 +62,14 @@ pub struct Election {
 /// Dropping it without [`resign`](Self::resign) resigns in a background task on the
 /// session's runtime, so leadership is handed on even when the leader's future was
 /// cancelled; unless another campaign or leadership of this session shares its key, which
-/// then stays theirs. Each attempt is bounded by the session's release timeout (default
-/// 5 s) and failures are retried for as long as the session lives (while its lease is
+/// then stays theirs. Each attempt is bounded by the session's release timeout (default 5
+/// s) and failures are retried for as long as the session lives (while its lease is
 /// renewed, nothing else would free the key). If etcd refuses the delete (for instance
-/// permission denied), the key stays until the session ends; if that runtime has shut
-/// down, or is shutting down (a leadership dropped as `#[tokio::main]`'s `main` returns),
-/// the lease's expiry ends the leadership: call [`resign`](Self::resign) before exiting.
-/// A `tracing` warning says so in both cases. Go has no such guard: its `Election` itself
-/// leads until `Resign`.
+/// permission denied), the key stays until the session ends; if that runtime has shut down,
+/// or is shutting down (a leadership dropped as `#[tokio::main]`'s `main` returns, or just
+/// before), the lease's expiry ends the leadership: call [`resign`](Self::resign) before
+/// exiting. A `tracing` warning says so in both cases. Go has no such guard: its `Election`
+/// itself leads until `Resign`.
 ///
 /// # Example
 ///
@@ -433,12 +433,11 @@ impl Leadership {
     ///
     /// # Errors
     ///
-    /// - [`Error::OwnershipLost`]: the key was already gone (as after
-    ///   [`Session::close`](crate::Session::close)) or re-created; this leadership had
-    ///   already ended. Returned at once, with no request, if [`lost`](Self::lost) has seen
-    ///   the key gone. If no other campaign or leadership of this session is in the
-    ///   election, a newer key of its lease there (made by a campaign since cancelled) is
-    ///   withdrawn in the background. As for
+    /// - [`Error::OwnershipLost`]: the key was already gone (its lease expired or revoked;
+    ///   deleted) or re-created; this leadership had already ended. Returned at once, with
+    ///   no request, if [`lost`](Self::lost) has seen the key gone. If no other campaign or
+    ///   leadership of this session is in the election, a newer key of its lease there
+    ///   (made by a campaign since cancelled) is withdrawn in the background. As for
     ///   [`MutexGuard::unlock`](crate::MutexGuard::unlock), not returned after an attempt
     ///   of the delete whose outcome is unknown.
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
@@ -447,6 +446,8 @@ impl Leadership {
     ///   would have. A campaign of this session that starts meanwhile may join the key
     ///   before that delete lands, and then fail with [`Error::OwnershipLost`] or lose
     ///   the leadership it won.
+    /// - [`Error::SessionLost`]: as for [`MutexGuard::unlock`](crate::MutexGuard::unlock),
+    ///   the session was lost or closed before etcd answered; the key goes with the lease.
     /// - Any other [`Error::Etcd`]: etcd refused the delete (for instance permission
     ///   denied); the key stays until the session ends.
     ///

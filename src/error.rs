@@ -42,7 +42,8 @@ pub enum Error {
     /// Go's `ErrSessionExpired`.
     ///
     /// Also returned by a session on which [`Session::orphan`] was called (through any of
-    /// its handles), or whose runtime has shut down, although its lease may still exist;
+    /// its handles), or whose runtime has shut down, although its lease may still exist
+    /// (except by an unlock or resign, which still delete their key while it does);
     /// and by [`SessionBuilder::build`] when a grant sent again found that its earlier
     /// attempt, whose answer was lost, had granted the lease and that it expired since, or
     /// when the grant's answer came a whole TTL after it was sent.

@@ -95,14 +95,14 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// that the lease is gone: then there is nothing to revoke).
 ///
 /// Before the process exits, [`close`](Self::close) the session (after `unlock()` or
-/// `resign()`): background releases run as tasks on the runtime, and one that is ending
-/// (a session or guard dropped as `#[tokio::main]`'s `main` returns) does not run them.
-/// The keys then stay until the lease expires, a TTL later, and a warning is logged
-/// through `tracing`. The same goes for a runtime that still exists but is no longer
-/// driven (a current-thread runtime whose `block_on` has returned): the keep-alive and
-/// the background releases, which run on the runtime the session was built on, wait until
-/// it is driven again, though [`lost`](Self::lost) and [`is_lost`](Self::is_lost) still
-/// say when the lease may have expired. So does the join Txn of `lock()`, `try_lock()` and
+/// `resign()`): background releases run as tasks on the runtime, and one that is ending (a
+/// session or guard dropped as `#[tokio::main]`'s `main` returns, or just before) does not
+/// run them. The keys then stay until the lease expires, a TTL later, and a warning is
+/// logged through `tracing`. The same goes for a runtime that still exists but is no longer
+/// driven (a current-thread runtime whose `block_on` has returned): the keep-alive and the
+/// background releases, which run on the runtime the session was built on, wait until it is
+/// driven again, though [`lost`](Self::lost) and [`is_lost`](Self::is_lost) still say when
+/// the lease may have expired. So does the join Txn of `lock()`, `try_lock()` and
 /// `campaign()`, which runs there too: called from another runtime, they wait for it, and
 /// fail with [`Error::SessionLost`] once the session is lost (a TTL after its last renewal
 /// at the latest).
@@ -148,6 +148,8 @@ struct Shared {
     keep_alive: AbortHandle,
     /// Set by `close` and `orphan`: the lease needs no revoke on drop.
     ended: AtomicBool,
+    /// Set by `orphan`: the lease lives on until its TTL runs out, with the keys on it.
+    orphaned: AtomicBool,
     /// Set once etcd has said that the lease is gone (expired or revoked): nothing is left
     /// to revoke on drop. Not set when the session is lost only by its own clock (no
     /// renewal answered for a whole TTL), as renewals may have reached etcd unanswered.
@@ -359,7 +361,8 @@ impl Session {
 
     /// Stops the keep-alive without revoking the lease: attached keys stay until the lease
     /// expires, one TTL from its last renewal (guards and leaderships dropped afterwards
-    /// leave their keys; an explicit `unlock()` or `resign()` still deletes its key). Use
+    /// leave their keys; an explicit `unlock()` or `resign()` still deletes its key, until
+    /// the TTL runs out). Use
     /// it to hand the lease over (another process resumes it with
     /// [`SessionBuilder::lease`]) or to simulate a crash. Mirrors Go's `Session.Orphan()`.
     ///
@@ -375,6 +378,7 @@ impl Session {
     /// # }
     /// ```
     pub fn orphan(self) {
+        self.shared.orphaned.store(true, Ordering::SeqCst);
         self.shared.end();
     }
 
@@ -388,6 +392,18 @@ impl Session {
 
     pub(crate) fn downgrade(&self) -> WeakSession {
         WeakSession(Arc::downgrade(&self.shared))
+    }
+
+    /// Resolves once the lease's keys are gone or going with it: as [`lost`](Self::lost),
+    /// except that an orphaned session's lease, no longer renewed but kept, counts as
+    /// alive until its TTL from the last renewal runs out.
+    pub(crate) async fn lease_ended(&self) {
+        self.lost().await;
+        if self.shared.orphaned.load(Ordering::SeqCst) {
+            while !self.shared.expired_by_clock() {
+                tokio::time::sleep_until(self.shared.deadline.get()).await;
+            }
+        }
     }
 
     /// Whether [`close`](Self::close) or [`orphan`](Self::orphan) was called: keys on the

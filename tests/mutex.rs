@@ -14,7 +14,7 @@ use common::{
 };
 use etcd_client::{Client, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
-use etcd_concurrency::{Error, Mutex, MutexGuard, Session};
+use etcd_concurrency::{Election, Error, Mutex, MutexGuard, Session};
 
 async fn session(client: &Client) -> Session {
     Session::builder(client.clone())
@@ -1112,6 +1112,69 @@ async fn a_lock_in_flight_when_its_session_expires_fails_with_session_lost() {
     let got = within(secs(10), Mutex::new(&session, unique("expired")).lock()).await;
     assert!(matches!(got, Err(Error::SessionLost)), "{got:?}");
     proxy.heal();
+}
+
+/// The key of a lost session goes with its lease: an unlock waits on etcd no longer, even
+/// with an unlimited request timeout and etcd out of reach.
+#[tokio::test]
+async fn an_unlock_returns_session_lost_once_the_lease_ends_even_with_etcd_out_of_reach() {
+    let cluster = EtcdCluster::start(1).await;
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = common::session_with(client, secs(2), Duration::MAX).await;
+    let (first, second) = (unique("unlock-lost"), unique("unlock-lost"));
+    let in_flight = within(secs(5), Mutex::new(&session, first).lock())
+        .await
+        .unwrap();
+    let after = within(secs(5), Mutex::new(&session, second).lock())
+        .await
+        .unwrap();
+    proxy.stall(); // keep-alives too: lost 2 s after the last renewal at the latest
+    let mut unlocking = pin!(in_flight.unlock());
+    assert!(futures::poll!(&mut unlocking).is_pending());
+    let unlocked = within(secs(5), unlocking).await;
+    assert!(session.is_lost());
+    assert!(matches!(unlocked, Err(Error::SessionLost)), "{unlocked:?}");
+    // Already lost: at once, with no request (the proxy would hold it).
+    let unlocked = within(millis(500), after.unlock()).await;
+    assert!(matches!(unlocked, Err(Error::SessionLost)), "{unlocked:?}");
+    proxy.heal();
+}
+
+/// Closed, the lease took the keys: nothing to send. Orphaned, it keeps them until it
+/// expires, and an explicit unlock or resign still deletes its own.
+#[tokio::test]
+async fn unlock_and_resign_return_session_lost_after_close_and_delete_after_orphan() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let (closed, orphaned) = (session(&client).await, session(&client).await);
+    let (lock, elect) = (unique("unlock-closed"), unique("resign-closed"));
+    let guard = within(secs(5), Mutex::new(&closed, &lock).lock())
+        .await
+        .unwrap();
+    let leadership = within(secs(5), Election::new(&closed, &elect).campaign("a")).await;
+    let leadership = leadership.unwrap();
+    closed.close().await.unwrap();
+    let unlocked = within(secs(5), guard.unlock()).await;
+    assert!(matches!(unlocked, Err(Error::SessionLost)), "{unlocked:?}");
+    let resigned = within(secs(5), leadership.resign()).await;
+    assert!(matches!(resigned, Err(Error::SessionLost)), "{resigned:?}");
+
+    let (lock, elect) = (unique("unlock-orphaned"), unique("resign-orphaned"));
+    let guard = within(secs(5), Mutex::new(&orphaned, &lock).lock())
+        .await
+        .unwrap();
+    let leadership = within(secs(5), Election::new(&orphaned, &elect).campaign("a")).await;
+    let leadership = leadership.unwrap();
+    let keys = [guard.key().to_vec(), leadership.key().to_vec()];
+    orphaned.orphan();
+    within(secs(5), guard.unlock()).await.unwrap();
+    within(secs(5), leadership.resign()).await.unwrap();
+    for key in keys {
+        assert!(
+            !exists(&client, key).await,
+            "an orphan's unlocked key stays"
+        );
+    }
 }
 
 #[tokio::test]

@@ -225,6 +225,7 @@ impl SessionBuilder {
                 lost,
                 keep_alive,
                 ended: AtomicBool::new(false),
+                orphaned: AtomicBool::new(false),
                 lease_gone,
                 deadline,
                 late_grant,
