@@ -39,7 +39,9 @@ pub enum Error {
     /// The session's lease is gone: it expired, was revoked (by [`Session::close`] or by
     /// someone else), or no keep-alive succeeded for a whole TTL. Keys attached to it are
     /// (or will shortly be) deleted, so no lock or leadership built on it can be assumed.
-    /// Go's `ErrSessionExpired`.
+    /// Which of these it was, the session logs as a `tracing` warning (`session lost:
+    /// etcd says its lease is gone`, for instance) when it happens. Go's
+    /// `ErrSessionExpired`.
     ///
     /// Also returned by a session on which [`Session::orphan`] was called (through any of
     /// its handles), or whose runtime has shut down, although its lease may still exist

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 pub use self::builder::SessionBuilder;
 use self::election_claim::Leftover;
 pub(crate) use self::election_claim::{ElectionClaim, LastClaim};
-use self::keep_alive::Deadline;
+use self::keep_alive::{Deadline, mark_lost};
 use crate::error::{Error, Result, is_lease_gone};
 use crate::late_join::LateJoins;
 use crate::release::spawn_release;
@@ -429,7 +429,8 @@ impl Session {
     /// within a TTL.
     pub(crate) fn mark_lost(&self) {
         self.shared.lease_gone.store(true, Ordering::SeqCst);
-        self.shared.stop();
+        self.shared
+            .lose("etcd no longer knows its lease (a key on it was refused or vanished)");
     }
 
     /// Whether etcd still knows the lease; marks the session lost when it does not. etcd
@@ -562,25 +563,31 @@ impl Shared {
         if Instant::now() < self.deadline.get() {
             return false;
         }
-        self.stop();
+        self.lose("no keep-alive of its lease was answered for a whole TTL");
         true
     }
 
+    /// Stops the keep-alive and tells every waiter that the session is lost, without a
+    /// warning: closed or orphaned on purpose.
     fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
-        self.stop();
-    }
-
-    /// Stops the keep-alive and tells every waiter that the session is lost.
-    fn stop(&self) {
         self.keep_alive.abort();
         self.lost.send_replace(true);
+    }
+
+    /// Stops the keep-alive and tells every waiter that the session is lost, with a
+    /// warning that says `why` unless it was lost already or had ended.
+    fn lose(&self, why: &str) {
+        self.keep_alive.abort();
+        mark_lost(&self.lost, self.lease_id, why);
     }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         self.keep_alive.abort();
+        // Dropped on purpose: its keep-alive's end says nothing.
+        self.lost.send_replace(true);
         self.late_joins
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

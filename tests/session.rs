@@ -85,6 +85,32 @@ async fn a_revoke_by_another_client_makes_the_session_lost() {
     assert!(session.is_lost());
 }
 
+// One task thread, so that the log captures the keep-alive tasks' warnings.
+#[tokio::test]
+async fn a_lost_session_warns_why_and_a_closed_or_dropped_one_says_nothing() {
+    let (log, _capture) = common::DebugLog::capture();
+    let cluster = EtcdCluster::start(1).await;
+    let mut other = cluster.client().await;
+    let revoked = session_with_ttl(cluster.client().await, 3).await;
+    other.lease_revoke(revoked.lease_id()).await.unwrap();
+    within(secs(2), revoked.lost()).await;
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let cut_off = session_with_ttl(client, 2).await;
+    proxy.cut();
+    within(secs(10), cut_off.lost()).await;
+    let closed = session_with_ttl(cluster.client().await, 3).await;
+    closed.clone().close().await.unwrap();
+    drop(session_with_ttl(cluster.client().await, 3).await);
+    tokio::task::yield_now().await; // the dropped session's keep-alive task ends
+
+    let gone = "session lost: etcd says its lease is gone (expired or revoked)";
+    let unanswered = "session lost: no keep-alive of its lease was answered for a whole TTL";
+    assert_eq!(log.lines_with(gone), 1);
+    assert_eq!(log.lines_with(unanswered), 1);
+    assert!(closed.is_lost());
+    assert_eq!(log.lines_with("session lost"), 2, "a deliberate end warned");
+}
+
 #[tokio::test]
 async fn a_client_cut_off_loses_its_session_within_ttl_plus_one_second() {
     let cluster = EtcdCluster::start(1).await;

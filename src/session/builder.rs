@@ -211,7 +211,10 @@ impl SessionBuilder {
             renewed,
             Arc::clone(&lease_gone),
             Arc::clone(&deadline),
-            MarkLostOnExit(lost.clone()),
+            MarkLostOnExit {
+                lost: lost.clone(),
+                lease_id,
+            },
         ))
         .abort_handle();
         Ok(Session {

@@ -74,7 +74,7 @@ pub(super) async fn keep_alive(
     lease_gone: Arc<AtomicBool>,
     alive_until: Arc<Deadline>,
     // Dropped with the future, also unpolled, as when its runtime shuts down first.
-    _lost: MarkLostOnExit,
+    lost: MarkLostOnExit,
 ) {
     let mut stream = renewed.stream.map(|stream| (stream, renewed.at));
     let mut backoff = Backoff::new();
@@ -117,10 +117,13 @@ pub(super) async fn keep_alive(
             }
         }
     };
-    tracing::debug!(lease_id, said_by_etcd, "lease lost");
-    if said_by_etcd {
+    let why = if said_by_etcd {
         lease_gone.store(true, Ordering::SeqCst);
-    }
+        "etcd says its lease is gone (expired or revoked)"
+    } else {
+        "no keep-alive of its lease was answered for a whole TTL"
+    };
+    lost.lose(why);
 }
 
 /// Opening a keep-alive stream, which sends a renewal: when the attempt that opened it
@@ -150,11 +153,30 @@ fn open(client: Client, lease_id: i64, period: Duration, until: Instant) -> Open
 
 /// Marks the session lost when dropped: however the keep-alive task ends, nothing renews
 /// the lease any more.
-pub(super) struct MarkLostOnExit(pub(super) watch::Sender<bool>);
+pub(super) struct MarkLostOnExit {
+    pub(super) lost: watch::Sender<bool>,
+    pub(super) lease_id: i64,
+}
+
+impl MarkLostOnExit {
+    fn lose(&self, why: &str) {
+        mark_lost(&self.lost, self.lease_id, why);
+    }
+}
 
 impl Drop for MarkLostOnExit {
     fn drop(&mut self) {
-        self.0.send_replace(true);
+        // The session was closed, orphaned or dropped already, unless the task was dropped
+        // with its runtime (or panicked).
+        self.lose("its keep-alive task ended with the runtime it ran on");
+    }
+}
+
+/// Tells every waiter that the session is lost, with a warning that says `why`, unless it
+/// was lost already or had ended (closed, orphaned or dropped: on purpose).
+pub(super) fn mark_lost(lost: &watch::Sender<bool>, lease_id: i64, why: &str) {
+    if !lost.send_replace(true) {
+        tracing::warn!(lease_id, "session lost: {why}");
     }
 }
 
