@@ -62,14 +62,14 @@ pub struct Election {
 /// Dropping it without [`resign`](Self::resign) resigns in a background task on the
 /// session's runtime, so leadership is handed on even when the leader's future was
 /// cancelled; unless another campaign or leadership of this session shares its key, which
-/// then stays theirs. Each attempt is bounded by the session's release timeout (default 5
-/// s) and failures are retried for as long as the session lives (while its lease is
-/// renewed, nothing else would free the key). If etcd refuses the delete (for instance
-/// permission denied), the key stays until the session ends; if that runtime has shut down,
-/// or is shutting down (a leadership dropped as `#[tokio::main]`'s `main` returns, or just
-/// before), the lease's expiry ends the leadership: call [`resign`](Self::resign) before
-/// exiting. A `tracing` warning says so in both cases. Go has no such guard: its `Election`
-/// itself leads until `Resign`.
+/// then stays theirs. Each attempt is bounded by the session's release timeout
+/// (default 5 s) and failures are retried for as long as the session lives (while its
+/// lease is renewed, nothing else would free the key). If etcd refuses the delete (for
+/// instance permission denied), the key stays until the session ends; if that runtime has
+/// shut down, or is shutting down (a leadership dropped as `#[tokio::main]`'s `main`
+/// returns, or just before), the lease's expiry ends the leadership: call
+/// [`resign`](Self::resign) before exiting. A `tracing` warning says so in both cases. Go
+/// has no such guard: its `Election` itself leads until `Resign`.
 ///
 /// # Example
 ///
@@ -442,12 +442,13 @@ impl Leadership {
     ///   of the delete whose outcome is unknown.
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached; resigning goes on in the background for as long as the
-    ///   session lives, ending the session's other leaderships here too, as the resign
-    ///   would have. A campaign of this session that starts meanwhile may join the key
-    ///   before that delete lands, and then fail with [`Error::OwnershipLost`] or lose
-    ///   the leadership it won.
+    ///   session lives (not after [`Session::orphan`](crate::Session::orphan)), ending the
+    ///   session's other leaderships here too, as the resign would have. A campaign of
+    ///   this session that starts meanwhile may join the key before that delete lands, and
+    ///   then fail with [`Error::OwnershipLost`] or lose the leadership it won.
     /// - [`Error::SessionLost`]: as for [`MutexGuard::unlock`](crate::MutexGuard::unlock),
     ///   the session was lost or closed before etcd answered; the key goes with the lease.
+    ///   After [`Session::orphan`](crate::Session::orphan) the delete is still sent.
     /// - Any other [`Error::Etcd`]: etcd refused the delete (for instance permission
     ///   denied); the key stays until the session ends.
     ///

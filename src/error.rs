@@ -39,16 +39,16 @@ pub enum Error {
     /// The session's lease is gone: it expired, was revoked (by [`Session::close`] or by
     /// someone else), or no keep-alive succeeded for a whole TTL. Keys attached to it are
     /// (or will shortly be) deleted, so no lock or leadership built on it can be assumed.
-    /// Which of these it was, the session logs as a `tracing` warning (`session lost:
-    /// etcd says its lease is gone`, for instance) when it happens. Go's
-    /// `ErrSessionExpired`.
+    /// Unless it was closed, the session logs which of these it was as a `tracing`
+    /// warning when it notices (`lease lost: etcd says it is gone (expired or revoked)`,
+    /// for instance). Go's `ErrSessionExpired`.
     ///
     /// Also returned by a session on which [`Session::orphan`] was called (through any of
     /// its handles), or whose runtime has shut down, although its lease may still exist
-    /// (except by an unlock or resign, which still delete their key while it does);
-    /// and by [`SessionBuilder::build`] when a grant sent again found that its earlier
-    /// attempt, whose answer was lost, had granted the lease and that it expired since, or
-    /// when the grant's answer came a whole TTL after it was sent.
+    /// (after `orphan`, an unlock or resign still sends the delete of its key); and by
+    /// [`SessionBuilder::build`] when a grant sent again found that its earlier attempt,
+    /// whose answer was lost, had granted the lease and that it expired since, or when the
+    /// grant's answer came a whole TTL after it was sent.
     ///
     /// [`Session::close`]: crate::Session::close
     /// [`Session::orphan`]: crate::Session::orphan

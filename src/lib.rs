@@ -75,9 +75,9 @@
 //! that etcd refused; a guard dropped as its runtime shuts down, so that its key stays
 //! until the lease expires; a read cache that stopped) is logged as a
 //! [`tracing`](https://docs.rs/tracing) warning, as is the first failure of a background
-//! release that will be retried; other retries are logged at debug level. A session
-//! closed, orphaned or dropped logs nothing. Install a subscriber to see them, e.g.
-//! `tracing_subscriber::fmt::init()`.
+//! release that will be retried; other retries are logged at debug level. A session closed,
+//! orphaned or dropped logs nothing, unless its runtime shuts down under it. Install a
+//! subscriber to see them, e.g. `tracing_subscriber::fmt::init()`.
 //!
 //! # Features
 //!

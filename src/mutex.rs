@@ -63,16 +63,17 @@ pub struct Mutex {
 }
 
 /// Proof of holding a [`Mutex`]: the holder's key and its fencing token.
+///
 /// Dropping the guard without [`unlock`](Self::unlock) releases the lock in a background
-///task on the session's runtime, so the lock is released even when the holder's future was
-///cancelled or panicked. Each attempt is bounded by the session's release timeout (default
-///5 s) and failures are retried for as long as the session lives (while its lease is
-///renewed, nothing else would free the key). If etcd refuses the delete (for instance
-///permission denied), the key stays until the session ends; if that runtime has shut down,
-///or is shutting down (a guard dropped as `#[tokio::main]`'s `main` returns, or just
-///before), the lease's expiry releases the lock: call [`unlock`](Self::unlock) before
-///exiting. A `tracing` warning says so in both cases. Go has no guard: its `Mutex` itself
-///holds the lock until `Unlock`.
+/// task on the session's runtime, so the lock is released even when the holder's future
+/// was cancelled or panicked. Each attempt is bounded by the session's release timeout
+/// (default 5 s) and failures are retried for as long as the session lives (while its
+/// lease is renewed, nothing else would free the key). If etcd refuses the delete (for
+/// instance permission denied), the key stays until the session ends; if that runtime has
+/// shut down, or is shutting down (a guard dropped as `#[tokio::main]`'s `main` returns,
+/// or just before), the lease's expiry releases the lock: call [`unlock`](Self::unlock)
+/// before exiting. A `tracing` warning says so in both cases. Go has no guard: its `Mutex`
+/// itself holds the lock until `Unlock`.
 ///
 /// # Example
 ///
@@ -483,12 +484,14 @@ impl MutexGuard {
     ///   deleted it.
     /// - [`Error::SessionLost`]: the session was lost or closed before etcd answered (at
     ///   once, with no request, if it already was): the key is gone with the lease, or
-    ///   goes when etcd expires it, so nothing waits on an etcd out of reach. After
-    ///   [`Session::orphan`](crate::Session::orphan) the key is still deleted, until the
-    ///   lease's TTL runs out.
+    ///   goes when etcd expires it (at most a TTL after the last renewal that reached
+    ///   etcd), so nothing waits on an etcd out of reach. After
+    ///   [`Session::orphan`](crate::Session::orphan) the delete is still sent: the lease
+    ///   lives on, perhaps resumed by another session.
     /// - [`Error::Etcd`] for which [`Error::is_transient`] is true, or [`Error::Timeout`]:
     ///   etcd could not be reached within the session's request timeout; releasing goes
-    ///   on in the background for as long as the session lives.
+    ///   on in the background for as long as the session lives (not after
+    ///   [`Session::orphan`](crate::Session::orphan)).
     /// - Any other [`Error::Etcd`]: etcd refused the delete (for instance permission
     ///   denied); the key stays until the session ends.
     ///

@@ -95,8 +95,8 @@ impl OwnedKey {
     /// Deletes the key if it is still this incarnation.
     ///
     /// Errors: [`Error::OwnershipLost`] if it was not (deleted or re-created meanwhile), at
-    /// once if [`lost`](Self::lost) saw it gone; [`Error::SessionLost`] once the lease has
-    /// ended before an answer ([`Session::lease_ended`]), at once if it had;
+    /// once if [`lost`](Self::lost) saw it gone; [`Error::SessionLost`] once the session is
+    /// lost or closed before an answer ([`Session::lost_or_closed`]), at once if it was;
     /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached, in which case
     /// the release goes on in the background (as it does when this future is dropped).
     ///
@@ -109,9 +109,9 @@ impl OwnedKey {
     }
 
     /// The delete of [`release`](Self::release), once it counts as asked for. Once
-    /// [`lost`](Self::lost) saw the incarnation gone, or the lease has ended (the key is
-    /// gone or going with it), there is nothing to delete and no request to make or wait
-    /// for (etcd may be unreachable by now).
+    /// [`lost`](Self::lost) saw the incarnation gone, or the session is lost or closed (the
+    /// key is gone or going with its lease), there is nothing to delete and no request to
+    /// make or wait for (etcd may be unreachable by now).
     async fn delete_incarnation(mut self) -> Result<()> {
         let released = if self.seen_gone.load(Ordering::Relaxed) {
             Err(Error::OwnershipLost)
@@ -120,7 +120,7 @@ impl OwnedKey {
             let delete = fenced_delete(&self.session, &self.key, self.create_revision, limit);
             tokio::select! {
                 biased;
-                () = self.session.lease_ended() => Err(Error::SessionLost),
+                () = self.session.lost_or_closed() => Err(Error::SessionLost),
                 deleted = delete => deleted,
             }
         };

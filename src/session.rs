@@ -361,10 +361,10 @@ impl Session {
 
     /// Stops the keep-alive without revoking the lease: attached keys stay until the lease
     /// expires, one TTL from its last renewal (guards and leaderships dropped afterwards
-    /// leave their keys; an explicit `unlock()` or `resign()` still deletes its key, until
-    /// the TTL runs out). Use
-    /// it to hand the lease over (another process resumes it with
-    /// [`SessionBuilder::lease`]) or to simulate a crash. Mirrors Go's `Session.Orphan()`.
+    /// leave their keys; an explicit `unlock()` or `resign()` still sends the delete of its
+    /// key, once: nothing retries it in the background). Use it to hand the lease over
+    /// (another process resumes it with [`SessionBuilder::lease`]) or to simulate a crash.
+    /// Mirrors Go's `Session.Orphan()`.
     ///
     /// # Example
     ///
@@ -394,15 +394,14 @@ impl Session {
         WeakSession(Arc::downgrade(&self.shared))
     }
 
-    /// Resolves once the lease's keys are gone or going with it: as [`lost`](Self::lost),
-    /// except that an orphaned session's lease, no longer renewed but kept, counts as
-    /// alive until its TTL from the last renewal runs out.
-    pub(crate) async fn lease_ended(&self) {
+    /// Resolves once the session is lost or closed, its keys gone or going with its lease
+    /// (at most a TTL later); never for an orphaned session, whose lease lives on (resumed
+    /// by another session, perhaps) with the keys on it.
+    pub(crate) async fn lost_or_closed(&self) {
         self.lost().await;
+        // Set before orphaning marks the session lost.
         if self.shared.orphaned.load(Ordering::SeqCst) {
-            while !self.shared.expired_by_clock() {
-                tokio::time::sleep_until(self.shared.deadline.get()).await;
-            }
+            std::future::pending::<()>().await;
         }
     }
 
@@ -430,7 +429,7 @@ impl Session {
     pub(crate) fn mark_lost(&self) {
         self.shared.lease_gone.store(true, Ordering::SeqCst);
         self.shared
-            .lose("etcd no longer knows its lease (a key on it was refused or vanished)");
+            .lose("etcd no longer knows it (a key on it was refused or vanished)");
     }
 
     /// Whether etcd still knows the lease; marks the session lost when it does not. etcd
@@ -563,7 +562,7 @@ impl Shared {
         if Instant::now() < self.deadline.get() {
             return false;
         }
-        self.lose("no keep-alive of its lease was answered for a whole TTL");
+        self.lose("no keep-alive was answered for a whole TTL");
         true
     }
 
@@ -571,23 +570,26 @@ impl Shared {
     /// warning: closed or orphaned on purpose.
     fn end(&self) {
         self.ended.store(true, Ordering::SeqCst);
-        self.keep_alive.abort();
+        // Before the abort: a worker thread may drop the aborted task at once, whose end
+        // would otherwise warn of a lost session.
         self.lost.send_replace(true);
+        self.keep_alive.abort();
     }
 
     /// Stops the keep-alive and tells every waiter that the session is lost, with a
     /// warning that says `why` unless it was lost already or had ended.
     fn lose(&self, why: &str) {
-        self.keep_alive.abort();
         mark_lost(&self.lost, self.lease_id, why);
+        self.keep_alive.abort();
     }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        self.keep_alive.abort();
-        // Dropped on purpose: its keep-alive's end says nothing.
+        // Dropped on purpose: its keep-alive's end says nothing (set before the abort, as
+        // in `end`).
         self.lost.send_replace(true);
+        self.keep_alive.abort();
         self.late_joins
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

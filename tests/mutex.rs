@@ -1140,13 +1140,14 @@ async fn an_unlock_returns_session_lost_once_the_lease_ends_even_with_etcd_out_o
     proxy.heal();
 }
 
-/// Closed, the lease took the keys: nothing to send. Orphaned, it keeps them until it
-/// expires, and an explicit unlock or resign still deletes its own.
+/// Closed, the lease took the keys: nothing to send. Orphaned, it keeps them, perhaps
+/// resumed by another session past the orphan's own reckoning of its expiry, and an
+/// explicit unlock or resign still deletes its own.
 #[tokio::test]
 async fn unlock_and_resign_return_session_lost_after_close_and_delete_after_orphan() {
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
-    let (closed, orphaned) = (session(&client).await, session(&client).await);
+    let closed = session(&client).await;
     let (lock, elect) = (unique("unlock-closed"), unique("resign-closed"));
     let guard = within(secs(5), Mutex::new(&closed, &lock).lock())
         .await
@@ -1159,6 +1160,7 @@ async fn unlock_and_resign_return_session_lost_after_close_and_delete_after_orph
     let resigned = within(secs(5), leadership.resign()).await;
     assert!(matches!(resigned, Err(Error::SessionLost)), "{resigned:?}");
 
+    let orphaned = common::session_with(client.clone(), secs(2), secs(5)).await;
     let (lock, elect) = (unique("unlock-orphaned"), unique("resign-orphaned"));
     let guard = within(secs(5), Mutex::new(&orphaned, &lock).lock())
         .await
@@ -1166,7 +1168,12 @@ async fn unlock_and_resign_return_session_lost_after_close_and_delete_after_orph
     let leadership = within(secs(5), Election::new(&orphaned, &elect).campaign("a")).await;
     let leadership = leadership.unwrap();
     let keys = [guard.key().to_vec(), leadership.key().to_vec()];
+    let lease = orphaned.lease_id();
     orphaned.orphan();
+    let resumed = Session::builder(client.clone()).lease(lease).build().await;
+    let resumed = resumed.unwrap();
+    // Past the orphan's last renewal + TTL: what it no longer renews, `resumed` does.
+    tokio::time::sleep(secs(3)).await;
     within(secs(5), guard.unlock()).await.unwrap();
     within(secs(5), leadership.resign()).await.unwrap();
     for key in keys {
@@ -1175,6 +1182,7 @@ async fn unlock_and_resign_return_session_lost_after_close_and_delete_after_orph
             "an orphan's unlocked key stays"
         );
     }
+    resumed.close().await.unwrap();
 }
 
 #[tokio::test]

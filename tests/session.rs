@@ -103,12 +103,12 @@ async fn a_lost_session_warns_why_and_a_closed_or_dropped_one_says_nothing() {
     drop(session_with_ttl(cluster.client().await, 3).await);
     tokio::task::yield_now().await; // the dropped session's keep-alive task ends
 
-    let gone = "session lost: etcd says its lease is gone (expired or revoked)";
-    let unanswered = "session lost: no keep-alive of its lease was answered for a whole TTL";
+    let gone = "lease lost: etcd says it is gone (expired or revoked)";
+    let unanswered = "lease lost: no keep-alive was answered for a whole TTL";
     assert_eq!(log.lines_with(gone), 1);
     assert_eq!(log.lines_with(unanswered), 1);
     assert!(closed.is_lost());
-    assert_eq!(log.lines_with("session lost"), 2, "a deliberate end warned");
+    assert_eq!(log.lines_with("lease lost"), 2, "a deliberate end warned");
 }
 
 #[tokio::test]

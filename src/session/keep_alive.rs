@@ -119,9 +119,9 @@ pub(super) async fn keep_alive(
     };
     let why = if said_by_etcd {
         lease_gone.store(true, Ordering::SeqCst);
-        "etcd says its lease is gone (expired or revoked)"
+        "etcd says it is gone (expired or revoked)"
     } else {
-        "no keep-alive of its lease was answered for a whole TTL"
+        "no keep-alive was answered for a whole TTL"
     };
     lost.lose(why);
 }
@@ -167,8 +167,8 @@ impl MarkLostOnExit {
 impl Drop for MarkLostOnExit {
     fn drop(&mut self) {
         // The session was closed, orphaned or dropped already, unless the task was dropped
-        // with its runtime (or panicked).
-        self.lose("its keep-alive task ended with the runtime it ran on");
+        // with its runtime, or panicked.
+        self.lose("the keep-alive task stopped (its runtime shut down, or it panicked)");
     }
 }
 
@@ -176,7 +176,7 @@ impl Drop for MarkLostOnExit {
 /// was lost already or had ended (closed, orphaned or dropped: on purpose).
 pub(super) fn mark_lost(lost: &watch::Sender<bool>, lease_id: i64, why: &str) {
     if !lost.send_replace(true) {
-        tracing::warn!(lease_id, "session lost: {why}");
+        tracing::warn!(lease_id, "lease lost: {why}");
     }
 }
 
