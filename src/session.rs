@@ -19,7 +19,7 @@ use tokio::time::Instant;
 pub use self::builder::SessionBuilder;
 use self::election_claim::Leftover;
 pub(crate) use self::election_claim::{ElectionClaim, LastClaim};
-use self::keep_alive::{Deadline, mark_lost};
+use self::keep_alive::{Deadline, UNANSWERED_FOR_A_TTL, mark_lost};
 use crate::error::{Error, Result, is_lease_gone};
 use crate::late_join::LateJoins;
 use crate::release::spawn_release;
@@ -148,7 +148,8 @@ struct Shared {
     keep_alive: AbortHandle,
     /// Set by `close` and `orphan`: the lease needs no revoke on drop.
     ended: AtomicBool,
-    /// Set by `orphan`: the lease lives on until its TTL runs out, with the keys on it.
+    /// Set by `orphan`: the lease lives on with the keys on it, until its TTL runs out or
+    /// resumed by another session.
     orphaned: AtomicBool,
     /// Set once etcd has said that the lease is gone (expired or revoked): nothing is left
     /// to revoke on drop. Not set when the session is lost only by its own clock (no
@@ -562,7 +563,7 @@ impl Shared {
         if Instant::now() < self.deadline.get() {
             return false;
         }
-        self.lose("no keep-alive was answered for a whole TTL");
+        self.lose(UNANSWERED_FOR_A_TTL);
         true
     }
 

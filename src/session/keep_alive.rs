@@ -121,7 +121,7 @@ pub(super) async fn keep_alive(
         lease_gone.store(true, Ordering::SeqCst);
         "etcd says it is gone (expired or revoked)"
     } else {
-        "no keep-alive was answered for a whole TTL"
+        UNANSWERED_FOR_A_TTL
     };
     lost.lose(why);
 }
@@ -150,6 +150,9 @@ fn open(client: Client, lease_id: i64, period: Duration, until: Instant) -> Open
         .await
     })
 }
+
+/// Why a session is lost when no renewal of its lease was answered in time.
+pub(super) const UNANSWERED_FOR_A_TTL: &str = "no keep-alive was answered for a whole TTL";
 
 /// Marks the session lost when dropped: however the keep-alive task ends, nothing renews
 /// the lease any more.
