@@ -7,11 +7,12 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    hex_key, keys_under, millis, no_keys_under, secs, task_baseline, tasks_back_to, unique, within,
+    Held, hex_key, keys_under, millis, no_keys_under, secs, task_baseline, tasks_back_to, unique,
+    within,
 };
 use etcd_client::{Txn, TxnOp};
 use etcd_concurrency::testing::{EtcdCluster, Proxy};
-use etcd_concurrency::{Election, Error, Leadership, Mutex, MutexGuard, ReadCache, Session, Stm};
+use etcd_concurrency::{Election, Error, Mutex, ReadCache, Session, Stm};
 use futures::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,32 +168,6 @@ async fn closing_everything_leaves_no_keys_and_no_tasks() {
     );
 }
 
-/// A lock held and an election led (with the value "first") by one session, for a waiter
-/// and an observer to follow: their names, the guard and the leadership.
-struct Held {
-    lock: String,
-    guard: MutexGuard,
-    election: String,
-    leadership: Leadership,
-}
-
-async fn hold_lock_and_lead(holder: &Session, name: &str) -> Held {
-    let lock = format!("{name}/lock");
-    let guard = within(secs(10), Mutex::new(holder, &lock).lock())
-        .await
-        .unwrap();
-    let election = format!("{name}/election");
-    let leadership = within(secs(10), Election::new(holder, &election).campaign("first"))
-        .await
-        .unwrap();
-    Held {
-        lock,
-        guard,
-        election,
-        leadership,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_attempts_time() {
     let cluster = EtcdCluster::start(1).await;
@@ -206,7 +181,7 @@ async fn a_waiter_and_an_observer_hear_of_changes_over_a_link_slower_than_an_att
         guard,
         election,
         leadership,
-    } = hold_lock_and_lead(&holder, &name).await;
+    } = common::hold_lock_and_lead(&holder, &name, secs(10)).await;
     // Round trips of 2.4 s or more: opening a watch, and reading what it follows, is sent
     // again after 2 s unanswered, and the first attempt must still be heard.
     proxy.delay(millis(1_200));
@@ -491,7 +466,7 @@ async fn watches_on_a_cut_off_member_follow_through_another(
         guard,
         election,
         leadership,
-    } = hold_lock_and_lead(&holder, &name).await;
+    } = common::hold_lock_and_lead(&holder, &name, secs(10)).await;
     let watches = common::watch_streams(&cut_off).await;
     let cached = format!("{name}/cached/");
     let cache = within(secs(10), ReadCache::watch(client.clone(), cached.clone()))

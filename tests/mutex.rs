@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Deletion, Etcdctl, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists, hex_key,
-    keys_under, millis, secs, unique, watch_events_sent, watch_streams_become, within,
+    Deletion, Etcdctl, Held, THROUGH_TWO_PATHS, a_late_join_leaves_no_key, appears, exists,
+    hex_key, keys_under, millis, secs, unique, watch_events_sent, watch_streams_become, within,
 };
 use etcd_client::{Client, LockOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
-use etcd_concurrency::{Election, Error, Mutex, MutexGuard, Session};
+use etcd_concurrency::{Error, Mutex, MutexGuard, Session};
 
 async fn session(client: &Client) -> Session {
     Session::builder(client.clone())
@@ -1148,25 +1148,17 @@ async fn unlock_and_resign_return_session_lost_after_close_and_delete_after_orph
     let cluster = EtcdCluster::start(1).await;
     let client = cluster.client().await;
     let closed = session(&client).await;
-    let (lock, elect) = (unique("unlock-closed"), unique("resign-closed"));
-    let guard = within(secs(5), Mutex::new(&closed, &lock).lock())
-        .await
-        .unwrap();
-    let leadership = within(secs(5), Election::new(&closed, &elect).campaign("a")).await;
-    let leadership = leadership.unwrap();
+    let held = common::hold_lock_and_lead(&closed, &unique("closed"), secs(5)).await;
     closed.close().await.unwrap();
-    let unlocked = within(secs(5), guard.unlock()).await;
+    let unlocked = within(secs(5), held.guard.unlock()).await;
     assert!(matches!(unlocked, Err(Error::SessionLost)), "{unlocked:?}");
-    let resigned = within(secs(5), leadership.resign()).await;
+    let resigned = within(secs(5), held.leadership.resign()).await;
     assert!(matches!(resigned, Err(Error::SessionLost)), "{resigned:?}");
 
     let orphaned = common::session_with(client.clone(), secs(2), secs(5)).await;
-    let (lock, elect) = (unique("unlock-orphaned"), unique("resign-orphaned"));
-    let guard = within(secs(5), Mutex::new(&orphaned, &lock).lock())
-        .await
-        .unwrap();
-    let leadership = within(secs(5), Election::new(&orphaned, &elect).campaign("a")).await;
-    let leadership = leadership.unwrap();
+    let Held {
+        guard, leadership, ..
+    } = common::hold_lock_and_lead(&orphaned, &unique("orphaned"), secs(5)).await;
     let keys = [guard.key().to_vec(), leadership.key().to_vec()];
     let lease = orphaned.lease_id();
     orphaned.orphan();

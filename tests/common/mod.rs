@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, GetResponse, WatchOptions};
-use etcd_concurrency::{Session, Stm, StmTxn};
+use etcd_concurrency::{Election, Leadership, Mutex, MutexGuard, Session, Stm, StmTxn};
 
 /// The total length of the values of `keys` (0 for an absent one), read in `tx`.
 pub async fn value_bytes(tx: &mut StmTxn, keys: &[String]) -> etcd_concurrency::Result<usize> {
@@ -208,6 +208,33 @@ pub async fn keys_under(client: &Client, prefix: &str) -> Vec<String> {
         .iter()
         .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
         .collect()
+}
+
+/// A lock held and an election led (with the value "first") by one session: their names,
+/// the guard and the leadership.
+pub struct Held {
+    pub lock: String,
+    pub guard: MutexGuard,
+    pub election: String,
+    pub leadership: Leadership,
+}
+
+/// Has `holder` lock `{name}/lock` and lead `{name}/election`, each within `limit`.
+pub async fn hold_lock_and_lead(holder: &Session, name: &str, limit: Duration) -> Held {
+    let lock = format!("{name}/lock");
+    let guard = within(limit, Mutex::new(holder, &lock).lock())
+        .await
+        .unwrap();
+    let election = format!("{name}/election");
+    let leadership = within(limit, Election::new(holder, &election).campaign("first"))
+        .await
+        .unwrap();
+    Held {
+        lock,
+        guard,
+        election,
+        leadership,
+    }
 }
 
 /// A session on `client` whose lease lasts `ttl` and whose requests are given
