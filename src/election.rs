@@ -111,6 +111,7 @@ pub struct Leader {
     key: Vec<u8>,
     value: Vec<u8>,
     create_revision: i64,
+    mod_revision: i64,
     lease_id: i64,
 }
 
@@ -283,11 +284,13 @@ impl Election {
     }
 
     /// A stream ([`Observe`], `Unpin`) of the election's leader: first the current one
-    /// (`None` when nobody leads), then every change of leader or of its value, in order.
-    /// Nothing is sent until it is first polled. Mirrors Go's
-    /// `Election.Observe`, which never reports that nobody leads and can report a later
-    /// candidate as leader (etcd #18163); here the leader is always the candidate with
-    /// the lowest create revision (of candidates created by one Txn, the lowest key).
+    /// (`None` when nobody leads), then every change of leader and every write of the
+    /// leader's key, in order: each proclaim is reported, even of the same value (with a
+    /// new [`Leader::mod_revision`]), so a leader can proclaim as a heartbeat. Nothing is
+    /// sent until it is first polled. Mirrors Go's `Election.Observe`, which never reports
+    /// that nobody leads and can report a later candidate as leader (etcd #18163); here the
+    /// leader is always the candidate with the lowest create revision (of candidates
+    /// created by one Txn, the lowest key).
     ///
     /// It follows all candidates through one watch. A broken watch (member killed,
     /// connection lost) is re-opened from the last revision seen + 1, so no change is
@@ -587,6 +590,7 @@ impl fmt::Debug for Leader {
             .field("key", &String::from_utf8_lossy(&self.key))
             .field("value", &String::from_utf8_lossy(&self.value))
             .field("create_revision", &self.create_revision)
+            .field("mod_revision", &self.mod_revision)
             .field("lease_id", &format_args!("{}", lease_hex(self.lease_id)))
             .finish()
     }
@@ -598,6 +602,7 @@ impl Leader {
             key: kv.key().to_vec(),
             value: kv.value().to_vec(),
             create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
             lease_id: kv.lease(),
         }
     }
@@ -619,6 +624,12 @@ impl Leader {
         self.create_revision
     }
 
+    /// The revision of the last write to the leader's key: its campaign, or its latest
+    /// proclaim (even of the same value). Go's `Kvs[0].ModRevision`.
+    pub fn mod_revision(&self) -> i64 {
+        self.mod_revision
+    }
+
     /// The id of the lease the leader's key is attached to (0 for a key without lease). Go's
     /// `Kvs[0].Lease`.
     pub fn lease_id(&self) -> i64 {
@@ -636,11 +647,12 @@ mod tests {
             key: b"/elections/jobs/694d7f3a".to_vec(),
             value: b"host-a".to_vec(),
             create_revision: 42,
+            mod_revision: 57,
             lease_id: 0x694d7f3a,
         };
         assert_eq!(
             format!("{leader:?}"),
-            r#"Leader { key: "/elections/jobs/694d7f3a", value: "host-a", create_revision: 42, lease_id: 694d7f3a }"#
+            r#"Leader { key: "/elections/jobs/694d7f3a", value: "host-a", create_revision: 42, mod_revision: 57, lease_id: 694d7f3a }"#
         );
     }
 }

@@ -153,10 +153,14 @@ async fn leadership_passes_on_resign_and_observe_shows_every_step() {
         Some("a")
     );
     leading_a.proclaim("a2").await.unwrap();
-    assert_eq!(
-        value_of(&next_leader(&mut observer).await).as_deref(),
-        Some("a2")
-    );
+    let proclaimed = next_leader(&mut observer).await.expect("a leads");
+    assert_eq!(proclaimed.value(), b"a2");
+    // The same value again is reported too, as Go's Observe does: a heartbeat.
+    leading_a.proclaim("a2").await.unwrap();
+    let again = next_leader(&mut observer).await.expect("a leads");
+    assert_eq!(again.value(), b"a2");
+    assert!(again.mod_revision() > proclaimed.mod_revision());
+    assert_eq!(again.create_revision(), leading_a.fencing_token());
 
     let mut campaign_b = spawn_campaign(&Election::new(&b, &name), "b");
     within(secs(5), appears(&client, &hex_key(&name, &b))).await;

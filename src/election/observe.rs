@@ -16,8 +16,9 @@ use crate::session::prefix_of;
 use crate::watcher::{Follower, Update, revision_of};
 
 /// The stream returned by [`Election::observe`]: the election's leader (`None` when nobody
-/// leads) now and at every change, as `Result<Option<Leader>>` items. It never ends by
-/// itself, except after the one error item of an empty name.
+/// leads) now, at every change of leader and at every write of its key (each proclaim), as
+/// `Result<Option<Leader>>` items. It never ends by itself, except after the one error
+/// item of an empty name.
 ///
 /// `Observe` is [`Unpin`], so `next()` from [`futures::StreamExt`] needs no pinning, and it
 /// can be kept in a struct or moved into a task. Dropping it closes its watch. Go's
