@@ -33,22 +33,31 @@ use crate::wait::{wait_for_turn, why_gone};
 ///
 /// # Example: a leader-only job
 ///
+/// A lost lease ends its session for good (its campaigns return [`Error::SessionLost`]),
+/// so a process that keeps standing for election starts a session for each term, as Go
+/// code makes a new `Session` once `Done()` fires.
+///
 /// ```no_run
-/// use etcd_concurrency::{Election, Session};
+/// use etcd_concurrency::{Election, Error, Session};
 ///
 /// # async fn run_job() {}
 /// # async fn example(client: etcd_client::Client) -> etcd_concurrency::Result<()> {
-/// let session = Session::new(client).await?;
-/// let election = Election::new(&session, "/elections/scheduler");
 /// loop {
-///     let leadership = election.campaign("host-a").await?;
+///     let session = Session::new(client.clone()).await?;
+///     let election = Election::new(&session, "/elections/scheduler");
+///     let leadership = match election.campaign("host-a").await {
+///         Ok(leadership) => leadership,
+///         Err(Error::SessionLost) => continue, // the lease expired while waiting
+///         Err(error) => return Err(error),
+///     };
 ///     // Runs until the job ends or leadership is lost (lease expired, key deleted).
 ///     if leadership.while_leading(run_job()).await.is_some() {
 ///         leadership.resign().await?;
-///         break;
+///         return session.close().await;
 ///     }
+///     // Lost: the next pass campaigns again; dropping this session revokes its lease,
+///     // if it still has one.
 /// }
-/// # Ok(())
 /// # }
 /// ```
 #[derive(Clone)]
