@@ -207,7 +207,8 @@ impl Stm {
 
     /// Runs `apply` as a transaction and returns its output once its writes are committed.
     /// With [`new`](Self::new), Go's `concurrency.NewSTM(client, apply)`, which returns
-    /// the commit's `TxnResponse` where this returns `apply`'s output.
+    /// the commit's `TxnResponse` where this returns `apply`'s output
+    /// ([`run_with_revision`](Self::run_with_revision) also returns the commit's revision).
     ///
     /// `apply` gets the attempt's [`StmTxn`]; returning `Err` aborts the transaction:
     /// nothing is written, and the error is returned as is. The error type is yours, as
@@ -332,7 +333,48 @@ impl Stm {
     ///
     /// If `apply` panics: the panic propagates. Also outside a Tokio runtime, or in one
     /// without its time driver (see the crate docs).
-    pub async fn run<T, E, F>(&self, mut apply: F) -> Result<T, E>
+    pub async fn run<T, E, F>(&self, apply: F) -> Result<T, E>
+    where
+        F: AsyncFnMut(&mut StmTxn) -> Result<T, E>,
+        E: From<Error>,
+    {
+        Ok(self.run_with_revision(apply).await?.0)
+    }
+
+    /// [`run`](Self::run), returning with `apply`'s output the revision the transaction
+    /// took effect at (an `i64`): its commit's, as in the `Header.Revision` of the
+    /// `TxnResponse` that Go's `NewSTM` returns. For a transaction that wrote nothing, a
+    /// revision at which all its reads held: that of the check that ended it, or of its
+    /// snapshot; or 0 where it fixed no such revision (at [`Isolation::ReadCommitted`], or
+    /// at the snapshot levels when it read nothing). For instance, to watch a key from
+    /// just after a write:
+    ///
+    /// ```no_run
+    /// use etcd_concurrency::{Error, Stm};
+    /// # async fn example(stm: Stm) -> Result<(), Error> {
+    /// let (_, revision) = stm
+    ///     .run_with_revision(async |tx| {
+    ///         tx.put("/config/mode", "maintenance");
+    ///         Ok::<_, Error>(())
+    ///     })
+    ///     .await?;
+    /// println!("written at revision {revision}; later changes start at {}", revision + 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`run`](Self::run).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`run`](Self::run).
+    ///
+    /// # Panics
+    ///
+    /// As [`run`](Self::run).
+    pub async fn run_with_revision<T, E, F>(&self, mut apply: F) -> Result<(T, i64), E>
     where
         F: AsyncFnMut(&mut StmTxn) -> Result<T, E>,
         E: From<Error>,
@@ -402,6 +444,7 @@ impl Stm {
             if txn.unread.contains(b"".as_slice()) {
                 return Err(empty_key().into());
             }
+            let snapshot = txn.snapshot.filter(|_| self.isolation.snapshot_reads());
             let outcome = if txn.unread.is_empty() {
                 Box::pin(txn.commit(&self.prefetch)).await?
             } else {
@@ -415,7 +458,12 @@ impl Stm {
             match outcome {
                 Outcome::Committed { revision } => {
                     self.seen.fetch_max(revision, Ordering::Relaxed);
-                    return Ok(output);
+                    // Nothing sent at the end: the snapshot's reads held at its revision.
+                    let revision = match revision {
+                        0 => snapshot.unwrap_or(0),
+                        sent => sent,
+                    };
+                    return Ok((output, revision));
                 }
                 Outcome::Conflict(values) => {
                     self.seen.fetch_max(values.revision, Ordering::Relaxed);
