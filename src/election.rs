@@ -47,7 +47,8 @@ use crate::wait::{wait_for_turn, why_gone};
 ///     let election = Election::new(&session, "/elections/scheduler");
 ///     let leadership = match election.campaign("host-a").await {
 ///         Ok(leadership) => leadership,
-///         Err(Error::SessionLost) => continue, // the lease expired while waiting
+///         // The lease expired, or the key was deleted, while waiting.
+///         Err(Error::SessionLost | Error::OwnershipLost) => continue,
 ///         Err(error) => return Err(error),
 ///     };
 ///     // Runs until the job ends or leadership is lost (lease expired, key deleted).
@@ -100,7 +101,9 @@ pub struct Leadership {
 }
 
 /// A leader as seen by [`Election::leader`] and [`Election::observe`]: the leader's key as
-/// Go's `Election.Leader` and `Election.Observe` return it (`GetResponse.Kvs[0]`).
+/// Go's `Election.Leader` and `Election.Observe` return it (`GetResponse.Kvs[0]`). Two are
+/// equal when they are the same write of the same key: a proclaim, even of the same value,
+/// makes a new one.
 ///
 /// ```no_run
 /// # async fn example(election: etcd_concurrency::Election) -> etcd_concurrency::Result<()> {

@@ -346,8 +346,8 @@ impl Stm {
     /// `TxnResponse` that Go's `NewSTM` returns. For a transaction that wrote nothing, a
     /// revision at which all its reads held: that of the check that ended it, or of its
     /// snapshot; or 0 where it fixed no such revision (at [`Isolation::ReadCommitted`], or
-    /// at the snapshot levels when it read nothing). For instance, to watch a key from
-    /// just after a write:
+    /// at the snapshot levels when it neither read nor prefetched anything), which is no
+    /// revision to watch from. For instance, to watch a key from just after a write:
     ///
     /// ```no_run
     /// use etcd_concurrency::{Error, Stm};
@@ -444,7 +444,7 @@ impl Stm {
             if txn.unread.contains(b"".as_slice()) {
                 return Err(empty_key().into());
             }
-            let snapshot = txn.snapshot.filter(|_| self.isolation.snapshot_reads());
+            let pinned_at = txn.snapshot;
             let outcome = if txn.unread.is_empty() {
                 Box::pin(txn.commit(&self.prefetch)).await?
             } else {
@@ -460,7 +460,7 @@ impl Stm {
                     self.seen.fetch_max(revision, Ordering::Relaxed);
                     // Nothing sent at the end: the snapshot's reads held at its revision.
                     let revision = match revision {
-                        0 => snapshot.unwrap_or(0),
+                        0 => pinned_at.unwrap_or(0),
                         sent => sent,
                     };
                     return Ok((output, revision));

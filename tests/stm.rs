@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::{amount, millis, secs, total, transfer_concurrently, unique, value_bytes, within};
-use etcd_client::{Client, Txn, TxnOp};
+use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
 use etcd_concurrency::{Error, Isolation, Stm, StmTxn};
 
@@ -151,11 +151,33 @@ async fn run_with_revision_gives_the_commits_revision_or_one_the_reads_held_at()
         // Not checked at the end: its snapshot is the prefetch's, read through the leader.
         Stm::new(client.clone()).prefetch([key.as_str()]),
     ];
-    for stm in stms {
-        let read = stm.run_with_revision(async |tx| tx.get(key.as_str()).await);
+    // Each first attempt has the key changed behind its back (a conflict, or for the
+    // prefetched snapshot nothing): the value read must be the key's at the revision given.
+    for (i, stm) in stms.iter().enumerate() {
+        let attempts = AtomicU32::new(0);
+        let read = stm.run_with_revision(async |tx| {
+            let value = tx.get(key.as_str()).await?;
+            if attempts.fetch_add(1, Ordering::Relaxed) == 0 {
+                let changed = format!("changed-{i}");
+                client
+                    .clone()
+                    .put(key.as_str(), changed, None)
+                    .await
+                    .unwrap();
+            }
+            Ok::<_, Error>(value)
+        });
         let (value, at) = within(secs(10), read).await.unwrap();
-        assert_eq!(value.as_deref(), Some(&b"1"[..]), "{stm:?}");
-        assert!(at >= later, "{stm:?}: read at {at}, before {later}");
+        let now = client.clone().get(key.as_str(), None).await.unwrap();
+        let newest = now.header().unwrap().revision();
+        assert!(
+            later <= at && at <= newest,
+            "{stm:?}: read at {at}, not in {later}..={newest}"
+        );
+        let at_revision = Some(GetOptions::new().with_revision(at));
+        let then = client.clone().get(key.as_str(), at_revision).await.unwrap();
+        let held = then.kvs().first().map(|kv| kv.value());
+        assert_eq!(value.as_deref(), held, "{stm:?} at {at}");
     }
     let read_committed = Stm::new(client.clone()).isolation(Isolation::ReadCommitted);
     let read = read_committed.run_with_revision(async |tx| tx.get(key.as_str()).await);

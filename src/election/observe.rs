@@ -76,7 +76,8 @@ struct Observer {
     follower: Follower,
     candidates: HashMap<Vec<u8>, Leader>,
     /// Events received but not applied yet: they are applied one revision at a time, so
-    /// that each change of leader is reported even when several arrive together.
+    /// that each change of leader, and each write of its key, is reported even when
+    /// several arrive together.
     pending: VecDeque<Event>,
     /// The last leader reported (`None` before the first report).
     reported: Option<Option<Leader>>,
