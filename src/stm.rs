@@ -103,7 +103,11 @@ struct Read {
 
 #[derive(Debug, Clone)]
 enum Write {
-    Put(Vec<u8>),
+    /// A put of the value, attached to the lease (0: none).
+    Put {
+        value: Vec<u8>,
+        lease_id: i64,
+    },
     Delete,
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{amount, millis, secs, total, transfer_concurrently, unique, value_bytes, within};
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use etcd_concurrency::testing::EtcdCluster;
-use etcd_concurrency::{Error, Isolation, Stm, StmTxn};
+use etcd_concurrency::{Error, Isolation, Session, Stm, StmTxn};
 
 const ACCOUNTS: usize = 5;
 const WORKERS: usize = 6;
@@ -182,6 +182,44 @@ async fn run_with_revision_gives_the_commits_revision_or_one_the_reads_held_at()
     let read_committed = Stm::new(client.clone()).isolation(Isolation::ReadCommitted);
     let read = read_committed.run_with_revision(async |tx| tx.get(key.as_str()).await);
     assert_eq!(within(secs(10), read).await.unwrap().1, 0);
+}
+
+/// A put attached to a session's lease goes with the lease; one attached to a lease etcd no
+/// longer knows fails the commit with etcd's error, and nothing of it is written.
+#[tokio::test]
+async fn a_put_with_a_lease_goes_with_it_and_an_unknown_lease_writes_nothing() {
+    let cluster = EtcdCluster::start(1).await;
+    let client = cluster.client().await;
+    let session = Session::builder(client.clone()).ttl(secs(10)).build();
+    let session = within(secs(10), session).await.unwrap();
+    let lease = session.lease_id();
+    let (key, other) = (unique("leased"), unique("leased-other"));
+    let stm = Stm::new(client.clone());
+    let leased = stm.run(async |tx| {
+        tx.put_with_lease(key.as_str(), "on", lease);
+        Ok::<_, Error>(())
+    });
+    within(secs(10), leased).await.unwrap();
+    let read = client.clone().get(key.as_str(), None).await.unwrap();
+    assert_eq!(read.kvs()[0].lease(), lease);
+    within(secs(10), session.close()).await.unwrap();
+    let read = client.clone().get(key.as_str(), None).await.unwrap();
+    assert!(read.kvs().is_empty(), "the key goes with the lease");
+
+    let refused = stm.run(async |tx| {
+        tx.put(other.as_str(), "not without the other");
+        tx.put_with_lease(key.as_str(), "again", lease);
+        Ok::<_, Error>(())
+    });
+    let refused = within(secs(10), refused).await;
+    assert!(
+        matches!(&refused, Err(Error::Etcd(error)) if error.to_string().contains("lease not found")),
+        "{refused:?}"
+    );
+    for key in [&key, &other] {
+        let read = client.clone().get(key.as_str(), None).await.unwrap();
+        assert!(read.kvs().is_empty(), "{key} written");
+    }
 }
 
 #[derive(Debug, PartialEq)]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 
 use super::requests::{commit_once, gets, mod_revisions_at, read_set, unless_values_too_large};
 use super::{Fresh, Isolation, Read, StmTxn, Write, empty_key};
@@ -109,7 +109,10 @@ impl StmTxn {
                     .as_ref()
                     .is_some_and(|cache| cache.covers(&key));
                 let op = match write {
-                    Write::Put(value) => TxnOp::put(key, value, None),
+                    Write::Put { value, lease_id } => {
+                        let lease = (lease_id != 0).then(|| PutOptions::new().with_lease(lease_id));
+                        TxnOp::put(key, value, lease)
+                    }
                     Write::Delete => TxnOp::delete(key, None),
                 };
                 (op, cached)

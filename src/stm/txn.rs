@@ -120,7 +120,7 @@ impl StmTxn {
         }
         if let Some(write) = self.writes.get(key) {
             return Ok(match write {
-                Write::Put(value) => Some(value.clone()),
+                Write::Put { value, .. } => Some(value.clone()),
                 Write::Delete => None,
             });
         }
@@ -128,11 +128,44 @@ impl StmTxn {
     }
 
     /// Buffers a write of `value` to `key`, committed with the transaction. Go's `STM.Put`,
-    /// without its options (such as a lease). An empty `key` makes
-    /// [`Stm::run`](super::Stm::run) return [`Error::InvalidArgument`] instead of
-    /// committing: nothing is written.
+    /// without its options (for a lease, see [`put_with_lease`](Self::put_with_lease)). An
+    /// empty `key` makes [`Stm::run`](super::Stm::run) return [`Error::InvalidArgument`]
+    /// instead of committing: nothing is written.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.writes.insert(key.into(), Write::Put(value.into()));
+        self.put_with_lease(key, value, 0);
+    }
+
+    /// Buffers a write of `value` to `key` attached to the lease `lease_id`, so that etcd
+    /// deletes the key when the lease ends; committed with the transaction. A lease id of
+    /// 0 attaches none, as [`put`](Self::put) does. Go's `STM.Put(key, val,
+    /// clientv3.WithLease(id))`.
+    ///
+    /// A lease etcd does not know (expired or revoked) fails the commit: [`Stm::run`]
+    /// returns [`Error::Etcd`] with etcd's "requested lease not found", and nothing is
+    /// written. An empty `key` makes it return [`Error::InvalidArgument`] instead.
+    ///
+    /// [`Stm::run`]: super::Stm::run
+    ///
+    /// ```no_run
+    /// use etcd_concurrency::{Error, Session, Stm};
+    /// # async fn example(stm: Stm, session: Session) -> Result<(), Error> {
+    /// // A worker's registration that goes when its session's lease ends.
+    /// stm.run(async |tx| {
+    ///     tx.put_with_lease("/workers/host-a", "ready", session.lease_id());
+    ///     Ok::<_, Error>(())
+    /// })
+    /// .await
+    /// # }
+    /// ```
+    pub fn put_with_lease(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        lease_id: i64,
+    ) {
+        let value = value.into();
+        self.writes
+            .insert(key.into(), Write::Put { value, lease_id });
     }
 
     /// Buffers a deletion of `key`, committed with the transaction. Go's `STM.Del`. An
