@@ -528,3 +528,46 @@ fn assert_passed(output: &std::process::Output, failure: &str) {
     let tail: Vec<&str> = said.lines().filter(|l| !l.starts_with('{')).collect();
     assert!(output.status.success(), "{failure}:\n{}", tail.join("\n"));
 }
+
+/// Set in the copy of this test binary that
+/// `a_failing_test_shows_the_end_of_each_members_log` runs, where the test fails on purpose.
+const FAIL_ON_PURPOSE: &str = "TESTING_KIT_FAIL_ON_PURPOSE";
+
+/// A test that fails while it holds a cluster shows, with its failure, what each member
+/// logged last, before the logs go with the data.
+#[test]
+fn a_failing_test_shows_the_end_of_each_members_log() {
+    if std::env::var_os(FAIL_ON_PURPOSE).is_some() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _cluster = runtime.block_on(within(secs(60), EtcdCluster::start(3)));
+        panic!("failing on purpose");
+    }
+    let output = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_failing_test_shows_the_end_of_each_members_log",
+        ])
+        .arg("--test-threads=1")
+        .env(FAIL_ON_PURPOSE, "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("failing on purpose"), "{said}");
+    let lines: Vec<&str> = said.lines().collect();
+    for i in 0..3 {
+        let header = format!("--- last lines of the log of member {i} (m{i}) ---");
+        let at = lines.iter().position(|line| *line == header);
+        let first = at.and_then(|at| lines.get(at + 1));
+        assert!(
+            first.is_some_and(|line| line.starts_with("{\"level\"")),
+            "no log of member {i} after the failure:\n{said}"
+        );
+    }
+}

@@ -24,15 +24,19 @@ const ELECTION_TIMEOUT_MS: u32 = 500;
 
 /// A throwaway etcd cluster of 1 or 3 members on free loopback ports, data in tmpfs (on disk
 /// when `/dev/shm` has less than 192 MiB free per member: each preallocates 128 MB of
-/// write-ahead log, and its database grows).
+/// write-ahead log, and its database grows). Each member `i` keeps its data in
+/// `m<i>/` and its log in `m<i>.log` of one directory per cluster,
+/// `/dev/shm/etcd-test-<pid>-<random>/` (or the same name under `$TMPDIR`, by default
+/// `/tmp`, on disk).
 ///
 /// Each member is a real `etcd` process started with `--unsafe-no-fsync`, a 50 ms heartbeat
 /// and a 500 ms election timeout, so leases as short as 1 s are honoured, and with
 /// `--grpc-keepalive-min-time=500ms`, so clients may ping it every second. Members reach
 /// one another through a proxy in front of each one's peer port (run by a thread of its
 /// own), so that [`isolate`](Self::isolate) can cut one off from the others. Dropping the
-/// cluster kills every member and deletes its data, also while a test unwinds from a panic;
-/// members also die with the process that started them (`PR_SET_PDEATHSIG`, set from one
+/// cluster kills every member and deletes its data, also while a test unwinds from a panic,
+/// after printing the last 30 lines of each member's log to stderr (which the test harness
+/// shows with the failure); members also die with the process that started them (`PR_SET_PDEATHSIG`, set from one
 /// thread that lives as long as the process), so a killed test process leaves no etcd
 /// behind, and the data it leaves is deleted when the next cluster starts. A cluster may
 /// be shared between tests (each test on its own thread) through a handle each test owns;
@@ -183,7 +187,23 @@ impl EtcdCluster {
     }
 
     /// A client connected to every member's endpoint (etcd-client balances requests
-    /// across them).
+    /// across them), with etcd-client's default options: no keep-alive pings, so a request
+    /// to a killed or paused member waits for its own time limit, and no
+    /// `require_leader`, so a watch on a member cut off from its peers stays open, silent.
+    /// For fault tests, connect with the options the [`Session`](crate::Session) docs
+    /// recommend:
+    ///
+    /// ```no_run
+    /// # async fn example(cluster: etcd_concurrency::testing::EtcdCluster) {
+    /// use std::time::Duration;
+    /// use etcd_client::{Client, ConnectOptions};
+    ///
+    /// let options = ConnectOptions::new()
+    ///     .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+    ///     .with_require_leader(true);
+    /// let client = Client::connect(cluster.endpoints(), Some(options)).await.unwrap();
+    /// # }
+    /// ```
     ///
     /// # Panics
     ///
@@ -512,6 +532,15 @@ impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
             self.kill(i);
+        }
+        if std::thread::panicking() {
+            // The test failed: etcd's side of it goes with its message, before the logs go
+            // with the data.
+            for i in 0..self.members.len() {
+                let name = self.member(i).name.clone();
+                let tail = log_tail(&self.log_path(&name), 30);
+                eprintln!("--- last lines of the log of member {i} ({name}) ---\n{tail}");
+            }
         }
     }
 }

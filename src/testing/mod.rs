@@ -4,7 +4,8 @@
 //! loopback ports with their data in tmpfs (on disk if it lacks room), and can kill, pause,
 //! resume and restart members, and cut one off from the others.
 //! [`Proxy`] sits between one client and one endpoint and can cut or stall its traffic.
-//! Everything started here stops when its handle is dropped, also when a test panics.
+//! Everything started here stops when its handle is dropped, also when a test panics (a
+//! cluster then prints the end of each member's log, shown with the failure).
 //! Linux only (members die with the test process through `PR_SET_PDEATHSIG`).
 //!
 //! ```no_run

@@ -29,7 +29,8 @@ struct State {
     delay: Duration,
 }
 
-/// A TCP proxy on a free loopback port in front of one etcd endpoint.
+/// A TCP proxy on a free loopback port in front of one etcd endpoint. To cut a client off
+/// from a cluster of three, give it three proxies, one per member.
 ///
 /// Point a client at [`endpoint`](Self::endpoint) instead of the member's own URL; then
 /// [`cut`](Self::cut) or [`stall`](Self::stall) isolates that client while everyone else
@@ -164,7 +165,8 @@ impl Proxy {
     /// direction, as over a slow link: a request's round trip takes at least twice
     /// `delay`. Up to 4 MiB per direction of a connection may be on its way; beyond
     /// that the proxy reads no more until some is delivered. [`Duration::ZERO`] (the
-    /// default) forwards at once again.
+    /// default) forwards what arrives from then on at once again; bytes already on their
+    /// way keep their delay, and later bytes of the same connection wait behind them.
     pub fn delay(&self, delay: Duration) {
         self.mode.send_modify(|state| state.delay = delay);
     }
