@@ -490,20 +490,25 @@ fn a_cluster_starts_again_when_two_members_lose_their_ports() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let output = std::process::Command::new("timeout")
+    let test = "a_cluster_starts_again_when_two_members_lose_their_ports";
+    let env = [
+        (TWO_PORTS_TAKEN, "1".as_ref()),
+        ("ETCD_BIN", wrapper.as_os_str()),
+    ];
+    assert_passed(&run_copy(test, &env), "the cluster did not start again");
+}
+
+/// Runs `test` alone in a copy of this test binary, with `env` set, within 120 s; the
+/// harness there captures the test's output, and shows it if the test fails.
+fn run_copy(test: &str, env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
+    std::process::Command::new("timeout")
         .arg("120")
         .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_cluster_starts_again_when_two_members_lose_their_ports",
-        ])
-        .args(["--test-threads=1", "--nocapture"])
-        .env(TWO_PORTS_TAKEN, "1")
-        .env("ETCD_BIN", &wrapper)
+        .args(["--exact", test, "--test-threads=1"])
+        .envs(env.iter().copied())
         .env("RUST_BACKTRACE", "0")
         .output()
-        .unwrap();
-    assert_passed(&output, "the cluster did not start again");
+        .unwrap()
 }
 
 /// What a copy of this test binary checks (on a runtime of its own): a 3-member cluster
@@ -523,8 +528,7 @@ fn three_members_start_and_serve(limit: std::time::Duration) {
 /// Asserts that a copy of this test binary passed, or fails with `failure` and what it
 /// printed (but the etcd members' JSON log lines).
 fn assert_passed(output: &std::process::Output, failure: &str) {
-    let said = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
+    let said = said(output);
     let tail: Vec<&str> = said.lines().filter(|l| !l.starts_with('{')).collect();
     assert!(output.status.success(), "{failure}:\n{}", tail.join("\n"));
 }
@@ -545,20 +549,8 @@ fn a_failing_test_shows_the_end_of_each_members_log() {
         let _cluster = runtime.block_on(within(secs(60), EtcdCluster::start(3)));
         panic!("failing on purpose");
     }
-    let output = std::process::Command::new("timeout")
-        .arg("120")
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_failing_test_shows_the_end_of_each_members_log",
-        ])
-        .arg("--test-threads=1")
-        .env(FAIL_ON_PURPOSE, "1")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
+    let test = "a_failing_test_shows_the_end_of_each_members_log";
+    let said = said(&run_copy(test, &[(FAIL_ON_PURPOSE, "1".as_ref())]));
     assert!(said.contains("failing on purpose"), "{said}");
     let lines: Vec<&str> = said.lines().collect();
     for i in 0..3 {
@@ -570,4 +562,9 @@ fn a_failing_test_shows_the_end_of_each_members_log() {
             "no log of member {i} after the failure:\n{said}"
         );
     }
+}
+
+/// What a copy of this test binary printed, stdout then stderr.
+fn said(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
 }
