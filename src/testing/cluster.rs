@@ -36,11 +36,12 @@ const ELECTION_TIMEOUT_MS: u32 = 500;
 /// own), so that [`isolate`](Self::isolate) can cut one off from the others. Dropping the
 /// cluster kills every member and deletes its data, also while a test unwinds from a panic,
 /// after printing the last 30 lines of each member's log to stderr (which the test harness
-/// shows with the failure); members also die with the process that started them (`PR_SET_PDEATHSIG`, set from one
-/// thread that lives as long as the process), so a killed test process leaves no etcd
-/// behind, and the data it leaves is deleted when the next cluster starts. A cluster may
-/// be shared between tests (each test on its own thread) through a handle each test owns;
-/// a `static` one is never dropped, so its data stays until the next cluster starts.
+/// shows with the failure); members also die with the process that started them
+/// (`PR_SET_PDEATHSIG`, set from one thread that lives as long as the process), so a
+/// killed test process leaves no etcd behind, and the data it leaves is deleted when the
+/// next cluster starts. A cluster may be shared between tests (each test on its own
+/// thread) through a handle each test owns; a `static` one is never dropped, so its data
+/// stays until the next cluster starts.
 ///
 /// The binary is `etcd` from `PATH`, or `$ETCD_BIN`. Methods that change a member take
 /// `&self`, so a fault schedule can run in its own task while workers use the cluster.
