@@ -144,13 +144,13 @@ async fn sweep(session: WeakSession, soon: Arc<Notify>) {
     loop {
         tokio::select! {
             biased;
-            _ = ended.wait_for(|ended| *ended) => return,
+            () = ended.wait() => return,
             () = soon.notified() => pace = first_pace(),
             () = tokio::time::sleep(pace.next_delay()) => {}
         }
         let swept = tokio::select! {
             biased;
-            _ = ended.wait_for(|ended| *ended) => return,
+            () = ended.wait() => return,
             swept = sweep_once(&session, &client) => swept,
         };
         match swept {

@@ -137,6 +137,21 @@ impl WeakSession {
     }
 }
 
+/// Tells when a session is lost or has ended, from [`Session::ended_signal`].
+pub(crate) struct EndedSignal(watch::Receiver<bool>);
+
+impl EndedSignal {
+    /// Resolves once the session is lost, has ended or is dropped. Returns nothing, on
+    /// purpose: the `Ref` that `wait_for` resolves to holds the channel's read lock, and a
+    /// `select!` keeps it while it drops its other branches. Were one of them to drop the
+    /// session's last handle, whose drop writes to the channel, the thread would wait on
+    /// itself for good.
+    pub(crate) async fn wait(&mut self) {
+        // An error means the sender is gone, which only happens when the session is.
+        let _ = self.0.wait_for(|ended| *ended).await;
+    }
+}
+
 struct Shared {
     client: Arc<Client>,
     lease_id: i64,
@@ -287,14 +302,13 @@ impl Session {
     /// # }
     /// ```
     pub async fn lost(&self) {
-        let mut lost = self.shared.lost.subscribe();
+        let mut lost = self.ended_signal();
         // The deadline is watched here too, on the caller's runtime: the keep-alive task
         // that would mark the session lost may not get to run on time.
         while !self.shared.expired_by_clock() {
             let deadline = self.shared.deadline.get();
             tokio::select! {
-                // An error means the sender is gone, which only happens when the session is.
-                _ = lost.wait_for(|lost| *lost) => return,
+                () = lost.wait() => return,
                 () = tokio::time::sleep_until(deadline) => {}
             }
         }
@@ -461,10 +475,10 @@ impl Session {
         shared_slot(&self.shared.queues, name)
     }
 
-    /// Says `true` once the session is lost or has ended (closed, orphaned); closed once
-    /// it is dropped. Holds nothing of the session.
-    pub(crate) fn ended_signal(&self) -> watch::Receiver<bool> {
-        self.shared.lost.subscribe()
+    /// What tells when the session is lost, has ended (closed, orphaned) or is dropped.
+    /// Holds nothing of the session.
+    pub(crate) fn ended_signal(&self) -> EndedSignal {
+        EndedSignal(self.shared.lost.subscribe())
     }
 
     /// Runs `work` until it is done (`Some` of its output) or the session is lost or ends
@@ -478,7 +492,7 @@ impl Session {
         async move {
             tokio::select! {
                 biased;
-                _ = ended.wait_for(|ended| *ended) => None,
+                () = ended.wait() => None,
                 output = work => Some(output),
             }
         }

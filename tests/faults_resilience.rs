@@ -591,6 +591,52 @@ async fn the_keys_of_late_joins_are_swept_without_a_watch_or_task_per_name() {
     tasks_back_to(baseline).await;
 }
 
+/// A session that ends while its sweep for late joins deletes a key, the sweep's hold on
+/// it being the last, ends the sweep with it. The sweep once kept its read lock on the
+/// session's end signal while it dropped that hold, whose drop writes to the signal: its
+/// thread waited on itself for good, and the keep-alive's end then blocked the other
+/// worker, stopping the runtime's timers too (so this test runs on a thread of its own).
+#[test]
+fn a_session_ended_while_its_sweep_deletes_a_key_ends_the_sweep() {
+    common::on_a_thread_within(secs(60), async {
+        let cluster = EtcdCluster::start(1).await;
+        let direct = cluster.client().await;
+        let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
+        let baseline = task_baseline(&client).await;
+        let session = Session::builder(client)
+            .ttl(secs(30))
+            .request_timeout(secs(1))
+            .release_timeout(secs(5))
+            .build()
+            .await
+            .unwrap();
+        let name = unique("ended-mid-sweep");
+        let mutex = Mutex::new(&session, &name);
+        // A join whose outcome is unknown: the session remembers its key from then on.
+        proxy.stall();
+        let locked = within(secs(5), mutex.lock()).await;
+        assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+        proxy.heal();
+        let guard = within(secs(10), mutex.lock()).await.unwrap();
+        within(secs(5), guard.unlock()).await.unwrap();
+        drop(mutex);
+        within(secs(10), no_keys_under(&direct, &name)).await;
+        // An incarnation no handle took up, as a join attempt delivered late makes it;
+        // the answers to the sweep that deletes it come 0.7 s after etcd gave them.
+        proxy.delay(SLOWER_THAN_REQUESTS);
+        let on_lease = etcd_client::PutOptions::new().with_lease(session.lease_id());
+        let late = hex_key(&name, &session);
+        direct
+            .kv_client()
+            .put(late, "", Some(on_lease))
+            .await
+            .unwrap();
+        within(secs(30), no_keys_under(&direct, &name)).await;
+        session.orphan();
+        tasks_back_to(baseline).await;
+    });
+}
+
 /// The key of a `lock()` cut off by its request timeout is left to the session's sweep
 /// for late joins. The sweep is background work, like a dropped guard's release: over a
 /// link slower than the request timeout but well within the release timeout, it still

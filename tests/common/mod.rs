@@ -28,6 +28,36 @@ pub async fn within<F: Future>(limit: Duration, future: F) -> F::Output {
     }
 }
 
+/// Runs `test` on a Tokio runtime of its own (two workers) on a thread of its own, and
+/// fails if it has not finished, the runtime's shutdown included, within `limit`. Unlike
+/// [`within`], this also fails a test whose runtime's threads all wait for a lock (a
+/// deadlock stops its timers too); they are left behind, and with them the test's etcd
+/// until the process ends.
+pub fn on_a_thread_within(limit: Duration, test: impl Future<Output = ()> + Send + 'static) {
+    let (finished, finish) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the test");
+        runtime.block_on(test);
+        drop(runtime);
+        let _ = finished.send(());
+    });
+    match finish.recv_timeout(limit) {
+        // Disconnected: the test panicked, which joining passes on.
+        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("did not finish within {limit:?}: its runtime's threads are stuck")
+        }
+    }
+}
+
 pub fn secs(seconds: u64) -> Duration {
     Duration::from_secs(seconds)
 }
