@@ -325,7 +325,9 @@ impl Session {
     /// # }
     /// ```
     pub fn is_lost(&self) -> bool {
-        *self.shared.lost.borrow() || self.shared.expired_by_clock()
+        // Read first: the check of the clock may write to the channel.
+        let marked = *self.shared.lost.borrow();
+        marked || self.shared.expired_by_clock()
     }
 
     /// Stops the keep-alive and revokes the lease, so every key attached to it (locks held,
