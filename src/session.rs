@@ -330,6 +330,39 @@ impl Session {
         marked || self.shared.expired_by_clock()
     }
 
+    /// How long the lease lives at least even if no further renewal reaches etcd: the TTL
+    /// counted from when the last renewal that etcd answered was *sent* (etcd counts from
+    /// when it got it, which is later). [`Duration::ZERO`] once [`is_lost`](Self::is_lost)
+    /// is true, closed or orphaned sessions included.
+    ///
+    /// A session renews its lease every third of its TTL, so while renewals are answered
+    /// this stays above about two thirds of the TTL; below that, renewals are failing, and
+    /// the session is lost when it reaches zero. Work that must not outlast the lease can
+    /// check it before each step, and stop early with time to spare instead of waiting for
+    /// [`lost`](Self::lost) (the role of client-go's `RenewDeadline`). Go's `Session` has
+    /// no counterpart; etcd's `LeaseTimeToLive` gives etcd's own count, but takes a round
+    /// trip and cannot answer when etcd is out of reach.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # async fn step() {}
+    /// # async fn example(session: etcd_concurrency::Session) {
+    /// // Each step takes at most 2 s; stop while a step can still end before the lease.
+    /// while session.time_left() > Duration::from_secs(2) {
+    ///     step().await;
+    /// }
+    /// # }
+    /// ```
+    pub fn time_left(&self) -> Duration {
+        if self.is_lost() {
+            return Duration::ZERO;
+        }
+        self.shared
+            .deadline
+            .get()
+            .saturating_duration_since(Instant::now())
+    }
+
     /// Stops the keep-alive and revokes the lease, so every key attached to it (locks held,
     /// leadership) is deleted at once. Other handles of this session become lost. Mirrors
     /// Go's `Session.Close()`, which bounds its revoke by the TTL; here the bound is the

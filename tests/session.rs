@@ -125,6 +125,40 @@ async fn a_client_cut_off_loses_its_session_within_ttl_plus_one_second() {
     assert!(after >= millis(1000), "lost already after {after:?}");
 }
 
+/// Waits until `wanted` accepts what [`Session::time_left`] says.
+async fn time_left_becomes(session: &Session, wanted: impl Fn(Duration) -> bool) {
+    while !wanted(session.time_left()) {
+        tokio::time::sleep(millis(20)).await;
+    }
+}
+
+/// `time_left` stays above two thirds of the TTL while renewals are answered, falls below
+/// it while they are not (before the session is lost), is back above once they are
+/// answered again, and is zero once the session is lost, as after `close`.
+#[tokio::test]
+async fn time_left_falls_while_renewals_go_unanswered_and_is_zero_once_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
+    let session = session_with_ttl(client, 6).await;
+    let fresh = session.time_left();
+    assert!(
+        fresh > secs(5) && fresh <= secs(6),
+        "{fresh:?} left of a fresh lease"
+    );
+    proxy.stall();
+    within(secs(5), time_left_becomes(&session, |left| left < secs(3))).await;
+    assert!(!session.is_lost(), "lost with about half the TTL left");
+    proxy.heal();
+    within(secs(5), time_left_becomes(&session, |left| left > secs(4))).await;
+    proxy.cut();
+    within(secs(10), session.lost()).await;
+    assert_eq!(session.time_left(), Duration::ZERO);
+
+    let healthy = session_with_ttl(cluster.client().await, 6).await;
+    within(secs(5), healthy.clone().close()).await.unwrap();
+    assert_eq!(healthy.time_left(), Duration::ZERO, "closed");
+}
+
 #[tokio::test]
 async fn close_revokes_the_lease_and_its_keys_at_once() {
     let cluster = EtcdCluster::start(1).await;
