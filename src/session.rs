@@ -333,21 +333,24 @@ impl Session {
     /// How long the lease lives at least even if no further renewal reaches etcd: the TTL
     /// counted from when the last renewal that etcd answered was *sent* (etcd counts from
     /// when it got it, which is later). [`Duration::ZERO`] once [`is_lost`](Self::is_lost)
-    /// is true, closed or orphaned sessions included.
+    /// is true, closed or orphaned sessions included. A revoke by another client is known
+    /// only once a renewal is answered so (at most a third of the TTL and a round trip
+    /// later): until then this still counts down.
     ///
     /// A session renews its lease every third of its TTL, so while renewals are answered
-    /// this stays above about two thirds of the TTL; below that, renewals are failing, and
-    /// the session is lost when it reaches zero. Work that must not outlast the lease can
-    /// check it before each step, and stop early with time to spare instead of waiting for
-    /// [`lost`](Self::lost) (the role of client-go's `RenewDeadline`). Go's `Session` has
-    /// no counterpart; etcd's `LeaseTimeToLive` gives etcd's own count, but takes a round
-    /// trip and cannot answer when etcd is out of reach.
+    /// this dips, just before each answer, to two thirds of the TTL less the renewal's
+    /// round trip; well below that, renewals are failing, and the session is lost when it
+    /// reaches zero. Work that must not outlast the lease can check it before each step,
+    /// and stop early with time to spare instead of waiting for [`lost`](Self::lost) (the
+    /// role of client-go's `RenewDeadline`). Go's `Session` has no counterpart; etcd's
+    /// `LeaseTimeToLive` gives etcd's own count, but takes a round trip and cannot answer
+    /// when etcd is out of reach.
     ///
     /// ```no_run
     /// # use std::time::Duration;
     /// # async fn step() {}
     /// # async fn example(session: etcd_concurrency::Session) {
-    /// // Each step takes at most 2 s; stop while a step can still end before the lease.
+    /// // Each step takes at most 2 s: start one only if it ends before the lease can expire.
     /// while session.time_left() > Duration::from_secs(2) {
     ///     step().await;
     /// }

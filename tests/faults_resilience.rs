@@ -598,18 +598,13 @@ async fn the_keys_of_late_joins_are_swept_without_a_watch_or_task_per_name() {
 /// worker, stopping the runtime's timers too (so this test runs on a thread of its own).
 #[test]
 fn a_session_ended_while_its_sweep_deletes_a_key_ends_the_sweep() {
-    common::on_a_thread_within(secs(60), async {
-        let cluster = EtcdCluster::start(1).await;
+    common::on_a_thread_within(secs(120), async {
+        let cluster = common::cluster_off_this_runtime(1).await;
         let direct = cluster.client().await;
         let (proxy, client) = common::behind_proxy(&cluster.endpoint(0)).await;
         let baseline = task_baseline(&client).await;
-        let session = Session::builder(client)
-            .ttl(secs(30))
-            .request_timeout(secs(1))
-            .release_timeout(secs(5))
-            .build()
-            .await
-            .unwrap();
+        // Background work (the sweep) has the default release timeout, 5 s.
+        let session = common::session_with(client, secs(30), secs(1)).await;
         let name = unique("ended-mid-sweep");
         let mutex = Mutex::new(&session, &name);
         // A join whose outcome is unknown: the session remembers its key from then on.
