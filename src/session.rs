@@ -350,7 +350,7 @@ impl Session {
     /// # use std::time::Duration;
     /// # async fn step() {}
     /// # async fn example(session: etcd_concurrency::Session) {
-    /// // Each step takes at most 2 s: start one only if it ends before the lease can expire.
+    /// // A step takes up to 2 s: start one only if it ends before the lease can expire.
     /// while session.time_left() > Duration::from_secs(2) {
     ///     step().await;
     /// }
