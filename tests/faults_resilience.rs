@@ -546,11 +546,7 @@ async fn a_late_join_is_swept_when_etcd_will_not_list_the_keys_on_the_lease() {
 
     let name = unique("late-join-unlisted");
     let mutex = Mutex::new(&session, &name);
-    // A join whose outcome is unknown: the session remembers its key from then on.
-    proxy.stall();
-    let locked = within(secs(5), mutex.lock()).await;
-    assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
-    proxy.heal();
+    a_join_with_an_unknown_outcome(&mutex, &proxy).await;
     let guard = within(secs(10), mutex.lock()).await.unwrap();
     within(secs(5), guard.unlock()).await.unwrap();
     within(secs(10), no_keys_under(&observer, &name)).await;
@@ -561,6 +557,16 @@ async fn a_late_join_is_swept_when_etcd_will_not_list_the_keys_on_the_lease() {
     // Sweeps come at most 10 s apart.
     within(secs(20), no_keys_under(&observer, &name)).await;
     within(secs(5), session.close()).await.unwrap();
+}
+
+/// Has a `lock()` of `mutex` cut off by its request timeout while `proxy` stalls, then
+/// heals the proxy: a join whose outcome is unknown, so the session remembers its key
+/// from then on.
+async fn a_join_with_an_unknown_outcome(mutex: &Mutex, proxy: &Proxy) {
+    proxy.stall();
+    let locked = within(secs(5), mutex.lock()).await;
+    assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
+    proxy.heal();
 }
 
 /// A session remembers the key of each join whose attempts may be delivered late for as
@@ -577,11 +583,7 @@ async fn the_keys_of_late_joins_are_swept_without_a_watch_or_task_per_name() {
     let mut with_one_name = None;
     for _ in 0..4 {
         let mutex = Mutex::new(&session, unique("late-join-sweep"));
-        // A join whose outcome is unknown: the session remembers its key from then on.
-        proxy.stall();
-        let locked = within(secs(5), mutex.lock()).await;
-        assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
-        proxy.heal();
+        a_join_with_an_unknown_outcome(&mutex, &proxy).await;
         drop(mutex);
         let metrics = tokio::runtime::Handle::current().metrics();
         tasks_back_to(*with_one_name.get_or_insert_with(|| metrics.num_alive_tasks())).await;
@@ -607,11 +609,7 @@ fn a_session_ended_while_its_sweep_deletes_a_key_ends_the_sweep() {
         let session = common::session_with(client, secs(30), secs(1)).await;
         let name = unique("ended-mid-sweep");
         let mutex = Mutex::new(&session, &name);
-        // A join whose outcome is unknown: the session remembers its key from then on.
-        proxy.stall();
-        let locked = within(secs(5), mutex.lock()).await;
-        assert!(matches!(&locked, Err(Error::Timeout { .. })), "{locked:?}");
-        proxy.heal();
+        a_join_with_an_unknown_outcome(&mutex, &proxy).await;
         let guard = within(secs(10), mutex.lock()).await.unwrap();
         within(secs(5), guard.unlock()).await.unwrap();
         drop(mutex);
