@@ -526,8 +526,8 @@ impl Leadership {
     /// Resolves once leading can no longer be assumed: the session is lost or the key was
     /// deleted or re-created. It watches the key while awaited, and also resolves if etcd
     /// refuses that watch (for instance permission denied), since leading can then not be
-    /// confirmed. Once it saw the key gone, later calls resolve at once. Go's nearest is
-    /// `Session.Done()`.
+    /// confirmed. Once it or a [`proclaim`](Self::proclaim) saw the key gone, later calls
+    /// resolve at once. Go's nearest is `Session.Done()`.
     ///
     /// # Panics
     ///
@@ -551,13 +551,35 @@ impl Leadership {
         self.key.lost().await;
     }
 
+    /// Whether leading is known to be over, without waiting or asking etcd: true once the
+    /// session is lost ([`Session::is_lost`], closed or orphaned included), a call to
+    /// [`lost`](Self::lost) saw the key deleted or re-created, or a
+    /// [`proclaim`](Self::proclaim) found it so ([`Error::OwnershipLost`]). A key deleted
+    /// by someone else is seen only by a `lost()` being awaited, which watches it: with
+    /// none running, this stays false until the session itself is lost or a proclaim
+    /// fails. Meant for a health check or a gauge ("am I the leader?") beside work that
+    /// awaits `lost()` or runs in [`while_leading`](Self::while_leading); fence writes in
+    /// any case. No Go counterpart (in Go, a `select` on `Session.Done()` with a `default`
+    /// case).
+    ///
+    /// ```no_run
+    /// # fn example(leadership: &etcd_concurrency::Leadership) {
+    /// let leading = !leadership.is_lost();
+    /// println!("leader: {leading}, fencing token {}", leadership.fencing_token());
+    /// # }
+    /// ```
+    ///
+    /// [`Session::is_lost`]: crate::Session::is_lost
+    pub fn is_lost(&self) -> bool {
+        self.key.is_lost()
+    }
+
     /// Runs `work` while leading: returns `Some(output)` if it finished, or `None` if
     /// leadership was lost first (as [`lost`](Self::lost) tells), in which case `work` is
     /// dropped (cancelled) at once. [`lost`](Self::lost) is checked before each poll of
-    /// `work`, so a leadership already known to be lost (its session lost or closed, or an
-    /// earlier `lost()` saw its key gone) returns `None` without starting `work`. The
-    /// leadership is kept either way; resign or drop it when done. No Go counterpart; in
-    /// Go, select on `Session.Done()`.
+    /// `work`, so a leadership already known to be lost ([`is_lost`](Self::is_lost))
+    /// returns `None` without starting `work`. The leadership is kept either way; resign or
+    /// drop it when done. No Go counterpart; in Go, select on `Session.Done()`.
     ///
     /// # Panics
     ///

@@ -432,11 +432,32 @@ impl MutexGuard {
         self.key.lost().await;
     }
 
+    /// Whether holding the lock is known to be over, without waiting or asking etcd: true
+    /// once the session is lost ([`Session::is_lost`], closed or orphaned included) or a
+    /// call to [`lost`](Self::lost) saw the key deleted or re-created. A key deleted by
+    /// someone else is seen only by a `lost()` being awaited, which watches it: with none
+    /// running, this stays false until the session itself is lost. Meant for a health
+    /// check or a gauge beside work that awaits `lost()` or runs in
+    /// [`while_held`](Self::while_held); fence writes in any case. No Go counterpart (in
+    /// Go, a `select` on `Session.Done()` with a `default` case).
+    ///
+    /// ```no_run
+    /// # fn example(guard: &etcd_concurrency::MutexGuard) {
+    /// let status = if guard.is_lost() { "lost" } else { "held" };
+    /// println!("lock {}: {status}", String::from_utf8_lossy(guard.key()));
+    /// # }
+    /// ```
+    ///
+    /// [`Session::is_lost`]: crate::Session::is_lost
+    pub fn is_lost(&self) -> bool {
+        self.key.is_lost()
+    }
+
     /// Runs `work` while holding the lock: returns `Some(output)` if it finished, or `None`
     /// if the lock was lost first (as [`lost`](Self::lost) tells), in which case `work` is
     /// dropped (cancelled) at once. [`lost`](Self::lost) is checked before each poll of
-    /// `work`, so a lock already known to be lost (its session lost or closed, or an
-    /// earlier `lost()` saw its key gone) returns `None` without starting `work`. The guard
+    /// `work`, so a lock already known to be lost ([`is_lost`](Self::is_lost)) returns
+    /// `None` without starting `work`. The guard
     /// is kept either way; unlock or drop it when done. As
     /// [`Leadership::while_leading`](crate::Leadership::while_leading); no Go counterpart
     /// (in Go, select on `Session.Done()`).

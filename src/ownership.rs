@@ -179,9 +179,18 @@ impl OwnedKey {
                         return Ok(());
                     }
                 }
-                _ => return Err(Error::OwnershipLost),
+                _ => {
+                    self.seen_gone.store(true, Ordering::Relaxed);
+                    return Err(Error::OwnershipLost);
+                }
             }
         }
+    }
+
+    /// Whether ownership is known to be gone, without waiting: the session is lost, or
+    /// [`lost`](Self::lost) or a fenced put saw this incarnation gone.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.seen_gone.load(Ordering::Relaxed) || self.session.is_lost()
     }
 
     /// Resolves once ownership can no longer be assumed: the session is lost, or the key is

@@ -622,6 +622,31 @@ async fn a_proclaim_while_a_candidate_waits_does_not_elect_it() {
     leading_b.resign().await.unwrap();
 }
 
+/// A proclaim refused because the key is gone is news of the loss: `is_lost`, `lost` and
+/// `while_leading` know it at once, without a watch.
+#[tokio::test]
+async fn a_proclaim_that_finds_the_key_gone_marks_the_leadership_lost() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let leader = session(&client, 10).await;
+    let election = Election::new(&leader, unique("proclaim-lost"));
+    let leadership = within(secs(10), election.campaign("a")).await.unwrap();
+    assert!(!leadership.is_lost());
+    client.delete(leadership.key(), None).await.unwrap();
+    let proclaimed = within(secs(5), leadership.proclaim("b")).await;
+    assert!(
+        matches!(proclaimed, Err(Error::OwnershipLost)),
+        "{proclaimed:?}"
+    );
+    assert!(leadership.is_lost());
+    assert!(!leader.is_lost(), "the session itself lives on");
+    cluster.pause(0); // nothing left to learn from etcd
+    within(millis(100), leadership.lost()).await;
+    let work = within(millis(100), leadership.while_leading(async { "ran" })).await;
+    cluster.resume(0);
+    assert_eq!(work, None, "work started for a leadership known to be lost");
+}
+
 #[tokio::test]
 async fn a_deposed_leader_can_neither_proclaim_nor_resign() {
     let cluster = EtcdCluster::start(1).await;

@@ -461,6 +461,30 @@ async fn a_holder_whose_lease_is_revoked_sees_lost() {
     );
 }
 
+#[tokio::test]
+async fn is_lost_turns_true_once_lost_saw_the_key_deleted_or_the_session_closed() {
+    let cluster = EtcdCluster::start(1).await;
+    let mut client = cluster.client().await;
+    let name = unique("is-lost");
+    let holder = session(&client).await;
+    let deleted = within(secs(10), Mutex::new(&holder, format!("{name}-a")).lock())
+        .await
+        .unwrap();
+    let closed = within(secs(10), Mutex::new(&holder, format!("{name}-b")).lock())
+        .await
+        .unwrap();
+    assert!(
+        !deleted.is_lost() && !closed.is_lost(),
+        "both locks are held"
+    );
+    client.delete(deleted.key(), None).await.unwrap();
+    within(secs(5), deleted.lost()).await;
+    assert!(deleted.is_lost(), "lost() saw the key deleted");
+    assert!(!closed.is_lost(), "the other lock is still held");
+    within(secs(5), holder.clone().close()).await.unwrap();
+    assert!(closed.is_lost(), "the session is closed");
+}
+
 /// Once `lost()` has seen the key gone, unlock knows the answer: it must not wait on etcd.
 #[tokio::test]
 async fn unlock_after_lost_saw_the_key_deleted_answers_at_once_with_etcd_unreachable() {
