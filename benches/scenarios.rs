@@ -10,14 +10,24 @@
 //! and Election services (with a kept-alive lease) for `mutex-uncontended`,
 //! `mutex-contended` and `election-handoff`: what a Rust user would pick without this
 //! crate. `--read-cache` gives each `stm-transfer` client a `ReadCache` of the accounts.
+//! For a cluster with TLS, `--cacert`, `--cert` and `--key` take etcdctl's PEM files:
+//!
+//! ```text
+//! cargo bench --bench scenarios -- --endpoints https://10.0.0.1:2379 \
+//!     --cacert ca.pem --cert client.pem --key client-key.pem
+//! ```
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use common::{REQUEST_LIMIT, describe, within};
-use etcd_client::{Client, ConnectOptions, GetOptions, LeaderKey, LockOptions, ResignOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, LeaderKey, LockOptions,
+    ResignOptions, TlsOptions,
+};
 use etcd_concurrency::{Election, Error, Isolation, Leadership, Mutex, ReadCache, Session, Stm};
 use rand::Rng;
 use serde_json::{Value, json};
@@ -61,6 +71,17 @@ struct Args {
     /// (the user needs read and write access to the prefix).
     #[arg(long, value_parser = name_and_password)]
     user: Option<(String, String)>,
+    /// For a cluster serving TLS (`https://` endpoints): the PEM file of the certificate
+    /// authority that signed its certificates, as etcdctl's `--cacert`.
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// For a cluster that asks clients for a certificate: this client's, in PEM, as
+    /// etcdctl's `--cert`.
+    #[arg(long, requires_all = ["key", "cacert"])]
+    cert: Option<PathBuf>,
+    /// The private key of `--cert`, in PEM, as etcdctl's `--key`.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -161,7 +182,32 @@ async fn connect(args: &Args) -> Result<Client, Failure> {
     if let Some((name, password)) = &args.user {
         options = options.with_user(name.as_str(), password.as_str());
     }
+    if let Some(tls) = tls_options(args)? {
+        options = options.with_tls(tls);
+    }
     common::connect_with(&args.endpoints, options).await
+}
+
+/// The TLS settings of `--cacert`, `--cert` and `--key`, if any.
+fn tls_options(args: &Args) -> Result<Option<TlsOptions>, Failure> {
+    let Some(cacert) = &args.cacert else {
+        if args.endpoints.iter().any(|e| e.starts_with("https://")) {
+            let why = "https:// endpoints need --cacert: the PEM file of the certificate \
+                       authority that signed the cluster's certificates";
+            return Err(why.into());
+        }
+        return Ok(None);
+    };
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(pem(cacert)?));
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        tls = tls.identity(Identity::from_pem(pem(cert)?, pem(key)?));
+    }
+    Ok(Some(tls))
+}
+
+/// The contents of a PEM file, or an error naming it.
+fn pem(path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()).into())
 }
 
 async fn session(client: &Client) -> Result<Session, Failure> {
