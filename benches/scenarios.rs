@@ -44,13 +44,13 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Scenario::MutexUncontended)]
     scenario: Scenario,
     /// Iterations for mutex-uncontended and election-handoff.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = at_least_one)]
     iterations: usize,
     /// Concurrent clients, each with its own connection and session.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     clients: usize,
     /// Measured run time for mutex-contended and stm-transfer (Go syntax: 5s, 500ms).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = go_duration)]
     duration: Duration,
     /// Accounts for stm-transfer (at least 2: a transfer needs two distinct accounts).
     #[arg(long, default_value_t = 16, value_parser = at_least_two)]
@@ -123,13 +123,38 @@ fn name_and_password(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The parser of `--duration`: Go's units only (so `1M`, a month to humantime, is refused
+/// where Go would refuse it, not taken for Go's `1m`), and more than zero.
+fn go_duration(text: &str) -> Result<Duration, String> {
+    const GO_UNITS: [&str; 7] = ["ns", "us", "µs", "ms", "s", "m", "h"];
+    let mut units = text.split(|c: char| c.is_ascii_digit() || c == '.');
+    if let Some(unit) = units.find(|u| !u.is_empty() && !GO_UNITS.contains(u)) {
+        return Err(format!("unknown unit {unit:?}: use ns, us, ms, s, m or h"));
+    }
+    if text.ends_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return Err("a unit is needed, as in 5s or 500ms".into());
+    }
+    match humantime::parse_duration(text).map_err(|e| e.to_string())? {
+        Duration::ZERO => Err("a run of zero time measures nothing".into()),
+        duration => Ok(duration),
+    }
+}
+
+/// The parser of `--iterations` and `--clients`: none would measure nothing.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    at_least(1, text, "a run of none measures nothing")
+}
+
 /// The parser of `--accounts`: a transfer needs two distinct accounts.
 fn at_least_two(text: &str) -> Result<usize, String> {
+    at_least(2, text, "a transfer needs 2 distinct accounts")
+}
+
+/// `text` as a number no less than `min`; `why` says why fewer will not do.
+fn at_least(min: usize, text: &str, why: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
-        Ok(n) if n >= 2 => Ok(n),
-        Ok(n) => Err(format!(
-            "{n} is too few: a transfer needs 2 distinct accounts"
-        )),
+        Ok(n) if n >= min => Ok(n),
+        Ok(n) => Err(format!("{n} is too few: {why}")),
         Err(e) => Err(e.to_string()),
     }
 }
