@@ -405,7 +405,10 @@ impl Leadership {
     ///   lease).
     /// - [`Error::OwnershipLost`]: the key is gone or belongs to a newer incarnation (this
     ///   leader was deposed); nothing is written, unless an earlier attempt of this call
-    ///   that failed in transit was applied before the key was lost.
+    ///   that failed in transit was applied before the key was lost. From then on
+    ///   [`is_lost`](Self::is_lost) is true, and [`lost`](Self::lost),
+    ///   [`while_leading`](Self::while_leading) and [`resign`](Self::resign) answer at
+    ///   once.
     /// - [`Error::Etcd`] / [`Error::Timeout`]: etcd refused the request (e.g. a value over
     ///   its request size limit, 1.5 MiB by default) or could not be reached. When
     ///   [`Error::is_transient`] is true, the value may have been written; so it may when
@@ -450,7 +453,8 @@ impl Leadership {
     ///
     /// - [`Error::OwnershipLost`]: the key was already gone (its lease expired or revoked;
     ///   deleted) or re-created; this leadership had already ended. Returned at once, with
-    ///   no request, if [`lost`](Self::lost) has seen the key gone. If no other campaign or
+    ///   no request, if [`lost`](Self::lost) has seen the key gone or a
+    ///   [`proclaim`](Self::proclaim) found it so. If no other campaign or
     ///   leadership of this session is in the election, a newer key of its lease there
     ///   (made by a campaign since cancelled) is withdrawn in the background. As for
     ///   [`MutexGuard::unlock`](crate::MutexGuard::unlock), not returned after an attempt
@@ -555,12 +559,13 @@ impl Leadership {
     /// session is lost ([`Session::is_lost`], closed or orphaned included), a call to
     /// [`lost`](Self::lost) saw the key deleted or re-created, or a
     /// [`proclaim`](Self::proclaim) found it so ([`Error::OwnershipLost`]). A key deleted
-    /// by someone else is seen only by a `lost()` being awaited, which watches it: with
-    /// none running, this stays false until the session itself is lost or a proclaim
-    /// fails. Meant for a health check or a gauge ("am I the leader?") beside work that
-    /// awaits `lost()` or runs in [`while_leading`](Self::while_leading); fence writes in
-    /// any case. No Go counterpart (in Go, a `select` on `Session.Done()` with a `default`
-    /// case).
+    /// by someone else (or by the resign of another leadership of this session, which
+    /// shares it) is seen only by a `lost()` of this handle being awaited, which watches
+    /// it: with none running, this stays false until the session itself is lost or a
+    /// proclaim is refused so. Meant for a health check or a gauge ("am I the leader?")
+    /// beside work that awaits `lost()` or runs in [`while_leading`](Self::while_leading);
+    /// fence writes in any case. No Go counterpart (in Go, a `select` on `Session.Done()`
+    /// with a `default` case).
     ///
     /// ```no_run
     /// # fn example(leadership: &etcd_concurrency::Leadership) {

@@ -457,10 +457,9 @@ impl MutexGuard {
     /// if the lock was lost first (as [`lost`](Self::lost) tells), in which case `work` is
     /// dropped (cancelled) at once. [`lost`](Self::lost) is checked before each poll of
     /// `work`, so a lock already known to be lost ([`is_lost`](Self::is_lost)) returns
-    /// `None` without starting `work`. The guard
-    /// is kept either way; unlock or drop it when done. As
-    /// [`Leadership::while_leading`](crate::Leadership::while_leading); no Go counterpart
-    /// (in Go, select on `Session.Done()`).
+    /// `None` without starting `work`. The guard is kept either way; unlock or drop it when
+    /// done. As [`Leadership::while_leading`](crate::Leadership::while_leading); no Go
+    /// counterpart (in Go, select on `Session.Done()`).
     ///
     /// # Panics
     ///

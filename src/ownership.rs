@@ -34,8 +34,8 @@ pub(crate) struct OwnedKey {
     create_revision: i64,
     /// The key's mod revision as this handle last wrote or read it.
     mod_revision: AtomicI64,
-    /// Set once [`lost`](Self::lost) saw this incarnation of the key gone, which it is for
-    /// good.
+    /// Set once [`lost`](Self::lost) saw this incarnation of the key gone, or a fenced
+    /// [`put`](Self::put) found it so, which it is for good.
     seen_gone: AtomicBool,
     release_on_drop: bool,
     /// Set while [`release`](Self::release) runs, and after it failed in transit: dropped
@@ -95,10 +95,11 @@ impl OwnedKey {
     /// Deletes the key if it is still this incarnation.
     ///
     /// Errors: [`Error::OwnershipLost`] if it was not (deleted or re-created meanwhile), at
-    /// once if [`lost`](Self::lost) saw it gone; [`Error::SessionLost`] once the session is
-    /// lost or closed before an answer ([`Session::lost_or_closed`]), at once if it was;
-    /// [`Error::Etcd`] / [`Error::Timeout`] if etcd could not be reached, in which case
-    /// the release goes on in the background (as it does when this future is dropped).
+    /// once if [`lost`](Self::lost) or a [`put`](Self::put) saw it gone;
+    /// [`Error::SessionLost`] once the session is lost or closed before an answer
+    /// ([`Session::lost_or_closed`]), at once if it was; [`Error::Etcd`] /
+    /// [`Error::Timeout`] if etcd could not be reached, in which case the release goes on
+    /// in the background (as it does when this future is dropped).
     ///
     /// The release counts as asked for as soon as this is called: a future dropped before
     /// its first poll releases in the background as one dropped half-way does (for an
@@ -109,9 +110,10 @@ impl OwnedKey {
     }
 
     /// The delete of [`release`](Self::release), once it counts as asked for. Once
-    /// [`lost`](Self::lost) saw the incarnation gone, or the session is lost or closed (the
-    /// key is gone or going with its lease), there is nothing to delete and no request to
-    /// make or wait for (etcd may be unreachable by now).
+    /// [`lost`](Self::lost) or a [`put`](Self::put) saw the incarnation gone, or the
+    /// session is lost or closed (the key is gone or going with its lease), there is
+    /// nothing to delete and no request to make or wait for (etcd may be unreachable by
+    /// now).
     async fn delete_incarnation(mut self) -> Result<()> {
         let released = if self.seen_gone.load(Ordering::Relaxed) {
             Err(Error::OwnershipLost)
@@ -196,8 +198,8 @@ impl OwnedKey {
     /// Resolves once ownership can no longer be assumed: the session is lost, or the key is
     /// deleted or re-created. Also resolves if the key cannot be watched at all (a
     /// permission error), since ownership can then not be confirmed. The watch exists
-    /// while the future does, and carries only that key's deletion; once it saw the
-    /// incarnation gone, later calls resolve at once.
+    /// while the future does, and carries only that key's deletion; once it or a
+    /// [`put`](Self::put) saw the incarnation gone, later calls resolve at once.
     pub(crate) async fn lost(&self) {
         if self.seen_gone.load(Ordering::Relaxed) {
             return;
